@@ -1,0 +1,596 @@
+//! Configuration: the embedded defaults, the TOML file, and command-line overrides.
+//!
+//! Precedence, lowest first: the defaults compiled in ([`Config::default`]), the file
+//! (`--config PATH`, else `/etc/baton/baton.toml` when it exists), then command-line flags.
+//! Every problem in a file is collected and reported at once ([`ConfigErrors`]), so that
+//! `baton check` can list them all; unknown keys are errors, not silently ignored.
+//!
+//! The file format, with every key and its default:
+//!
+//! ```toml
+//! [server]
+//! listen = ["http=127.0.0.1:8080"]   # "[NAME=]ADDR", ADDR: IP:PORT, [IPv6]:PORT or unix:/path
+//! root = "/var/www/html"             # serve static files from here; unset: the embedded page
+//! access_log = false                 # one log line per request
+//!
+//! [limits]
+//! max_connections = 10000            # further clients wait in the listen backlog
+//! header_read_timeout = "10s"        # from a request's first byte (or accept) to its full head
+//! idle_timeout = "60s"               # an idle keep-alive connection is closed after this
+//!
+//! [shutdown]
+//! drain_timeout = "30s"              # in-flight requests may finish for this long on stop
+//! idle_grace = "1s"                  # idle keep-alive connections may send one more request
+//!
+//! [log]
+//! level = "info"                     # or a RUST_LOG-style filter; RUST_LOG overrides it
+//!
+//! [upgrade]
+//! exec = "/usr/bin/baton"            # the binary a reload starts; default: this executable
+//! timeout = "60s"                    # the new process must be ready within this
+//! ```
+//!
+//! ```
+//! let config = baton::config::Config::from_toml_str(
+//!     "[server]\nlisten = [\"http=127.0.0.1:0\", \"admin=unix:/run/baton/admin.sock\"]\n",
+//!     None,
+//! )
+//! .unwrap();
+//! assert_eq!(config.listeners[1].name, "admin");
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the configuration is looked for when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/baton.toml";
+
+/// The name a listener gets when `--listen` or the config names none.
+pub const DEFAULT_LISTENER_NAME: &str = "http";
+
+/// The fully resolved configuration of one `baton serve` process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from, if any.
+    pub source: Option<PathBuf>,
+    pub listeners: Vec<ListenSpec>,
+    /// Static files are served from here; `None` serves the embedded page at `/`.
+    pub root: Option<PathBuf>,
+    pub access_log: bool,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    /// A level (`info`) or an `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub log_level: String,
+    pub upgrade: Upgrade,
+}
+
+/// Protection against slow or greedy clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// How a stopping (or handed-over) process drains its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    pub drain_timeout: Duration,
+    pub idle_grace: Duration,
+}
+
+/// How a reload starts the next generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The binary to execute; `None`: the executable this process was started from.
+    pub exec: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            source: None,
+            listeners: vec![ListenSpec {
+                name: DEFAULT_LISTENER_NAME.to_owned(),
+                address: ListenAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            }],
+            root: None,
+            access_log: false,
+            limits: Limits {
+                max_connections: 10_000,
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+            },
+            shutdown: Shutdown {
+                drain_timeout: Duration::from_secs(30),
+                idle_grace: Duration::from_secs(1),
+            },
+            log_level: "info".to_owned(),
+            upgrade: Upgrade {
+                exec: None,
+                timeout: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+/// One listener: a name (matched against `LISTEN_FDNAMES`) and the address to bind when the
+/// socket is not handed over by the service manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub name: String,
+    pub address: ListenAddress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.address)
+    }
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+
+    /// Parses `[NAME=]ADDR`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = match s.split_once('=') {
+            Some((name, addr)) => (name, addr),
+            None => (DEFAULT_LISTENER_NAME, s),
+        };
+        if !valid_listener_name(name) {
+            return Err(format!(
+                "listener name '{name}' is not valid: use 1 to 255 letters, digits, '.', '_' or '-' \
+                 (the same as systemd's FileDescriptorName=)"
+            ));
+        }
+        let address = if let Some(path) = addr.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "'{addr}' is not a unix socket address: the path must be absolute, as in unix:/run/baton/http.sock"
+                ));
+            }
+            ListenAddress::Unix(PathBuf::from(path))
+        } else {
+            ListenAddress::Tcp(addr.parse().map_err(|_| {
+                format!("'{addr}' is not a listen address: use IP:PORT, [IPv6]:PORT or unix:/path")
+            })?)
+        };
+        Ok(ListenSpec {
+            name: name.to_owned(),
+            address,
+        })
+    }
+}
+
+fn valid_listener_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Settings given on the command line; each one that is set wins over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listeners: Vec<ListenSpec>,
+    pub root: Option<PathBuf>,
+    pub access_log: Option<bool>,
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Option<Duration>,
+    pub log_level: Option<String>,
+    pub upgrade_exec: Option<PathBuf>,
+    pub upgrade_timeout: Option<Duration>,
+}
+
+/// Every problem found in a configuration, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub source: Option<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origin = match &self.source {
+            Some(path) => format!("config {}", path.display()),
+            None => "config".to_owned(),
+        };
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{origin}: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// The file's shape. Leaves that need checking stay strings here, so that every bad value can
+// be reported with its key instead of stopping at the first.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FileConfig {
+    server: ServerSection,
+    limits: LimitsSection,
+    shutdown: ShutdownSection,
+    log: LogSection,
+    upgrade: UpgradeSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ServerSection {
+    listen: Option<Vec<String>>,
+    root: Option<PathBuf>,
+    access_log: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LimitsSection {
+    max_connections: Option<i64>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ShutdownSection {
+    drain_timeout: Option<String>,
+    idle_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LogSection {
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct UpgradeSection {
+    exec: Option<PathBuf>,
+    timeout: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration the way `baton serve` does: `path` if given (it must exist),
+    /// else [`DEFAULT_CONFIG_PATH`] when it exists, else the embedded defaults; then applies
+    /// `overrides` and checks the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Config::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses one file (without overrides or filesystem checks).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source: Some(path.to_owned()),
+            errors: vec![format!(
+                "cannot read it: {e}; pass an existing file with --config PATH"
+            )],
+        })?;
+        Self::from_toml_str(&text, Some(path))
+    }
+
+    /// Parses TOML text; `source` only names the file in errors.
+    pub fn from_toml_str(text: &str, source: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            source: source.map(Path::to_owned),
+            errors,
+        };
+        let mut unknown = Vec::new();
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|e| fail(vec![one_line(&e.to_string())]))?;
+        let file: FileConfig = serde_ignored::deserialize(deserializer, |key| {
+            unknown.push(format!(
+                "unknown key '{key}'; see baton(8) or `baton serve --help` for the keys"
+            ))
+        })
+        .map_err(|e| fail(vec![one_line(&e.to_string())]))?;
+        let mut errors = unknown;
+        let mut config = Config {
+            source: source.map(Path::to_owned),
+            ..Config::default()
+        };
+
+        if let Some(listen) = file.server.listen {
+            config.listeners.clear();
+            for (i, spec) in listen.iter().enumerate() {
+                match spec.parse() {
+                    Ok(spec) => config.listeners.push(spec),
+                    Err(e) => errors.push(format!("server.listen[{i}]: {e}")),
+                }
+            }
+        }
+        config.root = file.server.root.or(config.root);
+        config.access_log = file.server.access_log.unwrap_or(config.access_log);
+        if let Some(n) = file.limits.max_connections {
+            match usize::try_from(n) {
+                Ok(n) => config.limits.max_connections = n,
+                Err(_) => errors.push(format!(
+                    "limits.max_connections: {n} is negative; use a positive number"
+                )),
+            }
+        }
+        let mut duration = |key: &str, value: Option<String>, slot: &mut Duration| {
+            if let Some(value) = value {
+                match humantime::parse_duration(&value) {
+                    Ok(d) => *slot = d,
+                    Err(e) => errors.push(format!(
+                        "{key}: '{value}' is not a duration ({e}); write it like \"30s\" or \"500ms\""
+                    )),
+                }
+            }
+        };
+        duration(
+            "limits.header_read_timeout",
+            file.limits.header_read_timeout,
+            &mut config.limits.header_read_timeout,
+        );
+        duration(
+            "limits.idle_timeout",
+            file.limits.idle_timeout,
+            &mut config.limits.idle_timeout,
+        );
+        duration(
+            "shutdown.drain_timeout",
+            file.shutdown.drain_timeout,
+            &mut config.shutdown.drain_timeout,
+        );
+        duration(
+            "shutdown.idle_grace",
+            file.shutdown.idle_grace,
+            &mut config.shutdown.idle_grace,
+        );
+        duration(
+            "upgrade.timeout",
+            file.upgrade.timeout,
+            &mut config.upgrade.timeout,
+        );
+        if let Some(level) = file.log.level {
+            config.log_level = level;
+        }
+        config.upgrade.exec = file.upgrade.exec;
+
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(errors))
+        }
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, o: &Overrides) {
+        if !o.listeners.is_empty() {
+            self.listeners = o.listeners.clone();
+        }
+        if let Some(root) = &o.root {
+            self.root = Some(root.clone());
+        }
+        if let Some(v) = o.access_log {
+            self.access_log = v;
+        }
+        if let Some(v) = o.max_connections {
+            self.limits.max_connections = v;
+        }
+        if let Some(v) = o.header_read_timeout {
+            self.limits.header_read_timeout = v;
+        }
+        if let Some(v) = o.idle_timeout {
+            self.limits.idle_timeout = v;
+        }
+        if let Some(v) = o.drain_timeout {
+            self.shutdown.drain_timeout = v;
+        }
+        if let Some(v) = &o.log_level {
+            self.log_level = v.clone();
+        }
+        if let Some(v) = &o.upgrade_exec {
+            self.upgrade.exec = Some(v.clone());
+        }
+        if let Some(v) = o.upgrade_timeout {
+            self.upgrade.timeout = v;
+        }
+    }
+
+    /// Checks what the parser cannot: consistency and the filesystem.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        if self.listeners.is_empty() {
+            errors.push(
+                "server.listen is empty: give at least one listener, e.g. \"http=127.0.0.1:8080\""
+                    .to_owned(),
+            );
+        }
+        for (i, a) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|b| b.name == a.name) {
+                errors.push(format!(
+                    "listener name '{}' is used twice: give each listener its own name, as in admin=127.0.0.1:9090",
+                    a.name
+                ));
+            }
+        }
+        if let Some(root) = &self.root {
+            match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => errors.push(format!(
+                    "server.root {} is not a directory: point it at the directory to serve",
+                    root.display()
+                )),
+                Err(e) => errors.push(format!(
+                    "server.root {}: {e}: point it at an existing directory",
+                    root.display()
+                )),
+            }
+        }
+        if self.limits.max_connections == 0 {
+            errors.push(
+                "limits.max_connections is 0: nothing could be served; use at least 1".to_owned(),
+            );
+        }
+        for (key, value) in [
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("upgrade.timeout", self.upgrade.timeout),
+        ] {
+            if value.is_zero() {
+                errors.push(format!(
+                    "{key} is 0: use a positive duration such as \"10s\""
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            errors.push(format!(
+                "log.level '{}' is not a level or filter ({e}); use error, warn, info, debug or trace",
+                self.log_level
+            ));
+        }
+        if let Some(exec) = &self.upgrade.exec {
+            if !exec.is_absolute() {
+                errors.push(format!(
+                    "upgrade.exec {} is not an absolute path: give the full path of the binary",
+                    exec.display()
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors {
+                source: self.source.clone(),
+                errors,
+            })
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_spec_forms() {
+        let s: ListenSpec = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(s.name, "http");
+        assert_eq!(
+            s.address,
+            ListenAddress::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        let s: ListenSpec = "admin=[::1]:9000".parse().unwrap();
+        assert_eq!(s.name, "admin");
+        assert_eq!(s.address, ListenAddress::Tcp("[::1]:9000".parse().unwrap()));
+        let s: ListenSpec = "unix:/run/x.sock".parse().unwrap();
+        assert_eq!(s.address, ListenAddress::Unix("/run/x.sock".into()));
+        assert_eq!(s.to_string(), "http=unix:/run/x.sock");
+        assert!("localhost:80".parse::<ListenSpec>().is_err());
+        assert!("unix:relative".parse::<ListenSpec>().is_err());
+        assert!("bad name=127.0.0.1:1".parse::<ListenSpec>().is_err());
+        assert!("=127.0.0.1:1".parse::<ListenSpec>().is_err());
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let err = Config::from_toml_str(
+            r#"
+            [server]
+            listen = ["nonsense", "a=1.2.3.4:5"]
+            colour = "blue"
+            [limits]
+            idle_timeout = "soon"
+            max_connections = -1
+            "#,
+            Some(Path::new("/x.toml")),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.errors.len(), 4, "{text}");
+        assert!(
+            text.contains("config /x.toml: unknown key 'server.colour'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("server.listen[0]: 'nonsense' is not a listen address"),
+            "{text}"
+        );
+        assert!(
+            text.contains("limits.idle_timeout: 'soon' is not a duration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("limits.max_connections: -1 is negative"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let err = Config::from_toml_str("[server\n", None).unwrap_err();
+        assert_eq!(err.errors.len(), 1);
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn validation_and_overrides() {
+        let mut c = Config::from_toml_str(
+            "[server]\nlisten = [\"a=127.0.0.1:1\", \"a=127.0.0.1:2\"]\n",
+            None,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.errors[0].contains("'a' is used twice"));
+        c.apply(&Overrides {
+            listeners: vec!["127.0.0.1:3".parse().unwrap()],
+            drain_timeout: Some(Duration::from_secs(2)),
+            ..Overrides::default()
+        });
+        c.validate().unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::from_toml_str("", None).unwrap(), Config::default());
+    }
+}

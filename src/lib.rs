@@ -1,0 +1,45 @@
+//! baton: a systemd-native HTTP service that upgrades itself without dropping a connection.
+//!
+//! The binary `baton` is a thin wrapper around [`cli::main`]; everything it does is here, one
+//! module per concern of a service's life:
+//!
+//! | module         | concern                                   | protocol                    |
+//! |----------------|-------------------------------------------|-----------------------------|
+//! | [`config`]     | defaults, TOML file, flags                | TOML                        |
+//! | [`activation`] | listening sockets, handed over or bound   | sd_listen_fds(3)            |
+//! | [`notify`]     | readiness, status, stop, watchdog         | sd_notify(3)                |
+//! | [`logging`]    | journal or text                           | journald native protocol    |
+//! | [`signals`]    | SIGTERM/SIGINT, SIGUSR2/SIGHUP, SIGUSR1   | POSIX signals               |
+//! | [`server`]     | connections, limits, graceful drain       | HTTP/1.1 (hyper)            |
+//! | [`http`]       | the workload: files, `/-/` endpoints      | HTTP                        |
+//! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
+//! | [`lifecycle`]  | one process from start to exit            |                             |
+//! | [`cli`]        | `baton serve`, `baton check`              |                             |
+//!
+//! Everything process-level (reading `LISTEN_*`, binding) happens in plain synchronous code
+//! before the tokio runtime or any thread exists; see [`lifecycle::prepare`].
+//!
+//! # Serving your own router with baton's lifecycle
+//!
+//! ```no_run
+//! use baton::config::Config;
+//!
+//! fn main() -> anyhow::Result<()> {
+//!     let config = Config::load(None, &Default::default())?;
+//!     baton::logging::init(&config.log_level).map_err(anyhow::Error::msg)?;
+//!     // Before any thread: take the sockets systemd passed, or bind the configured ones.
+//!     let process = baton::lifecycle::prepare(config)?;
+//!     process.run()
+//! }
+//! ```
+
+pub mod activation;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+pub mod signals;

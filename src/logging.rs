@@ -1,0 +1,92 @@
+//! Logging: structured events to the journal under systemd, readable lines elsewhere.
+//!
+//! systemd connects a service's stderr to the journal and says so in `JOURNAL_STREAM`
+//! (`<device>:<inode>` of that stream). When stderr is that very stream, events go to journald
+//! natively (tracing-journald), with `SYSLOG_IDENTIFIER=baton`, syslog priorities (INFO is 6)
+//! and every event field as a journal field prefixed `BATON_` (`BATON_EVENT`,
+//! `BATON_GENERATION`, ...), which `journalctl -o json` shows. Otherwise events are text lines
+//! on stderr.
+//!
+//! Lifecycle events carry an `event` field (`start`, `listening`, `ready`, `stop`, `drained`,
+//! ...) so they can be found with `journalctl BATON_EVENT=ready`.
+//!
+//! The level comes from `RUST_LOG` when set, else from `--log-level` / `log.level`.
+
+use std::io::{self, IsTerminal};
+use std::os::fd::AsFd;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Where the events went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Journal,
+    Stderr,
+}
+
+/// Whether stderr is connected to the journal (`JOURNAL_STREAM` names stderr's device and
+/// inode, as systemd.exec(5) specifies).
+pub fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(io::stderr().as_fd()) else {
+        return false;
+    };
+    dev.parse() == Ok(stat.st_dev) && ino.parse() == Ok(stat.st_ino)
+}
+
+/// The filter: `RUST_LOG` if set, else `level`.
+pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
+            .map_err(|e| format!("RUST_LOG={directives:?} is not a valid filter: {e}")),
+        _ => EnvFilter::try_new(level).map_err(|e| {
+            format!("log level {level:?} is not valid ({e}); use error, warn, info, debug or trace")
+        }),
+    }
+}
+
+/// Installs the global subscriber. Call once, early.
+pub fn init(level: &str) -> Result<Destination, String> {
+    let filter = filter(level)?;
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_syslog_identifier("baton".to_owned())
+                    .with_field_prefix(Some("BATON".to_owned()))
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        ..tracing_journald::PriorityMappings::new()
+                    });
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer)
+                    .try_init()
+                    .map_err(|e| e.to_string())?;
+                return Ok(Destination::Journal);
+            }
+            // No journald socket (e.g. a container without journald): fall back to stderr,
+            // which the journal stream still captures as plain text.
+            Err(e) => eprintln!("baton: journald is not reachable ({e}); logging to stderr"),
+        }
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(io::stderr)
+                .with_ansi(io::stderr().is_terminal())
+                .with_target(false),
+        )
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(Destination::Stderr)
+}
