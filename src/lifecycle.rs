@@ -73,6 +73,16 @@ impl Process {
 
     async fn serve(self) -> anyhow::Result<()> {
         let mut signals = Signals::install().context("cannot install signal handlers")?;
+        tracing::info!(
+            event = "start",
+            generation = self.generation,
+            version = env!("CARGO_PKG_VERSION"),
+            config = self.config.source.as_ref().map(|p| p.display().to_string()),
+            "baton {} starting: generation {}, pid {}",
+            env!("CARGO_PKG_VERSION"),
+            self.generation,
+            std::process::id()
+        );
         let listener_names: Vec<String> = self.listeners.iter().map(|l| l.to_string()).collect();
         let info = Arc::new(Info::current(self.generation, listener_names.clone()));
         let metrics = Arc::new(Metrics::new(self.generation, self.started));
