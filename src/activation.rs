@@ -137,6 +137,13 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
         unsafe { std::env::remove_var(var) };
     }
     let fds = result.map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBADF) {
+            return ActivationError(format!(
+                "socket activation: LISTEN_FDS={count} announces fds 3 to {} but not all of them are open; \
+                 whatever started baton passed fewer fds than it announced",
+                count.parse::<i32>().map_or(0, |n| n + 2)
+            ));
+        }
         ActivationError(format!(
             "socket activation: bad environment LISTEN_PID={pid:?} LISTEN_FDS={count:?} \
              LISTEN_FDNAMES={names:?} ({e}); whatever started baton must pass a pid, a count of \

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ListenSpec, Overrides, DEFAULT_CONFIG_PATH};
+use crate::logging::Destination;
 
 /// A static-file HTTP server that upgrades itself without dropping a connection.
 ///
@@ -132,22 +133,24 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return report(errors),
     };
-    if let Err(e) = crate::logging::init(&config.log_level) {
-        return report(e);
-    }
-    let process = match crate::lifecycle::prepare(config) {
-        Ok(process) => process,
-        Err(e) => {
-            tracing::error!(event = "start-failed", "{e:#}");
-            return report(format!("{e:#}"));
-        }
+    let destination = match crate::logging::init(&config.log_level) {
+        Ok(destination) => destination,
+        Err(e) => return report(e),
     };
-    match process.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // One line per failure: a structured event in the journal, or a plain line on stderr.
+    let fail = |e: anyhow::Error| match destination {
+        Destination::Journal => {
             tracing::error!(event = "failed", "{e:#}");
-            report(format!("{e:#}"))
+            ExitCode::FAILURE
         }
+        Destination::Stderr => report(format!("{e:#}")),
+    };
+    match crate::lifecycle::prepare(config) {
+        Ok(process) => match process.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Err(e) => fail(e),
     }
 }
 

@@ -1,0 +1,340 @@
+//! The test kit: real baton processes, a credential-checking NOTIFY_SOCKET receiver, and HTTP
+//! clients that tell a clean close from a reset.
+#![allow(dead_code)] // each test binary uses a different part of the kit
+
+pub mod http;
+pub mod notify;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn baton_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("baton-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Lines a child wrote to a pipe, shared with a reader thread; waitable.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<(Mutex<LinesState>, Condvar)>);
+
+/// The lines so far, and whether the pipe is closed.
+type LinesState = (Vec<String>, bool);
+
+impl Lines {
+    fn push(&self, line: String) {
+        let (lock, cv) = &*self.0;
+        lock.lock().unwrap().0.push(line);
+        cv.notify_all();
+    }
+
+    fn close(&self) {
+        let (lock, cv) = &*self.0;
+        lock.lock().unwrap().1 = true;
+        cv.notify_all();
+    }
+
+    /// Waits until the writer closed the pipe (all its lines are in).
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let guard = lock.lock().unwrap();
+        !cv.wait_timeout_while(guard, timeout, |(_, closed)| !*closed)
+            .unwrap()
+            .1
+            .timed_out()
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().0.clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.all().join("\n")
+    }
+
+    /// Waits until a line contains `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let (lock, cv) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(l) = lines.0.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// How to start baton.
+pub struct Spawn {
+    pub args: Vec<String>,
+    /// Sockets passed with LISTEN_FDS at fds 3, 4, ... (names go to LISTEN_FDNAMES when any is
+    /// given).
+    pub fds: Vec<(OwnedFd, Option<String>)>,
+    pub env: Vec<(String, String)>,
+    /// Raw LISTEN_FDS override (for malformed values).
+    pub listen_fds_raw: Option<String>,
+}
+
+impl Spawn {
+    /// `baton serve ARGS`; with no `--config` among them, `--config /dev/null` (the built-in
+    /// defaults), so that a machine's /etc/baton/baton.toml cannot change the test.
+    pub fn serve(args: &[&str]) -> Spawn {
+        let mut all = vec!["serve".to_owned()];
+        if !args.contains(&"--config") {
+            all.extend(["--config".to_owned(), "/dev/null".to_owned()]);
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        Spawn {
+            args: all,
+            fds: Vec::new(),
+            env: Vec::new(),
+            listen_fds_raw: None,
+        }
+    }
+
+    pub fn fd(mut self, fd: impl Into<OwnedFd>, name: Option<&str>) -> Spawn {
+        self.fds.push((fd.into(), name.map(str::to_owned)));
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Spawn {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    /// Starts it. With fds, `LISTEN_PID` must be the child's own pid, which is known only after
+    /// fork: a shell sets it to `$$` and execs baton, keeping the pid.
+    pub fn start(self) -> Baton {
+        let activated = !self.fds.is_empty() || self.listen_fds_raw.is_some();
+        let mut cmd = if activated {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+                .arg(baton_bin())
+                .args(&self.args);
+            c
+        } else {
+            let mut c = Command::new(baton_bin());
+            c.args(&self.args);
+            c
+        };
+        cmd.env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if activated {
+            let count = self
+                .listen_fds_raw
+                .clone()
+                .unwrap_or_else(|| self.fds.len().to_string());
+            cmd.env("LISTEN_FDS", count);
+            if self.fds.iter().any(|(_, n)| n.is_some()) {
+                let names: Vec<String> = self
+                    .fds
+                    .iter()
+                    .map(|(_, n)| n.clone().unwrap_or_default())
+                    .collect();
+                cmd.env("LISTEN_FDNAMES", names.join(":"));
+            }
+            let raw: Vec<i32> = self.fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+            // SAFETY: only async-signal-safe calls (fcntl, dup2, close) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Move every source out of the target range first, then into place;
+                    // dup2 leaves the copies without FD_CLOEXEC.
+                    let mut high = [0i32; 16];
+                    for (i, fd) in raw.iter().enumerate() {
+                        high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
+                        if high[i] < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (i, fd) in high.iter().take(raw.len()).enumerate() {
+                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(*fd);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn baton");
+        // The fds now live in the child; the parent's copies must not keep sockets open.
+        drop(self.fds);
+        Baton::adopt(child)
+    }
+}
+
+impl Baton {
+    /// Takes over a started child whose stdout and stderr are piped.
+    pub fn adopt(mut child: Child) -> Baton {
+        let stderr = Lines::default();
+        let stdout = Lines::default();
+        for (pipe, lines) in [
+            (
+                Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+                stderr.clone(),
+            ),
+            (Box::new(child.stdout.take().unwrap()), stdout.clone()),
+        ] {
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    match line {
+                        Ok(l) => lines.push(l),
+                        Err(_) => break,
+                    }
+                }
+                lines.close();
+            });
+        }
+        Baton {
+            child,
+            stderr,
+            stdout,
+        }
+    }
+}
+
+/// A running baton process; killed on drop if still running.
+pub struct Baton {
+    pub child: Child,
+    pub stderr: Lines,
+    pub stdout: Lines,
+}
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Baton {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the `ready` event; panics with the stderr so far if it does not come.
+    pub fn wait_ready(&mut self) {
+        if self
+            .stderr
+            .wait_for("event=\"ready\"", READY_TIMEOUT)
+            .is_none()
+        {
+            let status = self.child.try_wait();
+            panic!(
+                "baton did not become ready (exit: {status:?}); stderr:\n{}",
+                self.stderr.text()
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs to completion (for commands that fail at start): exit status and stderr.
+    pub fn finish(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("baton did not exit; stderr:\n{}", self.stderr.text()));
+        self.stderr.wait_closed(Duration::from_secs(5));
+        (status, self.stderr.text())
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `baton ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_baton(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(baton_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run baton");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loopback TCP listener on an ephemeral port, for handing to baton.
+pub fn tcp_listener() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Waits until `f` returns true, polling; false on timeout.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
