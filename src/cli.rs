@@ -1,8 +1,9 @@
 //! The command line: `baton serve`, `baton check`, and the definitions the man page and shell
 //! completions are generated from.
 //!
-//! Exit codes: 0 success; 1 failure (bad configuration, sockets, runtime errors), with a
-//! one-line message per problem on stderr; 2 bad command-line usage.
+//! Exit codes: 0 success; 1 failure (bad configuration, sockets, runtime errors, a failed
+//! upgrade), with a one-line message per problem on stderr; 2 bad command-line usage; 3 (`baton
+//! status`) not running.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ListenSpec, Overrides, DEFAULT_CONFIG_PATH};
+use crate::control::{Client, ClientError, ProcessHandle};
 use crate::logging::Destination;
+use crate::upgrade::Handshake;
+
+/// `baton status` when nothing runs (LSB).
+pub const EXIT_NOT_RUNNING: u8 = 3;
 
 /// A static-file HTTP server that upgrades itself without dropping a connection.
 ///
@@ -42,6 +48,50 @@ pub enum Command {
     ///
     /// Exits 0 when the configuration is valid, 1 otherwise.
     Check(CheckArgs),
+    /// Upgrade a running baton with zero downtime and wait for the outcome.
+    ///
+    /// The process starts its executable anew (a replaced binary runs the new code; the new
+    /// process reads the configuration afresh), hands it the listening sockets, and drains once
+    /// the new process serves. Exits 0 and prints the new pid and generation once it serves;
+    /// exits 1 with the reason when the upgrade failed or timed out, in which case the old
+    /// process goes on serving. This is what baton.service runs as ExecReload=.
+    Reload(ReloadArgs),
+    /// Show a running baton's pid, generation, uptime and listeners.
+    ///
+    /// Exits 0 when it runs, 3 when it does not (as LSB init scripts do).
+    Status(TargetArgs),
+    /// Stop a running baton gracefully and wait until it has exited.
+    ///
+    /// Exits 0 once the process has exited, 1 when it did not within the timeout.
+    Stop(StopArgs),
+}
+
+/// Which running baton to address.
+#[derive(Debug, Args, Clone)]
+pub struct TargetArgs {
+    /// The pid of the baton process (e.g. $MAINPID under systemd)
+    #[arg(long, value_name = "PID")]
+    pub pid: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Give up waiting after this long [default: 90s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "90s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Give up waiting after this long; the drain itself is bounded by shutdown.drain_timeout [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +132,14 @@ pub struct ServeArgs {
     /// Log level or filter (error, warn, info, debug, trace); RUST_LOG wins [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// The binary an upgrade starts [default: this executable, by the path it was started with]
+    #[arg(long, value_name = "PATH")]
+    pub exec: Option<PathBuf>,
+
+    /// How long a new process may take to become ready during an upgrade [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub upgrade_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -106,7 +164,8 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             drain_timeout: self.drain_timeout,
             log_level: self.log_level.clone(),
-            ..Overrides::default()
+            upgrade_exec: self.exec.clone(),
+            upgrade_timeout: self.upgrade_timeout,
         }
     }
 }
@@ -125,17 +184,32 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
+        Command::Reload(args) => reload(args),
+        Command::Status(args) => status(args),
+        Command::Stop(args) => stop(args),
     }
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // First of all: a new generation reports any failure to the old one, which relays it to
+    // whoever asked for the upgrade.
+    let mut handshake = match Handshake::take_from_env() {
+        Ok(handshake) => handshake,
+        Err(e) => return report(e),
+    };
+    let mut fail_early = |message: String| {
+        if let Some(h) = handshake.take() {
+            h.fail(&message);
+        }
+        report(message)
+    };
     let config = match Config::load(args.config.as_deref(), &args.overrides()) {
         Ok(config) => config,
-        Err(errors) => return report(errors),
+        Err(errors) => return fail_early(errors.to_string()),
     };
     let destination = match crate::logging::init(&config.log_level) {
         Ok(destination) => destination,
-        Err(e) => return report(e),
+        Err(e) => return fail_early(e),
     };
     // One line per failure: a structured event in the journal, or a plain line on stderr.
     let fail = |e: anyhow::Error| match destination {
@@ -145,12 +219,100 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         Destination::Stderr => report(format!("{e:#}")),
     };
-    match crate::lifecycle::prepare(config) {
-        Ok(process) => match process.run() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
-        },
+    let process = match crate::lifecycle::prepare(config, handshake.take()) {
+        Ok(process) => process,
+        Err(e) => {
+            // prepare consumed the handshake only on success.
+            return fail(e);
+        }
+    };
+    match process.run() {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
+    }
+}
+
+/// `baton reload`: asks the process for an upgrade over its control socket and waits.
+fn reload(args: ReloadArgs) -> ExitCode {
+    let pid = args.target.pid;
+    let answer = Client::connect(pid).and_then(|mut c| c.request("upgrade", args.timeout));
+    match answer {
+        Ok(v) if v["ok"] == true => {
+            println!(
+                "baton: upgraded pid {pid} to generation {} (pid {}) in {} ms",
+                v["generation"], v["pid"], v["took_ms"]
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(v) => report(format!(
+            "upgrade of pid {pid} failed: {}; the old process keeps serving",
+            v["error"].as_str().unwrap_or("unknown error")
+        )),
+        Err(e) => report(e),
+    }
+}
+
+/// `baton status`.
+fn status(args: TargetArgs) -> ExitCode {
+    match Client::connect(args.pid).and_then(|mut c| c.request("status", Duration::from_secs(10))) {
+        Ok(v) => {
+            let listeners: Vec<&str> = v["listeners"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
+                .unwrap_or_default();
+            println!(
+                "baton {} is {}: pid {}, generation {}, up {} (since {}), listening on {}",
+                v["version"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?"),
+                v["pid"],
+                v["generation"],
+                humantime::format_duration(Duration::from_secs(
+                    v["uptime_secs"].as_u64().unwrap_or(0)
+                )),
+                v["started"].as_str().unwrap_or("?"),
+                listeners.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::NotRunning(m)) => {
+            println!("baton is not running: {m}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+        Err(e) => report(e),
+    }
+}
+
+/// `baton stop`: asks for a graceful stop and waits for the process to be gone.
+fn stop(args: StopArgs) -> ExitCode {
+    let pid = args.target.pid;
+    let result = Client::connect(pid).and_then(|mut client| {
+        // Opened before the request, so that a recycled pid cannot fool the wait.
+        let handle = ProcessHandle::open(pid)
+            .map_err(|e| ClientError::Failed(format!("cannot watch pid {pid}: {e}")))?;
+        let answer = client.request("stop", Duration::from_secs(10))?;
+        if answer["ok"] != true {
+            return Err(ClientError::Failed(format!(
+                "pid {pid} refused to stop: {}",
+                answer["error"]
+            )));
+        }
+        match handle.wait_exit(args.timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ClientError::Failed(format!(
+                "pid {pid} is still draining after {}; it will exit at its drain deadline",
+                humantime::format_duration(args.timeout)
+            ))),
+            Err(e) => Err(ClientError::Failed(format!(
+                "cannot wait for pid {pid}: {e}"
+            ))),
+        }
+    });
+    match result {
+        Ok(()) => {
+            println!("baton: pid {pid} stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(e),
     }
 }
 

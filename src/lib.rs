@@ -13,8 +13,10 @@
 //! | [`server`]     | connections, limits, graceful drain       | HTTP/1.1 (hyper)            |
 //! | [`http`]       | the workload: files, `/-/` endpoints      | HTTP                        |
 //! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
+//! | [`upgrade`]    | re-exec, socket handoff, commit/rollback  | LISTEN_FDS + MAINPID + a handshake |
+//! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on an abstract unix socket |
 //! | [`lifecycle`]  | one process from start to exit            |                             |
-//! | [`cli`]        | `baton serve`, `baton check`              |                             |
+//! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
 //!
 //! Everything process-level (reading `LISTEN_*`, binding) happens in plain synchronous code
 //! before the tokio runtime or any thread exists; see [`lifecycle::prepare`].
@@ -28,7 +30,7 @@
 //!     let config = Config::load(None, &Default::default())?;
 //!     baton::logging::init(&config.log_level).map_err(anyhow::Error::msg)?;
 //!     // Before any thread: take the sockets systemd passed, or bind the configured ones.
-//!     let process = baton::lifecycle::prepare(config)?;
+//!     let process = baton::lifecycle::prepare(config, None)?;
 //!     process.run()
 //! }
 //! ```
@@ -36,6 +38,7 @@
 pub mod activation;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod lifecycle;
 pub mod logging;
@@ -43,3 +46,4 @@ pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod signals;
+pub mod upgrade;

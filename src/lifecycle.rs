@@ -1,27 +1,41 @@
-//! The life of one serving process: sockets, ready, serve, stop.
+//! The life of one serving process: sockets, ready, serve, upgrade or stop, drain, exit.
 //!
 //! [`prepare`] does everything that must happen before a thread exists: it takes the sockets
-//! passed by the service manager (or by the previous generation) and removes the protocol's
-//! variables from the environment. [`Process::run`] then builds the tokio runtime, serves, and
-//! reacts to signals until the process has drained and may exit.
+//! passed by the service manager (or by the previous generation), removes the protocol's
+//! variables from the environment, and records what a later upgrade needs. [`Process::run`]
+//! builds the tokio runtime and runs the event loop:
 //!
-//! What the service manager hears (sd_notify), in order:
-//! `READY=1` + `STATUS=` once every listener accepts, `WATCHDOG=1` at half the watchdog
-//! interval when one is set, `STOPPING=1` + `STATUS=` when the stop begins.
+//! | phase       | on SIGTERM/SIGINT, `baton stop` | on SIGUSR2/SIGHUP, `baton reload` | on the upgrade's end |
+//! |-------------|---------------------------------|-----------------------------------|----------------------|
+//! | `Serving`   | stop                            | start an upgrade → `Upgrading`    | —                    |
+//! | `Upgrading` | kill the new process, stop      | ignored (a `reload` joins it)     | ok: hand over, drain, exit 0; failed: `READY=1` + `STATUS=` with the reason → `Serving` |
+//!
+//! The upgrade itself, step by step, is [`crate::upgrade`].
+//!
+//! What the service manager hears (sd_notify), in order: `READY=1` + `STATUS=` once every
+//! listener accepts, `WATCHDOG=1` at half the watchdog interval when one is set; then either
+//! `STOPPING=1` + `STATUS=` when a stop begins, or `RELOADING=1` + `MONOTONIC_USEC` at an
+//! upgrade, followed by `MAINPID=` + `BARRIER=1` (handed over: nothing more) or `READY=1` +
+//! `STATUS=` naming the failure.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use axum::Router;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::activation::{self, Listener};
 use crate::config::Config;
+use crate::control::{self, Request};
 use crate::http::{self, Info};
 use crate::metrics::Metrics;
 use crate::notify;
-use crate::server::{self, Server};
+use crate::server::{self, DrainReport, Server};
 use crate::signals::{Event, Signals};
+use crate::upgrade::{self, Counts, HandedOver, Handshake, Upgrader};
 
 /// The environment variable that carries the generation from one process to the next.
 pub const GENERATION_ENV: &str = "BATON_GENERATION";
@@ -34,132 +48,314 @@ pub struct Process {
     /// 1 for a fresh start, +1 per upgrade.
     pub generation: u64,
     pub started: SystemTime,
+    upgrader: Upgrader,
+    /// Present when this process was started by an upgrade.
+    handshake: Option<Handshake>,
+    counts: Counts,
 }
 
-/// Takes the sockets and the generation from the environment, cleans the environment, and binds
-/// what was not handed over.
+/// Takes the sockets and the generation from the environment, cleans the environment, binds
+/// what was not handed over, and records how to start a successor.
 ///
-/// Must run before any thread is started (it changes the environment).
-pub fn prepare(config: Config) -> anyhow::Result<Process> {
+/// `handshake` is the channel to the previous generation when this process is an upgrade
+/// ([`Handshake::take_from_env`]). Must run before any thread is started (it changes the
+/// environment).
+pub fn prepare(config: Config, handshake: Option<Handshake>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
+    let exe = match &config.upgrade.exec {
+        Some(exe) => exe.clone(),
+        None => upgrade::current_executable().context("cannot tell which executable runs")?,
+    };
     let generation = match std::env::var(GENERATION_ENV) {
         Ok(g) => g.parse::<u64>().ok().filter(|g| *g >= 1).with_context(|| {
             format!("{GENERATION_ENV}={g:?} is not a generation number (1 or more)")
         })?,
         Err(_) => 1,
     };
-    // SAFETY: no thread exists yet (see above).
-    unsafe { std::env::remove_var(GENERATION_ENV) };
+    let counts = Counts::from_env();
+    for var in [GENERATION_ENV, upgrade::UPGRADES_ENV] {
+        // SAFETY: no thread exists yet (see above).
+        unsafe { std::env::remove_var(var) };
+    }
     let activated = activation::take_activated()?;
     let listeners = activation::resolve(&config.listeners, activated)?;
+    let mut upgrader = Upgrader::new(exe, generation, config.upgrade.timeout);
+    for listener in &listeners {
+        upgrader
+            .add_socket(listener, &listener.name)
+            .context("cannot keep a copy of a listening socket for upgrades")?;
+    }
     Ok(Process {
         config,
         listeners,
         generation,
         started,
+        upgrader,
+        handshake,
+        counts,
     })
 }
 
+/// How the serving phase ended.
+enum End {
+    Stop(&'static str),
+    HandedOver(HandedOver),
+}
+
+/// The upgrade in progress: the task running [`upgrade::run`] and who waits for its outcome.
+struct Upgrading {
+    task: JoinHandle<Result<HandedOver, String>>,
+    waiters: Vec<oneshot::Sender<Value>>,
+}
+
 impl Process {
-    /// Builds the runtime and serves until stopped. Returns once the drain is over.
-    pub fn run(self) -> anyhow::Result<()> {
+    /// Builds the runtime and serves until stopped or handed over. Returns once the drain is over.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let handshake = self.handshake.take();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("baton-worker")
             .build()
-            .context("cannot start the async runtime")?;
-        runtime.block_on(self.serve())
+            .context("cannot start the async runtime");
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                if let Some(h) = handshake {
+                    h.fail(&format!("{e:#}"));
+                }
+                return Err(e);
+            }
+        };
+        runtime.block_on(self.serve(handshake))
     }
 
-    async fn serve(self) -> anyhow::Result<()> {
-        let mut signals = Signals::install().context("cannot install signal handlers")?;
+    async fn serve(self, handshake: Option<Handshake>) -> anyhow::Result<()> {
+        let generation = self.generation;
         tracing::info!(
             event = "start",
-            generation = self.generation,
+            generation,
             version = env!("CARGO_PKG_VERSION"),
             config = self.config.source.as_ref().map(|p| p.display().to_string()),
-            "baton {} starting: generation {}, pid {}",
+            "baton {} starting: generation {generation}, pid {}",
             env!("CARGO_PKG_VERSION"),
-            self.generation,
             std::process::id()
         );
         let listener_names: Vec<String> = self.listeners.iter().map(|l| l.to_string()).collect();
-        let info = Arc::new(Info::current(self.generation, listener_names.clone()));
-        let metrics = Arc::new(Metrics::new(self.generation, self.started));
-        let app: Router = http::router(info.clone(), metrics.clone(), self.config.root.as_deref());
-        for listener in &self.listeners {
+        let self_listeners: Vec<(String, String, Option<i32>)> = self
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.socket.local_address(), l.activated_fd))
+            .collect();
+        let info = Arc::new(Info::current(generation, listener_names.clone()));
+        let metrics = Arc::new(Metrics::new(generation, self.started));
+        metrics.set_upgrades(self.counts.ok, self.counts.failed);
+
+        // Everything that can fail at start, before serving anything.
+        let started = async {
+            let signals = Signals::install().context("cannot install signal handlers")?;
+            let control = control::listen()?;
+            let app = http::router(info.clone(), metrics.clone(), self.config.root.as_deref());
+            let settings = server::Settings {
+                limits: self.config.limits,
+                idle_grace: self.config.shutdown.idle_grace,
+                access_log: self.config.access_log,
+            };
+            let server = Server::new(self.listeners, app, metrics.clone(), settings)
+                .context("cannot serve the listeners")?;
+            anyhow::Ok((signals, control, server))
+        }
+        .await;
+        let (mut signals, mut control, mut server) = match started {
+            Ok(parts) => parts,
+            Err(e) => {
+                if let Some(h) = handshake {
+                    h.fail(&format!("{e:#}"));
+                }
+                return Err(e);
+            }
+        };
+        for (listener, description) in self_listeners.iter().zip(&listener_names) {
             tracing::info!(
                 event = "listening",
-                generation = self.generation,
-                listener = %listener.name,
-                address = %listener.socket.local_address(),
-                fd = listener.activated_fd,
-                "listening on {listener}"
+                generation,
+                listener = %listener.0,
+                address = %listener.1,
+                fd = listener.2,
+                "listening on {description}"
             );
         }
-        let settings = server::Settings {
-            limits: self.config.limits,
-            idle_grace: self.config.shutdown.idle_grace,
-            access_log: self.config.access_log,
-        };
-        let mut server = Server::start(self.listeners, app, metrics, settings)
-            .context("cannot serve the listeners")?;
 
         let status = format!(
-            "serving generation {} (pid {}) on {}",
-            self.generation,
+            "serving generation {generation} (pid {}) on {}",
             info.pid,
             listener_names.join(", ")
         );
-        notify::ready(&status);
-        tracing::info!(
-            event = "ready",
-            generation = self.generation,
-            listeners = %listener_names.join(", "),
-            root = self.config.root.as_ref().map(|r| r.display().to_string()),
-            "{status}"
-        );
+        let ready = |server: &mut Server| {
+            server.start_accepting();
+            notify::ready(&status);
+            tracing::info!(
+                event = "ready",
+                generation,
+                listeners = %listener_names.join(", "),
+                root = self.config.root.as_ref().map(|r| r.display().to_string()),
+                "{status}"
+            );
+        };
+        // A new generation waits for its predecessor's commit before it accepts or notifies:
+        // until then it is not the main pid, and it may still be called off.
+        if let Some(handshake) = handshake {
+            let committed = tokio::select! {
+                committed = handshake.ready() => committed.context("the upgrade was called off by the old process")?,
+                _ = next_stop(&mut signals) => anyhow::bail!("stopped before the old process handed over"),
+            };
+            if let Some(took) = committed.handoff {
+                metrics.last_handoff_seconds.set(took.as_secs_f64());
+            }
+            metrics.upgrade_succeeded();
+            ready(&mut server);
+            // Only now may `baton reload` return: READY=1 is out.
+            let mut channel = committed.channel;
+            let _ = channel.write_all(b"serving\n").await;
+            tokio::spawn(record_predecessor_drain(channel, metrics.clone()));
+        } else {
+            ready(&mut server);
+        }
         if let Some(interval) = notify::watchdog_interval() {
             tokio::spawn(watchdog(interval));
         }
 
-        let stop_signal = loop {
-            match signals.recv().await {
-                Event::Stop(signal) => break signal,
-                Event::Upgrade(signal) => {
+        let upgrader = Arc::new(self.upgrader);
+        let mut upgrading: Option<Upgrading> = None;
+        let end = loop {
+            let upgrade_done = async {
+                match &mut upgrading {
+                    Some(u) => (&mut u.task).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let trigger = tokio::select! {
+                event = signals.recv() => match event {
+                    Event::Stop(signal) => break End::Stop(signal),
+                    Event::Upgrade(signal) => (signal, None),
+                    Event::ReopenLogs => {
+                        tracing::info!("SIGUSR1: logging goes to stderr or the journal; nothing to reopen");
+                        continue;
+                    }
+                },
+                Some(request) = control.recv() => match request {
+                    Request::Upgrade(reply) => ("baton reload", Some(reply)),
+                    Request::Status(reply) => {
+                        let state = if upgrading.is_some() { "upgrading" } else { "serving" };
+                        let _ = reply.send(status_reply(&info, self.started, state));
+                        continue;
+                    }
+                    Request::Stop(reply) => {
+                        let _ = reply.send(json!({"ok": true}));
+                        break End::Stop("baton stop");
+                    }
+                },
+                result = upgrade_done => {
+                    let Upgrading { waiters, .. } = upgrading.take().expect("an upgrade was running");
+                    match result.unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}"))) {
+                        Ok(handed_over) => {
+                            let reply = json!({
+                                "ok": true,
+                                "pid": handed_over.pid,
+                                "generation": handed_over.generation,
+                                "took_ms": handed_over.took.as_millis() as u64,
+                            });
+                            for waiter in waiters {
+                                let _ = waiter.send(reply.clone());
+                            }
+                            break End::HandedOver(handed_over);
+                        }
+                        Err(reason) => {
+                            metrics.upgrade_failed();
+                            notify::ready(&format!("{status}; upgrade to generation {} failed: {reason}", generation + 1));
+                            tracing::error!(event = "upgrade-failed", generation, reason = %reason, "upgrade to generation {} failed: {reason}; still serving", generation + 1);
+                            for waiter in waiters {
+                                let _ = waiter.send(json!({"ok": false, "error": reason}));
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            let (cause, waiter) = trigger;
+            match &mut upgrading {
+                Some(u) => {
                     tracing::warn!(
                         event = "upgrade-ignored",
-                        "{signal}: upgrades are not available in this build; ignored"
-                    )
+                        generation,
+                        "{cause}: an upgrade is already in progress; ignored"
+                    );
+                    u.waiters.extend(waiter);
                 }
-                Event::ReopenLogs => {
-                    tracing::info!(
-                        "SIGUSR1: logging goes to stderr or the journal; nothing to reopen"
-                    )
+                None => {
+                    tracing::info!(event = "upgrade", generation, cause, exe = %upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
+                    let (upgrader, (ok, failed)) = (upgrader.clone(), metrics.upgrades());
+                    let task = tokio::spawn(async move {
+                        upgrade::run(&upgrader, Counts { ok, failed }, |_| Ok(())).await
+                    });
+                    upgrading = Some(Upgrading {
+                        task,
+                        waiters: waiter.into_iter().collect(),
+                    });
                 }
             }
         };
 
         let drain_timeout = self.config.shutdown.drain_timeout;
-        notify::stopping(&format!(
-            "stopping: draining connections (up to {})",
-            humantime::format_duration(drain_timeout)
-        ));
-        tracing::info!(
-            event = "stop",
-            generation = self.generation,
-            signal = stop_signal,
-            open_connections = server.open_connections(),
-            "{stop_signal}: stopping; draining connections for up to {}",
-            humantime::format_duration(drain_timeout)
-        );
+        match &end {
+            End::Stop(signal) => {
+                if let Some(u) = upgrading.take() {
+                    // Dropping the upgrade kills the new process, which accepted nothing yet.
+                    u.task.abort();
+                    let _ = u.task.await;
+                    tracing::warn!(
+                        event = "upgrade-aborted",
+                        generation,
+                        "{signal}: upgrade aborted; the new process was killed"
+                    );
+                }
+                notify::stopping(&format!(
+                    "stopping: draining connections (up to {})",
+                    humantime::format_duration(drain_timeout)
+                ));
+                tracing::info!(
+                    event = "stop",
+                    generation,
+                    signal = *signal,
+                    open_connections = server.open_connections(),
+                    "{signal}: stopping; draining connections for up to {}",
+                    humantime::format_duration(drain_timeout)
+                );
+            }
+            End::HandedOver(h) => tracing::info!(
+                event = "handed-over",
+                generation,
+                new_pid = h.pid,
+                new_generation = h.generation,
+                handoff_ms = h.took.as_millis() as u64,
+                open_connections = server.open_connections(),
+                "handed over to generation {} (pid {}) in {:?}; draining connections for up to {}",
+                h.generation,
+                h.pid,
+                h.took,
+                humantime::format_duration(drain_timeout)
+            ),
+        }
+        drop(control);
+        // The upgrader's copies of the listening sockets must go with the accept loops: a copy
+        // left open would queue new clients where nobody accepts them anymore.
+        drop(upgrader);
         server.stop_accepting().await;
         let report = tokio::select! {
             report = server.drain(drain_timeout) => report,
             signal = next_stop(&mut signals) => {
                 tracing::warn!(
                     event = "stop-now",
-                    generation = self.generation,
+                    generation,
                     open_connections = server.open_connections(),
                     "{signal} again: exiting without finishing the drain"
                 );
@@ -168,7 +364,7 @@ impl Process {
         };
         tracing::info!(
             event = "drained",
-            generation = self.generation,
+            generation,
             open_at_start = report.open_at_start,
             forced = report.forced,
             drain_ms = report.duration.as_millis() as u64,
@@ -177,8 +373,48 @@ impl Process {
             report.duration,
             report.forced
         );
+        if let End::HandedOver(mut h) = end {
+            let _ = h.channel.write_all(drained_line(&report).as_bytes()).await;
+        }
         Ok(())
     }
+}
+
+fn drained_line(report: &DrainReport) -> String {
+    format!(
+        "drained {} {}\n",
+        report.duration.as_millis(),
+        report.forced
+    )
+}
+
+/// N's side: the old generation reports its drain on the handshake channel before it exits.
+async fn record_predecessor_drain(channel: tokio::net::UnixStream, metrics: Arc<Metrics>) {
+    let mut lines = tokio::io::BufReader::new(channel).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut parts = line.split(' ');
+        if let (Some("drained"), Some(ms), Some(forced)) =
+            (parts.next(), parts.next(), parts.next())
+        {
+            if let (Ok(ms), Ok(forced)) = (ms.parse::<u64>(), forced.parse::<u64>()) {
+                metrics.last_drain_seconds.set(ms as f64 / 1000.0);
+                metrics.drain_forced_closes.inc_by(forced);
+            }
+        }
+    }
+}
+
+fn status_reply(info: &Info, started: SystemTime, state: &str) -> Value {
+    json!({
+        "ok": true,
+        "pid": info.pid,
+        "generation": info.generation,
+        "version": info.version,
+        "started": info.started,
+        "uptime_secs": started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        "listeners": info.listeners,
+        "state": state,
+    })
 }
 
 async fn next_stop(signals: &mut Signals) -> &'static str {

@@ -4,6 +4,7 @@
 //! All updates are atomic increments on handles created once at start, so the request path
 //! never takes a lock.
 
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
 use prometheus_client::encoding::text::encode;
@@ -12,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-type ClassLabels = Vec<(&'static str, &'static str)>;
+type Labels = Vec<(&'static str, &'static str)>;
 
 /// The process's metrics.
 pub struct Metrics {
@@ -20,6 +21,14 @@ pub struct Metrics {
     /// Requests answered, indexed by status class (1xx at 0 ... 5xx at 4).
     requests: [Counter; 5],
     pub open_connections: Gauge,
+    upgrades_ok: Counter,
+    upgrades_failed: Counter,
+    /// From the upgrade signal in the old process to the new one serving, in seconds.
+    pub last_handoff_seconds: Gauge<f64, AtomicU64>,
+    /// How long the previous generation took to drain, in seconds.
+    pub last_drain_seconds: Gauge<f64, AtomicU64>,
+    /// Connections the previous generations closed forcibly at their drain deadline.
+    pub drain_forced_closes: Counter,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -27,7 +36,7 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 impl Metrics {
     pub fn new(generation: u64, started: SystemTime) -> Metrics {
         let mut registry = Registry::default();
-        let requests_family = Family::<ClassLabels, Counter>::default();
+        let requests_family = Family::<Labels, Counter>::default();
         registry.register(
             "baton_http_requests",
             "HTTP requests answered, by status class",
@@ -51,7 +60,7 @@ impl Metrics {
             "Generation of this process: 1 at a fresh start, +1 per upgrade",
             generation_gauge,
         );
-        let start: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+        let start: Gauge<f64, AtomicU64> = Gauge::default();
         start.set(
             started
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -63,11 +72,63 @@ impl Metrics {
             "Start time of this process since the Unix epoch",
             start,
         );
+        let upgrades = Family::<Labels, Counter>::default();
+        registry.register(
+            "baton_upgrades",
+            "Upgrades by result, over all generations of this service",
+            upgrades.clone(),
+        );
+        let upgrades_ok = upgrades.get_or_create(&vec![("result", "ok")]).clone();
+        let upgrades_failed = upgrades.get_or_create(&vec![("result", "failed")]).clone();
+        let last_handoff_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "baton_last_handoff_seconds",
+            "Duration of the last upgrade: from the signal in the old process until the new one serves",
+            last_handoff_seconds.clone(),
+        );
+        let last_drain_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "baton_last_drain_seconds",
+            "How long the previous generation took to drain its connections",
+            last_drain_seconds.clone(),
+        );
+        let drain_forced_closes = Counter::default();
+        registry.register(
+            "baton_drain_forced_closes",
+            "Connections the previous generation closed forcibly at its drain deadline",
+            drain_forced_closes.clone(),
+        );
         Metrics {
             registry,
             requests,
             open_connections,
+            upgrades_ok,
+            upgrades_failed,
+            last_handoff_seconds,
+            last_drain_seconds,
+            drain_forced_closes,
         }
+    }
+
+    /// Sets the upgrade counters carried over from earlier generations.
+    pub fn set_upgrades(&self, ok: u64, failed: u64) {
+        self.upgrades_ok
+            .inc_by(ok.saturating_sub(self.upgrades_ok.get()));
+        self.upgrades_failed
+            .inc_by(failed.saturating_sub(self.upgrades_failed.get()));
+    }
+
+    /// Upgrades so far: (ok, failed).
+    pub fn upgrades(&self) -> (u64, u64) {
+        (self.upgrades_ok.get(), self.upgrades_failed.get())
+    }
+
+    pub fn upgrade_failed(&self) {
+        self.upgrades_failed.inc();
+    }
+
+    pub fn upgrade_succeeded(&self) {
+        self.upgrades_ok.inc();
     }
 
     /// Counts one answered request.

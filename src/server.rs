@@ -64,9 +64,16 @@ pub struct Settings {
 /// A running set of accept loops and their connections.
 pub struct Server {
     shared: Arc<Shared>,
+    /// Listeners not accepting yet.
+    pending: Vec<(String, Pending)>,
     stop_accepting: CancellationToken,
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
     connections: TaskTracker,
+}
+
+enum Pending {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
 }
 
 struct Shared {
@@ -88,8 +95,9 @@ impl Shared {
 }
 
 impl Server {
-    /// Starts accepting on every listener. Must be called inside the tokio runtime.
-    pub fn start(
+    /// Takes over the listeners without accepting yet (a new generation must not accept before
+    /// its predecessor commits the handoff). Must be called inside the tokio runtime.
+    pub fn new(
         listeners: Vec<Listener>,
         app: Router,
         metrics: Arc<Metrics>,
@@ -105,35 +113,53 @@ impl Server {
             force_close: CancellationToken::new(),
             forced: AtomicU64::new(0),
         });
-        let limit = Arc::new(Semaphore::new(settings.limits.max_connections));
-        let stop_accepting = CancellationToken::new();
-        let connections = TaskTracker::new();
-        let mut accept_loops = Vec::new();
-        for listener in listeners {
-            let ctx = AcceptContext {
-                name: listener.name.clone(),
-                shared: shared.clone(),
-                limit: limit.clone(),
-                stop: stop_accepting.clone(),
-                connections: connections.clone(),
-            };
-            accept_loops.push(match listener.socket {
-                Socket::Tcp(l) => tokio::spawn(ctx.run(tokio::net::TcpListener::from_std(l)?)),
-                Socket::Unix(l) => tokio::spawn(ctx.run(tokio::net::UnixListener::from_std(l)?)),
-            });
-        }
+        let pending = listeners
+            .into_iter()
+            .map(|listener| {
+                Ok(match listener.socket {
+                    Socket::Tcp(l) => (
+                        listener.name,
+                        Pending::Tcp(tokio::net::TcpListener::from_std(l)?),
+                    ),
+                    Socket::Unix(l) => (
+                        listener.name,
+                        Pending::Unix(tokio::net::UnixListener::from_std(l)?),
+                    ),
+                })
+            })
+            .collect::<io::Result<_>>()?;
         Ok(Server {
             shared,
-            stop_accepting,
-            accept_loops,
-            connections,
+            pending,
+            stop_accepting: CancellationToken::new(),
+            accept_loops: Vec::new(),
+            connections: TaskTracker::new(),
         })
+    }
+
+    /// Starts the accept loops.
+    pub fn start_accepting(&mut self) {
+        let limit = Arc::new(Semaphore::new(self.shared.settings.limits.max_connections));
+        for (name, listener) in self.pending.drain(..) {
+            let ctx = AcceptContext {
+                name,
+                shared: self.shared.clone(),
+                limit: limit.clone(),
+                stop: self.stop_accepting.clone(),
+                connections: self.connections.clone(),
+            };
+            self.accept_loops.push(match listener {
+                Pending::Tcp(l) => tokio::spawn(ctx.run(l)),
+                Pending::Unix(l) => tokio::spawn(ctx.run(l)),
+            });
+        }
     }
 
     /// Stops accepting and closes this process's copies of the listening sockets. Sockets
     /// shared with another process (the service manager, a new generation) stay open there, and
     /// connections queued on them wait for it.
     pub async fn stop_accepting(&mut self) {
+        self.pending.clear();
         self.stop_accepting.cancel();
         for task in self.accept_loops.drain(..) {
             let _ = task.await;

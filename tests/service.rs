@@ -136,7 +136,10 @@ fn slow_request_in_flight_at_sigterm_completes() {
     )
     .is_err()));
     // ...but the response in flight goes on to its last byte, then the connection ends cleanly.
-    received.extend(conn.read_body(len - received.len()).unwrap());
+    received.extend(
+        conn.read_body(len - received.len())
+            .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", baton.stderr.text())),
+    );
     assert!(received == body, "the body arrived damaged");
     conn.expect_close().unwrap();
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());

@@ -37,17 +37,15 @@ def values(entry, key):
 
 
 def parse(cond):
-    for op in ("!=", "=", "~"):
-        if op in cond:
-            key, _, arg = cond.partition(op)
-            if not key:
-                break
-            if op == "~":
-                return key, op, re.compile(arg)
-            return key, op, arg
-    if re.fullmatch(r"[A-Za-z0-9_]+", cond):
-        return cond, "present", None
-    sys.exit(f"journal.py: bad condition {cond!r} (KEY=VALUE, KEY~REGEX, KEY!=VALUE or KEY)")
+    m = re.fullmatch(r"([A-Za-z0-9_]+)(?:(!=|=|~)(.*))?", cond, re.S)
+    if not m:
+        sys.exit(f"journal.py: bad condition {cond!r} (KEY=VALUE, KEY~REGEX, KEY!=VALUE or KEY)")
+    key, op, arg = m.groups()
+    if op is None:
+        return key, "present", None
+    if op == "~":
+        return key, op, re.compile(arg)
+    return key, op, arg
 
 
 def matches(entry, conds):

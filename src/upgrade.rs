@@ -1,0 +1,672 @@
+//! Zero-downtime upgrade: the old process (O) starts the new binary (N), hands it the very same
+//! listening sockets, makes it the unit's main pid, and drains.
+//!
+//! The whole state machine, from O's side (DESIGN.md section 4):
+//!
+//! ```text
+//!  Serving ──SIGUSR2/SIGHUP/`baton reload`──▶ Upgrading ──N "serving"──▶ HandedOver ──▶ drain, exit 0
+//!     ▲                                          │
+//!     └──────── exec error, N exits, timeout, ───┘  (N killed, READY=1 + STATUS naming the
+//!               broken handshake, bad MAINPID       failure, O keeps serving)
+//!
+//!  Upgrading ──SIGTERM──▶ N killed, O stops as usual
+//! ```
+//!
+//! Step by step ([`run`]):
+//! 1. O sends `RELOADING=1` + `MONOTONIC_USEC` + `STATUS=`.
+//! 2. O double-forks ([`Upgrader::spawn`]): the intermediate reports N's pid on the handshake
+//!    channel and exits; O reaps it, so N is the child of PID 1 (or of the nearest subreaper)
+//!    before it is ever named the main pid. N gets the sockets at fds `3..` with `LISTEN_FDS`,
+//!    `LISTEN_FDNAMES` and its own `LISTEN_PID`, the handshake channel at the next fd
+//!    (`BATON_UPGRADE_FD`), and `BATON_GENERATION` one higher.
+//! 3. N starts (fresh config, sockets, server) without accepting and without notifying, then
+//!    says `ready`. Anything that goes wrong in N before that is reported as `error <message>`.
+//! 4. O sends `MAINPID=N` and a `BARRIER=1`, then `commit`. From then on O is silent towards
+//!    systemd ([`crate::notify::hand_over`]).
+//! 5. N starts accepting, sends `READY=1` + `STATUS=`, says `serving`.
+//! 6. O stops accepting, drains its connections, reports `drained <ms> <forced>` to N (for N's
+//!    metrics), and exits 0.
+//!
+//! Messages on the channel are text lines. N → O: `pid <n>` (from the intermediate),
+//! `exec-error <errno>`, `error <text>`, `ready`, `serving`. O → N: `commit`,
+//! `drained <ms> <forced>`.
+//!
+//! Before `commit` N accepts nothing, so killing it loses no request; a guard kills N on every
+//! path that does not reach `commit` (timeout, error, SIGTERM, a dropped task).
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::notify;
+
+/// The environment variable that carries N's end of the handshake channel.
+pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
+/// CLOCK_MONOTONIC in microseconds when O began the upgrade, so that N can measure the handoff.
+pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
+/// Upgrades counted so far by result, carried from generation to generation.
+pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
+
+/// Variables of O's environment that N must not inherit as they are.
+const PRIVATE_ENV: [&str; 9] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+    "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
+    crate::lifecycle::GENERATION_ENV,
+    UPGRADE_FD_ENV,
+    UPGRADE_STARTED_ENV,
+    UPGRADES_ENV,
+];
+
+/// How long the intermediate may take to report N's pid, and N to confirm it serves after
+/// `commit`. Both involve no work beyond a few syscalls.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long O waits for systemd to process `MAINPID=`.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a process needs to start its successor, captured at start.
+#[derive(Debug)]
+pub struct Upgrader {
+    /// The executable to run.
+    pub exe: PathBuf,
+    /// The arguments after argv[0], as this process got them: N reads its config afresh.
+    pub args: Vec<OsString>,
+    /// This process's generation; N gets one more.
+    pub generation: u64,
+    /// Copies of the listening sockets (same open file descriptions) and their names.
+    sockets: Vec<(OwnedFd, String)>,
+    /// Further fds N inherits, each announced in an environment variable (the pidfile lock).
+    extra: Vec<(OwnedFd, &'static str)>,
+    pub timeout: Duration,
+}
+
+/// Upgrades counted by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ok: u64,
+    pub failed: u64,
+}
+
+impl Counts {
+    /// From `BATON_UPGRADES=ok:failed`; zero when absent or malformed.
+    pub fn from_env() -> Counts {
+        std::env::var(UPGRADES_ENV)
+            .ok()
+            .and_then(|v| {
+                let (ok, failed) = v.split_once(':')?;
+                Some(Counts {
+                    ok: ok.parse().ok()?,
+                    failed: failed.parse().ok()?,
+                })
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The executable this process runs, as a path that a package upgrade replaces: argv[0] made
+/// absolute when it has a slash (so a symlinked install is followed anew), else what the kernel
+/// says. Never `/proc/self/exe` at upgrade time, which names the old, possibly deleted, file.
+pub fn current_executable() -> io::Result<PathBuf> {
+    let arg0 = std::env::args_os().next().map(PathBuf::from);
+    match arg0 {
+        Some(p) if p.is_absolute() => Ok(p),
+        Some(p) if p.as_os_str().as_bytes().contains(&b'/') => Ok(std::env::current_dir()?.join(p)),
+        _ => std::env::current_exe(),
+    }
+}
+
+impl Upgrader {
+    pub fn new(exe: PathBuf, generation: u64, timeout: Duration) -> Upgrader {
+        Upgrader {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+            generation,
+            sockets: Vec::new(),
+            extra: Vec::new(),
+            timeout,
+        }
+    }
+
+    /// Keeps a copy of a listening socket to hand over.
+    pub fn add_socket(&mut self, fd: &impl std::os::fd::AsFd, name: &str) -> io::Result<()> {
+        self.sockets
+            .push((fd.as_fd().try_clone_to_owned()?, name.to_owned()));
+        Ok(())
+    }
+
+    /// Hands an fd to N as well, announced as `env_var=<fd number>`.
+    pub fn add_fd(&mut self, fd: OwnedFd, env_var: &'static str) {
+        self.extra.push((fd, env_var));
+    }
+
+    /// Double-forks N (see the module docs) and returns once the intermediate is reaped, so N
+    /// is no longer our descendant. Blocking; call it off the async workers.
+    pub fn spawn(&self, started_usec: i128, counts: Counts) -> io::Result<Spawned> {
+        let (parent_end, child_end) = StdUnixStream::pair()?; // both CLOEXEC
+        let n_sockets = self.sockets.len();
+        let mut fds: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        fds.extend(self.extra.iter().map(|(fd, _)| fd.as_raw_fd()));
+        fds.push(child_end.as_raw_fd());
+        let first = 3;
+        let channel_fd = first + fds.len() as RawFd - 1;
+
+        let mut env: Vec<Vec<u8>> = std::env::vars_os()
+            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
+            .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
+            .collect();
+        let names: Vec<&str> = self.sockets.iter().map(|(_, n)| n.as_str()).collect();
+        env.push(format!("LISTEN_FDS={n_sockets}").into_bytes());
+        env.push(format!("LISTEN_FDNAMES={}", names.join(":")).into_bytes());
+        for (i, (_, var)) in self.extra.iter().enumerate() {
+            env.push(format!("{var}={}", first as usize + n_sockets + i).into_bytes());
+        }
+        env.push(
+            format!(
+                "{}={}",
+                crate::lifecycle::GENERATION_ENV,
+                self.generation + 1
+            )
+            .into_bytes(),
+        );
+        env.push(format!("{UPGRADE_FD_ENV}={channel_fd}").into_bytes());
+        env.push(format!("{UPGRADE_STARTED_ENV}={started_usec}").into_bytes());
+        env.push(format!("{UPGRADES_ENV}={}:{}", counts.ok, counts.failed).into_bytes());
+        let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+
+        // SAFETY: see ExecPlan::fork_and_exec.
+        let intermediate = unsafe { exec.fork_and_exec(child_end.as_raw_fd()) }?;
+        drop(child_end);
+        // Reaping the intermediate makes N an orphan, adopted by PID 1 (or a subreaper).
+        loop {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(intermediate), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(_) => break,
+            }
+        }
+        parent_end.set_read_timeout(Some(STEP_TIMEOUT))?;
+        let mut reader = BufReader::new(parent_end);
+        // The intermediate's `pid <n>` and a fast-failing exec's `exec-error` race: take them
+        // in either order.
+        let mut early = None;
+        let pid = loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            match line.strip_prefix("pid ").map(str::parse::<i32>) {
+                Some(Ok(pid)) if pid > 0 => break pid,
+                _ if line.starts_with("exec-error ") && early.is_none() => {
+                    early = Some(line.to_owned())
+                }
+                _ => {
+                    return Err(io::Error::other(format!(
+                        "the intermediate process could not fork N: {line:?}"
+                    )))
+                }
+            }
+        };
+        // N writes whole lines in one write each: what the reader holds beyond the pid line is
+        // a message of N's, e.g. its exec error.
+        if early.is_none() {
+            early = String::from_utf8_lossy(reader.buffer())
+                .lines()
+                .next()
+                .map(str::to_owned);
+        }
+        // From now on N is killed through a pidfd, which cannot hit a recycled pid.
+        let pidfd = pidfd_open(pid)?;
+        let channel = reader.into_inner();
+        channel.set_read_timeout(None)?;
+        Ok(Spawned {
+            pid,
+            pidfd,
+            channel,
+            early,
+            committed: false,
+        })
+    }
+}
+
+/// N between its start and `commit`: killed when dropped uncommitted.
+pub struct Spawned {
+    pub pid: i32,
+    pidfd: OwnedFd,
+    channel: StdUnixStream,
+    /// A message from N that came before its pid.
+    early: Option<String>,
+    committed: bool,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if !self.committed {
+            // SAFETY: a plain syscall on an fd we own.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Everything `execve` needs, allocated before the fork: between fork and exec in a threaded
+/// process only async-signal-safe calls are allowed, so nothing may allocate there.
+struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<Vec<u8>>,
+    envp: Vec<*const libc::c_char>,
+    /// `LISTEN_PID=` followed by room for the digits, patched in the grandchild through
+    /// `listen_pid_digits` (derived from a unique borrow, and used by nothing else).
+    _listen_pid: Box<[u8]>,
+    listen_pid_digits: *mut u8,
+    fds: Vec<RawFd>,
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Room for any pid's digits; the byte after them stays NUL.
+const LISTEN_PID_DIGITS: usize = 20;
+
+impl ExecPlan {
+    fn new(
+        exe: &Path,
+        args: &[OsString],
+        env: Vec<Vec<u8>>,
+        fds: Vec<RawFd>,
+    ) -> io::Result<ExecPlan> {
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "NUL byte in an argument or the environment",
+                )
+            })
+        };
+        let path = cstr(exe.as_os_str().as_bytes())?;
+        let mut argv = vec![path.clone()];
+        for a in args {
+            argv.push(cstr(a.as_bytes())?);
+        }
+        let argv_ptrs = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let env: Vec<Vec<u8>> = env
+            .into_iter()
+            .map(|mut e| {
+                e.push(0);
+                e
+            })
+            .collect();
+        if env.iter().any(|e| e[..e.len() - 1].contains(&0)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "NUL byte in the environment",
+            ));
+        }
+        let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
+        listen_pid.resize(LISTEN_PID_PREFIX.len() + LISTEN_PID_DIGITS + 1, 0);
+        let mut listen_pid = listen_pid.into_boxed_slice();
+        let base = listen_pid.as_mut_ptr();
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
+        envp.push(base.cast_const().cast());
+        envp.push(std::ptr::null());
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _env: env,
+            envp,
+            _listen_pid: listen_pid,
+            // SAFETY: within the allocation (prefix, then LISTEN_PID_DIGITS + 1 bytes).
+            listen_pid_digits: unsafe { base.add(LISTEN_PID_PREFIX.len()) },
+            fds,
+        })
+    }
+
+    /// Forks the intermediate, which forks N, reports `pid <N>` on `channel` and exits.
+    /// Returns the intermediate's pid.
+    ///
+    /// # Safety
+    /// The children run only async-signal-safe code (fork, fcntl, dup2, close, sigprocmask,
+    /// sigaction, getpid, write, execve, _exit) on memory prepared before the fork.
+    unsafe fn fork_and_exec(&self, channel: RawFd) -> io::Result<libc::pid_t> {
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                let pid = libc::fork();
+                if pid == 0 {
+                    self.exec_in_child();
+                }
+                let mut buf = [0u8; 32];
+                let n = if pid > 0 {
+                    let mut n = copy(&mut buf, 0, b"pid ");
+                    n += write_decimal(&mut buf[n..], pid as u64);
+                    n
+                } else {
+                    copy(&mut buf, 0, b"fork-failed")
+                };
+                buf[n] = b'\n';
+                libc::write(channel, buf.as_ptr().cast(), n + 1);
+                libc::_exit(if pid > 0 { 0 } else { 1 });
+            }
+            intermediate => Ok(intermediate),
+        }
+    }
+
+    /// In N, before exec: fds into place, clean signal state, `LISTEN_PID`, exec. Never returns.
+    unsafe fn exec_in_child(&self) -> ! {
+        let n = self.fds.len() as RawFd;
+        let channel = 3 + n - 1;
+        // Move every fd above the target range first, then down into 3.. (dup2 clears
+        // FD_CLOEXEC on the copy; the sources keep theirs and vanish at exec).
+        let mut high = [0 as RawFd; 64];
+        if self.fds.len() > high.len() {
+            libc::_exit(126);
+        }
+        for (i, fd) in self.fds.iter().enumerate() {
+            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+            if high[i] < 0 {
+                libc::_exit(126);
+            }
+        }
+        for (i, fd) in high.iter().take(self.fds.len()).enumerate() {
+            if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                libc::_exit(126);
+            }
+        }
+        // tokio blocks no signals, but whatever mask this thread had must not reach N; and
+        // Rust's runtime ignores SIGPIPE, which exec would keep.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
+        // Our own (copy-on-write) copy of the environment: writing the digits in place
+        // allocates nothing.
+        let digits = std::slice::from_raw_parts_mut(self.listen_pid_digits, LISTEN_PID_DIGITS);
+        write_decimal(digits, libc::getpid() as u64);
+        libc::execve(
+            self.path.as_ptr(),
+            self.argv_ptrs.as_ptr(),
+            self.envp.as_ptr(),
+        );
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 32];
+        let mut len = copy(&mut buf, 0, b"exec-error ");
+        len += write_decimal(&mut buf[len..], errno as u64);
+        buf[len] = b'\n';
+        libc::write(channel, buf.as_ptr().cast(), len + 1);
+        libc::_exit(127);
+    }
+}
+
+fn copy(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
+    buf[at..at + s.len()].copy_from_slice(s);
+    s.len()
+}
+
+/// Writes `n` in decimal at the start of `buf`; returns the number of digits. No allocation.
+fn write_decimal(buf: &mut [u8], mut n: u64) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let digits = &tmp[i..];
+    buf[..digits.len()].copy_from_slice(digits);
+    digits.len()
+}
+
+/// The result of a successful handoff, as O sees it.
+#[derive(Debug)]
+pub struct HandedOver {
+    pub pid: i32,
+    pub generation: u64,
+    pub took: Duration,
+    /// O's end of the channel, to report the drain to N.
+    pub channel: tokio::net::UnixStream,
+}
+
+/// Runs steps 2 to 5 (see the module docs) for O. On error N is gone and the message says why,
+/// in one line. `hand_over_hook` runs right before `MAINPID=` (the pidfile is rewritten there).
+pub async fn run(
+    upgrader: &Upgrader,
+    counts: Counts,
+    hand_over_hook: impl FnOnce(i32) -> io::Result<()>,
+) -> Result<HandedOver, String> {
+    let started = Instant::now();
+    let started_usec = monotonic_usec();
+    let next = upgrader.generation + 1;
+    notify::reloading(&format!(
+        "upgrading: starting generation {next} from {}",
+        upgrader.exe.display()
+    ));
+    // The fork and the reaping of the intermediate block briefly; keep them off the workers.
+    let spawned = tokio::task::block_in_place(|| upgrader.spawn(started_usec, counts))
+        .map_err(|e| format!("cannot start {}: {e}", upgrader.exe.display()))?;
+    let pid = spawned.pid;
+    tracing::info!(
+        event = "upgrade-spawned",
+        generation = upgrader.generation,
+        new_pid = pid,
+        "started generation {next} as pid {pid}; waiting until it is ready"
+    );
+
+    let channel = spawned
+        .channel
+        .try_clone()
+        .and_then(|c| {
+            c.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(c)
+        })
+        .map_err(|e| format!("handshake channel: {e}"))?;
+    let (read, mut write) = channel.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+
+    let first = match spawned.early.clone() {
+        Some(line) => Ok(Ok(Some(line))),
+        None => tokio::time::timeout(upgrader.timeout, lines.next_line()).await,
+    };
+    let exe = upgrader.exe.display();
+    match first {
+        Err(_) => {
+            return Err(format!(
+                "the new process (pid {pid}) was not ready within {}; killed it",
+                humantime::format_duration(upgrader.timeout)
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("handshake with pid {pid} broke: {e}")),
+        Ok(Ok(None)) => {
+            return Err(format!(
+                "the new process (pid {pid}, {exe}) exited before it was ready"
+            ))
+        }
+        Ok(Ok(Some(line))) => match line.split_once(' ').unwrap_or((line.as_str(), "")) {
+            ("ready", _) => {}
+            ("exec-error", errno) => {
+                let e = io::Error::from_raw_os_error(errno.parse().unwrap_or(0));
+                return Err(format!("cannot execute {exe}: {e}"));
+            }
+            ("error", message) => {
+                return Err(format!("the new process failed to start: {message}"))
+            }
+            _ => {
+                return Err(format!(
+                    "the new process (pid {pid}) said {line:?} instead of ready"
+                ))
+            }
+        },
+    }
+
+    hand_over_hook(pid).map_err(|e| format!("cannot record pid {pid}: {e}"))?;
+    // Under NotifyAccess=main only O may name the new main pid, and systemd must have processed
+    // it before O exits, or it would consider the unit dead and kill N too.
+    notify::main_pid(pid as u32).map_err(|e| format!("MAINPID={pid} was not sent: {e}"))?;
+    notify::barrier(BARRIER_TIMEOUT)
+        .map_err(|e| format!("systemd did not confirm MAINPID={pid}: {e}"))?;
+    write
+        .write_all(b"commit\n")
+        .await
+        .map_err(|e| format!("cannot tell pid {pid} to commit: {e}"))?;
+    let mut spawned = spawned;
+    spawned.committed = true;
+    notify::hand_over();
+
+    match tokio::time::timeout(STEP_TIMEOUT, lines.next_line()).await {
+        Ok(Ok(Some(line))) if line == "serving" => {}
+        other => {
+            // Past MAINPID= there is no way back: N is the service now, whatever it does.
+            tracing::error!(
+                event = "upgrade-unconfirmed",
+                new_pid = pid,
+                "generation {next} (pid {pid}) did not confirm that it serves: {other:?}"
+            );
+            return Err(format!(
+                "the new process (pid {pid}) took over but did not confirm that it serves"
+            ));
+        }
+    }
+    let channel = lines
+        .into_inner()
+        .into_inner()
+        .reunite(write)
+        .map_err(|e| format!("handshake channel: {e}"))?;
+    Ok(HandedOver {
+        pid,
+        generation: next,
+        took: started.elapsed(),
+        channel,
+    })
+}
+
+fn monotonic_usec() -> i128 {
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(sd_notify::NotifyState::MonotonicUsec(usec)) => usec,
+        _ => 0,
+    }
+}
+
+/// N's side of the channel.
+pub struct Handshake {
+    channel: StdUnixStream,
+    /// When O began the upgrade (CLOCK_MONOTONIC, µs).
+    pub started_usec: Option<i128>,
+}
+
+/// What N learns at commit time.
+pub struct Committed {
+    /// The channel stays open until O exits; O reports its drain on it.
+    pub channel: tokio::net::UnixStream,
+    /// From the start of the upgrade in O to now.
+    pub handoff: Option<Duration>,
+}
+
+impl Handshake {
+    /// Takes the channel announced in `BATON_UPGRADE_FD`, if any, and removes the variables.
+    ///
+    /// # Safety contract
+    /// Changes the environment: call it before any other thread exists.
+    pub fn take_from_env() -> Result<Option<Handshake>, String> {
+        let fd = std::env::var(UPGRADE_FD_ENV).ok();
+        let started = std::env::var(UPGRADE_STARTED_ENV).ok();
+        // SAFETY (of the contract above): no other thread reads the environment yet.
+        unsafe {
+            std::env::remove_var(UPGRADE_FD_ENV);
+            std::env::remove_var(UPGRADE_STARTED_ENV);
+        }
+        let Some(fd) = fd else { return Ok(None) };
+        let raw: RawFd = fd
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+            .ok_or_else(|| format!("{UPGRADE_FD_ENV}={fd:?} is not an open fd"))?;
+        // SAFETY: the fd is open and was handed to this process alone; CLOEXEC so that nothing
+        // N starts inherits it.
+        let channel = unsafe {
+            libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC);
+            StdUnixStream::from_raw_fd(raw)
+        };
+        Ok(Some(Handshake {
+            channel,
+            started_usec: started.and_then(|s| s.parse().ok()),
+        }))
+    }
+
+    /// Reports a startup failure to O, which relays it to whoever asked for the upgrade.
+    pub fn fail(mut self, message: &str) {
+        let line = format!("error {}\n", message.replace('\n', "; "));
+        let _ = self.channel.write_all(line.as_bytes());
+    }
+
+    /// Says `ready` and waits for `commit`. An error means O is gone or refused: N must exit.
+    pub async fn ready(self) -> io::Result<Committed> {
+        self.channel.set_nonblocking(true)?;
+        let mut channel = tokio::net::UnixStream::from_std(self.channel)?;
+        channel.write_all(b"ready\n").await?;
+        let mut reader = tokio::io::BufReader::new(&mut channel);
+        let mut line = String::new();
+        reader.read_line(&mut line).await?;
+        if line != "commit\n" {
+            return Err(io::Error::other(format!(
+                "the old process ended the handshake ({:?})",
+                line.trim_end()
+            )));
+        }
+        let handoff = self.started_usec.map(|start| {
+            Duration::from_micros(u64::try_from(monotonic_usec() - start).unwrap_or(0))
+        });
+        Ok(Committed { channel, handoff })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_without_allocation() {
+        let mut buf = [0u8; 24];
+        for n in [0u64, 7, 10, 4194304, u64::MAX] {
+            let len = write_decimal(&mut buf, n);
+            assert_eq!(&buf[..len], n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn counts_round_trip_through_the_environment_format() {
+        assert_eq!(Counts::from_env(), Counts::default());
+    }
+}
