@@ -43,8 +43,24 @@ pub enum Request {
     Stop(oneshot::Sender<Value>),
 }
 
+/// The control socket of this process: requests arrive on `requests`.
+pub struct Control {
+    pub requests: mpsc::Receiver<Request>,
+    clients: tokio_util::task::TaskTracker,
+}
+
+impl Control {
+    /// Stops taking requests and waits (up to `timeout`) until every answer already given has
+    /// been written: a process must not exit with a `baton reload` answer still in memory.
+    pub async fn close(self, timeout: Duration) {
+        drop(self.requests);
+        self.clients.close();
+        let _ = tokio::time::timeout(timeout, self.clients.wait()).await;
+    }
+}
+
 /// Binds this process's control socket. Call inside the runtime.
-pub fn listen() -> io::Result<mpsc::Receiver<Request>> {
+pub fn listen() -> io::Result<Control> {
     let pid = std::process::id();
     let address = SocketAddr::from_abstract_name(name(pid))?;
     let listener = StdUnixListener::bind_addr(&address).map_err(|e| {
@@ -56,20 +72,25 @@ pub fn listen() -> io::Result<mpsc::Receiver<Request>> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let (tx, rx) = mpsc::channel(16);
+    let clients = tokio_util::task::TaskTracker::new();
+    let tracker = clients.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let tx = tx.clone();
-            tokio::spawn(async move {
+            tracker.spawn(async move {
                 if let Err(e) = serve_client(stream, tx).await {
                     tracing::debug!("control client: {e}");
                 }
             });
         }
     });
-    Ok(rx)
+    Ok(Control {
+        requests: rx,
+        clients,
+    })
 }
 
 async fn serve_client(
@@ -99,7 +120,11 @@ async fn serve_client(
         }
     };
     if tx.send(request).await.is_err() {
-        return Ok(());
+        let reply = json!({"ok": false, "error": format!(
+            "pid {} is stopping (stopped or handed over to a new generation); address the current main process",
+            std::process::id()
+        )});
+        return write_reply(&mut stream, &reply).await;
     }
     let reply = reply_rx
         .await

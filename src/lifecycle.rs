@@ -99,7 +99,8 @@ pub fn prepare(config: Config, handshake: Option<Handshake>) -> anyhow::Result<P
 /// How the serving phase ended.
 enum End {
     Stop(&'static str),
-    HandedOver(HandedOver),
+    /// With the `baton reload` clients to answer once this process stopped accepting.
+    HandedOver(HandedOver, Vec<oneshot::Sender<Value>>),
 }
 
 /// The upgrade in progress: the task running [`upgrade::run`] and who waits for its outcome.
@@ -226,7 +227,7 @@ impl Process {
 
         let upgrader = Arc::new(self.upgrader);
         let mut upgrading: Option<Upgrading> = None;
-        let end = loop {
+        let mut end = loop {
             let upgrade_done = async {
                 match &mut upgrading {
                     Some(u) => (&mut u.task).await,
@@ -242,7 +243,7 @@ impl Process {
                         continue;
                     }
                 },
-                Some(request) = control.recv() => match request {
+                Some(request) = control.requests.recv() => match request {
                     Request::Upgrade(reply) => ("baton reload", Some(reply)),
                     Request::Status(reply) => {
                         let state = if upgrading.is_some() { "upgrading" } else { "serving" };
@@ -257,18 +258,7 @@ impl Process {
                 result = upgrade_done => {
                     let Upgrading { waiters, .. } = upgrading.take().expect("an upgrade was running");
                     match result.unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}"))) {
-                        Ok(handed_over) => {
-                            let reply = json!({
-                                "ok": true,
-                                "pid": handed_over.pid,
-                                "generation": handed_over.generation,
-                                "took_ms": handed_over.took.as_millis() as u64,
-                            });
-                            for waiter in waiters {
-                                let _ = waiter.send(reply.clone());
-                            }
-                            break End::HandedOver(handed_over);
-                        }
+                        Ok(handed_over) => break End::HandedOver(handed_over, waiters),
                         Err(reason) => {
                             metrics.upgrade_failed();
                             notify::ready(&format!("{status}; upgrade to generation {} failed: {reason}", generation + 1));
@@ -331,7 +321,7 @@ impl Process {
                     humantime::format_duration(drain_timeout)
                 );
             }
-            End::HandedOver(h) => tracing::info!(
+            End::HandedOver(h, _) => tracing::info!(
                 event = "handed-over",
                 generation,
                 new_pid = h.pid,
@@ -345,11 +335,23 @@ impl Process {
                 humantime::format_duration(drain_timeout)
             ),
         }
-        drop(control);
         // The upgrader's copies of the listening sockets must go with the accept loops: a copy
         // left open would queue new clients where nobody accepts them anymore.
         drop(upgrader);
         server.stop_accepting().await;
+        if let End::HandedOver(h, waiters) = &mut end {
+            // Only now does every new connection reach the new generation.
+            let reply = json!({
+                "ok": true,
+                "pid": h.pid,
+                "generation": h.generation,
+                "took_ms": h.took.as_millis() as u64,
+            });
+            for waiter in waiters.drain(..) {
+                let _ = waiter.send(reply.clone());
+            }
+        }
+        control.close(Duration::from_secs(2)).await;
         let report = tokio::select! {
             report = server.drain(drain_timeout) => report,
             signal = next_stop(&mut signals) => {
@@ -373,7 +375,7 @@ impl Process {
             report.duration,
             report.forced
         );
-        if let End::HandedOver(mut h) = end {
+        if let End::HandedOver(mut h, _) = end {
             let _ = h.channel.write_all(drained_line(&report).as_bytes()).await;
         }
         Ok(())

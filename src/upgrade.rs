@@ -222,8 +222,13 @@ impl Upgrader {
                 .next()
                 .map(str::to_owned);
         }
-        // From now on N is killed through a pidfd, which cannot hit a recycled pid.
-        let pidfd = pidfd_open(pid)?;
+        // From now on N is killed through a pidfd, which cannot hit a recycled pid. N may
+        // already have failed and been reaped by its new parent: then there is nothing to kill.
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
+            Err(e) => return Err(e),
+        };
         let channel = reader.into_inner();
         channel.set_read_timeout(None)?;
         Ok(Spawned {
@@ -239,7 +244,8 @@ impl Upgrader {
 /// N between its start and `commit`: killed when dropped uncommitted.
 pub struct Spawned {
     pub pid: i32,
-    pidfd: OwnedFd,
+    /// `None` when N was already gone (and reaped) by the time we asked: nothing to kill.
+    pidfd: Option<OwnedFd>,
     channel: StdUnixStream,
     /// A message from N that came before its pid.
     early: Option<String>,
@@ -248,12 +254,12 @@ pub struct Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if !self.committed {
+        if let (false, Some(pidfd)) = (self.committed, &self.pidfd) {
             // SAFETY: a plain syscall on an fd we own.
             unsafe {
                 libc::syscall(
                     libc::SYS_pidfd_send_signal,
-                    self.pidfd.as_raw_fd(),
+                    pidfd.as_raw_fd(),
                     libc::SIGKILL,
                     std::ptr::null::<libc::siginfo_t>(),
                     0,
@@ -496,9 +502,34 @@ pub async fn run(
     let (read, mut write) = channel.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
 
+    // N's exit ends the wait even when something else keeps the channel open (a child of N
+    // that inherited it).
+    let watch = spawned.pidfd.as_ref().and_then(|fd| fd.try_clone().ok());
+    let exited = async move {
+        // SAFETY: the AsyncFd owns its copy of the pidfd, which stays open and unchanged
+        // while registered.
+        match watch.map(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }) {
+            Some(Ok(watch)) => {
+                let _ = watch.readable().await;
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
     let first = match spawned.early.clone() {
         Some(line) => Ok(Ok(Some(line))),
-        None => tokio::time::timeout(upgrader.timeout, lines.next_line()).await,
+        None => tokio::time::timeout(upgrader.timeout, async {
+            tokio::select! {
+                line = lines.next_line() => line,
+                _ = exited => {
+                    // Whatever N wrote before it died comes first.
+                    match tokio::time::timeout(Duration::from_millis(50), lines.next_line()).await {
+                        Ok(Ok(Some(line))) => Ok(Some(line)),
+                        _ => Ok(None),
+                    }
+                }
+            }
+        })
+        .await,
     };
     let exe = upgrader.exe.display();
     match first {

@@ -190,7 +190,11 @@ impl<S: Read + Write> Conn<S> {
     }
 }
 
-/// GET over a fresh TCP connection.
+/// GET over a fresh TCP connection with `Connection: close`; returns once the server has
+/// closed the connection too (cleanly: a reset is an error).
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
-    Conn::tcp(addr)?.request("GET", path, &[("Connection", "close")])
+    let mut conn = Conn::tcp(addr)?;
+    let response = conn.request("GET", path, &[("Connection", "close")])?;
+    conn.expect_close()?;
+    Ok(response)
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)] // each test binary uses a different part of the kit
 
 pub mod http;
+pub mod load;
 pub mod notify;
+pub mod reaper;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -275,6 +277,9 @@ impl Baton {
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if reaper::active() {
+            return reaper::wait_exit(self.pid(), timeout);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -299,6 +304,12 @@ impl Baton {
 
 impl Drop for Baton {
     fn drop(&mut self) {
+        if reaper::active() {
+            if reaper::status(self.pid()).is_none() {
+                let _ = self.child.kill();
+            }
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -306,15 +317,32 @@ impl Drop for Baton {
 
 /// Runs `baton ARGS` to completion: (exit code, stdout, stderr).
 pub fn run_baton(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(baton_bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run baton");
+    let mut cmd = Command::new(baton_bin());
+    cmd.args(args).env_remove("RUST_LOG");
+    if !reaper::active() {
+        let out = cmd.output().expect("run baton");
+        return (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+    }
+    let mut b = Baton::adopt(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run baton"),
+    );
+    let status = b
+        .wait_exit(Duration::from_secs(120))
+        .expect("baton command did not finish");
+    b.stdout.wait_closed(Duration::from_secs(5));
+    b.stderr.wait_closed(Duration::from_secs(5));
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        b.stdout.all().iter().map(|l| format!("{l}\n")).collect(),
+        b.stderr.all().iter().map(|l| format!("{l}\n")).collect(),
     )
 }
 

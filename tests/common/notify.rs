@@ -2,7 +2,8 @@
 //!
 //! The kernel attaches the sender's credentials (SCM_CREDENTIALS) to every datagram because
 //! the socket has SO_PASSCRED set; a message counts only when its sender pid is the current main
-//! pid, and `MAINPID=` from the main pid moves that role. File descriptors that come along
+//! pid, and `MAINPID=` from the main pid moves that role. A lone `BARRIER=1` is answered for any
+//! sender, as systemd's manager does before it looks at units. File descriptors that come along
 //! (`BARRIER=1`) are closed once the message is handled, which is what releases the barrier.
 
 use std::io::IoSliceMut;
@@ -48,7 +49,16 @@ impl State {
     /// Judges one message as systemd would: only credentials of the main pid count, and
     /// `MAINPID=` from it moves the role (to a live pid; systemd also checks the cgroup).
     fn judge(&mut self, mut message: Message) {
-        message.accepted = message.pid != 0 && Some(message.pid) == self.main_pid;
+        // systemd's manager answers a barrier itself, before any unit or NotifyAccess= check
+        // (manager_dispatch_notify_fd → manager_process_barrier_fd): any sender with valid
+        // credentials, as long as BARRIER=1 is alone in its message.
+        let barrier = message.text.lines().any(|l| l == "BARRIER=1");
+        message.accepted = message.pid != 0
+            && if barrier {
+                message.text.lines().count() == 1
+            } else {
+                Some(message.pid) == self.main_pid
+            };
         if message.accepted {
             if let Some(new) = message.get("MAINPID").and_then(|p| p.parse::<i32>().ok()) {
                 if nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), None).is_ok() {

@@ -1,0 +1,532 @@
+//! Zero-downtime upgrades with real processes: under load, as systemd sees them
+//! (NotifyAccess=main), through every fault, and over a hundred generations.
+//!
+//! The test process is a child subreaper (see common::reaper), as systemd is for a service:
+//! each new generation is orphaned by its double fork and adopted here.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::http;
+use common::load::Load;
+use common::notify::Receiver;
+use common::{reaper, run_baton, tcp_listener, Baton, Spawn, TempDir};
+use nix::sys::signal::Signal;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first generation, on a handed-over loopback listener.
+fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    let mut spawn = Spawn::serve(args).fd(listener, None);
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    let mut baton = spawn.start();
+    baton.wait_ready();
+    (baton, addr)
+}
+
+fn version(addr: SocketAddr) -> serde_json::Value {
+    http::get(addr, "/-/version").unwrap().json()
+}
+
+fn pid_of(addr: SocketAddr) -> u32 {
+    version(addr)["pid"].as_u64().unwrap() as u32
+}
+
+fn kill(pid: u32, signal: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// `baton reload --pid PID`: (exit code, stdout, stderr).
+fn reload(pid: u32) -> (i32, String, String) {
+    run_baton(&["reload", "--pid", &pid.to_string()])
+}
+
+/// Reloads and returns the new pid, checking everything the reload promises.
+fn upgrade_ok(pid: u32, addr: SocketAddr, generation: u64) -> u32 {
+    let (code, out, err) = reload(pid);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new_pid: u32 = out
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {out:?}"));
+    assert!(
+        out.contains(&format!("to generation {generation} (pid {new_pid})")),
+        "{out}"
+    );
+    // reload returns once the old process stopped accepting: every new connection is N's.
+    let v = version(addr);
+    assert_eq!(
+        (v["pid"].as_u64(), v["generation"].as_u64()),
+        (Some(new_pid as u64), Some(generation))
+    );
+    // The old generation drains and exits 0.
+    let status = reaper::wait_exit(pid, EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("old pid {pid} did not exit"));
+    assert!(status.success(), "old pid {pid}: {status:?}");
+    new_pid
+}
+
+/// Stops whatever generation serves `addr` and waits for it.
+fn stop_current(addr: SocketAddr) {
+    let pid = pid_of(addr);
+    kill(pid, Signal::SIGTERM);
+    assert!(reaper::wait_exit(pid, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn twenty_upgrades_under_load_lose_nothing() {
+    let (baton, addr) = start(&["--drain-timeout", "10s"], &[]);
+    let load = Load::start(addr, 6, 3);
+    load.wait_progress(200);
+    let mut pid = baton.pid();
+    let mut pids = vec![pid];
+    for generation in 2..=21 {
+        pid = upgrade_ok(pid, addr, generation);
+        pids.push(pid);
+        load.wait_progress(50);
+    }
+    let report = load.stop();
+    assert!(
+        report.failures.is_empty(),
+        "{} failures out of {}: {:#?}",
+        report.failures.len(),
+        report.ok + report.failures.len() as u64,
+        report.failures
+    );
+    assert!(
+        report.ok > 1000,
+        "too little load to mean anything: {}",
+        report.ok
+    );
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 21, "every generation has its own pid");
+    let metrics = http::get(addr, "/-/metrics").unwrap().text();
+    for needle in [
+        "baton_generation 21",
+        "baton_upgrades_total{result=\"ok\"} 20",
+        "baton_upgrades_total{result=\"failed\"} 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in:\n{metrics}");
+    }
+    stop_current(addr);
+    drop(baton);
+}
+
+#[test]
+fn systemd_sees_reloading_mainpid_then_ready_from_the_new_pid() {
+    let dir = TempDir::new("upgrade-notify");
+    let receiver = Receiver::new(dir.path());
+    let (baton, addr) = start(&[], &[("NOTIFY_SOCKET", receiver.path.to_str().unwrap())]);
+    let old = baton.pid();
+    receiver.set_main_pid(old);
+    receiver
+        .wait_accepted(Duration::from_secs(10), |m| m.has("READY=1"))
+        .unwrap();
+    let new = upgrade_ok(old, addr, 2);
+    receiver
+        .wait_accepted(Duration::from_secs(10), |m| {
+            m.pid == new as i32 && m.has("READY=1")
+        })
+        .expect("READY=1 from the new main pid");
+    assert_eq!(receiver.main_pid(), Some(new as i32));
+
+    let messages = receiver.messages();
+    let dropped: Vec<_> = messages.iter().filter(|m| !m.accepted).collect();
+    assert!(
+        dropped.is_empty(),
+        "messages systemd would drop: {dropped:#?}"
+    );
+    let summary: Vec<(i32, &str)> = messages
+        .iter()
+        .map(|m| (m.pid, m.text.lines().next().unwrap_or("")))
+        .collect();
+    let new_main = format!("MAINPID={new}");
+    assert_eq!(
+        summary,
+        [
+            (old as i32, "READY=1"),
+            (old as i32, "RELOADING=1"),
+            (old as i32, new_main.as_str()),
+            (old as i32, "BARRIER=1"),
+            (new as i32, "READY=1"),
+        ],
+        "{messages:#?}"
+    );
+    let reloading = &messages[1];
+    assert!(
+        reloading
+            .get("MONOTONIC_USEC")
+            .is_some_and(|v| v.parse::<u64>().is_ok()),
+        "RELOADING=1 without MONOTONIC_USEC: {reloading:?}"
+    );
+    assert_eq!(messages[3].fds, 1, "BARRIER=1 carries one fd");
+    assert!(messages[4]
+        .get("STATUS")
+        .unwrap()
+        .starts_with(&format!("serving generation 2 (pid {new})")));
+    // The old process said nothing after the handover, not even STOPPING=1, and is gone.
+    assert!(reaper::status(old).is_some());
+    stop_current(addr);
+}
+
+/// Runs a failing upgrade under load: the reload fails with `reason`, the old process keeps
+/// serving, and no request is lost.
+fn failed_upgrade(args: &[&str], prepare: impl FnOnce(u32), reason: &str) {
+    let (mut baton, addr) = start(args, &[]);
+    let load = Load::start(addr, 4, 2);
+    load.wait_progress(100);
+    prepare(baton.pid());
+    let (code, _, err) = reload(baton.pid());
+    assert_eq!(code, 1, "the reload should fail: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(&format!("upgrade of pid {} failed: ", baton.pid())),
+        "{err}"
+    );
+    assert!(err.contains(reason), "want {reason:?} in {err}");
+    assert!(
+        err.trim_end().ends_with("the old process keeps serving"),
+        "{err}"
+    );
+    load.wait_progress(100);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    let v = version(addr);
+    assert_eq!(
+        (v["pid"].as_u64(), v["generation"].as_u64()),
+        (Some(baton.pid() as u64), Some(1))
+    );
+    // The intermediate process of the double fork was reaped by the old process itself.
+    assert_eq!(
+        children(baton.pid()),
+        "",
+        "the old process kept a child (a zombie intermediate?)"
+    );
+    assert!(
+        baton
+            .stderr
+            .wait_for("event=\"upgrade-failed\"", Duration::from_secs(5))
+            .is_some(),
+        "the failure is logged as an event"
+    );
+    let metrics = http::get(addr, "/-/metrics").unwrap().text();
+    assert!(
+        metrics.contains("baton_upgrades_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    // The next upgrade still works once the cause is gone... unless the cause is the binary.
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+}
+
+fn script(dir: &TempDir, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn fault_exec_path_missing() {
+    failed_upgrade(
+        &["--exec", "/nonexistent/baton"],
+        |_| {},
+        "cannot execute /nonexistent/baton: No such file or directory",
+    );
+}
+
+#[test]
+fn fault_not_executable() {
+    let dir = TempDir::new("noexec");
+    let path = dir.join("baton");
+    std::fs::write(&path, "not a program").unwrap();
+    let path = path.display().to_string();
+    failed_upgrade(&["--exec", &path], |_| {}, "Permission denied");
+}
+
+#[test]
+fn fault_new_binary_exits_at_once() {
+    let dir = TempDir::new("exits");
+    let exe = script(&dir, "baton", "exit 3");
+    failed_upgrade(&["--exec", &exe], |_| {}, "exited before it was ready");
+}
+
+#[test]
+fn fault_new_binary_never_ready() {
+    let dir = TempDir::new("hangs");
+    let exe = script(&dir, "baton", "exec sleep 600");
+    let (mut baton, _) = start(&["--exec", &exe, "--upgrade-timeout", "1s"], &[]);
+    let (code, _, err) = reload(baton.pid());
+    assert_eq!(code, 1);
+    assert!(err.contains("was not ready within 1s; killed it"), "{err}");
+    // The hung process is gone: killed, and reaped by us, its adoptive parent.
+    let line = baton
+        .stderr
+        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(1))
+        .unwrap();
+    let new_pid: u32 = line
+        .split("new_pid=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = reaper::wait_exit(new_pid, EXIT_TIMEOUT).expect("the hung process was killed");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    // And under load, the same fault loses nothing.
+    failed_upgrade(
+        &["--exec", &exe, "--upgrade-timeout", "1s"],
+        |_| {},
+        "was not ready within 1s",
+    );
+}
+
+#[test]
+fn fault_new_process_killed_during_handshake() {
+    let dir = TempDir::new("killed");
+    // A real baton, slow to start: killed while O waits for its "ready".
+    let sleeper = dir.join("sleep.pid");
+    let exe = script(
+        &dir,
+        "baton",
+        &format!(
+            "sleep 600 & echo $! > {}; wait; exec {} \"$@\"",
+            sleeper.display(),
+            common::baton_bin()
+        ),
+    );
+    let (mut baton, addr) = start(&["--exec", &exe], &[]);
+    let load = Load::start(addr, 4, 2);
+    load.wait_progress(100);
+    let old = baton.pid();
+    let reloading = std::thread::spawn(move || reload(old));
+    let line = baton
+        .stderr
+        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(10))
+        .unwrap();
+    let new_pid: u32 = line
+        .split("new_pid=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Kill it once it is certainly inside its slow start, i.e. while O waits for "ready".
+    assert!(common::wait_until(Duration::from_secs(10), || sleeper.exists()));
+    kill(new_pid, Signal::SIGKILL);
+    let (code, _, err) = reloading.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the new process (pid {new_pid}, {exe}) exited before it was ready"
+        )),
+        "{err}"
+    );
+    load.wait_progress(100);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert_eq!(pid_of(addr), old);
+    // The orphaned `sleep` child of the killed script is not baton's; clean it up.
+    let sleep_pid: u32 = std::fs::read_to_string(&sleeper)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(sleep_pid, Signal::SIGKILL);
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+}
+
+#[test]
+fn fault_config_error_only_the_new_process_sees() {
+    let dir = TempDir::new("config");
+    let config = dir.join("baton.toml");
+    std::fs::write(&config, "[shutdown]\ndrain_timeout = \"5s\"\n").unwrap();
+    let config_str = config.display().to_string();
+    failed_upgrade(
+        &["--config", &config_str],
+        |_| std::fs::write(&config, "[shutdown]\ndrain_timeout = \"later\"\n").unwrap(),
+        &format!("the new process failed to start: config {config_str}: shutdown.drain_timeout: 'later' is not a duration"),
+    );
+}
+
+#[test]
+fn ten_sigusr2_within_a_millisecond_start_one_upgrade() {
+    let (baton, addr) = start(&[], &[]);
+    let old = baton.pid();
+    for _ in 0..10 {
+        kill(old, Signal::SIGUSR2);
+    }
+    let status =
+        reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation handed over and exited");
+    assert!(status.success());
+    let v = version(addr);
+    assert_eq!(v["generation"], 2, "exactly one upgrade: {v}");
+    let log = baton.stderr.text();
+    assert_eq!(log.matches("event=\"upgrade-spawned\"").count(), 1, "{log}");
+    stop_current(addr);
+}
+
+#[test]
+fn sighup_upgrades_too() {
+    let (baton, addr) = start(&[], &[]);
+    kill(baton.pid(), Signal::SIGHUP);
+    assert!(reaper::wait_exit(baton.pid(), EXIT_TIMEOUT)
+        .unwrap()
+        .success());
+    assert_eq!(version(addr)["generation"], 2);
+    stop_current(addr);
+}
+
+#[test]
+fn sigterm_during_an_upgrade_stops_cleanly() {
+    let dir = TempDir::new("term");
+    let exe = script(&dir, "baton", "exec sleep 600");
+    let (mut baton, addr) = start(&["--exec", &exe], &[]);
+    let old = baton.pid();
+    let reloading = std::thread::spawn(move || reload(old));
+    let line = baton
+        .stderr
+        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(10))
+        .unwrap();
+    let new_pid: u32 = line
+        .split("new_pid=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    assert!(baton
+        .stderr
+        .text()
+        .contains("upgrade aborted; the new process was killed"));
+    // No leftover process: the would-be successor was killed and reaped.
+    assert!(reaper::wait_exit(new_pid, EXIT_TIMEOUT).is_some());
+    let (code, _, err) = reloading.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    // Nothing serves anymore: this process held the only copy of the socket.
+    assert!(http::get(addr, "/-/healthy").is_err());
+}
+
+/// Waits until a new generation has closed its handshake channel (it does once the old
+/// generation is gone): the fd named by BATON_UPGRADE_FD in its initial environment no longer
+/// refers to the channel's socket.
+fn wait_handshake_closed(pid: u32) {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let fd = environ
+        .split(|b| *b == 0)
+        .find_map(|e| e.strip_prefix(b"BATON_UPGRADE_FD="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("a new generation has BATON_UPGRADE_FD");
+    let link = |_: ()| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    let channel = link(());
+    assert!(
+        common::wait_until(Duration::from_secs(10), || channel.is_none()
+            || link(()) != channel),
+        "generation {pid} keeps its handshake channel open"
+    );
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The names of the variables in a process's environment, sorted, duplicates kept.
+fn environ_names(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let mut names: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|e| !e.is_empty())
+        .map(|e| String::from_utf8_lossy(e.split(|b| *b == b'=').next().unwrap()).into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Children of `pid` (zombies included).
+fn children(pid: u32) -> String {
+    let tasks = Path::new("/proc").join(pid.to_string()).join("task");
+    std::fs::read_dir(tasks)
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_hundred_upgrades_leave_no_trace() {
+    let (baton, addr) = start(&["--drain-timeout", "5s"], &[]);
+    let mut pid = upgrade_ok(baton.pid(), addr, 2);
+    // Settle: a few requests so that the serving state is warm.
+    for _ in 0..50 {
+        http::get(addr, "/-/version").unwrap();
+    }
+    wait_handshake_closed(pid);
+    let (fds, rss, env) = (fd_count(pid), rss_kib(pid), environ_names(pid));
+    let mut unique = env.clone();
+    unique.dedup();
+    assert_eq!(unique, env, "a variable appears twice in the environment");
+    let mut olds = Vec::new();
+    for generation in 3..=101 {
+        olds.push(pid);
+        pid = upgrade_ok(pid, addr, generation);
+    }
+    for _ in 0..50 {
+        http::get(addr, "/-/version").unwrap();
+    }
+    wait_handshake_closed(pid);
+    assert_eq!(fd_count(pid), fds, "open fds of generation 101 vs 2");
+    assert_eq!(
+        environ_names(pid),
+        env,
+        "the environment changes from generation to generation"
+    );
+    let rss_now = rss_kib(pid);
+    assert!(
+        rss_now <= rss + rss / 5 + 512,
+        "RSS grew: generation 2 {rss} KiB, generation 101 {rss_now} KiB"
+    );
+    assert_eq!(
+        children(pid),
+        "",
+        "the serving process has children (zombies?)"
+    );
+    // Every old generation exited (upgrade_ok checked status 0) and was reaped by us.
+    let reaped: Vec<i32> = reaper::reaped();
+    for old in &olds {
+        assert!(
+            reaped.contains(&(*old as i32)),
+            "old generation {old} not reaped"
+        );
+    }
+    stop_current(addr);
+}
