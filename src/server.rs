@@ -284,6 +284,8 @@ struct ConnState {
     awaiting_head_since: AtomicU64,
     /// When the last response was produced.
     idle_since: AtomicU64,
+    /// Signalled when the phase changes, so that the watcher re-reads its deadlines.
+    changed: tokio::sync::Notify,
 }
 
 async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: OwnedSemaphorePermit)
@@ -296,6 +298,7 @@ where
         in_flight: AtomicU32::new(0),
         awaiting_head_since: AtomicU64::new(now),
         idle_since: AtomicU64::new(now),
+        changed: tokio::sync::Notify::new(),
     });
     let io = TokioIo::new(TrackedIo {
         inner: io,
@@ -348,6 +351,7 @@ where
                 }
                 break;
             }
+            _ = state.changed.notified() => {}
             _ = shared.drain_started.cancelled(), if drain_close_at.is_none() => {
                 drain_close_at = Some(shared.now_ms() + shared.settings.idle_grace.as_millis() as u64);
             }
@@ -394,6 +398,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
         {
             let now = self.shared.now_ms();
             self.state.awaiting_head_since.store(now, Ordering::SeqCst);
+            self.state.changed.notify_one();
         }
         result
     }
@@ -471,6 +476,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             }
             state.idle_since.store(shared.now_ms(), Ordering::SeqCst);
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
+            state.changed.notify_one();
             if let Some((method, uri, started)) = access {
                 tracing::info!(
                     event = "request",
