@@ -530,3 +530,46 @@ fn a_hundred_upgrades_leave_no_trace() {
     }
     stop_current(addr);
 }
+
+#[test]
+fn the_new_generation_reports_the_handoff_and_the_old_drain() {
+    let root = TempDir::new("drain-metrics");
+    std::fs::write(root.join("big.bin"), vec![7u8; 64 << 20]).unwrap();
+    let (baton, addr) = start(
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "--drain-timeout",
+            "1s",
+        ],
+        &[],
+    );
+    // A download that cannot finish: the old generation must cut it at its drain deadline.
+    let mut stalled = common::http::Conn::tcp(addr).unwrap();
+    stalled
+        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    stalled.read_head().unwrap();
+    let new = upgrade_ok(baton.pid(), addr, 2);
+    let metric = |name: &str| -> Option<f64> {
+        let text = http::get(addr, "/-/metrics").ok()?.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+    };
+    // The old generation reports its drain to the new one just before it exits.
+    assert!(common::wait_until(Duration::from_secs(10), || metric(
+        "baton_drain_forced_closes_total"
+    ) == Some(
+        1.0
+    )));
+    let drain = metric("baton_last_drain_seconds").unwrap();
+    assert!(
+        (0.9..5.0).contains(&drain),
+        "last drain {drain} s, expected about the 1 s deadline"
+    );
+    let handoff = metric("baton_last_handoff_seconds").unwrap();
+    assert!(handoff > 0.0 && handoff < 5.0, "handoff {handoff} s");
+    assert_eq!(pid_of(addr), new);
+    stop_current(addr);
+}
