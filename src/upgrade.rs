@@ -195,8 +195,8 @@ impl Upgrader {
         }
         parent_end.set_read_timeout(Some(STEP_TIMEOUT))?;
         let mut reader = BufReader::new(parent_end);
-        // The intermediate's `pid <n>` and a fast-failing exec's `exec-error` race: take them
-        // in either order.
+        // The intermediate's `pid <n>` and N's first message (`exec-error`, `error`, even
+        // `ready`) race: take them in either order. N sends one line before it needs an answer.
         let mut early = None;
         let pid = loop {
             let mut line = String::new();
@@ -204,9 +204,7 @@ impl Upgrader {
             let line = line.trim_end();
             match line.strip_prefix("pid ").map(str::parse::<i32>) {
                 Some(Ok(pid)) if pid > 0 => break pid,
-                _ if line.starts_with("exec-error ") && early.is_none() => {
-                    early = Some(line.to_owned())
-                }
+                _ if !line.is_empty() && early.is_none() => early = Some(line.to_owned()),
                 _ => {
                     return Err(io::Error::other(format!(
                         "the intermediate process could not fork N: {line:?}"

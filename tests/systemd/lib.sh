@@ -267,3 +267,69 @@ sys.stdout.write(d.split(b"\r\n\r\n")[0].decode("latin-1").replace("\r",""))' "$
   HELD_ERROR=$(cat "$HELD_DIR/error" 2>/dev/null || true)
   return $rc
 }
+
+# -------------------------------------------------------------------- load ----
+# HTTP load from helpers/load.py (see its header): keep-alive clients that reuse a connection
+# until the server says `Connection: close`, and clients that open a fresh connection per
+# request, all to 127.0.0.1; every failure is recorded. One load at a time per case.
+LOAD_DIR= LOAD_PID= LOAD_REPORT= LOAD_OK= LOAD_FAILED= LOAD_STOPPED_BY=
+# load_start [LOAD.PY OPTIONS...]: starts the load in the background (files in a new LOAD_DIR,
+# --max-seconds 120 unless given: it always ends by itself) and waits until both kinds of client
+# have had a successful request. Non-zero, with the reason on stdout, if that does not happen.
+load_start() {
+  LOAD_DIR=$(mktemp -d "$CASE_TMP/load.XXXXXX")
+  LOAD_REPORT= LOAD_OK= LOAD_FAILED= LOAD_STOPPED_BY=
+  python3 "$BATON_TESTS/helpers/load.py" "$LOAD_DIR" --max-seconds 120 "$@" >"$LOAD_DIR/out" 2>&1 &
+  LOAD_PID=$!
+  at_exit kill "$LOAD_PID"
+  wait_for 10 load_progress 'p["kinds"]["keepalive"]["ok"] > 0 and p["kinds"]["fresh"]["ok"] > 0' || {
+    echo "load_start: no successful request from both kinds of client within 10 s"
+    cat "$LOAD_DIR/out" "$LOAD_DIR/progress.json" 2>/dev/null
+    return 1
+  }
+}
+# load_progress PYTHON_EXPR: true when EXPR holds for the running load's progress (a dict p, as
+# in report.json without the failure list), e.g. load_progress 'p["ok"] >= 1000'
+load_progress() {
+  python3 -c 'import json,sys
+p=json.load(open(sys.argv[1]))
+sys.exit(0 if eval(sys.argv[2]) else 1)' "$LOAD_DIR/progress.json" "$1" 2>/dev/null
+}
+# load_ok: the running load's count of successful requests so far
+load_ok() { json_get "$(cat "$LOAD_DIR/progress.json")" ok; }
+# load_saw_generation G: both kinds of client have had /-/version answered by generation G
+load_saw_generation() {
+  load_progress "p['generations']['keepalive'].get('$1', 0) > 0 and p['generations']['fresh'].get('$1', 0) > 0"
+}
+# load_stop: creates the stop file and waits for the report (up to 20 s); sets LOAD_REPORT
+# (its path), LOAD_OK, LOAD_FAILED, LOAD_STOPPED_BY (stop-file, SIGTERM or max-seconds).
+# Non-zero, with the reason on stdout, if no report came.
+load_stop() {
+  touch "$LOAD_DIR/stop"
+  if ! wait_for 20 test -s "$LOAD_DIR/report.json"; then
+    echo "load_stop: no report in $LOAD_DIR within 20 s"; cat "$LOAD_DIR/out" 2>/dev/null
+    kill "$LOAD_PID" 2>/dev/null
+    return 1
+  fi
+  wait "$LOAD_PID" 2>/dev/null
+  LOAD_REPORT=$LOAD_DIR/report.json
+  local r; r=$(cat "$LOAD_REPORT")
+  LOAD_OK=$(json_get "$r" ok); LOAD_FAILED=$(json_get "$r" failed); LOAD_STOPPED_BY=$(json_get "$r" stopped_by)
+}
+# load_summary: one line about the stopped load's report
+load_summary() {
+  python3 -c 'import json,sys
+r=json.load(open(sys.argv[1])); k=r["kinds"]; l=r["latency_ms"]
+print("%d ok, %d failed in %.1f s (%.0f/s); keep-alive: %d ok on %d connections, %d closed by the server with Connection: close; fresh: %d ok; latency p50 %s ms, p99 %s ms, max %s ms; pids: %d" % (
+  r["ok"], r["failed"], r["duration_s"], r["requests_per_s"], k["keepalive"]["ok"], k["keepalive"]["connections"],
+  k["keepalive"]["server_closes"], k["fresh"]["ok"], l["p50"], l["p99"], l["max"], len(r["pids"])))' "$LOAD_REPORT"
+}
+# load_failures: the stopped load's failures, one line each (for a FAIL's details)
+load_failures() {
+  python3 -c 'import json,sys
+r=json.load(open(sys.argv[1]))
+for f in r["failures"]:
+    print("t=%(t)ss %(time)s %(worker)s phase=%(phase)s %(error)s; request #%(request_on_connection)s on its connection (local port %(local_port)s, last answered by pid %(last_pid)s, generation %(last_generation)s) GET %(path)s" % f)
+if r["failures_dropped"]: print("... and %d more" % r["failures_dropped"])
+if r["threads_stuck"]: print("threads still in a request at the end: %s" % ", ".join(r["threads_stuck"]))' "$LOAD_REPORT"
+}
