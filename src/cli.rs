@@ -5,7 +5,7 @@
 //! upgrade), with a one-line message per problem on stderr; 2 bad command-line usage; 3 (`baton
 //! status`) not running.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, ListenSpec, Overrides, DEFAULT_CONFIG_PATH};
 use crate::control::{Client, ClientError, ProcessHandle};
 use crate::logging::Destination;
+use crate::pidfile::{self, Pidfile, Probe};
 use crate::upgrade::Handshake;
 
 /// `baton status` when nothing runs (LSB).
@@ -43,7 +44,7 @@ pub enum Command {
     /// Listens on the sockets passed by systemd (LISTEN_FDS, matched by FileDescriptorName=) or
     /// binds the configured addresses. Signals: SIGTERM/SIGINT stop gracefully (a second one
     /// exits at once); SIGUSR1 reopens the log file.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a configuration file and print every problem in it.
     ///
     /// Exits 0 when the configuration is valid, 1 otherwise.
@@ -70,8 +71,50 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct TargetArgs {
     /// The pid of the baton process (e.g. $MAINPID under systemd)
-    #[arg(long, value_name = "PID")]
-    pub pid: u32,
+    #[arg(long, value_name = "PID", conflicts_with = "pidfile")]
+    pub pid: Option<u32>,
+
+    /// The pidfile of the baton process; its pid counts only while the file is locked
+    /// [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+}
+
+/// Why a target could not be found.
+enum TargetError {
+    NotRunning(String),
+    Failed(String),
+}
+
+impl TargetArgs {
+    /// The pid to address: given, or read from a pidfile whose lock is held.
+    fn resolve(&self) -> Result<u32, TargetError> {
+        if let Some(pid) = self.pid {
+            return Ok(pid);
+        }
+        let path = self
+            .pidfile
+            .clone()
+            .unwrap_or_else(crate::pidfile::default_path);
+        match crate::pidfile::probe(&path) {
+            Ok(Probe::Running(pid)) => Ok(pid),
+            Ok(Probe::Starting) => Err(TargetError::Failed(format!(
+                "pidfile {} is locked but names no pid yet: baton is starting; try again",
+                path.display()
+            ))),
+            Ok(Probe::NotRunning {
+                stale_pid: Some(pid),
+            }) => Err(TargetError::NotRunning(format!(
+                "no baton holds pidfile {} (it names pid {pid}, which is not baton's)",
+                path.display()
+            ))),
+            Ok(Probe::NotRunning { stale_pid: None }) => Err(TargetError::NotRunning(format!(
+                "no baton holds pidfile {}",
+                path.display()
+            ))),
+            Err(e) => Err(TargetError::Failed(e.to_string())),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +183,20 @@ pub struct ServeArgs {
     /// How long a new process may take to become ready during an upgrade [default: 60s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_timeout: Option<Duration>,
+
+    /// Run in the background (daemon(7)); returns once the daemon serves, or fails with its error
+    #[arg(long)]
+    pub daemon: bool,
+
+    /// Lock this pidfile for the process's life and write the pid into it; a second instance
+    /// is refused [default with --daemon: /run/baton/baton.pid for root,
+    /// $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Append text logs to this file; SIGUSR1 reopens it (for logrotate)
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +223,8 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             upgrade_exec: self.exec.clone(),
             upgrade_timeout: self.upgrade_timeout,
+            log_file: self.log_file.clone(),
+            pidfile: self.pidfile.clone(),
         }
     }
 }
@@ -182,7 +241,7 @@ fn report(error: impl std::fmt::Display) -> ExitCode {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check(args) => check(args),
         Command::Reload(args) => reload(args),
         Command::Status(args) => status(args),
@@ -197,6 +256,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(handshake) => handshake,
         Err(e) => return report(e),
     };
+    let is_upgrade = handshake.is_some();
     let mut fail_early = |message: String| {
         if let Some(h) = handshake.take() {
             h.fail(&message);
@@ -207,34 +267,75 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return fail_early(errors.to_string()),
     };
-    let destination = match crate::logging::init(&config.log_level) {
-        Ok(destination) => destination,
-        Err(e) => return fail_early(e),
-    };
-    // One line per failure: a structured event in the journal, or a plain line on stderr.
-    let fail = |e: anyhow::Error| match destination {
-        Destination::Journal => {
-            tracing::error!(event = "failed", "{e:#}");
-            ExitCode::FAILURE
+    // The pidfile: inherited, already locked, by a new generation; locked anew by a first one.
+    let pidfile_path = config
+        .pidfile
+        .clone()
+        .or_else(|| args.daemon.then(pidfile::default_path));
+    let pidfile = match (
+        Pidfile::inherit(pidfile_path.as_deref().unwrap_or(Path::new(""))),
+        &pidfile_path,
+    ) {
+        (Err(e), _) => return fail_early(e.to_string()),
+        (Ok(Some(inherited)), _) => Some(inherited),
+        (Ok(None), Some(path)) if !is_upgrade => {
+            match Pidfile::acquire(path, config.pidfile.is_none()) {
+                Ok(p) => Some(p),
+                Err(e) => return fail_early(e.to_string()),
+            }
         }
-        Destination::Stderr => report(format!("{e:#}")),
+        (Ok(None), _) => None,
     };
-    let process = match crate::lifecycle::prepare(config, handshake.take()) {
+    let log_file = config.log_file.clone();
+    let log_level = config.log_level.clone();
+    let daemon = args.daemon && !is_upgrade; // a new generation is a daemon already
+    let mut process = match crate::lifecycle::prepare(config, pidfile) {
         Ok(process) => process,
-        Err(e) => {
-            // prepare consumed the handshake only on success.
-            return fail(e);
+        Err(e) => return fail_early(format!("{e:#}")),
+    };
+    if let Some(h) = handshake.take() {
+        process.attach_handshake(h);
+    }
+    if daemon {
+        match crate::daemon::daemonize(log_file.as_deref(), &process.fds()) {
+            Ok(readiness) => process.report_to(readiness),
+            Err(e) => return report(format!("cannot daemonize: {e}")),
         }
+    }
+    if let Some(pidfile) = process.pidfile() {
+        if !process.is_upgrade() {
+            if let Err(e) = pidfile.write_pid(std::process::id()) {
+                return report(format!(
+                    "pidfile {}: cannot write the pid: {e}",
+                    pidfile.path().display()
+                ));
+            }
+        }
+    }
+    let destination = match crate::logging::init(&log_level, log_file.as_deref()) {
+        Ok(destination) => destination,
+        Err(e) => return process.fail(&e),
     };
     match process.run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        Err(e) => match destination {
+            // One line per failure: a structured event in the journal or the log file, or a
+            // plain line on stderr.
+            Destination::Journal | Destination::File => {
+                tracing::error!(event = "failed", "{e:#}");
+                ExitCode::FAILURE
+            }
+            Destination::Stderr => report(format!("{e:#}")),
+        },
     }
 }
 
 /// `baton reload`: asks the process for an upgrade over its control socket and waits.
 fn reload(args: ReloadArgs) -> ExitCode {
-    let pid = args.target.pid;
+    let pid = match args.target.resolve() {
+        Ok(pid) => pid,
+        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => return report(m),
+    };
     let answer = Client::connect(pid).and_then(|mut c| c.request("upgrade", args.timeout));
     match answer {
         Ok(v) if v["ok"] == true => {
@@ -254,7 +355,15 @@ fn reload(args: ReloadArgs) -> ExitCode {
 
 /// `baton status`.
 fn status(args: TargetArgs) -> ExitCode {
-    match Client::connect(args.pid).and_then(|mut c| c.request("status", Duration::from_secs(10))) {
+    let pid = match args.resolve() {
+        Ok(pid) => pid,
+        Err(TargetError::NotRunning(m)) => {
+            println!("baton is not running: {m}");
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+        Err(TargetError::Failed(m)) => return report(m),
+    };
+    match Client::connect(pid).and_then(|mut c| c.request("status", Duration::from_secs(10))) {
         Ok(v) => {
             let listeners: Vec<&str> = v["listeners"]
                 .as_array()
@@ -284,7 +393,10 @@ fn status(args: TargetArgs) -> ExitCode {
 
 /// `baton stop`: asks for a graceful stop and waits for the process to be gone.
 fn stop(args: StopArgs) -> ExitCode {
-    let pid = args.target.pid;
+    let pid = match args.target.resolve() {
+        Ok(pid) => pid,
+        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => return report(m),
+    };
     let result = Client::connect(pid).and_then(|mut client| {
         // Opened before the request, so that a recycled pid cannot fool the wait.
         let handle = ProcessHandle::open(pid)

@@ -12,6 +12,7 @@
 //! listen = ["http=127.0.0.1:8080"]   # "[NAME=]ADDR", ADDR: IP:PORT, [IPv6]:PORT or unix:/path
 //! root = "/var/www/html"             # serve static files from here; unset: the embedded page
 //! access_log = false                 # one log line per request
+//! pidfile = "/run/baton/baton.pid"   # locked for the process's life; used with --daemon or when set
 //!
 //! [limits]
 //! max_connections = 10000            # further clients wait in the listen backlog
@@ -24,6 +25,7 @@
 //!
 //! [log]
 //! level = "info"                     # or a RUST_LOG-style filter; RUST_LOG overrides it
+//! file = "/var/log/baton.log"        # text logs appended here; SIGUSR1 reopens it
 //!
 //! [upgrade]
 //! exec = "/usr/bin/baton"            # the binary a reload starts; default: this executable
@@ -66,6 +68,11 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// A level (`info`) or an `EnvFilter` directive; `RUST_LOG` overrides it.
     pub log_level: String,
+    /// Text logs go to this file instead of the journal or stderr.
+    pub log_file: Option<PathBuf>,
+    /// The pidfile; used with `--daemon` (at [`crate::pidfile::default_path`] when unset) or
+    /// when set.
+    pub pidfile: Option<PathBuf>,
     pub upgrade: Upgrade,
 }
 
@@ -112,6 +119,8 @@ impl Default for Config {
                 idle_grace: Duration::from_secs(1),
             },
             log_level: "info".to_owned(),
+            log_file: None,
+            pidfile: None,
             upgrade: Upgrade {
                 exec: None,
                 timeout: Duration::from_secs(60),
@@ -201,6 +210,8 @@ pub struct Overrides {
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub log_level: Option<String>,
+    pub log_file: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
     pub upgrade_exec: Option<PathBuf>,
     pub upgrade_timeout: Option<Duration>,
 }
@@ -248,6 +259,7 @@ struct ServerSection {
     listen: Option<Vec<String>>,
     root: Option<PathBuf>,
     access_log: Option<bool>,
+    pidfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +281,7 @@ struct ShutdownSection {
 #[serde(default)]
 struct LogSection {
     level: Option<String>,
+    file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -384,6 +397,8 @@ impl Config {
         if let Some(level) = file.log.level {
             config.log_level = level;
         }
+        config.log_file = file.log.file;
+        config.pidfile = file.server.pidfile;
         config.upgrade.exec = file.upgrade.exec;
 
         if errors.is_empty() {
@@ -418,6 +433,12 @@ impl Config {
         }
         if let Some(v) = &o.log_level {
             self.log_level = v.clone();
+        }
+        if let Some(v) = &o.log_file {
+            self.log_file = Some(v.clone());
+        }
+        if let Some(v) = &o.pidfile {
+            self.pidfile = Some(v.clone());
         }
         if let Some(v) = &o.upgrade_exec {
             self.upgrade.exec = Some(v.clone());
@@ -481,6 +502,19 @@ impl Config {
                 "log.level '{}' is not a level or filter ({e}); use error, warn, info, debug or trace",
                 self.log_level
             ));
+        }
+        for (key, path) in [
+            ("log.file", &self.log_file),
+            ("server.pidfile", &self.pidfile),
+        ] {
+            if let Some(path) = path {
+                if !path.is_absolute() {
+                    errors.push(format!(
+                        "{key} {} is not an absolute path: a daemon runs in /, so give the full path",
+                        path.display()
+                    ));
+                }
+            }
         }
         if let Some(exec) = &self.upgrade.exec {
             if !exec.is_absolute() {

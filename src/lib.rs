@@ -15,6 +15,8 @@
 //! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
 //! | [`upgrade`]    | re-exec, socket handoff, commit/rollback  | LISTEN_FDS + MAINPID + a handshake |
 //! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on an abstract unix socket |
+//! | [`daemon`]     | running in the background without systemd | daemon(7)                   |
+//! | [`pidfile`]    | single instance, the daemon's address     | flock(2) on a pidfile       |
 //! | [`lifecycle`]  | one process from start to exit            |                             |
 //! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
 //!
@@ -28,7 +30,7 @@
 //!
 //! fn main() -> anyhow::Result<()> {
 //!     let config = Config::load(None, &Default::default())?;
-//!     baton::logging::init(&config.log_level).map_err(anyhow::Error::msg)?;
+//!     baton::logging::init(&config.log_level, None).map_err(anyhow::Error::msg)?;
 //!     // Before any thread: take the sockets systemd passed, or bind the configured ones.
 //!     let process = baton::lifecycle::prepare(config, None)?;
 //!     process.run()
@@ -39,11 +41,13 @@ pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod http;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod pidfile;
 pub mod server;
 pub mod signals;
 pub mod upgrade;

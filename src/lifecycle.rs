@@ -18,6 +18,7 @@
 //! upgrade, followed by `MAINPID=` + `BARRIER=1` (handed over: nothing more) or `READY=1` +
 //! `STATUS=` naming the failure.
 
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,9 +31,11 @@ use tokio::task::JoinHandle;
 use crate::activation::{self, Listener};
 use crate::config::Config;
 use crate::control::{self, Request};
+use crate::daemon::Readiness;
 use crate::http::{self, Info};
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 use crate::server::{self, DrainReport, Server};
 use crate::signals::{Event, Signals};
 use crate::upgrade::{self, Counts, HandedOver, Handshake, Upgrader};
@@ -52,15 +55,18 @@ pub struct Process {
     /// Present when this process was started by an upgrade.
     handshake: Option<Handshake>,
     counts: Counts,
+    /// The locked pidfile, when there is one.
+    pidfile: Option<Arc<Pidfile>>,
+    /// The foreground process waiting for a daemon's start.
+    readiness: Option<Readiness>,
 }
 
 /// Takes the sockets and the generation from the environment, cleans the environment, binds
 /// what was not handed over, and records how to start a successor.
 ///
-/// `handshake` is the channel to the previous generation when this process is an upgrade
-/// ([`Handshake::take_from_env`]). Must run before any thread is started (it changes the
-/// environment).
-pub fn prepare(config: Config, handshake: Option<Handshake>) -> anyhow::Result<Process> {
+/// `pidfile` is the locked pidfile, if any. Must run before any thread is started (it changes
+/// the environment).
+pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
     let exe = match &config.upgrade.exec {
         Some(exe) => exe.clone(),
@@ -85,14 +91,23 @@ pub fn prepare(config: Config, handshake: Option<Handshake>) -> anyhow::Result<P
             .add_socket(listener, &listener.name)
             .context("cannot keep a copy of a listening socket for upgrades")?;
     }
+    if let Some(pidfile) = &pidfile {
+        // The next generation inherits the locked description: the lock is never free.
+        let fd = pidfile
+            .handover_fd()
+            .context("cannot keep a copy of the pidfile for upgrades")?;
+        upgrader.add_fd(fd, PIDFILE_FD_ENV);
+    }
     Ok(Process {
         config,
         listeners,
         generation,
         started,
         upgrader,
-        handshake,
+        handshake: None,
         counts,
+        pidfile: pidfile.map(Arc::new),
+        readiness: None,
     })
 }
 
@@ -110,9 +125,53 @@ struct Upgrading {
 }
 
 impl Process {
+    /// Every fd this process needs: the sockets and their copies, the pidfile, the handshake
+    /// channel. A daemon closes all others.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|l| l.as_fd().as_raw_fd())
+            .collect();
+        fds.extend(self.upgrader.fds());
+        fds.extend(self.handshake.as_ref().map(|h| h.fd()));
+        fds.extend(self.pidfile.as_ref().map(|p| p.fd()));
+        fds
+    }
+
+    /// Makes this process the new generation of an upgrade ([`Handshake::take_from_env`]): it
+    /// will wait for the old one's commit before it accepts.
+    pub fn attach_handshake(&mut self, handshake: Handshake) {
+        self.handshake = Some(handshake);
+    }
+
+    /// The locked pidfile, if any.
+    pub fn pidfile(&self) -> Option<&Pidfile> {
+        self.pidfile.as_deref()
+    }
+
+    /// Whether this process was started by an upgrade.
+    pub fn is_upgrade(&self) -> bool {
+        self.handshake.is_some()
+    }
+
+    /// Gives up before running: tells whoever waits, and returns the failure exit code.
+    pub fn fail(self, message: &str) -> std::process::ExitCode {
+        let e = anyhow::anyhow!("{message}");
+        report_failure(self.handshake, self.readiness, &e);
+        eprintln!("baton: {message}");
+        std::process::ExitCode::FAILURE
+    }
+
+    /// Reports the start's outcome to a waiting foreground process (`--daemon`).
+    pub fn report_to(&mut self, readiness: Readiness) {
+        self.readiness = Some(readiness);
+    }
+
     /// Builds the runtime and serves until stopped or handed over. Returns once the drain is over.
     pub fn run(mut self) -> anyhow::Result<()> {
         let handshake = self.handshake.take();
+        let readiness = self.readiness.take();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("baton-worker")
@@ -121,16 +180,18 @@ impl Process {
         let runtime = match runtime {
             Ok(runtime) => runtime,
             Err(e) => {
-                if let Some(h) = handshake {
-                    h.fail(&format!("{e:#}"));
-                }
+                report_failure(handshake, readiness, &e);
                 return Err(e);
             }
         };
-        runtime.block_on(self.serve(handshake))
+        runtime.block_on(self.serve(handshake, readiness))
     }
 
-    async fn serve(self, handshake: Option<Handshake>) -> anyhow::Result<()> {
+    async fn serve(
+        self,
+        handshake: Option<Handshake>,
+        mut readiness: Option<Readiness>,
+    ) -> anyhow::Result<()> {
         let generation = self.generation;
         tracing::info!(
             event = "start",
@@ -169,9 +230,7 @@ impl Process {
         let (mut signals, mut control, mut server) = match started {
             Ok(parts) => parts,
             Err(e) => {
-                if let Some(h) = handshake {
-                    h.fail(&format!("{e:#}"));
-                }
+                report_failure(handshake, readiness, &e);
                 return Err(e);
             }
         };
@@ -221,6 +280,9 @@ impl Process {
         } else {
             ready(&mut server);
         }
+        if let Some(r) = readiness.take() {
+            r.ready();
+        }
         if let Some(interval) = notify::watchdog_interval() {
             tokio::spawn(watchdog(interval));
         }
@@ -239,7 +301,11 @@ impl Process {
                     Event::Stop(signal) => break End::Stop(signal),
                     Event::Upgrade(signal) => (signal, None),
                     Event::ReopenLogs => {
-                        tracing::info!("SIGUSR1: logging goes to stderr or the journal; nothing to reopen");
+                        match crate::logging::reopen() {
+                            Ok(true) => tracing::info!(event = "log-reopened", "SIGUSR1: log file reopened"),
+                            Ok(false) => tracing::info!("SIGUSR1: logging goes to stderr or the journal; nothing to reopen"),
+                            Err(e) => tracing::error!("SIGUSR1: cannot reopen the log file: {e}; still writing to the old one"),
+                        }
                         continue;
                     }
                 },
@@ -261,6 +327,12 @@ impl Process {
                         Ok(handed_over) => break End::HandedOver(handed_over, waiters),
                         Err(reason) => {
                             metrics.upgrade_failed();
+                            if let Some(pidfile) = &self.pidfile {
+                                // The new pid may have been written already: name ours again.
+                                if let Err(e) = pidfile.write_pid(std::process::id()) {
+                                    tracing::error!("cannot rewrite the pidfile {}: {e}", pidfile.path().display());
+                                }
+                            }
                             notify::ready(&format!("{status}; upgrade to generation {} failed: {reason}", generation + 1));
                             tracing::error!(event = "upgrade-failed", generation, reason = %reason, "upgrade to generation {} failed: {reason}; still serving", generation + 1);
                             for waiter in waiters {
@@ -284,8 +356,14 @@ impl Process {
                 None => {
                     tracing::info!(event = "upgrade", generation, cause, exe = %upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
                     let (upgrader, (ok, failed)) = (upgrader.clone(), metrics.upgrades());
+                    let pidfile = self.pidfile.clone();
                     let task = tokio::spawn(async move {
-                        upgrade::run(&upgrader, Counts { ok, failed }, |_| Ok(())).await
+                        // The pidfile names the new pid before it becomes the main pid.
+                        let record = |pid: i32| match &pidfile {
+                            Some(p) => p.write_pid(pid as u32),
+                            None => Ok(()),
+                        };
+                        upgrade::run(&upgrader, Counts { ok, failed }, record).await
                     });
                     upgrading = Some(Upgrading {
                         task,
@@ -375,10 +453,29 @@ impl Process {
             report.duration,
             report.forced
         );
-        if let End::HandedOver(mut h, _) = end {
-            let _ = h.channel.write_all(drained_line(&report).as_bytes()).await;
+        match end {
+            End::HandedOver(mut h, _) => {
+                let _ = h.channel.write_all(drained_line(&report).as_bytes()).await;
+            }
+            // The pidfile goes with a clean stop; after a handover it is the successor's.
+            End::Stop(_) => {
+                if let Some(pidfile) = &self.pidfile {
+                    pidfile.remove();
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// Tells whoever waits for this start (the old generation, a foreground process) that it failed.
+fn report_failure(handshake: Option<Handshake>, readiness: Option<Readiness>, e: &anyhow::Error) {
+    let message = format!("{e:#}");
+    if let Some(h) = handshake {
+        h.fail(&message);
+    }
+    if let Some(r) = readiness {
+        r.fail(&message);
     }
 }
 

@@ -10,10 +10,17 @@
 //! Lifecycle events carry an `event` field (`start`, `listening`, `ready`, `stop`, `drained`,
 //! ...) so they can be found with `journalctl BATON_EVENT=ready`.
 //!
+//! With `--log-file PATH` (or `log.file`) the text lines are appended to that file instead;
+//! [`reopen`] (on SIGUSR1) opens the path anew, so that logrotate's `create` mode works, and
+//! appending keeps `copytruncate` working too.
+//!
 //! The level comes from `RUST_LOG` when set, else from `--log-level` / `log.level`.
 
-use std::io::{self, IsTerminal};
-use std::os::fd::AsFd;
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -24,6 +31,63 @@ use tracing_subscriber::EnvFilter;
 pub enum Destination {
     Journal,
     Stderr,
+    File,
+}
+
+/// The log file, when logging goes to one.
+struct LogFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
+
+/// The writer tracing uses for the log file: a short lock per event.
+struct LogFileWriter;
+
+struct LogFileGuard(MutexGuard<'static, File>);
+
+impl Write for LogFileGuard {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFileWriter {
+    type Writer = LogFileGuard;
+    fn make_writer(&'a self) -> LogFileGuard {
+        let log = LOG_FILE.get().expect("log file set before the subscriber");
+        LogFileGuard(log.file.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Opens the log file anew by its path (after logrotate moved it away). Returns false when
+/// logging does not go to a file. stderr follows when it pointed at the old file (a daemon's
+/// does), so that anything written there lands in the new file too.
+pub fn reopen() -> io::Result<bool> {
+    let Some(log) = LOG_FILE.get() else {
+        return Ok(false);
+    };
+    let new = crate::daemon::open_log(&log.path)?;
+    let mut current = log.file.lock().unwrap_or_else(|e| e.into_inner());
+    let same = |a: &File| -> bool {
+        match (
+            nix::sys::stat::fstat(a.as_fd()),
+            nix::sys::stat::fstat(io::stderr().as_fd()),
+        ) {
+            (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+            _ => false,
+        }
+    };
+    if same(&current) {
+        // SAFETY: dup2 onto stderr.
+        unsafe { libc::dup2(new.as_raw_fd(), 2) };
+    }
+    *current = new;
+    Ok(true)
 }
 
 /// Whether stderr is connected to the journal (`JOURNAL_STREAM` names stderr's device and
@@ -52,9 +116,27 @@ pub fn filter(level: &str) -> Result<EnvFilter, String> {
     }
 }
 
-/// Installs the global subscriber. Call once, early.
-pub fn init(level: &str) -> Result<Destination, String> {
+/// Installs the global subscriber. Call once, early. With `log_file`, events go there.
+pub fn init(level: &str, log_file: Option<&Path>) -> Result<Destination, String> {
     let filter = filter(level)?;
+    if let Some(path) = log_file {
+        let file = crate::daemon::open_log(path).map_err(|e| e.to_string())?;
+        let _ = LOG_FILE.set(LogFile {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(LogFileWriter)
+                    .with_ansi(false)
+                    .with_target(false),
+            )
+            .try_init()
+            .map_err(|e| e.to_string())?;
+        return Ok(Destination::File);
+    }
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(layer) => {

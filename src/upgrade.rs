@@ -54,7 +54,7 @@ pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
 pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
 
 /// Variables of O's environment that N must not inherit as they are.
-const PRIVATE_ENV: [&str; 9] = [
+const PRIVATE_ENV: [&str; 10] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -64,6 +64,7 @@ const PRIVATE_ENV: [&str; 9] = [
     UPGRADE_FD_ENV,
     UPGRADE_STARTED_ENV,
     UPGRADES_ENV,
+    crate::pidfile::PIDFILE_FD_ENV,
 ];
 
 /// How long the intermediate may take to report N's pid, and N to confirm it serves after
@@ -141,6 +142,15 @@ impl Upgrader {
         self.sockets
             .push((fd.as_fd().try_clone_to_owned()?, name.to_owned()));
         Ok(())
+    }
+
+    /// The fds this upgrader keeps open.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.sockets
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .chain(self.extra.iter().map(|(fd, _)| fd.as_raw_fd()))
+            .collect()
     }
 
     /// Hands an fd to N as well, announced as `env_var=<fd number>`.
@@ -652,6 +662,11 @@ impl Handshake {
             channel,
             started_usec: started.and_then(|s| s.parse().ok()),
         }))
+    }
+
+    /// The channel's fd.
+    pub fn fd(&self) -> RawFd {
+        self.channel.as_raw_fd()
     }
 
     /// Reports a startup failure to O, which relays it to whoever asked for the upgrade.

@@ -68,7 +68,7 @@ abort() { fail "$@"; echo "      (case aborted)"; finish; }
 # section TITLE: a heading in the output
 section() { echo "--- $BATON_CASE: $* (at +$(_elapsed "$_T0")s)"; }
 # info TEXT: a note in the output (not a check)
-info() { echo "    # $*"; }
+info() { printf "%s\n" "$*" | sed "s/^/    # /"; }
 
 # check WHAT CMD...: passes when CMD exits 0; on failure shows its output
 check() {
@@ -176,7 +176,24 @@ baton_reset() {
 
 # ----------------------------------------------------------------- journal ----
 # journal_json UNIT [JOURNALCTL ARGS...]: the unit's entries of this boot, one JSON per line
-journal_json() { local u=$1; shift; journalctl -b -u "$u" -o json --no-pager "$@"; }
+# (inside with_journal_snapshot UNIT, without ARGS: the snapshot's)
+journal_json() {
+  local u=$1; shift
+  if [ $# = 0 ] && [ "$u" = "$_JOURNAL_SNAPSHOT_UNIT" ]; then cat "$CASE_TMP/journal-snapshot.json"; return; fi
+  journalctl -b -u "$u" -o json --no-pager "$@"
+}
+# with_journal_snapshot UNIT CMD...: runs CMD (e.g. a function making many journal_* queries)
+# with the journal_* functions reading UNIT's entries from one snapshot taken now, instead of
+# running journalctl for each query. Entries logged meanwhile are not seen. Returns CMD's status.
+_JOURNAL_SNAPSHOT_UNIT=
+with_journal_snapshot() {
+  local u=$1 rc=0; shift
+  journalctl -b -u "$u" -o json --no-pager > "$CASE_TMP/journal-snapshot.json" || return 1
+  _JOURNAL_SNAPSHOT_UNIT=$u
+  "$@" || rc=$?
+  _JOURNAL_SNAPSHOT_UNIT=
+  return $rc
+}
 # journal_find UNIT COND...: prints the unit's entries matching every COND (KEY=VALUE,
 # KEY~REGEX, KEY!=VALUE, KEY); exit 1 when none (see helpers/journal.py)
 journal_find() { local u=$1; shift; journal_json "$u" | python3 "$BATON_TESTS/helpers/journal.py" "$@"; }
@@ -316,13 +333,15 @@ load_stop() {
   local r; r=$(cat "$LOAD_REPORT")
   LOAD_OK=$(json_get "$r" ok); LOAD_FAILED=$(json_get "$r" failed); LOAD_STOPPED_BY=$(json_get "$r" stopped_by)
 }
-# load_summary: one line about the stopped load's report
+# load_summary [N]: one line about the stopped load's report, then its N slowest requests
 load_summary() {
   python3 -c 'import json,sys
 r=json.load(open(sys.argv[1])); k=r["kinds"]; l=r["latency_ms"]
 print("%d ok, %d failed in %.1f s (%.0f/s); keep-alive: %d ok on %d connections, %d closed by the server with Connection: close; fresh: %d ok; latency p50 %s ms, p99 %s ms, max %s ms; pids: %d" % (
   r["ok"], r["failed"], r["duration_s"], r["requests_per_s"], k["keepalive"]["ok"], k["keepalive"]["connections"],
-  k["keepalive"]["server_closes"], k["fresh"]["ok"], l["p50"], l["p99"], l["max"], len(r["pids"])))' "$LOAD_REPORT"
+  k["keepalive"]["server_closes"], k["fresh"]["ok"], l["p50"], l["p99"], l["max"], len(r["pids"])))
+for d in r["slowest"][:int(sys.argv[2])]:
+    print("  slow: %(ms)s ms at t=%(t)ss (%(time)s) %(worker)s GET %(path)s, request #%(request_on_connection)s on its connection, answered by pid %(pid)s" % d)' "$LOAD_REPORT" "${1:-0}"
 }
 # load_failures: the stopped load's failures, one line each (for a FAIL's details)
 load_failures() {

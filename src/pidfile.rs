@@ -1,0 +1,334 @@
+//! The pidfile: a single-instance guard and the address of a daemon, for machines without
+//! systemd.
+//!
+//! Protocol (DESIGN.md section 6): the file is opened without following symlinks and locked with
+//! `flock(LOCK_EX)` for the whole life of the service. The lock, not the pid written in the
+//! file, decides whether baton runs: a file that can be locked is stale, whatever pid it names.
+//! The lock belongs to the open file description, so it survives `fork` and `exec`: an upgrade
+//! hands the very fd to the new generation (`BATON_PIDFILE_FD`), and the lock is never free.
+//! It is therefore never unlocked explicitly (nix's `Flock` would unlock on drop), only released
+//! when the last process holding the description exits. The pid is rewritten in place under the
+//! lock; renaming a new file over the locked one would leave the lock on the old inode.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The environment variable that carries the locked pidfile to a new generation.
+pub const PIDFILE_FD_ENV: &str = "BATON_PIDFILE_FD";
+
+/// The default pidfile: `/run/baton/baton.pid` for root, `$XDG_RUNTIME_DIR/baton/baton.pid`
+/// otherwise (or `/tmp/baton-<uid>/baton.pid` without `XDG_RUNTIME_DIR`).
+pub fn default_path() -> PathBuf {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/baton/baton.pid");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join("baton/baton.pid"),
+        _ => PathBuf::from(format!("/tmp/baton-{uid}/baton.pid")),
+    }
+}
+
+/// A problem with the pidfile, as one line.
+#[derive(Debug)]
+pub enum PidfileError {
+    /// Another process holds the lock.
+    Running {
+        pid: Option<u32>,
+        path: PathBuf,
+    },
+    Other(String),
+}
+
+impl fmt::Display for PidfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PidfileError::Running {
+                pid: Some(pid),
+                path,
+            } => {
+                write!(
+                    f,
+                    "already running as pid {pid} (pidfile {})",
+                    path.display()
+                )
+            }
+            PidfileError::Running { pid: None, path } => write!(
+                f,
+                "already running (pidfile {} is locked but names no pid yet)",
+                path.display()
+            ),
+            PidfileError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for PidfileError {}
+
+/// The locked pidfile of this process.
+#[derive(Debug)]
+pub struct Pidfile {
+    path: PathBuf,
+    file: File,
+}
+
+fn open_error(path: &Path, e: io::Error) -> PidfileError {
+    let hint = match e.raw_os_error() {
+        Some(libc::ELOOP) => {
+            "it is a symlink, which baton refuses to follow: remove it or choose another path"
+                .to_owned()
+        }
+        Some(libc::ENOENT) => format!(
+            "its directory {} does not exist: create it or choose another --pidfile",
+            path.parent().unwrap_or(Path::new("/")).display()
+        ),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            "permission denied: choose a --pidfile in a directory this user may write".to_owned()
+        }
+        _ => "choose another --pidfile".to_owned(),
+    };
+    PidfileError::Other(format!("pidfile {}: {e}; {hint}", path.display()))
+}
+
+impl Pidfile {
+    /// Opens and locks `path`, creating it (mode 0644) if needed. With `create_dir`, a missing
+    /// parent directory is created (for the default location); otherwise it is an error.
+    /// Fails with [`PidfileError::Running`] when another process holds the lock.
+    pub fn acquire(path: &Path, create_dir: bool) -> Result<Pidfile, PidfileError> {
+        if create_dir {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let meta = file.metadata().map_err(|e| open_error(path, e))?;
+        if !meta.is_file() {
+            return Err(PidfileError::Other(format!(
+                "pidfile {} is not a regular file: remove it or choose another path",
+                path.display()
+            )));
+        }
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(PidfileError::Other(format!(
+                "pidfile {} is world-writable, so anyone could point it at another process: remove it or fix its mode (chmod 644)",
+                path.display()
+            )));
+        }
+        // A prober (`baton status`) may hold a shared lock for an instant: retry briefly.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(PidfileError::Other(format!(
+                    "pidfile {}: cannot lock it: {e}",
+                    path.display()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(PidfileError::Running {
+                    pid: read_pid(&file),
+                    path: path.to_owned(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Pidfile {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    /// Takes over the locked pidfile passed by the previous generation, if any, and removes the
+    /// variable. Call before any thread exists (it changes the environment).
+    pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
+        let Some(value) = std::env::var_os(PIDFILE_FD_ENV) else {
+            return Ok(None);
+        };
+        // SAFETY (of the contract above): no other thread reads the environment yet.
+        unsafe { std::env::remove_var(PIDFILE_FD_ENV) };
+        let fd: RawFd = value
+            .to_str()
+            .and_then(|v| v.parse().ok())
+            .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+            .ok_or_else(|| {
+                PidfileError::Other(format!("{PIDFILE_FD_ENV}={value:?} is not an open fd"))
+            })?;
+        // SAFETY: the fd is open and was handed to this process alone.
+        let file = unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            File::from(OwnedFd::from_raw_fd(fd))
+        };
+        // The description is already locked; this confirms it is ours and not a stray fd.
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(PidfileError::Other(format!(
+                "{PIDFILE_FD_ENV}={fd} does not carry the pidfile lock: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(Some(Pidfile {
+            path: path.to_owned(),
+            file,
+        }))
+    }
+
+    /// The locked fd.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `pid` in place (truncate, write, sync): readers never see another file.
+    pub fn write_pid(&self, pid: u32) -> io::Result<()> {
+        let mut file = &self.file;
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(format!("{pid}\n").as_bytes())?;
+        file.sync_data()
+    }
+
+    /// A duplicate of the locked fd, to hand to a new generation.
+    pub fn handover_fd(&self) -> io::Result<OwnedFd> {
+        Ok(OwnedFd::from(self.file.try_clone()?))
+    }
+
+    /// Removes the file on a clean stop (the lock goes with the process).
+    pub fn remove(&self) {
+        // Only if the path still names our file: never remove a successor's.
+        let ours = (std::fs::symlink_metadata(&self.path), self.file.metadata());
+        if let (Ok(a), Ok(b)) = ours {
+            use std::os::unix::fs::MetadataExt;
+            if a.ino() == b.ino() && a.dev() == b.dev() {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn read_pid(mut file: &File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// What a pidfile says about a running baton, for `baton status/stop/reload --pidfile`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The lock is held and the file names this pid.
+    Running(u32),
+    /// Held, but no pid written yet (a start in progress).
+    Starting,
+    /// No file, or a file nobody holds (a stale pid, if any, is given).
+    NotRunning { stale_pid: Option<u32> },
+}
+
+/// Reads a pidfile the safe way: a pid counts only while its lock is held.
+pub fn probe(path: &Path) -> Result<Probe, PidfileError> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Probe::NotRunning { stale_pid: None })
+        }
+        Err(e) => return Err(open_error(path, e)),
+    };
+    let pid = read_pid(&file);
+    // A shared lock is granted only when no exclusive one is held.
+    // SAFETY: flock on an fd we own; released when `file` closes right after.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return Ok(Probe::NotRunning { stale_pid: pid });
+    }
+    Ok(match pid {
+        Some(pid) => Probe::Running(pid),
+        None => Probe::Starting,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("baton-pidfile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn lock_decides_not_the_pid() {
+        let d = dir("lock");
+        let path = d.join("baton.pid");
+        std::fs::write(&path, "1\n").unwrap(); // a stale pid: pid 1 is alive, but holds no lock
+        assert_eq!(
+            probe(&path).unwrap(),
+            Probe::NotRunning { stale_pid: Some(1) }
+        );
+        let held = Pidfile::acquire(&path, false).unwrap();
+        held.write_pid(4242).unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Running(4242));
+        // A second description of the same file cannot take the lock.
+        match Pidfile::acquire(&path, false) {
+            Err(
+                e @ PidfileError::Running {
+                    pid: Some(4242), ..
+                },
+            ) => {
+                assert_eq!(
+                    e.to_string(),
+                    format!("already running as pid 4242 (pidfile {})", path.display())
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        held.remove();
+        assert!(!path.exists());
+        drop(held);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn symlinks_and_bad_modes_are_refused() {
+        let d = dir("refuse");
+        let target = d.join("target");
+        std::fs::write(&target, "").unwrap();
+        let link = d.join("link.pid");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Pidfile::acquire(&link, false).unwrap_err().to_string();
+        assert!(e.contains("it is a symlink"), "{e}");
+        let open = d.join("open.pid");
+        std::fs::write(&open, "").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Pidfile::acquire(&open, false).unwrap_err().to_string();
+        assert!(e.contains("world-writable"), "{e}");
+        let e = Pidfile::acquire(&d.join("missing/baton.pid"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist: create it"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,540 @@
+//! Without systemd: `baton serve --daemon`, the locked pidfile, and `status`/`stop`/`reload`
+//! from a shell, with real processes throughout.
+//!
+//! The test process is a child subreaper (common::reaper), so daemons, orphaned on purpose by
+//! their double fork, are adopted and reaped here.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::http;
+use common::load::Load;
+use common::{reaper, tcp_listener, TempDir};
+use nix::sys::signal::Signal;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A port that was free a moment ago (baton binds it itself in daemon mode).
+fn free_addr() -> SocketAddr {
+    tcp_listener().1
+}
+
+/// Runs `baton ARGS` (as `user` when given, via setpriv) to completion: (code, stdout, stderr).
+fn baton_as(user: Option<u32>, args: &[&str]) -> (i32, String, String) {
+    reaper::init();
+    let mut cmd = match user {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ])
+            .arg(common::baton_bin());
+            c
+        }
+        None => Command::new(common::baton_bin()),
+    };
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET");
+    let mut b = common::Baton::adopt(
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = b.wait_exit(TIMEOUT).expect("the command returns");
+    b.stdout.wait_closed(Duration::from_secs(5));
+    b.stderr.wait_closed(Duration::from_secs(5));
+    (
+        status.code().unwrap_or(-1),
+        b.stdout.text(),
+        b.stderr.text(),
+    )
+}
+
+fn baton(args: &[&str]) -> (i32, String, String) {
+    baton_as(None, args)
+}
+
+/// A daemon's files.
+struct Daemon {
+    dir: TempDir,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    fn new(tag: &str) -> Daemon {
+        Daemon {
+            dir: TempDir::new(tag),
+            addr: free_addr(),
+        }
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("baton.pid")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("baton.log")
+    }
+
+    fn pidfile_arg(&self) -> String {
+        self.pidfile().display().to_string()
+    }
+
+    fn serve_args(&self) -> Vec<String> {
+        [
+            "serve",
+            "--config",
+            "/dev/null",
+            "--daemon",
+            "--pidfile",
+            &self.pidfile_arg(),
+            "--log-file",
+            &self.log().display().to_string(),
+            "--listen",
+            &self.addr.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// `baton serve --daemon ...`: (code, stdout, stderr).
+    fn start(&self) -> (i32, String, String) {
+        let args = self.serve_args();
+        baton(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn start_ok(&self) -> u32 {
+        let (code, out, err) = self.start();
+        assert_eq!(
+            code,
+            0,
+            "stdout: {out}\nstderr: {err}\nlog: {}",
+            self.log_text()
+        );
+        assert_eq!(err, "", "a successful start says nothing");
+        self.pid()
+    }
+
+    fn pid(&self) -> u32 {
+        std::fs::read_to_string(self.pidfile())
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("pidfile {} names no pid", self.pidfile().display()))
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn ctl(&self, command: &str) -> (i32, String, String) {
+        baton(&[command, "--pidfile", &self.pidfile_arg()])
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A daemon a failed test left behind goes; only while the lock proves the pid is baton's.
+        if let Ok(baton::pidfile::Probe::Running(pid)) = baton::pidfile::probe(&self.pidfile()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn proc_link(pid: u32, what: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/{what}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap()
+}
+
+#[test]
+fn daemon_starts_detached_and_serves_when_the_command_returns() {
+    let d = Daemon::new("daemon-start");
+    // An fd the caller leaks to its child (no CLOEXEC): the daemon must not keep it.
+    let leaked = std::fs::File::open("/etc/hostname").unwrap();
+    let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
+    unsafe { libc::fcntl(leaked_fd, libc::F_SETFD, 0) };
+    let pid = d.start_ok();
+    drop(leaked);
+    // Serving at once: no retry.
+    let v = http::get(d.addr, "/-/version").unwrap().json();
+    assert_eq!(v["pid"], pid);
+
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (ppid, session): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
+    assert_eq!(
+        ppid,
+        std::process::id() as i32,
+        "adopted by the subreaper (init without one): the foreground and intermediate are gone"
+    );
+    assert_ne!(
+        session,
+        nix::unistd::getsid(None).unwrap().as_raw(),
+        "a session of its own"
+    );
+    assert_ne!(
+        session, pid as i32,
+        "not a session leader after the second fork"
+    );
+    assert_eq!(proc_link(pid, "cwd"), "/");
+    assert_eq!(proc_status_field(pid, "Umask"), "0027");
+    assert_eq!(proc_link(pid, "fd/0"), "/dev/null");
+    assert_eq!(proc_link(pid, "fd/1"), d.log().display().to_string());
+    assert_eq!(proc_link(pid, "fd/2"), d.log().display().to_string());
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| {
+            proc_link(
+                pid,
+                &format!("fd/{}", e.unwrap().file_name().to_str().unwrap()),
+            )
+        })
+        .collect();
+    for fd in &fds {
+        assert!(
+            fd.starts_with("socket:")
+                || fd.starts_with("anon_inode:")
+                || fd == "/dev/null"
+                || fd.starts_with(d.dir.path().to_str().unwrap()),
+            "unexpected fd {fd} in the daemon: {fds:?}"
+        );
+    }
+    assert!(
+        !fds.iter().any(|f| f == "/etc/hostname"),
+        "inherited fd kept: {fds:?}"
+    );
+    let mode = std::fs::metadata(d.pidfile()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "pidfile mode {mode:o} is group/world-writable"
+    );
+    assert!(d.log_text().contains("event=\"ready\""), "{}", d.log_text());
+
+    let (code, out, _) = d.ctl("stop");
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("baton: pid {pid} stopped").as_str())
+    );
+    assert!(
+        reaper::status(pid).is_some(),
+        "stop returned before the process was gone"
+    );
+    assert!(!d.pidfile().exists(), "a clean stop removes the pidfile");
+}
+
+#[test]
+fn second_instance_is_refused() {
+    let d = Daemon::new("daemon-second");
+    let pid = d.start_ok();
+    let (code, _, err) = d.start();
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "baton: already running as pid {pid} (pidfile {})",
+            d.pidfile().display()
+        )
+    );
+    // Also in the foreground, and on another port: the pidfile decides.
+    let other = free_addr().to_string();
+    let (code, _, err) = baton(&[
+        "serve",
+        "--config",
+        "/dev/null",
+        "--pidfile",
+        &d.pidfile_arg(),
+        "--listen",
+        &other,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("already running as pid {pid}")),
+        "{err}"
+    );
+    assert_eq!(
+        http::get(d.addr, "/-/version").unwrap().json()["pid"],
+        pid,
+        "the first one is unharmed"
+    );
+    assert_eq!(d.ctl("stop").0, 0);
+}
+
+#[test]
+fn stale_pidfile_of_a_killed_daemon_does_not_block() {
+    let d = Daemon::new("daemon-stale");
+    let pid = d.start_ok();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    reaper::wait_exit(pid, TIMEOUT).unwrap();
+    assert_eq!(d.pid(), pid, "the pidfile survived the kill");
+    let (code, out, _) = d.ctl("status");
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("not running") && out.contains(&format!("names pid {pid}")),
+        "{out}"
+    );
+    let new = d.start_ok();
+    assert_ne!(new, pid);
+    assert_eq!(d.ctl("stop").0, 0);
+}
+
+#[test]
+fn pidfile_naming_a_live_unrelated_process_does_not_block_or_hit_it() {
+    let d = Daemon::new("daemon-unrelated");
+    // A live process that is not baton, named by a stale pidfile.
+    let mut bystander = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(d.pidfile(), format!("{}\n", bystander.id())).unwrap();
+    let (code, out, _) = d.ctl("status");
+    assert_eq!(code, 3, "{out}");
+    let (code, _, err) = d.ctl("stop");
+    assert_eq!(code, 1, "nothing to stop: {err}");
+    assert!(err.contains("no baton holds pidfile"), "{err}");
+    let pid = d.start_ok();
+    assert_ne!(pid, bystander.id());
+    assert_eq!(d.ctl("stop").0, 0);
+    assert_eq!(bystander.try_wait().unwrap(), None, "the bystander was hit");
+    bystander.kill().unwrap();
+}
+
+#[test]
+fn bad_pidfile_locations_are_refused_clearly() {
+    let d = Daemon::new("daemon-badpath");
+    let target = d.dir.join("elsewhere");
+    std::fs::write(&target, "").unwrap();
+    let link = d.dir.join("link.pid");
+    symlink(&target, &link).unwrap();
+    let addr = d.addr.to_string();
+    let serve = |pidfile: &Path| {
+        baton(&[
+            "serve",
+            "--config",
+            "/dev/null",
+            "--daemon",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+    };
+    let (code, _, err) = serve(&link);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("it is a symlink, which baton refuses to follow"),
+        "{err}"
+    );
+    let (code, _, err) = serve(&d.dir.join("missing/baton.pid"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "its directory {} does not exist",
+            d.dir.join("missing").display()
+        )),
+        "{err}"
+    );
+    // Unwritable: a directory root owns, for an unprivileged user.
+    let (code, _, err) = baton_as(
+        Some(65534),
+        &[
+            "serve",
+            "--config",
+            "/dev/null",
+            "--daemon",
+            "--pidfile",
+            d.dir.join("baton.pid").to_str().unwrap(),
+            "--listen",
+            &addr,
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("Permission denied")
+            && err.contains("choose a --pidfile in a directory this user may write"),
+        "{err}"
+    );
+    assert!(
+        http::get(d.addr, "/").is_err(),
+        "nothing may serve after a refused start"
+    );
+}
+
+#[test]
+fn status_exit_codes() {
+    let d = Daemon::new("daemon-status");
+    let (code, out, _) = d.ctl("status");
+    assert_eq!(code, 3);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "baton is not running: no baton holds pidfile {}",
+            d.pidfile().display()
+        )
+    );
+    let pid = d.start_ok();
+    let (code, out, _) = d.ctl("status");
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with(&format!(
+            "baton {} is serving: pid {pid}, generation 1, up ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("listening on http={} (bound)", d.addr)),
+        "{out}"
+    );
+    assert_eq!(d.ctl("stop").0, 0);
+    assert_eq!(d.ctl("status").0, 3);
+}
+
+#[test]
+fn log_file_is_reopened_on_sigusr1() {
+    let d = Daemon::new("daemon-logs");
+    let pid = d.start_ok();
+    let usr1_and_wait = |file: &Path, count: usize| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGUSR1).unwrap();
+        assert!(common::wait_until(TIMEOUT, || std::fs::read_to_string(
+            file
+        )
+        .unwrap_or_default()
+        .matches("log file reopened")
+        .count()
+            >= count));
+    };
+    // logrotate's create mode: the file is renamed, a new one appears after SIGUSR1.
+    let rotated = d.dir.join("baton.log.1");
+    std::fs::rename(d.log(), &rotated).unwrap();
+    usr1_and_wait(&d.log(), 1);
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        old.contains("event=\"ready\"") && !old.contains("log file reopened"),
+        "{old}"
+    );
+    // copytruncate mode: copied, then truncated in place; appends land at the new end.
+    std::fs::copy(d.log(), d.dir.join("baton.log.2")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.log())
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    usr1_and_wait(&d.log(), 1);
+    let text = std::fs::read(d.log()).unwrap();
+    assert!(
+        !text.contains(&0),
+        "holes after copytruncate: the file is not opened for appending"
+    );
+    assert_eq!(d.ctl("stop").0, 0);
+    assert!(d.log_text().contains("event=\"drained\""));
+}
+
+#[test]
+fn non_root_user_runs_a_daemon() {
+    let d = Daemon::new("daemon-nobody");
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let args = d.serve_args();
+    let (code, out, err) = baton_as(
+        Some(65534),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let pid = d.pid();
+    assert_eq!(
+        proc_status_field(pid, "Uid").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(http::get(d.addr, "/-/healthy").unwrap().status, 200);
+    let (code, _, err) = baton_as(Some(65534), &["reload", "--pidfile", &d.pidfile_arg()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = baton_as(Some(65534), &["stop", "--pidfile", &d.pidfile_arg()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!d.pidfile().exists());
+}
+
+#[test]
+fn upgrade_under_load_keeps_the_lock_and_refuses_every_second_start() {
+    let d = Daemon::new("daemon-upgrade");
+    let first = d.start_ok();
+    let load = Load::start(d.addr, 4, 2);
+    load.wait_progress(200);
+    // Meanwhile, a stubborn operator keeps trying to start a second instance.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempts = {
+        let (stop, pidfile) = (stop.clone(), d.pidfile_arg());
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let other = free_addr().to_string();
+                results.push(baton(&[
+                    "serve",
+                    "--config",
+                    "/dev/null",
+                    "--daemon",
+                    "--pidfile",
+                    &pidfile,
+                    "--listen",
+                    &other,
+                ]));
+            }
+            results
+        })
+    };
+    let mut pid = first;
+    for generation in 2..=6 {
+        let (code, out, err) = d.ctl("reload");
+        assert_eq!(code, 0, "{err}");
+        let new = d.pid();
+        assert_ne!(new, pid);
+        assert!(
+            out.contains(&format!("to generation {generation} (pid {new})")),
+            "{out}"
+        );
+        assert_eq!(http::get(d.addr, "/-/version").unwrap().json()["pid"], new);
+        assert!(reaper::wait_exit(pid, TIMEOUT).is_some_and(|s| s.success()));
+        pid = new;
+        load.wait_progress(100);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let results = attempts.join().unwrap();
+    assert!(!results.is_empty());
+    for (code, _, err) in &results {
+        assert_eq!(
+            *code, 1,
+            "a second instance started during an upgrade: {err}"
+        );
+        assert!(err.contains("already running as pid"), "{err}");
+    }
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert_eq!(d.pid(), pid, "the pidfile names the serving generation");
+    assert_eq!(d.ctl("stop").0, 0);
+    assert!(!d.pidfile().exists());
+}
