@@ -28,7 +28,7 @@ pub const EXIT_NOT_RUNNING: u8 = 3;
 #[derive(Debug, Parser)]
 #[command(
     name = "baton",
-    version,
+    version = crate::VERSION,
     propagate_version = true,
     max_term_width = 100
 )]
@@ -65,6 +65,16 @@ pub enum Command {
     ///
     /// Exits 0 once the process has exited, 1 when it did not within the timeout.
     Stop(StopArgs),
+    /// Write the man page and shell completions (used to build the package).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Directory to write baton.8, baton.bash, _baton and baton.fish into
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// Which running baton to address.
@@ -246,6 +256,10 @@ pub fn main() -> ExitCode {
         Command::Reload(args) => reload(args),
         Command::Status(args) => status(args),
         Command::Stop(args) => stop(args),
+        Command::Generate(args) => match crate::manual::generate(&args.out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(format!("cannot write into {}: {e}", args.out.display())),
+        },
     }
 }
 

@@ -50,7 +50,7 @@ impl Info {
     /// This process, started now.
     pub fn current(generation: u64, listeners: Vec<String>) -> Info {
         Info {
-            version: env!("CARGO_PKG_VERSION"),
+            version: crate::VERSION,
             pid: std::process::id(),
             generation,
             started: rfc3339(std::time::SystemTime::now()),

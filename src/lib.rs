@@ -19,6 +19,7 @@
 //! | [`pidfile`]    | single instance, the daemon's address     | flock(2) on a pidfile       |
 //! | [`lifecycle`]  | one process from start to exit            |                             |
 //! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
+//! | [`manual`]     | baton(8) and shell completions            | roff, generated from [`cli`] |
 //!
 //! Everything process-level (reading `LISTEN_*`, binding) happens in plain synchronous code
 //! before the tokio runtime or any thread exists; see [`lifecycle::prepare`].
@@ -37,6 +38,13 @@
 //! }
 //! ```
 
+/// The version baton reports (`baton --version`, `/-/version`, the logs): the crate's, unless
+/// the build stamps another one with `BATON_VERSION=...` (packaging/build-deb.sh --version).
+pub const VERSION: &str = match option_env!("BATON_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 pub mod activation;
 pub mod cli;
 pub mod config;
@@ -45,6 +53,7 @@ pub mod daemon;
 pub mod http;
 pub mod lifecycle;
 pub mod logging;
+pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod pidfile;

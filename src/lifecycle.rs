@@ -196,10 +196,10 @@ impl Process {
         tracing::info!(
             event = "start",
             generation,
-            version = env!("CARGO_PKG_VERSION"),
+            version = crate::VERSION,
             config = self.config.source.as_ref().map(|p| p.display().to_string()),
             "baton {} starting: generation {generation}, pid {}",
-            env!("CARGO_PKG_VERSION"),
+            crate::VERSION,
             std::process::id()
         );
         let listener_names: Vec<String> = self.listeners.iter().map(|l| l.to_string()).collect();

@@ -403,7 +403,7 @@ fn status_exit_codes() {
     assert!(
         out.starts_with(&format!(
             "baton {} is serving: pid {pid}, generation 1, up ",
-            env!("CARGO_PKG_VERSION")
+            baton::VERSION
         )),
         "{out}"
     );

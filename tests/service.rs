@@ -351,7 +351,7 @@ fn operational_endpoints() {
     let v = http::get(addr, "/-/version").unwrap();
     assert_eq!(v.header("content-type"), Some("application/json"));
     let v = v.json();
-    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["version"], baton::VERSION);
     assert_eq!(v["pid"], baton.pid());
     assert_eq!(v["generation"], 1);
     let started = v["started"].as_str().unwrap();
@@ -364,7 +364,7 @@ fn operational_endpoints() {
     assert_eq!(page.status, 200);
     let html = page.text();
     for needle in [
-        env!("CARGO_PKG_VERSION").to_owned(),
+        baton::VERSION.to_owned(),
         baton.pid().to_string(),
         format!("http={addr}"),
     ] {
@@ -488,7 +488,7 @@ fn version_and_help() {
     let (code, out, _) = run_baton(&["--version"]);
     assert_eq!(
         (code, out.trim()),
-        (0, concat!("baton ", env!("CARGO_PKG_VERSION")))
+        (0, format!("baton {}", baton::VERSION).as_str())
     );
     for cmd in [&["--help"][..], &["serve", "--help"], &["check", "--help"]] {
         let (code, out, _) = run_baton(cmd);
