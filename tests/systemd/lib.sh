@@ -211,6 +211,8 @@ journal_messages() {
 }
 # systemd_messages UNIT: what systemd itself (PID 1) logged about the unit
 systemd_messages() { journal_messages "$1" _PID=1 || true; }
+# systemd_messages_match UNIT REGEX: one of systemd's own messages about UNIT matches REGEX
+systemd_messages_match() { systemd_messages "$1" | grep -qE "$2"; }
 # journal_count UNIT COND...: how many entries match
 journal_count() { local u=$1; shift; journal_json "$u" | python3 "$BATON_TESTS/helpers/journal.py" --count "$@" || true; }
 # journal_text UNIT: the unit's messages as text (for grep), with the sender

@@ -22,6 +22,7 @@
 #   CASE_TIMEOUT=300      seconds per case
 #   JOURNAL_TAIL=80       journal lines printed after a failing case
 #   KEEP=1                keep the work directory (logs, journals) even when everything passed
+#   CASE_ENV="K=V ..."    extra environment for the cases (their knobs, e.g. "RELOADS=3")
 #   LAB_DIR               lab state (default /tmp/baton-systemd-lab; see lab.sh)
 #
 # A case may start with a line `# lab: no-install` to get the container without baton installed
@@ -169,7 +170,9 @@ for c in "${CASE_FILES[@]}"; do
   install=$(elapsed "$t"); t=$EPOCHREALTIME
   if [ "$rc" = 0 ]; then
     # as a transient unit: the case gets its own cgroup, so a timeout kills all of it
-    bg bash "$LAB" unit --unit="baton-case-$name" -p RuntimeMaxSec="$CASE_TIMEOUT" \
+    case_env=()
+    for kv in ${CASE_ENV:-}; do case_env+=(-E "$kv"); done
+    bg bash "$LAB" unit --unit="baton-case-$name" -p RuntimeMaxSec="$CASE_TIMEOUT" "${case_env[@]}" \
          -E BATON_CASE="$name" -E BATON_RESULTS="/lab/results/$name.txt" -E BATON_LAB=/lab \
          -E BATON_TESTS=/lab/tests -E LANG=C.UTF-8 -E SYSTEMD_PAGER= -E SYSTEMD_COLORS=0 \
          bash "/lab/tests/cases/$name.sh" || rc=$?
