@@ -23,6 +23,8 @@
 #   JOURNAL_TAIL=80       journal lines printed after a failing case
 #   KEEP=1                keep the work directory (logs, journals) even when everything passed
 #   CASE_ENV="K=V ..."    extra environment for the cases (their knobs, e.g. "RELOADS=3")
+#   BATON_DEBS=DIR        packages for the packaging case, at /lab/debs inside (made by
+#                         tests/package/build-debs.sh: baton_1.deb, baton_2.deb, baton_3.deb)
 #   LAB_DIR               lab state (default /tmp/baton-systemd-lab; see lab.sh)
 #
 # A case may start with a line `# lab: no-install` to get the container without baton installed
@@ -128,6 +130,9 @@ mkdir -p "$LAB_SHARE"/{bin,units,tests,results}
 cp "$BIN" "$LAB_SHARE/bin/baton"
 cp "$REPO/systemd/baton.socket" "$REPO/systemd/baton.service" "$LAB_SHARE/units/"
 cp -r "$HERE/lib.sh" "$HERE/helpers" "$HERE/cases" "$LAB_SHARE/tests/"
+if [ -n "${BATON_DEBS:-}" ]; then
+  mkdir -p "$LAB_SHARE/debs" && cp "$BATON_DEBS"/* "$LAB_SHARE/debs/"
+fi
 say "binary: $BIN ($("$BIN" --version 2>/dev/null || echo '?'))"
 say "work dir: $WORK; lab: $LAB_DIR, container $LAB_NAME"
 
