@@ -44,6 +44,18 @@ fn kill(pid: u32, signal: Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
+/// The pid of the new process an upgrade started, from the old process's `upgrade-spawned` event.
+fn spawned_pid(baton: &Baton) -> u32 {
+    let line = baton
+        .stderr
+        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(10))
+        .expect("an upgrade-spawned event");
+    line.split("new_pid=")
+        .nth(1)
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no new_pid in {line:?}"))
+}
+
 /// `baton reload --pid PID`: (exit code, stdout, stderr).
 fn reload(pid: u32) -> (i32, String, String) {
     run_baton(&["reload", "--pid", &pid.to_string()])
@@ -271,17 +283,7 @@ fn fault_new_binary_never_ready() {
     assert_eq!(code, 1);
     assert!(err.contains("was not ready within 1s; killed it"), "{err}");
     // The hung process is gone: killed, and reaped by us, its adoptive parent.
-    let line = baton
-        .stderr
-        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(1))
-        .unwrap();
-    let new_pid: u32 = line
-        .split("new_pid=")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let new_pid = spawned_pid(&baton);
     let status = reaper::wait_exit(new_pid, EXIT_TIMEOUT).expect("the hung process was killed");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
@@ -314,17 +316,7 @@ fn fault_new_process_killed_during_handshake() {
     load.wait_progress(100);
     let old = baton.pid();
     let reloading = std::thread::spawn(move || reload(old));
-    let line = baton
-        .stderr
-        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(10))
-        .unwrap();
-    let new_pid: u32 = line
-        .split("new_pid=")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let new_pid = spawned_pid(&baton);
     // Kill it once it is certainly inside its slow start, i.e. while O waits for "ready".
     assert!(common::wait_until(Duration::from_secs(10), || sleeper.exists()));
     kill(new_pid, Signal::SIGKILL);
@@ -399,17 +391,7 @@ fn sigterm_during_an_upgrade_stops_cleanly() {
     let (mut baton, addr) = start(&["--exec", &exe], &[]);
     let old = baton.pid();
     let reloading = std::thread::spawn(move || reload(old));
-    let line = baton
-        .stderr
-        .wait_for("event=\"upgrade-spawned\"", Duration::from_secs(10))
-        .unwrap();
-    let new_pid: u32 = line
-        .split("new_pid=")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let new_pid = spawned_pid(&baton);
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
     assert!(baton
