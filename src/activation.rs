@@ -141,7 +141,7 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
             return ActivationError(format!(
                 "socket activation: LISTEN_FDS={count} announces fds 3 to {} but not all of them are open; \
                  whatever started baton passed fewer fds than it announced",
-                count.parse::<i32>().map_or(0, |n| n + 2)
+                count.parse::<i64>().map_or(0, |n| n.saturating_add(2))
             ));
         }
         ActivationError(format!(

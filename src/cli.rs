@@ -281,6 +281,24 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(errors) => return fail_early(errors.to_string()),
     };
+    // A daemon runs in /, and so does every later generation, which reads the same arguments.
+    if args.daemon {
+        let relative = [
+            ("--config", args.config.as_deref()),
+            ("server.root (--root)", config.root.as_deref()),
+        ]
+        .into_iter()
+        .find_map(|(what, path)| {
+            path.filter(|p| p.is_relative())
+                .map(|p| (what, p.to_owned()))
+        });
+        if let Some((what, path)) = relative {
+            return fail_early(format!(
+                "{what} {} is a relative path, but a daemon runs in /: give the full path",
+                path.display()
+            ));
+        }
+    }
     // The pidfile: inherited, already locked, by a new generation; locked anew by a first one.
     let pidfile_path = config
         .pidfile
@@ -319,10 +337,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(pidfile) = process.pidfile() {
         if !process.is_upgrade() {
             if let Err(e) = pidfile.write_pid(std::process::id()) {
-                return report(format!(
+                let message = format!(
                     "pidfile {}: cannot write the pid: {e}",
                     pidfile.path().display()
-                ));
+                );
+                return process.fail(&message);
             }
         }
     }

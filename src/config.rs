@@ -52,6 +52,11 @@ use serde::Deserialize;
 /// Where the configuration is looked for when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/baton.toml";
 
+/// The most connections `limits.max_connections` may allow.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// The longest any timeout may be.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// The name a listener gets when `--listen` or the config names none.
 pub const DEFAULT_LISTENER_NAME: &str = "http";
 
@@ -483,17 +488,32 @@ impl Config {
                 "limits.max_connections is 0: nothing could be served; use at least 1".to_owned(),
             );
         }
-        for (key, value) in [
+        if self.limits.max_connections > MAX_CONNECTIONS {
+            errors.push(format!(
+                "limits.max_connections {} is more than {MAX_CONNECTIONS}: use a smaller number",
+                self.limits.max_connections
+            ));
+        }
+        for (key, value, may_be_zero) in [
             (
                 "limits.header_read_timeout",
                 self.limits.header_read_timeout,
+                false,
             ),
-            ("limits.idle_timeout", self.limits.idle_timeout),
-            ("upgrade.timeout", self.upgrade.timeout),
+            ("limits.idle_timeout", self.limits.idle_timeout, false),
+            ("upgrade.timeout", self.upgrade.timeout, false),
+            ("shutdown.drain_timeout", self.shutdown.drain_timeout, true),
+            ("shutdown.idle_grace", self.shutdown.idle_grace, true),
         ] {
-            if value.is_zero() {
+            if value.is_zero() && !may_be_zero {
                 errors.push(format!(
                     "{key} is 0: use a positive duration such as \"10s\""
+                ));
+            }
+            if value > MAX_DURATION {
+                errors.push(format!(
+                    "{key} {} is longer than a day: use a shorter duration",
+                    humantime::format_duration(value)
                 ));
             }
         }
@@ -621,6 +641,24 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn limits_are_bounded() {
+        let c = Config::from_toml_str(
+            "[limits]\nmax_connections = 9223372036854775807\nheader_read_timeout = \"1000000h\"\n",
+            None,
+        )
+        .unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("limits.max_connections 9223372036854775807 is more than 1000000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("limits.header_read_timeout 114years 28days 4h is longer than a day"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -76,8 +76,14 @@ pub fn listen() -> io::Result<Control> {
     let tracker = clients.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of fds, most likely: back off instead of spinning on a pending client.
+                    tracing::warn!("control socket: accept failed: {e}; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let tx = tx.clone();
             tracker.spawn(async move {

@@ -14,7 +14,7 @@
 //! # use std::sync::Arc;
 //! let info = baton::http::Info::current(1, vec!["http=127.0.0.1:8080 (bound)".into()]);
 //! let metrics = Arc::new(baton::metrics::Metrics::new(1, std::time::SystemTime::now()));
-//! let app: axum::Router = baton::http::router(Arc::new(info), metrics, None);
+//! let app = baton::http::App::new(Arc::new(info), metrics, None);
 //! ```
 
 use std::convert::Infallible;
@@ -75,6 +75,58 @@ struct AppState {
     metrics: Arc<Metrics>,
 }
 
+/// The whole service a [`crate::server::Server`] runs: a router, and optionally the files,
+/// which are most requests and so go straight to [`Confined`] instead of through the router's
+/// matching to its fallback. Any axum `Router` is an `App` too (`App::from(router)`).
+#[derive(Clone)]
+pub struct App {
+    router: Router,
+    files: Option<Confined>,
+}
+
+/// The future of one answer.
+pub type AppFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+impl App {
+    /// baton's service: the `/-/` endpoints, and the files below `root` (or, with no root, the
+    /// embedded page at `/`).
+    pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> App {
+        App {
+            router: router(info, metrics, None),
+            files: root.map(Confined::new),
+        }
+    }
+
+    /// Answers one request.
+    pub fn call(&self, request: Request<Body>) -> AppFuture {
+        match &self.files {
+            Some(files) if !request.uri().path().starts_with("/-/") => {
+                let future = tower::Service::call(&mut files.clone(), request);
+                Box::pin(async move {
+                    let Ok(response) = future.await;
+                    response
+                })
+            }
+            _ => {
+                let future = tower::ServiceExt::oneshot(self.router.clone(), request);
+                Box::pin(async move {
+                    let Ok(response) = future.await;
+                    response
+                })
+            }
+        }
+    }
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> App {
+        App {
+            router,
+            files: None,
+        }
+    }
+}
+
 /// The router: the `/-/` endpoints, then files from `root` (or the embedded page).
 pub fn router(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> Router {
     let ops = Router::new()
@@ -130,12 +182,85 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// `ServeDir` confined to its root: a request whose path resolves (through symlinks) outside
-/// the root answers 404, as if the file did not exist.
+/// `ServeDir` confined to its root, with a cache of small files in front of it.
+///
+/// A request whose path resolves (through symlinks) outside the root answers 404, as if the file
+/// did not exist.
+///
+/// `ServeDir` does every open, stat and read on tokio's blocking pool; under load those hops, not
+/// the file system, dominate a small file's cost. So plain GETs (no `Range`, no conditional
+/// headers) of files up to [`MAX_CACHED_FILE`] are answered from memory: the cached response is
+/// `ServeDir`'s own (same status, headers and bytes), stored the first time and reused while the
+/// file's identity (device, inode, size, mtime) stays the same, which one `stat` per request
+/// checks. Every other request, and every changed file, goes to `ServeDir`, so HTTP semantics
+/// (ranges, conditional GET, HEAD, redirects, content types) are all tower-http's.
 #[derive(Clone)]
 pub struct Confined {
     root: Arc<PathBuf>,
     files: ServeDir,
+    cache: Arc<FileCache>,
+}
+
+/// Files larger than this are always read by `ServeDir`.
+pub const MAX_CACHED_FILE: u64 = 256 * 1024;
+/// The most bytes of file content the cache holds.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Keyed by the request's raw path.
+type FileCache = quick_cache::sync::Cache<String, Arc<CachedFile>, ByBytes>;
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<String, Arc<CachedFile>> for ByBytes {
+    fn weight(&self, _: &String, file: &Arc<CachedFile>) -> u64 {
+        file.body.len() as u64 + 1
+    }
+}
+
+/// A response `ServeDir` gave for a file, and the file's identity when it did.
+struct CachedFile {
+    /// The request's path below the root, as given (links not resolved): a hit stats it, so a
+    /// link retargeted since leads to another file and misses.
+    lookup: PathBuf,
+    stamp: Stamp,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// What identifies a file's content without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+}
+
+/// Where a request path leads.
+enum Resolution {
+    /// Outside the root: refused.
+    Outside,
+    /// A regular file inside the root (for `/dir/`, its index.html): the path as requested
+    /// below the root, and where it leads.
+    File { lookup: PathBuf, real: PathBuf },
+    /// Anything else (missing, a directory without a trailing slash, ...): `ServeDir` decides.
+    Other,
 }
 
 impl Confined {
@@ -145,14 +270,14 @@ impl Confined {
         Confined {
             files: ServeDir::new(&canonical).append_index_html_on_directories(true),
             root: Arc::new(canonical),
+            cache: Arc::new(FileCache::with_weighter(1024, CACHE_BYTES, ByBytes)),
         }
     }
 
-    /// Whether the request's path stays inside the root once symlinks are resolved. Paths that
-    /// do not exist pass: `ServeDir` answers them with 404 itself.
-    fn allows(&self, uri_path: &str) -> bool {
+    /// Resolves the request's path below the root, symlinks included.
+    fn resolve(&self, uri_path: &str) -> Resolution {
         let Ok(decoded) = percent_encoding::percent_decode_str(uri_path).decode_utf8() else {
-            return true; // ServeDir rejects it
+            return Resolution::Other; // ServeDir rejects it
         };
         let mut path = (*self.root).clone();
         for component in Path::new(decoded.trim_start_matches('/')).components() {
@@ -160,17 +285,54 @@ impl Confined {
                 Component::Normal(part) => path.push(part),
                 Component::CurDir => {}
                 // ServeDir refuses these itself; refusing here too keeps this check whole.
-                _ => return false,
+                _ => return Resolution::Outside,
             }
         }
-        // A blocking call on the runtime: realpath on a cached tree is a few microseconds of
-        // lstat, cheaper than a hop to the blocking pool.
-        let inside = |p: &Path| match std::fs::canonicalize(p) {
-            Ok(real) => real.starts_with(&*self.root),
-            Err(_) => true,
+        // Blocking calls on the runtime: realpath and stat on a cached tree are a few
+        // microseconds, cheaper than a hop to the blocking pool.
+        let real = match std::fs::canonicalize(&path) {
+            Ok(real) if real.starts_with(&*self.root) => real,
+            Ok(_) => return Resolution::Outside,
+            Err(_) => return Resolution::Other,
         };
-        inside(&path) && (!path.is_dir() || inside(&path.join("index.html")))
+        if !real.is_dir() {
+            return Resolution::File { lookup: path, real };
+        }
+        if !decoded.ends_with('/') {
+            return Resolution::Other; // ServeDir redirects to the slashed path
+        }
+        let lookup = path.join("index.html");
+        match std::fs::canonicalize(&lookup) {
+            Ok(real) if real.starts_with(&*self.root) => Resolution::File { lookup, real },
+            Ok(_) => Resolution::Outside,
+            Err(_) => Resolution::Other,
+        }
     }
+}
+
+/// Whether `ServeDir` would answer this request with the whole file, the same every time.
+fn plain_get(request: &Request<Body>) -> bool {
+    request.method() == axum::http::Method::GET
+        && [
+            header::RANGE,
+            header::IF_RANGE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_UNMODIFIED_SINCE,
+        ]
+        .iter()
+        .all(|h| !request.headers().contains_key(h))
+}
+
+fn not_found() -> Response<Body> {
+    let mut response = Response::new(Body::from("Not Found\n"));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 impl tower::Service<Request<Body>> for Confined {
@@ -183,19 +345,58 @@ impl tower::Service<Request<Body>> for Confined {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        if !self.allows(request.uri().path()) {
-            let mut response = Response::new(Body::from("Not Found\n"));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            return Box::pin(async move { Ok(response) });
+        let plain = plain_get(&request);
+        if plain {
+            // A hit costs one stat: the requested path still leads to the very file the entry
+            // was made from (same device, inode, size and mtime), which was inside the root
+            // then; a changed file or a retargeted link leads elsewhere and misses.
+            if let Some(hit) = self.cache.get(request.uri().path()) {
+                if Stamp::of(&hit.lookup) == Some(hit.stamp) {
+                    let mut response = Response::new(Body::from(hit.body.clone()));
+                    *response.headers_mut() = hit.headers.clone();
+                    return Box::pin(async move { Ok(response) });
+                }
+            }
         }
+        let cacheable = match self.resolve(request.uri().path()) {
+            Resolution::Outside => return Box::pin(async { Ok(not_found()) }),
+            Resolution::File { lookup, real } if plain => Stamp::of(&real)
+                .filter(|stamp| stamp.len <= MAX_CACHED_FILE)
+                .map(|stamp| (request.uri().path().to_owned(), lookup, real, stamp)),
+            _ => None,
+        };
         let files = self.files.clone();
+        let cache = self.cache.clone();
         Box::pin(async move {
             let Ok(response) = tower::ServiceExt::oneshot(files, request).await;
-            Ok(response.map(Body::new))
+            let Some((key, lookup, path, stamp)) =
+                cacheable.filter(|_| response.status() == StatusCode::OK)
+            else {
+                return Ok(response.map(Body::new));
+            };
+            let (parts, body) = response.into_parts();
+            let bytes = match http_body_util::BodyExt::collect(body).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot read {}: {e}", path.display());
+                    let mut response = Response::new(Body::from("Internal Server Error\n"));
+                    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    return Ok(response);
+                }
+            };
+            // Only what was read from an unchanged file may be reused.
+            if bytes.len() as u64 == stamp.len && Stamp::of(&lookup) == Some(stamp) {
+                cache.insert(
+                    key,
+                    Arc::new(CachedFile {
+                        lookup,
+                        stamp,
+                        headers: parts.headers.clone(),
+                        body: bytes.clone(),
+                    }),
+                );
+            }
+            Ok(Response::from_parts(parts, Body::from(bytes)))
         })
     }
 }

@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::activation::{self, Listener};
 use crate::config::Config;
@@ -122,6 +123,8 @@ enum End {
 struct Upgrading {
     task: JoinHandle<Result<HandedOver, String>>,
     waiters: Vec<oneshot::Sender<Value>>,
+    /// Calls the upgrade off; past `MAINPID=` it completes as a handover all the same.
+    cancel: CancellationToken,
 }
 
 impl Process {
@@ -216,7 +219,7 @@ impl Process {
         let started = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
             let control = control::listen()?;
-            let app = http::router(info.clone(), metrics.clone(), self.config.root.as_deref());
+            let app = http::App::new(info.clone(), metrics.clone(), self.config.root.as_deref());
             let settings = server::Settings {
                 limits: self.config.limits,
                 idle_grace: self.config.shutdown.idle_grace,
@@ -265,6 +268,8 @@ impl Process {
         // until then it is not the main pid, and it may still be called off.
         if let Some(handshake) = handshake {
             let committed = tokio::select! {
+                // A commit that arrived is taken even if a stop arrived too: O has handed over.
+                biased;
                 committed = handshake.ready() => committed.context("the upgrade was called off by the old process")?,
                 _ = next_stop(&mut signals) => anyhow::bail!("stopped before the old process handed over"),
             };
@@ -357,35 +362,61 @@ impl Process {
                     tracing::info!(event = "upgrade", generation, cause, exe = %upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
                     let (upgrader, (ok, failed)) = (upgrader.clone(), metrics.upgrades());
                     let pidfile = self.pidfile.clone();
+                    let cancel = CancellationToken::new();
+                    let token = cancel.clone();
                     let task = tokio::spawn(async move {
                         // The pidfile names the new pid before it becomes the main pid.
                         let record = |pid: i32| match &pidfile {
                             Some(p) => p.write_pid(pid as u32),
                             None => Ok(()),
                         };
-                        upgrade::run(&upgrader, Counts { ok, failed }, record).await
+                        upgrade::run(&upgrader, Counts { ok, failed }, record, &token).await
                     });
                     upgrading = Some(Upgrading {
                         task,
                         waiters: waiter.into_iter().collect(),
+                        cancel,
                     });
                 }
             }
         };
 
-        let drain_timeout = self.config.shutdown.drain_timeout;
-        match &end {
-            End::Stop(signal) => {
-                if let Some(u) = upgrading.take() {
-                    // Dropping the upgrade kills the new process, which accepted nothing yet.
-                    u.task.abort();
-                    let _ = u.task.await;
+        // A stop during an upgrade calls it off; but past MAINPID= the new process is the
+        // service already, and this one can only hand over.
+        if let (End::Stop(signal), Some(u)) = (&end, upgrading.take()) {
+            u.cancel.cancel();
+            match u.task.await {
+                Ok(Ok(handed_over)) => {
+                    tracing::warn!(
+                        event = "upgrade-completed-on-stop",
+                        generation,
+                        new_pid = handed_over.pid,
+                        "{signal} came as the upgrade passed its point of no return: generation {} (pid {}) is the service now; stop that one to stop the service",
+                        handed_over.generation,
+                        handed_over.pid
+                    );
+                    end = End::HandedOver(handed_over, u.waiters);
+                }
+                outcome => {
+                    let reason = match outcome {
+                        Ok(Err(reason)) => reason,
+                        Err(e) => format!("the upgrade task failed: {e}"),
+                        Ok(Ok(_)) => unreachable!(),
+                    };
                     tracing::warn!(
                         event = "upgrade-aborted",
                         generation,
-                        "{signal}: upgrade aborted; the new process was killed"
+                        "{signal}: upgrade aborted ({reason}); the new process was killed"
                     );
+                    for waiter in u.waiters {
+                        let _ = waiter.send(json!({"ok": false, "error": format!("{signal}: the upgrade was aborted")}));
+                    }
                 }
+            }
+        }
+        let drain_timeout = self.config.shutdown.drain_timeout;
+        match &end {
+            End::Stop(signal) => {
                 notify::stopping(&format!(
                     "stopping: draining connections (up to {})",
                     humantime::format_duration(drain_timeout)
@@ -419,27 +450,61 @@ impl Process {
         server.stop_accepting().await;
         if let End::HandedOver(h, waiters) = &mut end {
             // Only now does every new connection reach the new generation.
-            let reply = json!({
-                "ok": true,
-                "pid": h.pid,
-                "generation": h.generation,
-                "took_ms": h.took.as_millis() as u64,
-            });
+            let reply = match &h.unconfirmed {
+                None => json!({
+                    "ok": true,
+                    "pid": h.pid,
+                    "generation": h.generation,
+                    "took_ms": h.took.as_millis() as u64,
+                }),
+                Some(reason) => json!({"ok": false, "error": reason}),
+            };
             for waiter in waiters.drain(..) {
                 let _ = waiter.send(reply.clone());
             }
         }
-        control.close(Duration::from_secs(2)).await;
-        let report = tokio::select! {
-            report = server.drain(drain_timeout) => report,
-            signal = next_stop(&mut signals) => {
-                tracing::warn!(
-                    event = "stop-now",
-                    generation,
-                    open_connections = server.open_connections(),
-                    "{signal} again: exiting without finishing the drain"
-                );
-                std::process::exit(1);
+        // The drain starts now; the control socket's last answers are written meanwhile.
+        let drain = async {
+            tokio::join!(
+                server.drain(drain_timeout),
+                control.close(Duration::from_secs(2))
+            )
+            .0
+        };
+        tokio::pin!(drain);
+        // After a stop, a second stop signal exits at once. After a handover, the first stop
+        // signal (systemd signals every process of the unit) is the one that only confirms the
+        // drain under way.
+        let mut stop_requested = matches!(end, End::Stop(_));
+        let report = loop {
+            tokio::select! {
+                report = &mut drain => break report,
+                event = signals.recv() => match event {
+                    Event::Stop(signal) if stop_requested => {
+                        tracing::warn!(
+                            event = "stop-now",
+                            generation,
+                            open_connections = server.open_connections(),
+                            "{signal} again: exiting without finishing the drain"
+                        );
+                        std::process::exit(1);
+                    }
+                    Event::Stop(signal) => {
+                        stop_requested = true;
+                        tracing::info!(
+                            generation,
+                            "{signal}: already draining after the handover; a second one exits at once"
+                        );
+                    }
+                    Event::Upgrade(signal) => tracing::warn!(
+                        event = "upgrade-ignored",
+                        generation,
+                        "{signal}: this process is draining; upgrade the current one instead"
+                    ),
+                    Event::ReopenLogs => {
+                        let _ = crate::logging::reopen();
+                    }
+                },
             }
         };
         tracing::info!(

@@ -109,5 +109,5 @@ pub fn hand_over() {
 
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`, for this pid), if any.
 pub fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled()
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
 }

@@ -102,7 +102,22 @@ impl Pidfile {
     pub fn acquire(path: &Path, create_dir: bool) -> Result<Pidfile, PidfileError> {
         if create_dir {
             if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
+                use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+                let _ = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(dir);
+                // A default location in a shared directory (/tmp) could have been made by
+                // someone else first: it must be ours and writable by nobody else.
+                if let Ok(meta) = std::fs::symlink_metadata(dir) {
+                    let uid = nix::unistd::geteuid().as_raw();
+                    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+                        return Err(PidfileError::Other(format!(
+                            "pidfile directory {} is not a directory owned by uid {uid} and writable by it alone: remove it or choose a --pidfile",
+                            dir.display()
+                        )));
+                    }
+                }
             }
         }
         let file = std::fs::OpenOptions::new()
@@ -149,6 +164,13 @@ impl Pidfile {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Ours now: whatever pid a dead predecessor left must not be read as ours.
+        file.set_len(0).map_err(|e| {
+            PidfileError::Other(format!(
+                "pidfile {}: cannot truncate it: {e}",
+                path.display()
+            ))
+        })?;
         Ok(Pidfile {
             path: path.to_owned(),
             file,

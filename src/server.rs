@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
+use crate::http::App;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Request, Response};
@@ -37,7 +37,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::activation::{Listener, Socket};
 use crate::config;
@@ -66,6 +65,8 @@ pub struct Server {
     shared: Arc<Shared>,
     /// Listeners not accepting yet.
     pending: Vec<(String, Pending)>,
+    /// Permits for connections: `limits.max_connections`.
+    limit: Arc<Semaphore>,
     stop_accepting: CancellationToken,
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
     connections: TaskTracker,
@@ -77,7 +78,7 @@ enum Pending {
 }
 
 struct Shared {
-    app: Router,
+    app: App,
     metrics: Arc<Metrics>,
     settings: Settings,
     epoch: Instant,
@@ -99,7 +100,7 @@ impl Server {
     /// its predecessor commits the handoff). Must be called inside the tokio runtime.
     pub fn new(
         listeners: Vec<Listener>,
-        app: Router,
+        app: App,
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> io::Result<Server> {
@@ -129,6 +130,9 @@ impl Server {
             })
             .collect::<io::Result<_>>()?;
         Ok(Server {
+            limit: Arc::new(Semaphore::new(
+                settings.limits.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
             shared,
             pending,
             stop_accepting: CancellationToken::new(),
@@ -139,7 +143,7 @@ impl Server {
 
     /// Starts the accept loops.
     pub fn start_accepting(&mut self) {
-        let limit = Arc::new(Semaphore::new(self.shared.settings.limits.max_connections));
+        let limit = self.limit.clone();
         for (name, listener) in self.pending.drain(..) {
             let ctx = AcceptContext {
                 name,
@@ -284,8 +288,6 @@ struct ConnState {
     awaiting_head_since: AtomicU64,
     /// When the last response was produced.
     idle_since: AtomicU64,
-    /// Signalled when the phase changes, so that the watcher re-reads its deadlines.
-    changed: tokio::sync::Notify,
 }
 
 async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: OwnedSemaphorePermit)
@@ -298,7 +300,6 @@ where
         in_flight: AtomicU32::new(0),
         awaiting_head_since: AtomicU64::new(now),
         idle_since: AtomicU64::new(now),
-        changed: tokio::sync::Notify::new(),
     });
     let io = TokioIo::new(TrackedIo {
         inner: io,
@@ -318,27 +319,39 @@ where
     let limits = shared.settings.limits;
     let header_ms = limits.header_read_timeout.as_millis() as u64;
     let idle_ms = limits.idle_timeout.as_millis() as u64;
+    // Phases change behind the watcher's back (the IO and the service update them, without
+    // waking it, which would cost every request a wakeup). A header or idle deadline that starts
+    // now is at least the shorter timeout away, so the watcher never sleeps longer than that.
+    let horizon = header_ms.min(idle_ms);
     let mut shutdown_sent = false;
     let mut drain_close_at: Option<u64> = None;
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
     loop {
-        // The earliest moment something may be due; phases change behind our back (the IO and
-        // the service update them), so never sleep past a header timeout that could start now.
         let now = shared.now_ms();
         let awaiting = state.awaiting_head_since.load(Ordering::SeqCst);
         let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
-        let mut due = now + header_ms;
+        let mut due = now.saturating_add(horizon);
         if awaiting != 0 {
-            due = due.min(awaiting + header_ms);
+            due = due.min(awaiting.saturating_add(header_ms));
         }
         if !shutdown_sent {
-            if let Some(at) = drain_close_at {
+            // Deferred while a head is in progress (see below): no busy loop over a past time.
+            if let Some(at) = drain_close_at.filter(|_| awaiting == 0) {
                 due = due.min(at);
             }
             if idle {
-                due = due.min(state.idle_since.load(Ordering::SeqCst) + idle_ms);
+                due = due.min(
+                    state
+                        .idle_since
+                        .load(Ordering::SeqCst)
+                        .saturating_add(idle_ms),
+                );
             }
         }
-        let sleep = tokio::time::sleep(Duration::from_millis(due.saturating_sub(now)));
+        sleep
+            .as_mut()
+            .reset(Instant::now() + Duration::from_millis(due.saturating_sub(now)));
         tokio::select! {
             biased;
             _ = shared.force_close.cancelled() => {
@@ -351,20 +364,21 @@ where
                 }
                 break;
             }
-            _ = state.changed.notified() => {}
             _ = shared.drain_started.cancelled(), if drain_close_at.is_none() => {
-                drain_close_at = Some(shared.now_ms() + shared.settings.idle_grace.as_millis() as u64);
+                drain_close_at = Some(shared.now_ms().saturating_add(shared.settings.idle_grace.as_millis() as u64));
             }
-            _ = sleep => {
+            _ = sleep.as_mut() => {
                 let now = shared.now_ms();
                 let awaiting = state.awaiting_head_since.load(Ordering::SeqCst);
-                if awaiting != 0 && now >= awaiting + header_ms {
+                if awaiting != 0 && now >= awaiting.saturating_add(header_ms) {
                     tracing::debug!("closing a connection that sent no complete request head within {:?}", limits.header_read_timeout);
                     break;
                 }
                 let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
-                let idle_expired = idle && now >= state.idle_since.load(Ordering::SeqCst) + idle_ms;
-                let drain_due = drain_close_at.is_some_and(|at| now >= at);
+                let idle_expired = idle && now >= state.idle_since.load(Ordering::SeqCst).saturating_add(idle_ms);
+                // A connection in the middle of sending a head is not idle: its request gets an
+                // answer (with Connection: close); the header timeout still bounds it.
+                let drain_due = awaiting == 0 && drain_close_at.is_some_and(|at| now >= at);
                 if !shutdown_sent && (idle_expired || drain_due) {
                     // Closes the connection if it is idle; otherwise hyper finishes the current
                     // exchange and closes after it.
@@ -398,7 +412,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
         {
             let now = self.shared.now_ms();
             self.state.awaiting_head_since.store(now, Ordering::SeqCst);
-            self.state.changed.notify_one();
         }
         result
     }
@@ -461,12 +474,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 std::time::Instant::now(),
             )
         });
-        let response = shared
-            .app
-            .clone()
-            .oneshot(request.map(axum::body::Body::new));
+        let response = shared.app.call(request.map(axum::body::Body::new));
         Box::pin(async move {
-            let Ok(mut response) = response.await;
+            let mut response = response.await;
             let status = response.status().as_u16();
             shared.metrics.record_status(status);
             if shared.draining.load(Ordering::SeqCst) {
@@ -476,7 +486,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             }
             state.idle_since.store(shared.now_ms(), Ordering::SeqCst);
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
-            state.changed.notify_one();
             if let Some((method, uri, started)) = access {
                 tracing::info!(
                     event = "request",

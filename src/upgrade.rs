@@ -191,18 +191,38 @@ impl Upgrader {
         env.push(format!("{UPGRADE_STARTED_ENV}={started_usec}").into_bytes());
         env.push(format!("{UPGRADES_ENV}={}:{}", counts.ok, counts.failed).into_bytes());
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+        // The intermediate waits for EOF on this pipe before it exits: until then a dead N stays
+        // its unreaped zombie, so N's pid cannot be recycled before O holds a pidfd for it.
+        let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
 
+        // No signal handler may run in the children: tokio's would report the signal to this
+        // process through the pipe they share. Block everything around the fork; N resets the
+        // handlers before it unblocks.
+        let all = nix::sys::signal::SigSet::all();
+        let mut previous = nix::sys::signal::SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&all),
+            Some(&mut previous),
+        )?;
         // SAFETY: see ExecPlan::fork_and_exec.
-        let intermediate = unsafe { exec.fork_and_exec(child_end.as_raw_fd()) }?;
-        drop(child_end);
-        // Reaping the intermediate makes N an orphan, adopted by PID 1 (or a subreaper).
-        loop {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(intermediate), None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-                Ok(_) => break,
-            }
-        }
+        let forked = unsafe {
+            exec.fork_and_exec(
+                child_end.as_raw_fd(),
+                go_read.as_raw_fd(),
+                go_write.as_raw_fd(),
+            )
+        };
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&previous),
+            None,
+        )?;
+        let intermediate = Intermediate {
+            pid: forked?,
+            go: Some(go_write),
+        };
+        drop((child_end, go_read));
         parent_end.set_read_timeout(Some(STEP_TIMEOUT))?;
         let mut reader = BufReader::new(parent_end);
         // The intermediate's `pid <n>` and N's first message (`exec-error`, `error`, even
@@ -230,22 +250,53 @@ impl Upgrader {
                 .next()
                 .map(str::to_owned);
         }
-        // From now on N is killed through a pidfd, which cannot hit a recycled pid. N may
-        // already have failed and been reaped by its new parent: then there is nothing to kill.
-        let pidfd = match pidfd_open(pid) {
-            Ok(fd) => Some(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
-            Err(e) => return Err(e),
-        };
+        // From now on N is killed through a pidfd, which cannot hit a recycled pid: N is still
+        // the intermediate's child (a zombie at worst) until the intermediate exits.
+        let pidfd = pidfd_open(pid)?;
+        // Releasing and reaping the intermediate makes N an orphan, adopted by PID 1 (or the
+        // nearest subreaper), before anyone names it the main pid.
+        intermediate.release_and_reap()?;
         let channel = reader.into_inner();
         channel.set_read_timeout(None)?;
         Ok(Spawned {
             pid,
-            pidfd,
+            pidfd: Some(pidfd),
             channel,
             early,
             committed: false,
         })
+    }
+}
+
+/// The middle process of the double fork: released (EOF on its pipe) and reaped, also when
+/// `spawn` fails half-way, so that it never lingers as a zombie.
+struct Intermediate {
+    pid: libc::pid_t,
+    go: Option<OwnedFd>,
+}
+
+impl Intermediate {
+    fn release_and_reap(mut self) -> io::Result<()> {
+        self.go = None;
+        loop {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                // SIGCHLD ignored (inherited): the kernel reaped it already.
+                Ok(_) | Err(nix::errno::Errno::ECHILD) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.pid = 0;
+        Ok(())
+    }
+}
+
+impl Drop for Intermediate {
+    fn drop(&mut self) {
+        if self.pid > 0 {
+            self.go = None;
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        }
     }
 }
 
@@ -295,12 +346,21 @@ struct ExecPlan {
     argv_ptrs: Vec<*const libc::c_char>,
     _env: Vec<Vec<u8>>,
     envp: Vec<*const libc::c_char>,
-    /// `LISTEN_PID=` followed by room for the digits, patched in the grandchild through
-    /// `listen_pid_digits` (derived from a unique borrow, and used by nothing else).
-    _listen_pid: Box<[u8]>,
-    listen_pid_digits: *mut u8,
+    /// `LISTEN_PID=` followed by room for the digits: a leaked box (freed in Drop) that only
+    /// raw pointers touch, because N writes its pid into it after the fork.
+    listen_pid: *mut [u8],
     fds: Vec<RawFd>,
 }
+
+impl Drop for ExecPlan {
+    fn drop(&mut self) {
+        // SAFETY: allocated by Box::into_raw in ExecPlan::new and freed only here.
+        drop(unsafe { Box::from_raw(self.listen_pid) });
+    }
+}
+
+/// The most fds N can be handed (sockets, the pidfile, the channel).
+const MAX_FDS: usize = 64;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 /// Room for any pid's digits; the byte after them stays NUL.
@@ -344,12 +404,17 @@ impl ExecPlan {
                 "NUL byte in the environment",
             ));
         }
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
+            ));
+        }
         let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
         listen_pid.resize(LISTEN_PID_PREFIX.len() + LISTEN_PID_DIGITS + 1, 0);
-        let mut listen_pid = listen_pid.into_boxed_slice();
-        let base = listen_pid.as_mut_ptr();
+        let listen_pid = Box::into_raw(listen_pid.into_boxed_slice());
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
-        envp.push(base.cast_const().cast());
+        envp.push(listen_pid.cast::<libc::c_char>().cast_const());
         envp.push(std::ptr::null());
         Ok(ExecPlan {
             path,
@@ -357,26 +422,30 @@ impl ExecPlan {
             argv_ptrs,
             _env: env,
             envp,
-            _listen_pid: listen_pid,
-            // SAFETY: within the allocation (prefix, then LISTEN_PID_DIGITS + 1 bytes).
-            listen_pid_digits: unsafe { base.add(LISTEN_PID_PREFIX.len()) },
+            listen_pid,
             fds,
         })
     }
 
-    /// Forks the intermediate, which forks N, reports `pid <N>` on `channel` and exits.
-    /// Returns the intermediate's pid.
+    /// Forks the intermediate, which forks N, reports `pid <N>` on `channel`, waits for EOF on
+    /// `go` and exits. Returns the intermediate's pid.
     ///
     /// # Safety
-    /// The children run only async-signal-safe code (fork, fcntl, dup2, close, sigprocmask,
-    /// sigaction, getpid, write, execve, _exit) on memory prepared before the fork.
-    unsafe fn fork_and_exec(&self, channel: RawFd) -> io::Result<libc::pid_t> {
+    /// The children run only async-signal-safe code (fork, fcntl, dup2, close, read, sigprocmask,
+    /// sigaction, getpid, write, execve, _exit) on memory prepared before the fork. Call it with
+    /// every signal blocked.
+    unsafe fn fork_and_exec(
+        &self,
+        channel: RawFd,
+        go: RawFd,
+        go_write: RawFd,
+    ) -> io::Result<libc::pid_t> {
         match libc::fork() {
             -1 => Err(io::Error::last_os_error()),
             0 => {
                 let pid = libc::fork();
                 if pid == 0 {
-                    self.exec_in_child();
+                    self.exec_in_child(channel);
                 }
                 let mut buf = [0u8; 32];
                 let n = if pid > 0 {
@@ -384,61 +453,85 @@ impl ExecPlan {
                     n += write_decimal(&mut buf[n..], pid as u64);
                     n
                 } else {
-                    copy(&mut buf, 0, b"fork-failed")
+                    let mut n = copy(&mut buf, 0, b"fork-failed ");
+                    n += write_decimal(&mut buf[n..], *libc::__errno_location() as u64);
+                    n
                 };
                 buf[n] = b'\n';
                 libc::write(channel, buf.as_ptr().cast(), n + 1);
+                if pid > 0 {
+                    // Until O closes its end (once it holds N's pidfd) or dies; N's copy goes
+                    // at its exec. This process's own copy must go first, or no EOF would come.
+                    libc::close(go_write);
+                    let mut byte = 0u8;
+                    while libc::read(go, (&mut byte as *mut u8).cast(), 1) < 0
+                        && *libc::__errno_location() == libc::EINTR
+                    {}
+                }
                 libc::_exit(if pid > 0 { 0 } else { 1 });
             }
             intermediate => Ok(intermediate),
         }
     }
 
-    /// In N, before exec: fds into place, clean signal state, `LISTEN_PID`, exec. Never returns.
-    unsafe fn exec_in_child(&self) -> ! {
+    /// In N, before exec: fds into place, clean signal state, `LISTEN_PID`, exec. Never
+    /// returns; a failure is reported as `exec-error <errno>` on `channel` (its original fd,
+    /// open until exec).
+    unsafe fn exec_in_child(&self, channel: RawFd) -> ! {
+        let fail = || -> ! {
+            let errno = *libc::__errno_location();
+            let mut buf = [0u8; 32];
+            let mut len = copy(&mut buf, 0, b"exec-error ");
+            len += write_decimal(&mut buf[len..], errno as u64);
+            buf[len] = b'\n';
+            libc::write(channel, buf.as_ptr().cast(), len + 1);
+            libc::_exit(127);
+        };
         let n = self.fds.len() as RawFd;
-        let channel = 3 + n - 1;
         // Move every fd above the target range first, then down into 3.. (dup2 clears
         // FD_CLOEXEC on the copy; the sources keep theirs and vanish at exec).
-        let mut high = [0 as RawFd; 64];
-        if self.fds.len() > high.len() {
-            libc::_exit(126);
-        }
+        let mut high = [0 as RawFd; MAX_FDS];
         for (i, fd) in self.fds.iter().enumerate() {
             high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
             if high[i] < 0 {
-                libc::_exit(126);
+                fail();
             }
         }
         for (i, fd) in high.iter().take(self.fds.len()).enumerate() {
             if libc::dup2(*fd, 3 + i as RawFd) < 0 {
-                libc::_exit(126);
+                fail();
             }
         }
-        // tokio blocks no signals, but whatever mask this thread had must not reach N; and
-        // Rust's runtime ignores SIGPIPE, which exec would keep.
+        // Signals are blocked (see spawn). Put back the default action of every signal this
+        // process handles or ignores (Rust ignores SIGPIPE, and exec would keep that), so that a
+        // signal pending now cannot run O's handler here, then unblock.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for signal in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPIPE,
+        ] {
+            libc::sigaction(signal, &dfl, std::ptr::null_mut());
+        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
         // Our own (copy-on-write) copy of the environment: writing the digits in place
-        // allocates nothing.
-        let digits = std::slice::from_raw_parts_mut(self.listen_pid_digits, LISTEN_PID_DIGITS);
+        // allocates nothing. The slot lies within the allocation: prefix, then
+        // LISTEN_PID_DIGITS + 1 bytes, the last of which stays NUL.
+        let slot = self.listen_pid.cast::<u8>().add(LISTEN_PID_PREFIX.len());
+        let digits = std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS);
         write_decimal(digits, libc::getpid() as u64);
         libc::execve(
             self.path.as_ptr(),
             self.argv_ptrs.as_ptr(),
             self.envp.as_ptr(),
         );
-        let errno = *libc::__errno_location();
-        let mut buf = [0u8; 32];
-        let mut len = copy(&mut buf, 0, b"exec-error ");
-        len += write_decimal(&mut buf[len..], errno as u64);
-        buf[len] = b'\n';
-        libc::write(channel, buf.as_ptr().cast(), len + 1);
-        libc::_exit(127);
+        fail();
     }
 }
 
@@ -472,15 +565,24 @@ pub struct HandedOver {
     pub took: Duration,
     /// O's end of the channel, to report the drain to N.
     pub channel: tokio::net::UnixStream,
+    /// Why N did not confirm that it serves, if it did not. Past `commit` there is no way back:
+    /// N is the main pid, and O drains and exits all the same.
+    pub unconfirmed: Option<String>,
 }
 
 /// Runs steps 2 to 5 (see the module docs) for O. On error N is gone and the message says why,
 /// in one line. `hand_over_hook` runs right before `MAINPID=` (the pidfile is rewritten there).
+///
+/// `cancel` calls the upgrade off (a stop): honoured up to the point of no return, `MAINPID=`;
+/// after it the result is a handover, possibly unconfirmed. So the caller must look at the
+/// result even after cancelling.
 pub async fn run(
     upgrader: &Upgrader,
     counts: Counts,
     hand_over_hook: impl FnOnce(i32) -> io::Result<()>,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<HandedOver, String> {
+    const CALLED_OFF: &str = "called off: the process is stopping";
     let started = Instant::now();
     let started_usec = monotonic_usec();
     let next = upgrader.generation + 1;
@@ -527,6 +629,7 @@ pub async fn run(
         Some(line) => Ok(Ok(Some(line))),
         None => tokio::time::timeout(upgrader.timeout, async {
             tokio::select! {
+                _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
                 line = lines.next_line() => line,
                 _ = exited => {
                     // Whatever N wrote before it died comes first.
@@ -547,6 +650,7 @@ pub async fn run(
                 humantime::format_duration(upgrader.timeout)
             ))
         }
+        Ok(Err(_)) if cancel.is_cancelled() => return Err(CALLED_OFF.to_owned()),
         Ok(Err(e)) => return Err(format!("handshake with pid {pid} broke: {e}")),
         Ok(Ok(None)) => {
             return Err(format!(
@@ -570,34 +674,49 @@ pub async fn run(
         },
     }
 
-    hand_over_hook(pid).map_err(|e| format!("cannot record pid {pid}: {e}"))?;
+    if cancel.is_cancelled() {
+        return Err(CALLED_OFF.to_owned());
+    }
+    // The pidfile write (fsync) and the barrier (up to 5 s) block: keep them off the workers.
+    tokio::task::block_in_place(|| hand_over_hook(pid))
+        .map_err(|e| format!("cannot record pid {pid}: {e}"))?;
     // Under NotifyAccess=main only O may name the new main pid, and systemd must have processed
     // it before O exits, or it would consider the unit dead and kill N too.
     notify::main_pid(pid as u32).map_err(|e| format!("MAINPID={pid} was not sent: {e}"))?;
-    notify::barrier(BARRIER_TIMEOUT)
-        .map_err(|e| format!("systemd did not confirm MAINPID={pid}: {e}"))?;
-    write
-        .write_all(b"commit\n")
-        .await
-        .map_err(|e| format!("cannot tell pid {pid} to commit: {e}"))?;
+    // The point of no return: MAINPID= is out. Without the barrier's answer it is unknown
+    // whether systemd took it; going on is the lesser risk (killing N would leave a main pid
+    // that may be dead), so a silent barrier is logged, not a reason to roll back.
+    if let Err(e) = tokio::task::block_in_place(|| notify::barrier(BARRIER_TIMEOUT)) {
+        tracing::warn!(
+            event = "barrier-unconfirmed",
+            new_pid = pid,
+            "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
+        );
+    }
     let mut spawned = spawned;
     spawned.committed = true;
     notify::hand_over();
-
-    match tokio::time::timeout(STEP_TIMEOUT, lines.next_line()).await {
-        Ok(Ok(Some(line))) if line == "serving" => {}
-        other => {
-            // Past MAINPID= there is no way back: N is the service now, whatever it does.
-            tracing::error!(
-                event = "upgrade-unconfirmed",
-                new_pid = pid,
-                "generation {next} (pid {pid}) did not confirm that it serves: {other:?}"
-            );
-            return Err(format!(
-                "the new process (pid {pid}) took over but did not confirm that it serves"
-            ));
+    let confirmation = async {
+        write.write_all(b"commit\n").await?;
+        tokio::select! {
+            line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => match line {
+                Ok(Ok(Some(line))) if line == "serving" => Ok(()),
+                Ok(Ok(other)) => Err(io::Error::other(format!("it said {other:?} instead of serving"))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(io::Error::other(format!("no answer within {STEP_TIMEOUT:?}"))),
+            },
+            _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
         }
-    }
+    };
+    let unconfirmed = confirmation.await.err().map(|e| {
+        // N is the service now, whatever it does.
+        tracing::error!(
+            event = "upgrade-unconfirmed",
+            new_pid = pid,
+            "generation {next} (pid {pid}) took over but did not confirm that it serves: {e}"
+        );
+        format!("the new process (pid {pid}) took over but did not confirm that it serves: {e}")
+    });
     let channel = lines
         .into_inner()
         .into_inner()
@@ -608,6 +727,7 @@ pub async fn run(
         generation: next,
         took: started.elapsed(),
         channel,
+        unconfirmed,
     })
 }
 

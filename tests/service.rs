@@ -562,3 +562,65 @@ fn bad_flag_values_are_usage_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_request_head_in_progress_at_the_drain_grace_still_gets_its_answer() {
+    let (mut baton, addr) = start(&["--drain-timeout", "20s"]);
+    let mut conn = Conn::tcp(addr).unwrap();
+    conn.write_raw(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    baton.signal(Signal::SIGTERM);
+    baton
+        .stderr
+        .wait_for("event=\"stop\"", Duration::from_secs(10))
+        .expect("stop event");
+    // Past the idle grace (1 s): the connection was not idle, it was sending a request.
+    std::thread::sleep(Duration::from_millis(1500));
+    conn.write_raw(b"\r\n").unwrap();
+    let r = conn.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.closes(), "answered with Connection: close");
+    conn.expect_close().unwrap();
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+}
+
+#[test]
+fn cached_files_follow_changes_of_the_file_and_of_its_links() {
+    let root = TempDir::new("cache");
+    let outside = TempDir::new("cache-outside");
+    std::fs::write(outside.join("secret"), "secret").unwrap();
+    std::fs::write(root.join("a.txt"), "one").unwrap();
+    std::fs::write(root.join("b.txt"), "bee").unwrap();
+    symlink(root.join("a.txt"), root.join("link.txt")).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    let body = |path: &str| {
+        let r = http::get(addr, path).unwrap();
+        (r.status, r.text())
+    };
+    for _ in 0..3 {
+        assert_eq!(body("/a.txt"), (200, "one".to_owned()));
+        assert_eq!(body("/link.txt"), (200, "one".to_owned()));
+    }
+    // Rewritten in place, and replaced by a rename: both are seen at once.
+    std::fs::write(root.join("a.txt"), "two!").unwrap();
+    assert_eq!(body("/a.txt"), (200, "two!".to_owned()));
+    std::fs::write(root.join("new"), "three").unwrap();
+    std::fs::rename(root.join("new"), root.join("a.txt")).unwrap();
+    assert_eq!(body("/a.txt"), (200, "three".to_owned()));
+    // A cached link retargeted inside the root serves the new target...
+    std::fs::remove_file(root.join("link.txt")).unwrap();
+    symlink(root.join("b.txt"), root.join("link.txt")).unwrap();
+    assert_eq!(body("/link.txt"), (200, "bee".to_owned()));
+    // ...and retargeted outside it, nothing.
+    std::fs::remove_file(root.join("link.txt")).unwrap();
+    symlink(outside.join("secret"), root.join("link.txt")).unwrap();
+    let (status, text) = body("/link.txt");
+    assert_eq!(status, 404);
+    assert!(!text.contains("secret"));
+    // Conditional and range requests bypass the cache and keep their meaning.
+    let mut conn = Conn::tcp(addr).unwrap();
+    let r = conn
+        .request("GET", "/b.txt", &[("Range", "bytes=1-1")])
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (206, "e"));
+}

@@ -318,7 +318,9 @@ fn fault_new_process_killed_during_handshake() {
     let reloading = std::thread::spawn(move || reload(old));
     let new_pid = spawned_pid(&baton);
     // Kill it once it is certainly inside its slow start, i.e. while O waits for "ready".
-    assert!(common::wait_until(Duration::from_secs(10), || sleeper.exists()));
+    let sleep_pid =
+        || -> Option<u32> { std::fs::read_to_string(&sleeper).ok()?.trim().parse().ok() };
+    assert!(common::wait_until(Duration::from_secs(10), || sleep_pid().is_some()));
     kill(new_pid, Signal::SIGKILL);
     let (code, _, err) = reloading.join().unwrap();
     assert_eq!(code, 1, "{err}");
@@ -333,12 +335,7 @@ fn fault_new_process_killed_during_handshake() {
     assert!(report.failures.is_empty(), "{:#?}", report.failures);
     assert_eq!(pid_of(addr), old);
     // The orphaned `sleep` child of the killed script is not baton's; clean it up.
-    let sleep_pid: u32 = std::fs::read_to_string(&sleeper)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    kill(sleep_pid, Signal::SIGKILL);
+    kill(sleep_pid().unwrap(), Signal::SIGKILL);
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
 }
@@ -394,10 +391,13 @@ fn sigterm_during_an_upgrade_stops_cleanly() {
     let new_pid = spawned_pid(&baton);
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
-    assert!(baton
-        .stderr
-        .text()
-        .contains("upgrade aborted; the new process was killed"));
+    let log = baton.stderr.text();
+    assert!(
+        log.contains(
+            "upgrade aborted (called off: the process is stopping); the new process was killed"
+        ),
+        "{log}"
+    );
     // No leftover process: the would-be successor was killed and reaped.
     assert!(reaper::wait_exit(new_pid, EXIT_TIMEOUT).is_some());
     let (code, _, err) = reloading.join().unwrap();
@@ -554,4 +554,77 @@ fn the_new_generation_reports_the_handoff_and_the_old_drain() {
     assert!(handoff > 0.0 && handoff < 5.0, "handoff {handoff} s");
     assert_eq!(pid_of(addr), new);
     stop_current(addr);
+}
+
+#[test]
+fn sigterm_to_the_old_process_after_the_handover_does_not_cut_its_drain() {
+    // systemd signals every process of the unit on stop: the old generation, still draining,
+    // gets SIGTERM too, and its in-flight responses must still complete.
+    let root = TempDir::new("handover-term");
+    let body: Vec<u8> = (0..64usize << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(root.join("big.bin"), &body).unwrap();
+    let (mut baton, addr) = start(
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "--drain-timeout",
+            "30s",
+        ],
+        &[],
+    );
+    let mut download = common::http::Conn::tcp(addr).unwrap();
+    download
+        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    download.read_head().unwrap();
+    let mut received = download.read_body(1 << 20).unwrap();
+    upgrade_old_kept(&baton, addr);
+    baton.signal(Signal::SIGTERM);
+    baton
+        .stderr
+        .wait_for(
+            "already draining after the handover",
+            Duration::from_secs(10),
+        )
+        .expect("the first SIGTERM is taken as a confirmation");
+    received.extend(download.read_body(body.len() - received.len()).unwrap());
+    assert!(received == body, "the download was cut");
+    let status = baton.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert!(status.success(), "{status:?}: {}", baton.stderr.text());
+    stop_current(addr);
+}
+
+/// Upgrades without waiting for the old process to exit (it has a download to finish).
+fn upgrade_old_kept(baton: &Baton, addr: SocketAddr) -> u32 {
+    let (code, out, err) = reload(baton.pid());
+    assert_eq!(code, 0, "{err}");
+    let new = pid_of(addr);
+    assert_ne!(new, baton.pid(), "{out}");
+    new
+}
+
+#[test]
+fn a_new_process_that_takes_over_without_confirming_is_not_rolled_back() {
+    let dir = TempDir::new("unconfirmed");
+    // Speaks the handshake up to the commit (the channel is fd 4: one socket, then it), then
+    // goes silent.
+    let exe = script(
+        &dir,
+        "baton",
+        "echo ready >&4; read commit <&4; exec sleep 600",
+    );
+    let (mut baton, _) = start(&["--exec", &exe], &[]);
+    let (code, _, err) = reload(baton.pid());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("took over but did not confirm that it serves"),
+        "{err}"
+    );
+    // Past the commit the old process cannot take the service back: it drains and exits.
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    assert!(
+        !baton.stderr.text().contains("event=\"upgrade-failed\""),
+        "counted as a rollback"
+    );
+    kill(spawned_pid(&baton), Signal::SIGKILL);
 }
