@@ -15,14 +15,16 @@
 //! Step by step ([`run`]):
 //! 1. O sends `RELOADING=1` + `MONOTONIC_USEC` + `STATUS=`.
 //! 2. O double-forks ([`Upgrader::spawn`]): the intermediate reports N's pid on the handshake
-//!    channel and exits; O reaps it, so N is the child of PID 1 (or of the nearest subreaper)
-//!    before it is ever named the main pid. N gets the sockets at fds `3..` with `LISTEN_FDS`,
-//!    `LISTEN_FDNAMES` and its own `LISTEN_PID`, the handshake channel at the next fd
-//!    (`BATON_UPGRADE_FD`), and `BATON_GENERATION` one higher.
+//!    channel and waits; O opens a pidfd for N (which cannot be recycled meanwhile: N is still
+//!    the intermediate's child), releases and reaps the intermediate, so N is the child of PID 1
+//!    (or of the nearest subreaper) before it is ever named the main pid. N gets the sockets at
+//!    fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and its own `LISTEN_PID`, the handshake
+//!    channel at the next fd (`BATON_UPGRADE_FD`), and `BATON_GENERATION` one higher.
 //! 3. N starts (fresh config, sockets, server) without accepting and without notifying, then
 //!    says `ready`. Anything that goes wrong in N before that is reported as `error <message>`.
 //! 4. O sends `MAINPID=N` and a `BARRIER=1`, then `commit`. From then on O is silent towards
-//!    systemd ([`crate::notify::hand_over`]).
+//!    systemd ([`crate::notify::hand_over`]). `MAINPID=` is the point of no return: up to it
+//!    a stop calls the upgrade off; after it O only hands over, even if N never confirms.
 //! 5. N starts accepting, sends `READY=1` + `STATUS=`, says `serving`.
 //! 6. O stops accepting, drains its connections, reports `drained <ms> <forced>` to N (for N's
 //!    metrics), and exits 0.
