@@ -628,3 +628,28 @@ fn a_new_process_that_takes_over_without_confirming_is_not_rolled_back() {
     );
     kill(spawned_pid(&baton), Signal::SIGKILL);
 }
+
+#[test]
+fn a_reload_applies_the_changed_configuration() {
+    let dir = TempDir::new("reconfig");
+    for (site, text) in [("one", "first site"), ("two", "second site")] {
+        std::fs::create_dir(dir.join(site)).unwrap();
+        std::fs::write(dir.join(site).join("index.html"), text).unwrap();
+    }
+    let config = dir.join("baton.toml");
+    let write_config = |site: &str| {
+        std::fs::write(
+            &config,
+            format!("[server]\nroot = \"{}\"\n", dir.join(site).display()),
+        )
+        .unwrap()
+    };
+    write_config("one");
+    let config_arg = config.display().to_string();
+    let (baton, addr) = start(&["--config", &config_arg], &[]);
+    assert_eq!(http::get(addr, "/").unwrap().text(), "first site");
+    write_config("two");
+    upgrade_ok(baton.pid(), addr, 2);
+    assert_eq!(http::get(addr, "/").unwrap().text(), "second site");
+    stop_current(addr);
+}
