@@ -368,10 +368,25 @@ impl tower::Service<Request<Body>> for Confined {
         let files = self.files.clone();
         let cache = self.cache.clone();
         Box::pin(async move {
+            let Some((key, lookup, path, stamp)) = cacheable else {
+                let Ok(response) = tower::ServiceExt::oneshot(files, request).await;
+                return Ok(response.map(Body::new));
+            };
+            // One request fills an entry while the others for the same path wait for it: a new
+            // generation starts with an empty cache, and all its clients arrive at once.
+            cache.remove_if(key.as_str(), |old| old.stamp != stamp);
+            let guard = match cache.get_value_or_guard_async(key.as_str()).await {
+                Ok(hit) if hit.stamp == stamp => {
+                    let mut response = Response::new(Body::from(hit.body.clone()));
+                    *response.headers_mut() = hit.headers.clone();
+                    return Ok(response);
+                }
+                // Filled from another version of the file meanwhile: ServeDir answers.
+                Ok(_) => None,
+                Err(guard) => Some(guard),
+            };
             let Ok(response) = tower::ServiceExt::oneshot(files, request).await;
-            let Some((key, lookup, path, stamp)) =
-                cacheable.filter(|_| response.status() == StatusCode::OK)
-            else {
+            let Some(guard) = guard.filter(|_| response.status() == StatusCode::OK) else {
                 return Ok(response.map(Body::new));
             };
             let (parts, body) = response.into_parts();
@@ -384,17 +399,15 @@ impl tower::Service<Request<Body>> for Confined {
                     return Ok(response);
                 }
             };
-            // Only what was read from an unchanged file may be reused.
+            // Only what was read from an unchanged file may be reused; otherwise the guard
+            // goes unfilled and the next request tries again.
             if bytes.len() as u64 == stamp.len && Stamp::of(&lookup) == Some(stamp) {
-                cache.insert(
-                    key,
-                    Arc::new(CachedFile {
-                        lookup,
-                        stamp,
-                        headers: parts.headers.clone(),
-                        body: bytes.clone(),
-                    }),
-                );
+                let _ = guard.insert(Arc::new(CachedFile {
+                    lookup,
+                    stamp,
+                    headers: parts.headers.clone(),
+                    body: bytes.clone(),
+                }));
             }
             Ok(Response::from_parts(parts, Body::from(bytes)))
         })
