@@ -480,7 +480,7 @@ impl ExecPlan {
     /// returns; a failure is reported as `exec-error <errno>` on `channel` (its original fd,
     /// open until exec).
     unsafe fn exec_in_child(&self, channel: RawFd) -> ! {
-        let fail = || -> ! {
+        let fail = |channel: RawFd| -> ! {
             let errno = *libc::__errno_location();
             let mut buf = [0u8; 32];
             let mut len = copy(&mut buf, 0, b"exec-error ");
@@ -496,14 +496,20 @@ impl ExecPlan {
         for (i, fd) in self.fds.iter().enumerate() {
             high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
             if high[i] < 0 {
-                fail();
+                fail(channel);
             }
         }
         for (i, fd) in high.iter().take(self.fds.len()).enumerate() {
             if libc::dup2(*fd, 3 + i as RawFd) < 0 {
-                fail();
+                fail(channel);
             }
         }
+        // From here on the channel is the last of the handed fds. Everything above them goes:
+        // fds this process inherited without FD_CLOEXEC (from whatever started the first
+        // generation) must not travel on from generation to generation. close_range(2) is a
+        // plain syscall; on kernels without it (< 5.9) the stray fds stay, as before.
+        let channel = 3 + n - 1;
+        libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0);
         // Signals are blocked (see spawn). Put back the default action of every signal this
         // process handles or ignores (Rust ignores SIGPIPE, and exec would keep that), so that a
         // signal pending now cannot run O's handler here, then unblock.
@@ -533,7 +539,7 @@ impl ExecPlan {
             self.argv_ptrs.as_ptr(),
             self.envp.as_ptr(),
         );
-        fail();
+        fail(channel);
     }
 }
 

@@ -653,3 +653,30 @@ fn a_reload_applies_the_changed_configuration() {
     assert_eq!(http::get(addr, "/").unwrap().text(), "second site");
     stop_current(addr);
 }
+
+#[test]
+fn fds_inherited_by_the_first_generation_do_not_travel_on() {
+    // Whatever started the first generation may leak an fd into it (no FD_CLOEXEC).
+    let dir = TempDir::new("stray");
+    let stray_path = dir.join("stray");
+    let file = std::fs::File::create(&stray_path).unwrap();
+    // Far above the fds the spawner places (3..), and without FD_CLOEXEC (F_DUPFD clears it).
+    let stray = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_DUPFD, 300) };
+    assert!(stray >= 300);
+    let (baton, addr) = start(&[], &[]);
+    unsafe { libc::close(stray) };
+    drop(file);
+    let holds_stray = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|target| target == stray_path)
+    };
+    assert!(
+        holds_stray(baton.pid()),
+        "the first generation should have inherited it"
+    );
+    let new = upgrade_ok(baton.pid(), addr, 2);
+    assert!(!holds_stray(new), "the new generation inherited a stray fd");
+    stop_current(addr);
+}
