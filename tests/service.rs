@@ -111,18 +111,7 @@ fn slow_request_in_flight_at_sigterm_completes() {
         "20s",
     ]);
 
-    let mut conn = Conn::tcp(addr).unwrap();
-    conn.write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    let (status, headers) = conn.read_head().unwrap();
-    assert_eq!(status, 200);
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .unwrap()
-        .1
-        .parse()
-        .unwrap();
+    let (mut conn, len) = http::start_download(addr, "/big.bin");
     let mut received = conn.read_body(1 << 20).unwrap();
 
     baton.signal(Signal::SIGTERM);
@@ -214,11 +203,7 @@ fn drain_deadline_closes_what_is_left_and_exits_zero() {
         "1s",
     ]);
     // A client that never reads: its response cannot finish.
-    let mut stalled = Conn::tcp(addr).unwrap();
-    stalled
-        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    stalled.read_head().unwrap();
+    let _stalled = http::start_download(addr, "/big.bin");
     let stop = Instant::now();
     baton.signal(Signal::SIGTERM);
     let status = baton.wait_exit(EXIT_TIMEOUT).unwrap();
@@ -245,11 +230,7 @@ fn second_sigint_exits_at_once() {
         "--drain-timeout",
         "60s",
     ]);
-    let mut stalled = Conn::tcp(addr).unwrap();
-    stalled
-        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    stalled.read_head().unwrap();
+    let _stalled = http::start_download(addr, "/big.bin");
     baton.signal(Signal::SIGINT);
     baton
         .stderr

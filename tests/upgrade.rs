@@ -527,11 +527,7 @@ fn the_new_generation_reports_the_handoff_and_the_old_drain() {
         &[],
     );
     // A download that cannot finish: the old generation must cut it at its drain deadline.
-    let mut stalled = common::http::Conn::tcp(addr).unwrap();
-    stalled
-        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    stalled.read_head().unwrap();
+    let _stalled = http::start_download(addr, "/big.bin");
     let new = upgrade_ok(baton.pid(), addr, 2);
     let metric = |name: &str| -> Option<f64> {
         let text = http::get(addr, "/-/metrics").ok()?.text();
@@ -572,11 +568,7 @@ fn sigterm_to_the_old_process_after_the_handover_does_not_cut_its_drain() {
         ],
         &[],
     );
-    let mut download = common::http::Conn::tcp(addr).unwrap();
-    download
-        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    download.read_head().unwrap();
+    let (mut download, _) = http::start_download(addr, "/big.bin");
     let mut received = download.read_body(1 << 20).unwrap();
     upgrade_old_kept(&baton, addr);
     baton.signal(Signal::SIGTERM);

@@ -190,6 +190,23 @@ impl<S: Read + Write> Conn<S> {
     }
 }
 
+/// Starts downloading `path` over a fresh keep-alive connection: sends the GET, reads the
+/// response head, and returns the connection (positioned at the body) and the body's length.
+/// Reading the body slowly, or not at all, keeps the response in flight.
+pub fn start_download(addr: SocketAddr, path: &str) -> (Conn<TcpStream>, usize) {
+    let mut conn = Conn::tcp(addr).unwrap();
+    conn.write_raw(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let (status, headers) = conn.read_head().unwrap();
+    assert_eq!(status, 200, "GET {path}");
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("a content-length");
+    (conn, len)
+}
+
 /// GET over a fresh TCP connection with `Connection: close`; returns once the server has
 /// closed the connection too (cleanly: a reset is an error).
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
