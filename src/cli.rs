@@ -5,6 +5,10 @@
 //! upgrade), with a one-line message per problem on stderr; 2 bad command-line usage; 3 (`baton
 //! status`) not running.
 
+// The doc comments of the argument structs are clap's `--help` text, where `[IPv6]` and
+// `[default: ...]` are meant literally, not as intra-doc links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -81,7 +81,7 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Upgrader {
     /// The executable to run.
     pub exe: PathBuf,
-    /// The arguments after argv[0], as this process got them: N reads its config afresh.
+    /// The arguments after `argv[0]`, as this process got them: N reads its config afresh.
     pub args: Vec<OsString>,
     /// This process's generation; N gets one more.
     pub generation: u64,
@@ -115,7 +115,7 @@ impl Counts {
     }
 }
 
-/// The executable this process runs, as a path that a package upgrade replaces: argv[0] made
+/// The executable this process runs, as a path that a package upgrade replaces: `argv[0]` made
 /// absolute when it has a slash (so a symlinked install is followed anew), else what the kernel
 /// says. Never `/proc/self/exe` at upgrade time, which names the old, possibly deleted, file.
 pub fn current_executable() -> io::Result<PathBuf> {

@@ -34,6 +34,9 @@ cargo fmt --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
 
+say "cargo doc (no broken links, no warnings)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+
 say "cargo test"
 cargo test --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
