@@ -28,6 +28,7 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
         spawn = spawn.env(k, v);
     }
     let mut baton = spawn.start();
+    baton.serves = Some(addr);
     baton.wait_ready();
     (baton, addr)
 }

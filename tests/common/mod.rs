@@ -238,6 +238,7 @@ impl Baton {
             child,
             stderr,
             stdout,
+            serves: None,
         }
     }
 }
@@ -247,6 +248,9 @@ pub struct Baton {
     pub child: Child,
     pub stderr: Lines,
     pub stdout: Lines,
+    /// Where it serves, when known: after upgrades another pid serves there, and a test that
+    /// fails midway must not leave that one running.
+    pub serves: Option<std::net::SocketAddr>,
 }
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -304,6 +308,19 @@ impl Baton {
 
 impl Drop for Baton {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The generation serving now, whichever it is (a failed upgrade test).
+            if let Some(pid) = self
+                .serves
+                .and_then(|addr| http::get(addr, "/-/version").ok())
+                .and_then(|r| r.json()["pid"].as_i64())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         if reaper::active() {
             if reaper::status(self.pid()).is_none() {
                 let _ = self.child.kill();
