@@ -249,6 +249,25 @@ impl ProcessHandle {
         Ok(ProcessHandle(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
     }
 
+    /// SIGKILL, to exactly this process (a recycled pid cannot be hit).
+    pub fn kill(&self) {
+        // SAFETY: a plain syscall on an fd we own.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+
+    /// A second fd for the same process (e.g. to wait for its exit asynchronously).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.0.try_clone()
+    }
+
     /// Waits until the process has exited; false on timeout.
     pub fn wait_exit(&self, timeout: Duration) -> io::Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

@@ -228,6 +228,15 @@ struct CachedFile {
     body: bytes::Bytes,
 }
 
+impl CachedFile {
+    /// The response again: status 200, the same headers and bytes.
+    fn response(&self) -> Response<Body> {
+        let mut response = Response::new(Body::from(self.body.clone()));
+        *response.headers_mut() = self.headers.clone();
+        response
+    }
+}
+
 /// What identifies a file's content without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
@@ -352,8 +361,7 @@ impl tower::Service<Request<Body>> for Confined {
             // then; a changed file or a retargeted link leads elsewhere and misses.
             if let Some(hit) = self.cache.get(request.uri().path()) {
                 if Stamp::of(&hit.lookup) == Some(hit.stamp) {
-                    let mut response = Response::new(Body::from(hit.body.clone()));
-                    *response.headers_mut() = hit.headers.clone();
+                    let response = hit.response();
                     return Box::pin(async move { Ok(response) });
                 }
             }
@@ -376,11 +384,7 @@ impl tower::Service<Request<Body>> for Confined {
             // generation starts with an empty cache, and all its clients arrive at once.
             cache.remove_if(key.as_str(), |old| old.stamp != stamp);
             let guard = match cache.get_value_or_guard_async(key.as_str()).await {
-                Ok(hit) if hit.stamp == stamp => {
-                    let mut response = Response::new(Body::from(hit.body.clone()));
-                    *response.headers_mut() = hit.headers.clone();
-                    return Ok(response);
-                }
+                Ok(hit) if hit.stamp == stamp => return Ok(hit.response()),
                 // Filled from another version of the file meanwhile: ServeDir answers.
                 Ok(_) => None,
                 Err(guard) => Some(guard),

@@ -148,12 +148,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
-
-    /// Gives access to the registry, so that a library user can add metrics of its own before
-    /// serving.
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -180,28 +180,19 @@ impl Pidfile {
     /// Takes over the locked pidfile passed by the previous generation, if any, and removes the
     /// variable. Call before any thread exists (it changes the environment).
     pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
-        let Some(value) = std::env::var_os(PIDFILE_FD_ENV) else {
+        let value = std::env::var(PIDFILE_FD_ENV).ok();
+        let Some(fd) =
+            crate::upgrade::take_fd(PIDFILE_FD_ENV, value).map_err(PidfileError::Other)?
+        else {
             return Ok(None);
         };
-        // SAFETY (of the contract above): no other thread reads the environment yet.
-        unsafe { std::env::remove_var(PIDFILE_FD_ENV) };
-        let fd: RawFd = value
-            .to_str()
-            .and_then(|v| v.parse().ok())
-            .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-            .ok_or_else(|| {
-                PidfileError::Other(format!("{PIDFILE_FD_ENV}={value:?} is not an open fd"))
-            })?;
-        // SAFETY: the fd is open and was handed to this process alone.
-        let file = unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            File::from(OwnedFd::from_raw_fd(fd))
-        };
+        let file = File::from(fd);
         // The description is already locked; this confirms it is ours and not a stray fd.
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(PidfileError::Other(format!(
-                "{PIDFILE_FD_ENV}={fd} does not carry the pidfile lock: {}",
+                "{PIDFILE_FD_ENV}={} does not carry the pidfile lock: {}",
+                file.as_raw_fd(),
                 io::Error::last_os_error()
             )));
         }

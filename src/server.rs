@@ -170,11 +170,6 @@ impl Server {
         }
     }
 
-    /// Whether [`Server::drain`] has begun.
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::SeqCst)
-    }
-
     /// Lets the open connections finish (see the module docs) for at most `timeout`, then closes
     /// the rest. Call [`Server::stop_accepting`] first.
     pub async fn drain(&self, timeout: Duration) -> DrainReport {

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+use crate::control::ProcessHandle;
 use crate::notify;
 
 /// The environment variable that carries N's end of the handshake channel.
@@ -254,7 +255,7 @@ impl Upgrader {
         }
         // From now on N is killed through a pidfd, which cannot hit a recycled pid: N is still
         // the intermediate's child (a zombie at worst) until the intermediate exits.
-        let pidfd = pidfd_open(pid)?;
+        let pidfd = ProcessHandle::open(pid as u32)?;
         // Releasing and reaping the intermediate makes N an orphan, adopted by PID 1 (or the
         // nearest subreaper), before anyone names it the main pid.
         intermediate.release_and_reap()?;
@@ -262,7 +263,7 @@ impl Upgrader {
         channel.set_read_timeout(None)?;
         Ok(Spawned {
             pid,
-            pidfd: Some(pidfd),
+            pidfd,
             channel,
             early,
             committed: false,
@@ -305,8 +306,7 @@ impl Drop for Intermediate {
 /// N between its start and `commit`: killed when dropped uncommitted.
 pub struct Spawned {
     pub pid: i32,
-    /// `None` when N was already gone (and reaped) by the time we asked: nothing to kill.
-    pidfd: Option<OwnedFd>,
+    pidfd: ProcessHandle,
     channel: StdUnixStream,
     /// A message from N that came before its pid.
     early: Option<String>,
@@ -315,29 +315,10 @@ pub struct Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if let (false, Some(pidfd)) = (self.committed, &self.pidfd) {
-            // SAFETY: a plain syscall on an fd we own.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+        if !self.committed {
+            self.pidfd.kill();
         }
     }
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Everything `execve` needs, allocated before the fork: between fork and exec in a threaded
@@ -622,7 +603,7 @@ pub async fn run(
 
     // N's exit ends the wait even when something else keeps the channel open (a child of N
     // that inherited it).
-    let watch = spawned.pidfd.as_ref().and_then(|fd| fd.try_clone().ok());
+    let watch = spawned.pidfd.try_clone_fd().ok();
     let exited = async move {
         // SAFETY: the AsyncFd owns its copy of the pidfd, which stays open and unchanged
         // while registered.
@@ -746,6 +727,29 @@ fn monotonic_usec() -> i128 {
     }
 }
 
+/// Takes the fd a previous generation announced in the environment variable `var`: removes
+/// the variable, checks that `value` names an open fd above stdio, and marks it FD_CLOEXEC so
+/// that nothing this process starts inherits it.
+///
+/// # Safety contract
+/// Changes the environment: call it before any other thread exists. The fd must have been
+/// handed to this process alone (it becomes an `OwnedFd`).
+pub(crate) fn take_fd(var: &str, value: Option<String>) -> Result<Option<OwnedFd>, String> {
+    // SAFETY (of the contract above): no other thread reads the environment yet.
+    unsafe { std::env::remove_var(var) };
+    let Some(value) = value else { return Ok(None) };
+    let fd: RawFd = value
+        .parse()
+        .ok()
+        .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+        .ok_or_else(|| format!("{var}={value:?} is not an open fd"))?;
+    // SAFETY: the fd is open and, per the contract, ours alone.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok(Some(OwnedFd::from_raw_fd(fd)))
+    }
+}
+
 /// N's side of the channel.
 pub struct Handshake {
     channel: StdUnixStream,
@@ -770,22 +774,11 @@ impl Handshake {
         let fd = std::env::var(UPGRADE_FD_ENV).ok();
         let started = std::env::var(UPGRADE_STARTED_ENV).ok();
         // SAFETY (of the contract above): no other thread reads the environment yet.
-        unsafe {
-            std::env::remove_var(UPGRADE_FD_ENV);
-            std::env::remove_var(UPGRADE_STARTED_ENV);
-        }
-        let Some(fd) = fd else { return Ok(None) };
-        let raw: RawFd = fd
-            .parse()
-            .ok()
-            .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-            .ok_or_else(|| format!("{UPGRADE_FD_ENV}={fd:?} is not an open fd"))?;
-        // SAFETY: the fd is open and was handed to this process alone; CLOEXEC so that nothing
-        // N starts inherits it.
-        let channel = unsafe {
-            libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC);
-            StdUnixStream::from_raw_fd(raw)
+        unsafe { std::env::remove_var(UPGRADE_STARTED_ENV) };
+        let Some(fd) = take_fd(UPGRADE_FD_ENV, fd)? else {
+            return Ok(None);
         };
+        let channel = StdUnixStream::from(fd);
         Ok(Some(Handshake {
             channel,
             started_usec: started.and_then(|s| s.parse().ok()),

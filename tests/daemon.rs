@@ -40,24 +40,8 @@ fn baton_as(user: Option<u32>, args: &[&str]) -> (i32, String, String) {
         }
         None => Command::new(common::baton_bin()),
     };
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET");
-    let mut b = common::Baton::adopt(
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = b.wait_exit(TIMEOUT).expect("the command returns");
-    b.stdout.wait_closed(Duration::from_secs(5));
-    b.stderr.wait_closed(Duration::from_secs(5));
-    (
-        status.code().unwrap_or(-1),
-        b.stdout.text(),
-        b.stderr.text(),
-    )
+    cmd.args(args);
+    common::run(cmd)
 }
 
 fn baton(args: &[&str]) -> (i32, String, String) {

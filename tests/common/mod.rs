@@ -335,9 +335,16 @@ impl Drop for Baton {
 /// Runs `baton ARGS` to completion: (exit code, stdout, stderr).
 pub fn run_baton(args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(baton_bin());
-    cmd.args(args).env_remove("RUST_LOG");
+    cmd.args(args);
+    run(cmd)
+}
+
+/// Runs a command to completion: (exit code, stdout, stderr). Works under the subreaper too,
+/// where std's own wait would find nothing to wait for.
+pub fn run(mut cmd: Command) -> (i32, String, String) {
+    cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
     if !reaper::active() {
-        let out = cmd.output().expect("run baton");
+        let out = cmd.output().expect("run a command");
         return (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -349,11 +356,11 @@ pub fn run_baton(args: &[&str]) -> (i32, String, String) {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("run baton"),
+            .expect("run a command"),
     );
     let status = b
         .wait_exit(Duration::from_secs(120))
-        .expect("baton command did not finish");
+        .expect("the command did not finish");
     b.stdout.wait_closed(Duration::from_secs(5));
     b.stderr.wait_closed(Duration::from_secs(5));
     (
