@@ -84,6 +84,21 @@ impl Socket {
     }
 }
 
+impl Listener {
+    /// Another fd for the same socket (the same open file description), as a listener of the
+    /// same name that was not handed over.
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        Ok(Listener {
+            name: self.name.clone(),
+            socket: match &self.socket {
+                Socket::Tcp(l) => Socket::Tcp(l.try_clone()?),
+                Socket::Unix(l) => Socket::Unix(l.try_clone()?),
+            },
+            activated_fd: None,
+        })
+    }
+}
+
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match &self.socket {

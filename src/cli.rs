@@ -139,6 +139,10 @@ pub struct ReloadArgs {
     /// Give up waiting after this long [default: 90s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "90s")]
     pub timeout: Duration,
+
+    /// Wait for the end of the probation (upgrade.probation) too, and fail if the new process exited within it and the old one took over again
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +202,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_timeout: Option<Duration>,
 
+    /// After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub upgrade_probation: Option<Duration>,
+
     /// Run in the background (daemon(7)); returns once the daemon serves, or fails with its error
     #[arg(long)]
     pub daemon: bool,
@@ -237,6 +245,7 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             upgrade_exec: self.exec.clone(),
             upgrade_timeout: self.upgrade_timeout,
+            upgrade_probation: self.upgrade_probation,
             log_file: self.log_file.clone(),
             pidfile: self.pidfile.clone(),
         }
@@ -373,11 +382,24 @@ fn reload(args: ReloadArgs) -> ExitCode {
         Ok(pid) => pid,
         Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => return report(m),
     };
-    let answer = Client::connect(pid).and_then(|mut c| c.request("upgrade", args.timeout));
+    let request = if args.wait { "upgrade wait" } else { "upgrade" };
+    let answer = Client::connect(pid).and_then(|mut c| c.request(request, args.timeout));
     match answer {
         Ok(v) if v["ok"] == true => {
+            let probation = Duration::from_millis(v["probation_ms"].as_u64().unwrap_or(0));
+            let verdict = match (v["promoted"] == true, probation.is_zero()) {
+                (true, true) => String::new(),
+                (true, false) => format!(
+                    "; it passed its probation of {}",
+                    humantime::format_duration(probation)
+                ),
+                (false, _) => format!(
+                    "; on probation for {}: pid {pid} takes over again if it exits (--wait waits for the verdict)",
+                    humantime::format_duration(probation)
+                ),
+            };
             println!(
-                "baton: upgraded pid {pid} to generation {} (pid {}) in {} ms",
+                "baton: upgraded pid {pid} to generation {} (pid {}) in {} ms{verdict}",
                 v["generation"], v["pid"], v["took_ms"]
             );
             ExitCode::SUCCESS

@@ -30,6 +30,7 @@
 //! [upgrade]
 //! exec = "/usr/bin/baton"            # the binary a reload starts; default: this executable
 //! timeout = "60s"                    # the new process must be ready within this
+//! probation = "10s"                  # the old process takes over again if the new one exits within this
 //! ```
 //!
 //! ```
@@ -102,6 +103,9 @@ pub struct Upgrade {
     /// The binary to execute; `None`: the executable this process was started from.
     pub exec: Option<PathBuf>,
     pub timeout: Duration,
+    /// After the new process serves, the old one stays the main pid this long and takes over
+    /// again if the new one exits; zero: the switch follows at once.
+    pub probation: Duration,
 }
 
 impl Default for Config {
@@ -129,6 +133,7 @@ impl Default for Config {
             upgrade: Upgrade {
                 exec: None,
                 timeout: Duration::from_secs(60),
+                probation: Duration::from_secs(10),
             },
         }
     }
@@ -219,6 +224,7 @@ pub struct Overrides {
     pub pidfile: Option<PathBuf>,
     pub upgrade_exec: Option<PathBuf>,
     pub upgrade_timeout: Option<Duration>,
+    pub upgrade_probation: Option<Duration>,
 }
 
 /// Every problem found in a configuration, one line each.
@@ -294,6 +300,7 @@ struct LogSection {
 struct UpgradeSection {
     exec: Option<PathBuf>,
     timeout: Option<String>,
+    probation: Option<String>,
 }
 
 impl Config {
@@ -399,6 +406,11 @@ impl Config {
             file.upgrade.timeout,
             &mut config.upgrade.timeout,
         );
+        duration(
+            "upgrade.probation",
+            file.upgrade.probation,
+            &mut config.upgrade.probation,
+        );
         if let Some(level) = file.log.level {
             config.log_level = level;
         }
@@ -451,6 +463,9 @@ impl Config {
         if let Some(v) = o.upgrade_timeout {
             self.upgrade.timeout = v;
         }
+        if let Some(v) = o.upgrade_probation {
+            self.upgrade.probation = v;
+        }
     }
 
     /// Checks what the parser cannot: consistency and the filesystem.
@@ -502,6 +517,7 @@ impl Config {
             ),
             ("limits.idle_timeout", self.limits.idle_timeout, false),
             ("upgrade.timeout", self.upgrade.timeout, false),
+            ("upgrade.probation", self.upgrade.probation, true),
             ("shutdown.drain_timeout", self.shutdown.drain_timeout, true),
             ("shutdown.idle_grace", self.shutdown.idle_grace, true),
         ] {

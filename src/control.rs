@@ -11,7 +11,8 @@
 //!
 //! | request   | answer                                                                      |
 //! |-----------|-----------------------------------------------------------------------------|
-//! | `upgrade` | after the upgrade: `{"ok":true,"pid":N,"generation":G,"took_ms":T}` or `{"ok":false,"error":"..."}` |
+//! | `upgrade` | once the new process serves: `{"ok":true,"pid":N,"generation":G,"took_ms":T,"probation_ms":P,"promoted":B}` (`promoted`: it is the main pid already, i.e. no probation) or `{"ok":false,"error":"..."}` |
+//! | `upgrade wait` | the same, but only once the probation is over: `"promoted":true`, or `{"ok":false,"error":"... rolled back ..."}` |
 //! | `status`  | `{"ok":true,"pid":..,"generation":..,"version":..,"started":..,"uptime_secs":..,"listeners":[..],"state":".."}` |
 //! | `stop`    | `{"ok":true}`, then the process stops as on SIGTERM                          |
 
@@ -38,7 +39,11 @@ pub fn name(pid: u32) -> String {
 /// A request from a client, with the way back to it.
 #[derive(Debug)]
 pub enum Request {
-    Upgrade(oneshot::Sender<Value>),
+    /// `wait`: answer only once the probation is over.
+    Upgrade {
+        reply: oneshot::Sender<Value>,
+        wait: bool,
+    },
     Status(oneshot::Sender<Value>),
     Stop(oneshot::Sender<Value>),
 }
@@ -52,8 +57,8 @@ pub struct Control {
 impl Control {
     /// Stops taking requests and waits (up to `timeout`) until every answer already given has
     /// been written: a process must not exit with a `baton reload` answer still in memory.
-    pub async fn close(self, timeout: Duration) {
-        drop(self.requests);
+    pub async fn close(&mut self, timeout: Duration) {
+        self.requests.close();
         self.clients.close();
         let _ = tokio::time::timeout(timeout, self.clients.wait()).await;
     }
@@ -117,11 +122,18 @@ async fn serve_client(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
     let (reply_tx, reply_rx) = oneshot::channel();
     let request = match line.trim() {
-        "upgrade" => Request::Upgrade(reply_tx),
+        "upgrade" => Request::Upgrade {
+            reply: reply_tx,
+            wait: false,
+        },
+        "upgrade wait" => Request::Upgrade {
+            reply: reply_tx,
+            wait: true,
+        },
         "status" => Request::Status(reply_tx),
         "stop" => Request::Stop(reply_tx),
         other => {
-            let reply = json!({"ok": false, "error": format!("unknown request {other:?}; use upgrade, status or stop")});
+            let reply = json!({"ok": false, "error": format!("unknown request {other:?}; use upgrade, upgrade wait, status or stop")});
             return write_reply(&mut stream, &reply).await;
         }
     };
@@ -236,7 +248,15 @@ impl Client {
 }
 
 /// A handle on a process that survives pid reuse: readable once the process has exited.
+#[derive(Debug)]
 pub struct ProcessHandle(OwnedFd);
+
+impl From<OwnedFd> for ProcessHandle {
+    /// A pidfd.
+    fn from(pidfd: OwnedFd) -> ProcessHandle {
+        ProcessHandle(pidfd)
+    }
+}
 
 impl ProcessHandle {
     pub fn open(pid: u32) -> io::Result<ProcessHandle> {
@@ -251,16 +271,25 @@ impl ProcessHandle {
 
     /// SIGKILL, to exactly this process (a recycled pid cannot be hit).
     pub fn kill(&self) {
+        let _ = self.signal(libc::SIGKILL);
+    }
+
+    /// Sends `signal` to exactly this process.
+    pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
         // SAFETY: a plain syscall on an fd we own.
-        unsafe {
+        let r = unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 self.0.as_raw_fd(),
-                libc::SIGKILL,
+                signal,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
-            );
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
         }
+        Ok(())
     }
 
     /// A second fd for the same process (e.g. to wait for its exit asynchronously).

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,10 @@ use crate::notify;
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 use crate::server::{self, DrainReport, Server};
 use crate::signals::{Event, Signals};
-use crate::upgrade::{self, Counts, HandedOver, Handshake, Upgrader};
+use crate::upgrade::{
+    self, Counts, HandedOver, Handshake, Predecessor, PredecessorEvent, Successor, SuccessorEvent,
+    Upgrader,
+};
 
 /// The environment variable that carries the generation from one process to the next.
 pub const GENERATION_ENV: &str = "BATON_GENERATION";
@@ -89,7 +92,7 @@ pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Proce
     let mut upgrader = Upgrader::new(exe, generation, config.upgrade.timeout);
     for listener in &listeners {
         upgrader
-            .add_socket(listener, &listener.name)
+            .add_listener(listener)
             .context("cannot keep a copy of a listening socket for upgrades")?;
     }
     if let Some(pidfile) = &pidfile {
@@ -110,21 +113,6 @@ pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Proce
         pidfile: pidfile.map(Arc::new),
         readiness: None,
     })
-}
-
-/// How the serving phase ended.
-enum End {
-    Stop(&'static str),
-    /// With the `baton reload` clients to answer once this process stopped accepting.
-    HandedOver(HandedOver, Vec<oneshot::Sender<Value>>),
-}
-
-/// The upgrade in progress: the task running [`upgrade::run`] and who waits for its outcome.
-struct Upgrading {
-    task: JoinHandle<Result<HandedOver, String>>,
-    waiters: Vec<oneshot::Sender<Value>>,
-    /// Calls the upgrade off; past `MAINPID=` it completes as a handover all the same.
-    cancel: CancellationToken,
 }
 
 impl Process {
@@ -193,250 +181,756 @@ impl Process {
     async fn serve(
         self,
         handshake: Option<Handshake>,
-        mut readiness: Option<Readiness>,
+        readiness: Option<Readiness>,
     ) -> anyhow::Result<()> {
-        let generation = self.generation;
+        let mut generation = match Generation::start(self, handshake, readiness).await {
+            Ok(generation) => generation,
+            Err((e, handshake, readiness)) => {
+                report_failure(handshake, readiness, &e);
+                return Err(e);
+            }
+        };
+        let end = generation.serve_until_end().await;
+        generation.finish(end).await;
+        Ok(())
+    }
+}
+
+/// Tells whoever waits for this start (the old generation, a foreground process) that it failed.
+fn report_failure(handshake: Option<Handshake>, readiness: Option<Readiness>, e: &anyhow::Error) {
+    let message = format!("{e:#}");
+    if let Some(h) = handshake {
+        h.fail(&message);
+    }
+    if let Some(r) = readiness {
+        r.fail(&message);
+    }
+}
+
+/// A `baton reload` client waiting for an upgrade's outcome.
+struct Waiter {
+    reply: oneshot::Sender<Value>,
+    /// `--wait`: answer only once the probation is over.
+    wait: bool,
+}
+
+/// A request for an upgrade: a signal or a `baton reload`.
+struct UpgradeRequest {
+    cause: &'static str,
+    waiter: Option<Waiter>,
+}
+
+/// Where this process is in the upgrade state machine (see the module docs).
+enum Phase {
+    Serving,
+    /// Starting the next generation ([`upgrade::start`]).
+    Upgrading {
+        task: JoinHandle<Result<Successor, String>>,
+        waiters: Vec<Waiter>,
+        /// Calls the upgrade off up to the commit.
+        cancel: CancellationToken,
+    },
+    /// The next generation serves; this one stands by as the main pid until `deadline`.
+    Probation {
+        successor: Box<Successor>,
+        deadline: tokio::time::Instant,
+        /// Clients waiting for the end of the probation.
+        waiters: Vec<Waiter>,
+    },
+}
+
+/// How the serving phase ended.
+enum End {
+    /// `by_signal`: a stop signal asked for it, so a second one exits at once.
+    Stop {
+        cause: &'static str,
+        by_signal: bool,
+    },
+    /// With the upgrade requests that ended the probation early, for the new main pid.
+    HandedOver {
+        to: HandedOver,
+        forward: Vec<UpgradeRequest>,
+    },
+}
+
+/// What the event loop reacts to.
+enum Action {
+    Stop {
+        cause: &'static str,
+        by_signal: bool,
+    },
+    Upgrade(UpgradeRequest),
+    Status(oneshot::Sender<Value>),
+    ReopenLogs,
+    Started(Result<Successor, String>),
+    SuccessorExited(String),
+    EndProbation(&'static str),
+    Predecessor(PredecessorEvent),
+}
+
+/// One generation, serving: the state the event loop works on.
+struct Generation {
+    generation: u64,
+    started: SystemTime,
+    /// `serving generation G (pid P) on ...`: the base of every STATUS= line.
+    status: String,
+    info: Arc<Info>,
+    metrics: Arc<Metrics>,
+    signals: Signals,
+    control: control::Control,
+    /// The server that accepts; `None` while a successor serves.
+    server: Option<Server>,
+    /// Servers that stopped accepting and drain.
+    draining: Vec<JoinHandle<DrainReport>>,
+    /// What a rollback needs to serve again.
+    app: http::App,
+    settings: server::Settings,
+    upgrader: Arc<Upgrader>,
+    pidfile: Option<Arc<Pidfile>>,
+    probation: Duration,
+    drain_timeout: Duration,
+    /// A new generation's link to the old one: until the probation is over, and for the old
+    /// one's drain report after it.
+    predecessor: Option<Predecessor>,
+    /// The service manager's main pid (a new generation is not, until its probation is over).
+    is_main: bool,
+    /// Upgrade requests that came while this generation was on probation.
+    deferred: Vec<UpgradeRequest>,
+    phase: Phase,
+    /// `baton reload` requests forwarded to the successor after the handover.
+    forwarded: Vec<JoinHandle<()>>,
+    readiness: Option<Readiness>,
+}
+
+type StartError = (anyhow::Error, Option<Handshake>, Option<Readiness>);
+
+impl Generation {
+    /// Everything that can fail at start, before serving anything; then accepts (a new
+    /// generation once its predecessor commits) and, as the main pid, says `READY=1`.
+    async fn start(
+        process: Process,
+        handshake: Option<Handshake>,
+        readiness: Option<Readiness>,
+    ) -> Result<Generation, StartError> {
+        let generation = process.generation;
         tracing::info!(
             event = "start",
             generation,
             version = crate::VERSION,
-            config = self.config.source.as_ref().map(|p| p.display().to_string()),
+            config = process
+                .config
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string()),
             "baton {} starting: generation {generation}, pid {}",
             crate::VERSION,
             std::process::id()
         );
-        let listener_names: Vec<String> = self.listeners.iter().map(|l| l.to_string()).collect();
-        let self_listeners: Vec<(String, String, Option<i32>)> = self
+        let listener_names: Vec<String> = process.listeners.iter().map(|l| l.to_string()).collect();
+        let listening: Vec<(String, String, Option<i32>)> = process
             .listeners
             .iter()
             .map(|l| (l.name.clone(), l.socket.local_address(), l.activated_fd))
             .collect();
         let info = Arc::new(Info::current(generation, listener_names.clone()));
-        let metrics = Arc::new(Metrics::new(generation, self.started));
-        metrics.set_upgrades(self.counts.ok, self.counts.failed);
-
-        // Everything that can fail at start, before serving anything.
-        let started = async {
+        let metrics = Arc::new(Metrics::new(generation, process.started));
+        metrics.set_upgrades(process.counts);
+        let app = http::App::new(
+            info.clone(),
+            metrics.clone(),
+            process.config.root.as_deref(),
+        );
+        let settings = server::Settings {
+            limits: process.config.limits,
+            idle_grace: process.config.shutdown.idle_grace,
+            access_log: process.config.access_log,
+        };
+        let parts = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
             let control = control::listen()?;
-            let app = http::App::new(info.clone(), metrics.clone(), self.config.root.as_deref());
-            let settings = server::Settings {
-                limits: self.config.limits,
-                idle_grace: self.config.shutdown.idle_grace,
-                access_log: self.config.access_log,
-            };
-            let server = Server::new(self.listeners, app, metrics.clone(), settings)
+            let server = Server::new(process.listeners, app.clone(), metrics.clone(), settings)
                 .context("cannot serve the listeners")?;
             anyhow::Ok((signals, control, server))
         }
         .await;
-        let (mut signals, mut control, mut server) = match started {
+        let (mut signals, control, mut server) = match parts {
             Ok(parts) => parts,
-            Err(e) => {
-                report_failure(handshake, readiness, &e);
-                return Err(e);
-            }
+            Err(e) => return Err((e, handshake, readiness)),
         };
-        for (listener, description) in self_listeners.iter().zip(&listener_names) {
+        for ((name, address, fd), description) in listening.iter().zip(&listener_names) {
             tracing::info!(
                 event = "listening",
                 generation,
-                listener = %listener.0,
-                address = %listener.1,
-                fd = listener.2,
+                listener = %name,
+                address = %address,
+                fd = fd,
                 "listening on {description}"
             );
         }
-
         let status = format!(
             "serving generation {generation} (pid {}) on {}",
             info.pid,
             listener_names.join(", ")
         );
-        let ready = |server: &mut Server| {
-            server.start_accepting();
-            notify::ready(&status);
-            tracing::info!(
-                event = "ready",
-                generation,
-                listeners = %listener_names.join(", "),
-                root = self.config.root.as_ref().map(|r| r.display().to_string()),
-                "{status}"
-            );
-        };
-        // A new generation waits for its predecessor's commit before it accepts or notifies:
-        // until then it is not the main pid, and it may still be called off.
+
+        // A new generation waits for its predecessor's commit before it accepts: until then
+        // it may still be called off.
+        let mut predecessor = None;
         if let Some(handshake) = handshake {
             let committed = tokio::select! {
-                // A commit that arrived is taken even if a stop arrived too: O has handed over.
+                // A commit that arrived is taken even if a stop arrived too: O goes on with
+                // the upgrade and stops this process gracefully if it is stopping.
                 biased;
-                committed = handshake.ready() => committed.context("the upgrade was called off by the old process")?,
-                _ = next_stop(&mut signals) => anyhow::bail!("stopped before the old process handed over"),
+                committed = handshake.ready() => committed.context("the upgrade was called off by the old process"),
+                _ = next_stop(&mut signals) => Err(anyhow::anyhow!("stopped before the old process handed over")),
+            };
+            let committed = match committed {
+                Ok(committed) => committed,
+                Err(e) => return Err((e, None, readiness)),
             };
             if let Some(took) = committed.handoff {
                 metrics.last_handoff_seconds.set(took.as_secs_f64());
             }
-            metrics.upgrade_succeeded();
-            ready(&mut server);
-            // Only now may `baton reload` return: READY=1 is out.
-            let mut channel = committed.channel;
-            let _ = channel.write_all(b"serving\n").await;
-            tokio::spawn(record_predecessor_drain(channel, metrics.clone()));
+            server.start_accepting();
+            // Only now may `baton reload` return: this process accepts.
+            match committed.serving().await {
+                Ok(link) => predecessor = Some(link),
+                Err(e) => tracing::warn!("cannot tell the old process that this one serves: {e}"),
+            }
         } else {
-            ready(&mut server);
+            server.start_accepting();
         }
-        if let Some(r) = readiness.take() {
+        tracing::info!(
+            event = "ready",
+            generation,
+            listeners = %listener_names.join(", "),
+            root = process.config.root.as_ref().map(|r| r.display().to_string()),
+            "{status}"
+        );
+        let mut started = Generation {
+            generation,
+            started: process.started,
+            status,
+            info,
+            metrics,
+            signals,
+            control,
+            server: Some(server),
+            draining: Vec::new(),
+            app,
+            settings,
+            upgrader: Arc::new(process.upgrader),
+            pidfile: process.pidfile,
+            probation: process.config.upgrade.probation,
+            drain_timeout: process.config.shutdown.drain_timeout,
+            is_main: predecessor.is_none(),
+            predecessor,
+            deferred: Vec::new(),
+            phase: Phase::Serving,
+            forwarded: Vec::new(),
+            readiness,
+        };
+        if started.is_main {
+            started.become_main();
+        }
+        Ok(started)
+    }
+
+    /// `READY=1`: this process is the main pid and serves.
+    fn become_main(&mut self) {
+        self.is_main = true;
+        notify::ready(&self.status);
+        if let Some(r) = self.readiness.take() {
             r.ready();
         }
         if let Some(interval) = notify::watchdog_interval() {
             tokio::spawn(watchdog(interval));
         }
+    }
 
-        let upgrader = Arc::new(self.upgrader);
-        let mut upgrading: Option<Upgrading> = None;
-        let mut end = loop {
-            let upgrade_done = async {
-                match &mut upgrading {
-                    Some(u) => (&mut u.task).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let trigger = tokio::select! {
-                event = signals.recv() => match event {
-                    Event::Stop(signal) => break End::Stop(signal),
-                    Event::Upgrade(signal) => (signal, None),
-                    Event::ReopenLogs => {
-                        match crate::logging::reopen() {
-                            Ok(true) => tracing::info!(event = "log-reopened", "SIGUSR1: log file reopened"),
-                            Ok(false) => tracing::info!("SIGUSR1: logging goes to stderr or the journal; nothing to reopen"),
-                            Err(e) => tracing::error!("SIGUSR1: cannot reopen the log file: {e}; still writing to the old one"),
-                        }
-                        continue;
-                    }
+    /// The event loop: serves, upgrades, stands by on probation, rolls back, until a stop or
+    /// a handover.
+    async fn serve_until_end(&mut self) -> End {
+        loop {
+            let action = self.next_action().await;
+            if let Some(end) = self.handle(action).await {
+                return end;
+            }
+        }
+    }
+
+    async fn next_action(&mut self) -> Action {
+        let Generation {
+            signals,
+            control,
+            phase,
+            predecessor,
+            ..
+        } = self;
+        let phase_event = async {
+            match phase {
+                Phase::Serving => std::future::pending().await,
+                Phase::Upgrading { task, .. } => Action::Started(
+                    task.await
+                        .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}"))),
+                ),
+                Phase::Probation {
+                    successor,
+                    deadline,
+                    ..
+                } => tokio::select! {
+                    event = successor.next_event() => match event {
+                        SuccessorEvent::Exited(how) => Action::SuccessorExited(how),
+                        SuccessorEvent::AsksPromotion => Action::EndProbation("the new generation was asked to upgrade"),
+                    },
+                    _ = tokio::time::sleep_until(*deadline) => Action::EndProbation("the probation passed"),
                 },
-                Some(request) = control.requests.recv() => match request {
-                    Request::Upgrade(reply) => ("baton reload", Some(reply)),
-                    Request::Status(reply) => {
-                        let state = if upgrading.is_some() { "upgrading" } else { "serving" };
-                        let _ = reply.send(status_reply(&info, self.started, state));
-                        continue;
-                    }
-                    Request::Stop(reply) => {
-                        let _ = reply.send(json!({"ok": true}));
-                        break End::Stop("baton stop");
-                    }
-                },
-                result = upgrade_done => {
-                    let Upgrading { waiters, .. } = upgrading.take().expect("an upgrade was running");
-                    match result.unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}"))) {
-                        Ok(handed_over) => break End::HandedOver(handed_over, waiters),
-                        Err(reason) => {
-                            metrics.upgrade_failed();
-                            if let Some(pidfile) = &self.pidfile {
-                                // The new pid may have been written already: name ours again.
-                                if let Err(e) = pidfile.write_pid(std::process::id()) {
-                                    tracing::error!("cannot rewrite the pidfile {}: {e}", pidfile.path().display());
-                                }
-                            }
-                            notify::ready(&format!("{status}; upgrade to generation {} failed: {reason}", generation + 1));
-                            tracing::error!(event = "upgrade-failed", generation, reason = %reason, "upgrade to generation {} failed: {reason}; still serving", generation + 1);
-                            for waiter in waiters {
-                                let _ = waiter.send(json!({"ok": false, "error": reason}));
-                            }
-                        }
-                    }
-                    continue;
-                }
-            };
-            let (cause, waiter) = trigger;
-            match &mut upgrading {
-                Some(u) => {
-                    tracing::warn!(
-                        event = "upgrade-ignored",
-                        generation,
-                        "{cause}: an upgrade is already in progress; ignored"
-                    );
-                    u.waiters.extend(waiter);
-                }
-                None => {
-                    tracing::info!(event = "upgrade", generation, cause, exe = %upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
-                    let (upgrader, (ok, failed)) = (upgrader.clone(), metrics.upgrades());
-                    let pidfile = self.pidfile.clone();
-                    let cancel = CancellationToken::new();
-                    let token = cancel.clone();
-                    let task = tokio::spawn(async move {
-                        // The pidfile names the new pid before it becomes the main pid.
-                        let record = |pid: i32| match &pidfile {
-                            Some(p) => p.write_pid(pid as u32),
-                            None => Ok(()),
-                        };
-                        upgrade::run(&upgrader, Counts { ok, failed }, record, &token).await
-                    });
-                    upgrading = Some(Upgrading {
-                        task,
-                        waiters: waiter.into_iter().collect(),
-                        cancel,
-                    });
-                }
             }
         };
-
-        // A stop during an upgrade calls it off; but past MAINPID= the new process is the
-        // service already, and this one can only hand over.
-        if let (End::Stop(signal), Some(u)) = (&end, upgrading.take()) {
-            u.cancel.cancel();
-            match u.task.await {
-                Ok(Ok(handed_over)) => {
-                    tracing::warn!(
-                        event = "upgrade-completed-on-stop",
-                        generation,
-                        new_pid = handed_over.pid,
-                        "{signal} came as the upgrade passed its point of no return: generation {} (pid {}) is the service now; stop that one to stop the service",
-                        handed_over.generation,
-                        handed_over.pid
-                    );
-                    end = End::HandedOver(handed_over, u.waiters);
+        let from_predecessor = async {
+            match predecessor {
+                Some(p) => p.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = signals.recv() => match event {
+                Event::Stop(signal) => Action::Stop { cause: signal, by_signal: true },
+                Event::Upgrade(signal) => Action::Upgrade(UpgradeRequest { cause: signal, waiter: None }),
+                Event::ReopenLogs => Action::ReopenLogs,
+            },
+            Some(request) = control.requests.recv() => match request {
+                Request::Upgrade { reply, wait } => Action::Upgrade(UpgradeRequest {
+                    cause: "baton reload",
+                    waiter: Some(Waiter { reply, wait }),
+                }),
+                Request::Status(reply) => Action::Status(reply),
+                Request::Stop(reply) => {
+                    let _ = reply.send(json!({"ok": true}));
+                    Action::Stop { cause: "baton stop", by_signal: true }
                 }
-                outcome => {
-                    let reason = match outcome {
-                        Ok(Err(reason)) => reason,
-                        Err(e) => format!("the upgrade task failed: {e}"),
-                        Ok(Ok(_)) => unreachable!(),
-                    };
-                    tracing::warn!(
-                        event = "upgrade-aborted",
-                        generation,
-                        "{signal}: upgrade aborted ({reason}); the new process was killed"
+            },
+            action = phase_event => action,
+            event = from_predecessor => Action::Predecessor(event),
+        }
+    }
+
+    async fn handle(&mut self, action: Action) -> Option<End> {
+        match action {
+            Action::Stop { cause, by_signal } => return Some(End::Stop { cause, by_signal }),
+            Action::ReopenLogs => match crate::logging::reopen() {
+                Ok(true) => tracing::info!(event = "log-reopened", "SIGUSR1: log file reopened"),
+                Ok(false) => tracing::info!(
+                    "SIGUSR1: logging goes to stderr or the journal; nothing to reopen"
+                ),
+                Err(e) => tracing::error!(
+                    "SIGUSR1: cannot reopen the log file: {e}; still writing to the old one"
+                ),
+            },
+            Action::Status(reply) => {
+                let _ = reply.send(self.status_reply());
+            }
+            Action::Upgrade(request) => return self.request_upgrade(request).await,
+            Action::Started(Ok(successor)) => return self.begin_probation(successor).await,
+            Action::Started(Err(reason)) => self.upgrade_failed(&reason),
+            Action::SuccessorExited(how) => {
+                if let Phase::Probation {
+                    successor, waiters, ..
+                } = std::mem::replace(&mut self.phase, Phase::Serving)
+                {
+                    let (pid, after) = (successor.pid, successor.serving_since.elapsed());
+                    successor.kill();
+                    let reason = format!(
+                        "pid {pid} {how} {:.1} s after it took over",
+                        after.as_secs_f64()
                     );
-                    for waiter in u.waiters {
-                        let _ = waiter.send(json!({"ok": false, "error": format!("{signal}: the upgrade was aborted")}));
+                    return self.roll_back(&reason, waiters);
+                }
+            }
+            Action::EndProbation(why) => return self.promote(why, Vec::new()).await,
+            Action::Predecessor(event) => return self.on_predecessor(event).await,
+        }
+        None
+    }
+
+    /// A signal or `baton reload`: starts an upgrade, joins the one under way, or ends a
+    /// probation early as passed and leaves the upgrade to the successor.
+    async fn request_upgrade(&mut self, request: UpgradeRequest) -> Option<End> {
+        let cause = request.cause;
+        let generation = self.generation;
+        if !self.is_main {
+            // On probation: only the main pid may name a new main pid. Ask the predecessor to
+            // end the probation; the upgrade follows once this process is the main pid.
+            self.deferred.push(request);
+            if self.deferred.len() == 1 {
+                tracing::info!(
+                    event = "upgrade-deferred",
+                    generation,
+                    cause,
+                    "{cause}: on probation; asking the previous generation to end it, then upgrading"
+                );
+                if let Some(p) = &mut self.predecessor {
+                    if let Err(e) = p.ask_promotion().await {
+                        tracing::warn!(
+                            "cannot ask the previous generation to end the probation: {e}"
+                        );
+                    }
+                }
+            }
+            return None;
+        }
+        match &mut self.phase {
+            Phase::Upgrading { waiters, .. } => {
+                tracing::warn!(
+                    event = "upgrade-ignored",
+                    generation,
+                    "{cause}: an upgrade is already in progress; ignored"
+                );
+                waiters.extend(request.waiter);
+                None
+            }
+            Phase::Probation { .. } => {
+                tracing::info!(
+                    event = "probation-ended-early",
+                    generation,
+                    cause,
+                    "{cause} during the probation: ending it as passed; the new generation upgrades"
+                );
+                self.promote("ended early by a new upgrade", vec![request])
+                    .await
+            }
+            Phase::Serving => {
+                tracing::info!(event = "upgrade", generation, cause, exe = %self.upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
+                let upgrader = self.upgrader.clone();
+                let counts = self.metrics.upgrades();
+                let cancel = CancellationToken::new();
+                let token = cancel.clone();
+                let task =
+                    tokio::spawn(async move { upgrade::start(&upgrader, counts, &token).await });
+                self.phase = Phase::Upgrading {
+                    task,
+                    waiters: request.waiter.into_iter().collect(),
+                    cancel,
+                };
+                None
+            }
+        }
+    }
+
+    /// The upgrade failed before the new process served: this one serves on.
+    fn upgrade_failed(&mut self, reason: &str) {
+        let Phase::Upgrading { waiters, .. } = std::mem::replace(&mut self.phase, Phase::Serving)
+        else {
+            return;
+        };
+        let generation = self.generation;
+        self.metrics.upgrade_failed();
+        notify::ready(&format!(
+            "{}; upgrade to generation {} failed: {reason}",
+            self.status,
+            generation + 1
+        ));
+        tracing::error!(event = "upgrade-failed", generation, reason = %reason, "upgrade to generation {} failed: {reason}; still serving", generation + 1);
+        for waiter in waiters {
+            let _ = waiter.reply.send(json!({"ok": false, "error": reason}));
+        }
+    }
+
+    /// The new generation serves: this one stops accepting, drains, and stands by as the main
+    /// pid for the probation (or hands over at once without one).
+    async fn begin_probation(&mut self, successor: Successor) -> Option<End> {
+        let Phase::Upgrading { waiters, .. } = std::mem::replace(&mut self.phase, Phase::Serving)
+        else {
+            return None;
+        };
+        // Every new connection is the successor's from now on. The upgrader keeps this
+        // process's copies of the sockets, so nothing is shut down for it.
+        self.stop_accepting().await;
+        let generation = self.generation;
+        let (pid, next, probation) = (successor.pid, successor.generation, self.probation);
+        let (waiting, answered): (Vec<Waiter>, Vec<Waiter>) = if probation.is_zero() {
+            (waiters, Vec::new())
+        } else {
+            waiters.into_iter().partition(|w| w.wait)
+        };
+        for waiter in answered {
+            let _ = waiter
+                .reply
+                .send(upgraded_reply(pid, next, successor.took, probation, false));
+        }
+        self.phase = Phase::Probation {
+            deadline: tokio::time::Instant::now() + probation,
+            successor: Box::new(successor),
+            waiters: waiting,
+        };
+        if probation.is_zero() {
+            return self.promote("no probation", Vec::new()).await;
+        }
+        let line = format!(
+            "generation {next} (pid {pid}) serves, on probation for {}; generation {generation} (pid {}) stands by to take over again",
+            humantime::format_duration(probation),
+            self.info.pid
+        );
+        notify::ready(&line);
+        tracing::info!(
+            event = "probation",
+            generation,
+            new_pid = pid,
+            new_generation = next,
+            probation_ms = probation.as_millis() as u64,
+            "{line}"
+        );
+        None
+    }
+
+    /// Ends the probation as passed: the successor becomes the main pid. If it cannot (it
+    /// died just now), this process takes over again.
+    async fn promote(&mut self, why: &'static str, forward: Vec<UpgradeRequest>) -> Option<End> {
+        let Phase::Probation {
+            successor, waiters, ..
+        } = std::mem::replace(&mut self.phase, Phase::Serving)
+        else {
+            return None;
+        };
+        let (pid, next, took) = (successor.pid, successor.generation, successor.took);
+        let pidfile = self.pidfile.clone();
+        // The pidfile names the new pid before it becomes the main pid.
+        let record = |pid: i32| match &pidfile {
+            Some(p) => p.write_pid(pid as u32),
+            None => Ok(()),
+        };
+        match successor.promote(record).await {
+            Ok(to) => {
+                tracing::info!(
+                    event = "promoted",
+                    generation = self.generation,
+                    new_pid = pid,
+                    new_generation = next,
+                    "{why}: generation {next} (pid {pid}) is the main process now"
+                );
+                for waiter in waiters {
+                    let _ =
+                        waiter
+                            .reply
+                            .send(upgraded_reply(pid, next, took, self.probation, true));
+                }
+                Some(End::HandedOver { to, forward })
+            }
+            Err(reason) => {
+                let end = self.roll_back(&reason, waiters);
+                for request in forward {
+                    if let Some(waiter) = request.waiter {
+                        let _ = waiter.reply.send(json!({"ok": false, "error": format!("the previous upgrade was rolled back ({reason}); reload again")}));
+                    }
+                }
+                end
+            }
+        }
+    }
+
+    /// The successor died on probation (and was killed with its process group): this process
+    /// accepts again on its own copies of the sockets, where connections queued meanwhile.
+    fn roll_back(&mut self, reason: &str, waiters: Vec<Waiter>) -> Option<End> {
+        let generation = self.generation;
+        let served = self.upgrader.relisten().and_then(|listeners| {
+            Server::new(
+                listeners,
+                self.app.clone(),
+                self.metrics.clone(),
+                self.settings,
+            )
+        });
+        let mut server = match served {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::error!(event = "rollback-failed", generation, "the new generation died on probation ({reason}) and this one cannot accept again: {e}; stopping");
+                return Some(End::Stop {
+                    cause: "a failed rollback",
+                    by_signal: false,
+                });
+            }
+        };
+        server.start_accepting();
+        self.server = Some(server);
+        if let Some(pidfile) = &self.pidfile {
+            // The new pid may have been written already: name ours again.
+            if let Err(e) = pidfile.write_pid(std::process::id()) {
+                tracing::error!(
+                    "cannot rewrite the pidfile {}: {e}",
+                    pidfile.path().display()
+                );
+            }
+        }
+        self.metrics.upgrade_rolled_back();
+        let what = format!(
+            "upgrade to generation {} rolled back: {reason}",
+            generation + 1
+        );
+        notify::ready(&format!("{}; {what}", self.status));
+        tracing::error!(event = "upgrade-rolled-back", generation, reason = %reason, "{what}; serving again");
+        for waiter in waiters {
+            let _ = waiter.reply.send(json!({"ok": false, "error": what}));
+        }
+        None
+    }
+
+    /// What the predecessor says to a new generation.
+    async fn on_predecessor(&mut self, event: PredecessorEvent) -> Option<End> {
+        match event {
+            PredecessorEvent::Main => {
+                self.metrics.upgrade_succeeded();
+                self.become_main();
+                tracing::info!(
+                    event = "main",
+                    generation = self.generation,
+                    "the probation passed: this process is the main process"
+                );
+                let deferred = std::mem::take(&mut self.deferred);
+                let mut end = None;
+                for request in deferred {
+                    end = end.or(self.request_upgrade(request).await);
+                }
+                end
+            }
+            PredecessorEvent::Stop => Some(End::Stop {
+                cause: "the previous generation stopping the service",
+                by_signal: false,
+            }),
+            PredecessorEvent::Drained { duration, forced } => {
+                self.metrics.last_drain_seconds.set(duration.as_secs_f64());
+                self.metrics.drain_forced_closes.inc_by(forced);
+                None
+            }
+            PredecessorEvent::Gone => {
+                self.predecessor = None;
+                if self.is_main {
+                    return None;
+                }
+                tracing::error!(
+                    event = "predecessor-lost",
+                    generation = self.generation,
+                    "the previous generation exited before it made this process the main process; stopping"
+                );
+                Some(End::Stop {
+                    cause: "the loss of the previous generation",
+                    by_signal: false,
+                })
+            }
+        }
+    }
+
+    /// Stops accepting: the server goes on draining in the background.
+    async fn stop_accepting(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.stop_accepting().await;
+            let timeout = self.drain_timeout;
+            self.draining
+                .push(tokio::spawn(async move { server.drain(timeout).await }));
+        }
+    }
+
+    fn status_reply(&self) -> Value {
+        let state = match &self.phase {
+            _ if !self.is_main => "on probation",
+            Phase::Serving => "serving",
+            Phase::Upgrading { .. } => "upgrading",
+            Phase::Probation { .. } => "standing by",
+        };
+        let mut reply = json!({
+            "ok": true,
+            "pid": self.info.pid,
+            "generation": self.info.generation,
+            "version": self.info.version,
+            "started": self.info.started,
+            "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            "listeners": self.info.listeners,
+            "state": state,
+        });
+        if let Phase::Probation { successor, .. } = &self.phase {
+            reply["successor"] = json!({"pid": successor.pid, "generation": successor.generation});
+        }
+        reply
+    }
+
+    /// After the loop: a stop takes a successor down with it; then this process stops
+    /// accepting, forwards what the new main pid must see, drains, and reports.
+    async fn finish(mut self, end: End) {
+        let generation = self.generation;
+        let mut successor_to_stop = None;
+        if let End::Stop { cause, .. } = &end {
+            match std::mem::replace(&mut self.phase, Phase::Serving) {
+                Phase::Serving => {}
+                Phase::Upgrading {
+                    task,
+                    waiters,
+                    cancel,
+                } => {
+                    cancel.cancel();
+                    let outcome = task
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")));
+                    match outcome {
+                        Ok(successor) => successor_to_stop = Some(successor),
+                        Err(reason) => tracing::warn!(
+                            event = "upgrade-aborted",
+                            generation,
+                            "{cause}: upgrade aborted ({reason}); the new process was killed"
+                        ),
+                    }
+                    for waiter in waiters {
+                        let _ = waiter.reply.send(json!({"ok": false, "error": format!("{cause}: the upgrade was aborted")}));
+                    }
+                }
+                Phase::Probation {
+                    successor, waiters, ..
+                } => {
+                    successor_to_stop = Some(*successor);
+                    for waiter in waiters {
+                        let _ = waiter.reply.send(json!({"ok": false, "error": format!("{cause}: the service stopped during the probation")}));
                     }
                 }
             }
         }
-        let drain_timeout = self.config.shutdown.drain_timeout;
+        for request in std::mem::take(&mut self.deferred) {
+            if let Some(waiter) = request.waiter {
+                let _ = waiter
+                    .reply
+                    .send(json!({"ok": false, "error": "the process is stopping"}));
+            }
+        }
+        let drain_timeout = self.drain_timeout;
+        let open_connections = self.metrics.open_connections.get();
         match &end {
-            End::Stop(signal) => {
+            End::Stop { cause, .. } => {
                 notify::stopping(&format!(
                     "stopping: draining connections (up to {})",
                     humantime::format_duration(drain_timeout)
                 ));
+                if let Some(s) = &successor_to_stop {
+                    tracing::info!(
+                        generation,
+                        new_pid = s.pid,
+                        "{cause}: stopping generation {} (pid {}) too",
+                        s.generation,
+                        s.pid
+                    );
+                }
                 tracing::info!(
                     event = "stop",
                     generation,
-                    signal = *signal,
-                    open_connections = server.open_connections(),
-                    "{signal}: stopping; draining connections for up to {}",
+                    signal = *cause,
+                    open_connections,
+                    "{cause}: stopping; draining connections for up to {}",
                     humantime::format_duration(drain_timeout)
                 );
             }
-            End::HandedOver(h, _) => tracing::info!(
+            End::HandedOver { to: h, .. } => tracing::info!(
                 event = "handed-over",
                 generation,
                 new_pid = h.pid,
                 new_generation = h.generation,
                 handoff_ms = h.took.as_millis() as u64,
-                open_connections = server.open_connections(),
+                open_connections,
                 "handed over to generation {} (pid {}) in {:?}; draining connections for up to {}",
                 h.generation,
                 h.pid,
@@ -444,47 +938,131 @@ impl Process {
                 humantime::format_duration(drain_timeout)
             ),
         }
-        // The upgrader's copies of the listening sockets must go with the accept loops: a copy
-        // left open would queue new clients where nobody accepts them anymore.
-        drop(upgrader);
-        server.stop_accepting().await;
-        if let End::HandedOver(h, waiters) = &mut end {
-            // Only now does every new connection reach the new generation.
-            let reply = match &h.unconfirmed {
-                None => json!({
-                    "ok": true,
-                    "pid": h.pid,
-                    "generation": h.generation,
-                    "took_ms": h.took.as_millis() as u64,
-                }),
-                Some(reason) => json!({"ok": false, "error": reason}),
-            };
-            for waiter in waiters.drain(..) {
-                let _ = waiter.send(reply.clone());
+        self.stop_accepting().await;
+        let stop_requested = matches!(
+            end,
+            End::Stop {
+                by_signal: true,
+                ..
+            }
+        );
+        let mut channel = None;
+        if let End::HandedOver { to, forward } = end {
+            // This process's copies of the sockets go: only the new main pid accepts now.
+            match Arc::get_mut(&mut self.upgrader) {
+                Some(upgrader) => upgrader.close_sockets(),
+                None => tracing::warn!(
+                    "the upgrader is still shared; its copies of the sockets stay open until exit"
+                ),
+            }
+            for request in forward {
+                self.forward_upgrade(&to, request);
+            }
+            channel = Some(to.channel);
+        }
+        let report = self.drain(successor_to_stop, stop_requested).await;
+        tracing::info!(
+            event = "drained",
+            generation,
+            open_at_start = report.open_at_start,
+            forced = report.forced,
+            drain_ms = report.duration.as_millis() as u64,
+            "drained {} connection(s) in {:?}, {} closed at the deadline; exiting",
+            report.open_at_start,
+            report.duration,
+            report.forced
+        );
+        match channel {
+            Some(mut channel) => {
+                let line = upgrade::drained_line(report.duration, report.forced);
+                let _ = channel.write_all(line.as_bytes()).await;
+            }
+            // The pidfile goes with a clean stop; after a handover it is the successor's.
+            None => {
+                if let Some(pidfile) = &self.pidfile {
+                    pidfile.remove();
+                }
             }
         }
-        // The drain starts now; the control socket's last answers are written meanwhile.
-        let drain = async {
-            tokio::join!(
-                server.drain(drain_timeout),
-                control.close(Duration::from_secs(2))
-            )
-            .0
+    }
+
+    /// An upgrade request that ended the probation goes on to the new main pid.
+    fn forward_upgrade(&mut self, to: &HandedOver, request: UpgradeRequest) {
+        let pid = to.pid;
+        match request.waiter {
+            None => {
+                if let Err(e) = to.handle.signal(libc::SIGUSR2) {
+                    tracing::warn!("cannot pass the upgrade on to pid {pid}: {e}");
+                }
+            }
+            Some(waiter) => {
+                let timeout = self.upgrader.timeout + self.probation + Duration::from_secs(30);
+                let line = if waiter.wait {
+                    "upgrade wait"
+                } else {
+                    "upgrade"
+                };
+                self.forwarded.push(tokio::task::spawn_blocking(move || {
+                    let reply = control::Client::connect(pid as u32)
+                        .and_then(|mut c| c.request(line, timeout))
+                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("pid {pid}, the new main process: {e}")}));
+                    let _ = waiter.reply.send(reply);
+                }));
+            }
+        }
+    }
+
+    /// Lets every server drain (and a successor stop) while answering signals: after a stop
+    /// signal, a second one exits at once.
+    async fn drain(
+        &mut self,
+        successor: Option<Successor>,
+        mut stop_requested: bool,
+    ) -> DrainReport {
+        let generation = self.generation;
+        let draining = std::mem::take(&mut self.draining);
+        let forwarded = std::mem::take(&mut self.forwarded);
+        let drain_timeout = self.drain_timeout;
+        let (control, signals, metrics) = (&mut self.control, &mut self.signals, &self.metrics);
+        let all = async move {
+            let successor_stopped = async {
+                if let Some(s) = successor {
+                    s.stop(drain_timeout + Duration::from_secs(5)).await;
+                }
+            };
+            let replies_written = async {
+                for task in forwarded {
+                    let _ = task.await;
+                }
+                control.close(Duration::from_secs(2)).await;
+            };
+            let servers = async {
+                let mut total = DrainReport {
+                    open_at_start: 0,
+                    forced: 0,
+                    duration: Duration::ZERO,
+                };
+                for task in draining {
+                    if let Ok(report) = task.await {
+                        total.open_at_start += report.open_at_start;
+                        total.forced += report.forced;
+                        total.duration = total.duration.max(report.duration);
+                    }
+                }
+                total
+            };
+            tokio::join!(servers, successor_stopped, replies_written).0
         };
-        tokio::pin!(drain);
-        // After a stop, a second stop signal exits at once. After a handover, the first stop
-        // signal (systemd signals every process of the unit) is the one that only confirms the
-        // drain under way.
-        let mut stop_requested = matches!(end, End::Stop(_));
-        let report = loop {
+        tokio::pin!(all);
+        loop {
             tokio::select! {
-                report = &mut drain => break report,
+                report = &mut all => return report,
                 event = signals.recv() => match event {
                     Event::Stop(signal) if stop_requested => {
                         tracing::warn!(
                             event = "stop-now",
                             generation,
-                            open_connections = server.open_connections(),
+                            open_connections = metrics.open_connections.get(),
                             "{signal} again: exiting without finishing the drain"
                         );
                         std::process::exit(1);
@@ -506,78 +1084,25 @@ impl Process {
                     }
                 },
             }
-        };
-        tracing::info!(
-            event = "drained",
-            generation,
-            open_at_start = report.open_at_start,
-            forced = report.forced,
-            drain_ms = report.duration.as_millis() as u64,
-            "drained {} connection(s) in {:?}, {} closed at the deadline; exiting",
-            report.open_at_start,
-            report.duration,
-            report.forced
-        );
-        match end {
-            End::HandedOver(mut h, _) => {
-                let _ = h.channel.write_all(drained_line(&report).as_bytes()).await;
-            }
-            // The pidfile goes with a clean stop; after a handover it is the successor's.
-            End::Stop(_) => {
-                if let Some(pidfile) = &self.pidfile {
-                    pidfile.remove();
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Tells whoever waits for this start (the old generation, a foreground process) that it failed.
-fn report_failure(handshake: Option<Handshake>, readiness: Option<Readiness>, e: &anyhow::Error) {
-    let message = format!("{e:#}");
-    if let Some(h) = handshake {
-        h.fail(&message);
-    }
-    if let Some(r) = readiness {
-        r.fail(&message);
-    }
-}
-
-fn drained_line(report: &DrainReport) -> String {
-    format!(
-        "drained {} {}\n",
-        report.duration.as_millis(),
-        report.forced
-    )
-}
-
-/// N's side: the old generation reports its drain on the handshake channel before it exits.
-async fn record_predecessor_drain(channel: tokio::net::UnixStream, metrics: Arc<Metrics>) {
-    let mut lines = tokio::io::BufReader::new(channel).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let mut parts = line.split(' ');
-        if let (Some("drained"), Some(ms), Some(forced)) =
-            (parts.next(), parts.next(), parts.next())
-        {
-            if let (Ok(ms), Ok(forced)) = (ms.parse::<u64>(), forced.parse::<u64>()) {
-                metrics.last_drain_seconds.set(ms as f64 / 1000.0);
-                metrics.drain_forced_closes.inc_by(forced);
-            }
         }
     }
 }
 
-fn status_reply(info: &Info, started: SystemTime, state: &str) -> Value {
+/// The answer to `baton reload` once the new generation serves.
+fn upgraded_reply(
+    pid: i32,
+    generation: u64,
+    took: Duration,
+    probation: Duration,
+    promoted: bool,
+) -> Value {
     json!({
         "ok": true,
-        "pid": info.pid,
-        "generation": info.generation,
-        "version": info.version,
-        "started": info.started,
-        "uptime_secs": started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-        "listeners": info.listeners,
-        "state": state,
+        "pid": pid,
+        "generation": generation,
+        "took_ms": took.as_millis() as u64,
+        "probation_ms": probation.as_millis() as u64,
+        "promoted": promoted,
     })
 }
 
@@ -590,7 +1115,7 @@ async fn next_stop(signals: &mut Signals) -> &'static str {
 }
 
 /// Pings the watchdog at half the interval systemd asked for, as sd_watchdog_enabled(3)
-/// recommends.
+/// recommends. Silent once this process handed over (see [`notify::hand_over`]).
 async fn watchdog(interval: Duration) {
     let mut ticks = tokio::time::interval(interval / 2);
     loop {

@@ -13,6 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::upgrade::Counts;
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// The process's metrics.
@@ -23,6 +25,7 @@ pub struct Metrics {
     pub open_connections: Gauge,
     upgrades_ok: Counter,
     upgrades_failed: Counter,
+    upgrades_rolled_back: Counter,
     /// From the upgrade signal in the old process to the new one serving, in seconds.
     pub last_handoff_seconds: Gauge<f64, AtomicU64>,
     /// How long the previous generation took to drain, in seconds.
@@ -80,6 +83,9 @@ impl Metrics {
         );
         let upgrades_ok = upgrades.get_or_create(&vec![("result", "ok")]).clone();
         let upgrades_failed = upgrades.get_or_create(&vec![("result", "failed")]).clone();
+        let upgrades_rolled_back = upgrades
+            .get_or_create(&vec![("result", "rolled_back")])
+            .clone();
         let last_handoff_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "baton_last_handoff_seconds",
@@ -104,6 +110,7 @@ impl Metrics {
             open_connections,
             upgrades_ok,
             upgrades_failed,
+            upgrades_rolled_back,
             last_handoff_seconds,
             last_drain_seconds,
             drain_forced_closes,
@@ -111,20 +118,31 @@ impl Metrics {
     }
 
     /// Sets the upgrade counters carried over from earlier generations.
-    pub fn set_upgrades(&self, ok: u64, failed: u64) {
-        self.upgrades_ok
-            .inc_by(ok.saturating_sub(self.upgrades_ok.get()));
-        self.upgrades_failed
-            .inc_by(failed.saturating_sub(self.upgrades_failed.get()));
+    pub fn set_upgrades(&self, counts: Counts) {
+        for (counter, value) in [
+            (&self.upgrades_ok, counts.ok),
+            (&self.upgrades_failed, counts.failed),
+            (&self.upgrades_rolled_back, counts.rolled_back),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
     }
 
-    /// Upgrades so far: (ok, failed).
-    pub fn upgrades(&self) -> (u64, u64) {
-        (self.upgrades_ok.get(), self.upgrades_failed.get())
+    /// Upgrades so far, by result.
+    pub fn upgrades(&self) -> Counts {
+        Counts {
+            ok: self.upgrades_ok.get(),
+            failed: self.upgrades_failed.get(),
+            rolled_back: self.upgrades_rolled_back.get(),
+        }
     }
 
     pub fn upgrade_failed(&self) {
         self.upgrades_failed.inc();
+    }
+
+    pub fn upgrade_rolled_back(&self) {
+        self.upgrades_rolled_back.inc();
     }
 
     pub fn upgrade_succeeded(&self) {

@@ -38,7 +38,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+use crate::activation::Listener;
 use crate::control::ProcessHandle;
 use crate::notify;
 
@@ -86,8 +87,9 @@ pub struct Upgrader {
     pub args: Vec<OsString>,
     /// This process's generation; N gets one more.
     pub generation: u64,
-    /// Copies of the listening sockets (same open file descriptions) and their names.
-    sockets: Vec<(OwnedFd, String)>,
+    /// Copies of the listening sockets (same open file descriptions), under their listeners'
+    /// names: handed to N, and served again by this process if N dies on probation.
+    sockets: Vec<Listener>,
     /// Further fds N inherits, each announced in an environment variable (the pidfile lock).
     extra: Vec<(OwnedFd, &'static str)>,
     pub timeout: Duration,
@@ -96,23 +98,35 @@ pub struct Upgrader {
 /// Upgrades counted by result.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// The new generation passed its probation and became the main pid.
     pub ok: u64,
+    /// The new generation never served (it did not start, or broke the handshake).
     pub failed: u64,
+    /// The new generation served, then died on probation; the old one took over again.
+    pub rolled_back: u64,
 }
 
 impl Counts {
-    /// From `BATON_UPGRADES=ok:failed`; zero when absent or malformed.
+    /// From `BATON_UPGRADES=ok:failed:rolled_back`; zero when absent or malformed.
     pub fn from_env() -> Counts {
         std::env::var(UPGRADES_ENV)
             .ok()
-            .and_then(|v| {
-                let (ok, failed) = v.split_once(':')?;
-                Some(Counts {
-                    ok: ok.parse().ok()?,
-                    failed: failed.parse().ok()?,
-                })
-            })
+            .and_then(|v| Counts::parse(&v))
             .unwrap_or_default()
+    }
+
+    fn parse(v: &str) -> Option<Counts> {
+        let mut parts = v.split(':').map(str::parse::<u64>);
+        let counts = Counts {
+            ok: parts.next()?.ok()?,
+            failed: parts.next()?.ok()?,
+            rolled_back: parts.next()?.ok()?,
+        };
+        parts.next().is_none().then_some(counts)
+    }
+
+    fn to_env(self) -> String {
+        format!("{}:{}:{}", self.ok, self.failed, self.rolled_back)
     }
 }
 
@@ -140,18 +154,29 @@ impl Upgrader {
         }
     }
 
-    /// Keeps a copy of a listening socket to hand over.
-    pub fn add_socket(&mut self, fd: &impl std::os::fd::AsFd, name: &str) -> io::Result<()> {
-        self.sockets
-            .push((fd.as_fd().try_clone_to_owned()?, name.to_owned()));
+    /// Keeps a copy of a listening socket to hand over (and to take back after a rollback).
+    pub fn add_listener(&mut self, listener: &Listener) -> io::Result<()> {
+        self.sockets.push(listener.try_clone()?);
         Ok(())
+    }
+
+    /// New copies of the listening sockets, to accept on again after N died on probation.
+    /// Connections that queued meanwhile are waiting on them.
+    pub fn relisten(&self) -> io::Result<Vec<Listener>> {
+        self.sockets.iter().map(Listener::try_clone).collect()
+    }
+
+    /// Closes this process's copies of the listening sockets (after the handover: only the new
+    /// main pid accepts).
+    pub fn close_sockets(&mut self) {
+        self.sockets.clear();
     }
 
     /// The fds this upgrader keeps open.
     pub fn fds(&self) -> Vec<RawFd> {
         self.sockets
             .iter()
-            .map(|(fd, _)| fd.as_raw_fd())
+            .map(|l| l.as_fd().as_raw_fd())
             .chain(self.extra.iter().map(|(fd, _)| fd.as_raw_fd()))
             .collect()
     }
@@ -166,7 +191,7 @@ impl Upgrader {
     pub fn spawn(&self, started_usec: i128, counts: Counts) -> io::Result<Spawned> {
         let (parent_end, child_end) = StdUnixStream::pair()?; // both CLOEXEC
         let n_sockets = self.sockets.len();
-        let mut fds: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        let mut fds: Vec<RawFd> = self.sockets.iter().map(|l| l.as_fd().as_raw_fd()).collect();
         fds.extend(self.extra.iter().map(|(fd, _)| fd.as_raw_fd()));
         fds.push(child_end.as_raw_fd());
         let first = 3;
@@ -176,7 +201,7 @@ impl Upgrader {
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
             .collect();
-        let names: Vec<&str> = self.sockets.iter().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = self.sockets.iter().map(|l| l.name.as_str()).collect();
         env.push(format!("LISTEN_FDS={n_sockets}").into_bytes());
         env.push(format!("LISTEN_FDNAMES={}", names.join(":")).into_bytes());
         for (i, (_, var)) in self.extra.iter().enumerate() {
@@ -192,7 +217,7 @@ impl Upgrader {
         );
         env.push(format!("{UPGRADE_FD_ENV}={channel_fd}").into_bytes());
         env.push(format!("{UPGRADE_STARTED_ENV}={started_usec}").into_bytes());
-        env.push(format!("{UPGRADES_ENV}={}:{}", counts.ok, counts.failed).into_bytes());
+        env.push(format!("{UPGRADES_ENV}={}", counts.to_env()).into_bytes());
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
         // The intermediate waits for EOF on this pipe before it exits: until then a dead N stays
         // its unreaped zombie, so N's pid cannot be recycled before O holds a pidfd for it.
@@ -253,44 +278,61 @@ impl Upgrader {
                 .next()
                 .map(str::to_owned);
         }
-        // From now on N is killed through a pidfd, which cannot hit a recycled pid: N is still
-        // the intermediate's child (a zombie at worst) until the intermediate exits.
+        // From now on N is killed through a pidfd, which cannot hit a recycled pid: N stays
+        // the intermediate's child (a zombie at worst) until the intermediate is released.
         let pidfd = ProcessHandle::open(pid as u32)?;
-        // Releasing and reaping the intermediate makes N an orphan, adopted by PID 1 (or the
-        // nearest subreaper), before anyone names it the main pid.
-        intermediate.release_and_reap()?;
+        intermediate.holds_pidfd()?;
         let channel = reader.into_inner();
         channel.set_read_timeout(None)?;
         Ok(Spawned {
             pid,
             pidfd,
+            intermediate: Some(intermediate),
             channel,
             early,
-            committed: false,
+            promoted: false,
         })
     }
 }
 
-/// The middle process of the double fork: released (EOF on its pipe) and reaped, also when
-/// `spawn` fails half-way, so that it never lingers as a zombie.
+/// The middle process of the double fork. It stays N's parent until it is released (EOF on
+/// its pipe) right before `MAINPID=`, so that N is PID 1's (or the nearest subreaper's) child
+/// by then; until then it reaps N if N dies and reports how (`exit <wait status>`). It is
+/// reaped by O in every case, also when `spawn` fails half-way, so that it never lingers as a
+/// zombie.
 struct Intermediate {
     pid: libc::pid_t,
     go: Option<OwnedFd>,
 }
 
 impl Intermediate {
+    /// Tells the intermediate that O holds N's pidfd: from now on it may reap N when N dies
+    /// (before, N must stay an unreaped zombie, so that its pid cannot be recycled).
+    fn holds_pidfd(&self) -> io::Result<()> {
+        let go = self
+            .go
+            .as_ref()
+            .ok_or_else(|| io::Error::other("released"))?;
+        nix::unistd::write(go, b"p")?;
+        Ok(())
+    }
+
     fn release_and_reap(mut self) -> io::Result<()> {
         self.go = None;
+        let result = self.reap();
+        self.pid = 0;
+        result
+    }
+
+    fn reap(&self) -> io::Result<()> {
         loop {
             match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 // SIGCHLD ignored (inherited): the kernel reaped it already.
-                Ok(_) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) | Err(nix::errno::Errno::ECHILD) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
         }
-        self.pid = 0;
-        Ok(())
     }
 }
 
@@ -298,25 +340,43 @@ impl Drop for Intermediate {
     fn drop(&mut self) {
         if self.pid > 0 {
             self.go = None;
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+            let _ = self.reap();
         }
     }
 }
 
-/// N between its start and `commit`: killed when dropped uncommitted.
+/// N from its start until it becomes the main pid: killed, with its process group, when
+/// dropped before that.
 pub struct Spawned {
     pub pid: i32,
     pidfd: ProcessHandle,
+    intermediate: Option<Intermediate>,
     channel: StdUnixStream,
     /// A message from N that came before its pid.
     early: Option<String>,
-    committed: bool,
+    promoted: bool,
 }
+
+/// How long a killed N may take to die before its intermediate is released all the same.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if !self.committed {
-            self.pidfd.kill();
+        if self.promoted {
+            return;
+        }
+        // N runs in a process group of its own: whatever it started goes with it, and none of
+        // it keeps a copy of the listening sockets. The group cannot be a recycled one: N's
+        // pid stays reserved while N is the intermediate's unreaped child or the group has
+        // members.
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        self.pidfd.kill();
+        // The intermediate reaps N once it is dead; then it is released and reaped itself.
+        let _ = self.pidfd.wait_exit(KILL_WAIT);
+        if let Some(intermediate) = self.intermediate.take() {
+            let _ = intermediate.reap();
+            drop(intermediate);
         }
     }
 }
@@ -443,17 +503,70 @@ impl ExecPlan {
                 buf[n] = b'\n';
                 libc::write(channel, buf.as_ptr().cast(), n + 1);
                 if pid > 0 {
-                    // Until O closes its end (once it holds N's pidfd) or dies; N's copy goes
-                    // at its exec. This process's own copy must go first, or no EOF would come.
+                    // This process's own copy of the write end must go first, or no EOF would
+                    // come; N's copy goes at its exec.
                     libc::close(go_write);
-                    let mut byte = 0u8;
-                    while libc::read(go, (&mut byte as *mut u8).cast(), 1) < 0
-                        && *libc::__errno_location() == libc::EINTR
-                    {}
+                    Self::stay_parent(pid, channel, go);
                 }
                 libc::_exit(if pid > 0 { 0 } else { 1 });
             }
             intermediate => Ok(intermediate),
+        }
+    }
+
+    /// The intermediate after the fork of N: stays N's parent until O releases it (EOF on
+    /// `go`: O closed its end, or died) or N dies. Once O holds N's pidfd (a byte on `go`), it
+    /// reaps N when N dies and reports its wait status as `exit <status>` on `channel`, so
+    /// that O can say how N ended.
+    ///
+    /// # Safety
+    /// Async-signal-safe calls only (poll, waitpid, write, raw syscalls); see fork_and_exec.
+    unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
+        // Without pidfd_open (Linux < 5.3) N's end is not watched: it is reaped at release.
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
+        let mut fds = [
+            // Not watched (a negative fd) until O holds its own pidfd.
+            libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: go,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                return;
+            }
+            if fds[0].revents != 0 {
+                let mut status = 0;
+                if libc::waitpid(pid, &mut status, 0) == pid {
+                    let mut buf = [0u8; 32];
+                    let mut n = copy(&mut buf, 0, b"exit ");
+                    n += write_decimal(&mut buf[n..], status as u32 as u64);
+                    buf[n] = b'\n';
+                    libc::write(channel, buf.as_ptr().cast(), n + 1);
+                }
+                return;
+            }
+            if fds[1].revents != 0 {
+                let mut byte = 0u8;
+                let n = libc::read(go, (&mut byte as *mut u8).cast(), 1);
+                if n == 1 {
+                    fds[0].fd = pidfd;
+                    continue;
+                }
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                return;
+            }
         }
     }
 
@@ -509,6 +622,9 @@ impl ExecPlan {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // A process group of its own, so that killing N after a failure kills whatever it
+        // started too (no child of a failed N keeps the listening sockets).
+        libc::setpgid(0, 0);
         // Our own (copy-on-write) copy of the environment: writing the digits in place
         // allocates nothing. The slot lies within the allocation: prefix, then
         // LISTEN_PID_DIGITS + 1 bytes, the last of which stays NUL.
@@ -546,31 +662,57 @@ fn write_decimal(buf: &mut [u8], mut n: u64) -> usize {
     digits.len()
 }
 
-/// The result of a successful handoff, as O sees it.
+/// N once it serves, while O is still the main pid: on probation. Dropping it kills N (and
+/// its process group).
+pub struct Successor {
+    pub pid: i32,
+    pub generation: u64,
+    /// From the start of the upgrade in O until N served.
+    pub took: Duration,
+    /// When N began to serve.
+    pub serving_since: Instant,
+    spawned: Spawned,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    /// Readable once N has exited.
+    exit_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+    /// The channel reached its end: N and its intermediate are gone.
+    channel_closed: bool,
+}
+
+/// What a successor on probation did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SuccessorEvent {
+    /// N is gone; how, e.g. "killed by SIGSEGV" or "exited with status 3".
+    Exited(String),
+    /// N was asked for an upgrade itself and asks O to end the probation now.
+    AsksPromotion,
+}
+
+/// N as the main pid, after the handover: what O keeps of it.
 #[derive(Debug)]
 pub struct HandedOver {
     pub pid: i32,
     pub generation: u64,
+    /// From the start of the upgrade in O until N served.
     pub took: Duration,
     /// O's end of the channel, to report the drain to N.
     pub channel: tokio::net::UnixStream,
-    /// Why N did not confirm that it serves, if it did not. Past `commit` there is no way back:
-    /// N is the main pid, and O drains and exits all the same.
-    pub unconfirmed: Option<String>,
+    /// N itself, to forward what O is asked after the handover.
+    pub handle: ProcessHandle,
 }
 
-/// Runs steps 2 to 5 (see the module docs) for O. On error N is gone and the message says why,
-/// in one line. `hand_over_hook` runs right before `MAINPID=` (the pidfile is rewritten there).
+/// Runs steps 1 to 5 (see the module docs) for O: starts N and waits until it serves. On
+/// error N is gone and the message says why, in one line; O never stopped accepting.
 ///
-/// `cancel` calls the upgrade off (a stop): honoured up to the point of no return, `MAINPID=`;
-/// after it the result is a handover, possibly unconfirmed. So the caller must look at the
-/// result even after cancelling.
-pub async fn run(
+/// `cancel` calls the upgrade off (a stop) until the `commit`. Past the commit N may have
+/// accepted connections, so the upgrade then goes on until N serves (or fails), and the caller
+/// stops N gracefully ([`Successor::stop`]).
+pub async fn start(
     upgrader: &Upgrader,
     counts: Counts,
-    hand_over_hook: impl FnOnce(i32) -> io::Result<()>,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<HandedOver, String> {
+) -> Result<Successor, String> {
     const CALLED_OFF: &str = "called off: the process is stopping";
     let started = Instant::now();
     let started_usec = monotonic_usec();
@@ -579,7 +721,7 @@ pub async fn run(
         "upgrading: starting generation {next} from {}",
         upgrader.exe.display()
     ));
-    // The fork and the reaping of the intermediate block briefly; keep them off the workers.
+    // The fork blocks briefly; keep it off the workers.
     let spawned = tokio::task::block_in_place(|| upgrader.spawn(started_usec, counts))
         .map_err(|e| format!("cannot start {}: {e}", upgrader.exe.display()))?;
     let pid = spawned.pid;
@@ -600,36 +742,27 @@ pub async fn run(
         .map_err(|e| format!("handshake channel: {e}"))?;
     let (read, mut write) = channel.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
-
-    // N's exit ends the wait even when something else keeps the channel open (a child of N
-    // that inherited it).
-    let watch = spawned.pidfd.try_clone_fd().ok();
-    let exited = async move {
+    // N's exit ends every wait, even when something else keeps the channel open.
+    let mut exit_watch = spawned
+        .pidfd
+        .try_clone_fd()
+        .ok()
         // SAFETY: the AsyncFd owns its copy of the pidfd, which stays open and unchanged
         // while registered.
-        match watch.map(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }) {
-            Some(Ok(watch)) => {
-                let _ = watch.readable().await;
-            }
-            _ => std::future::pending::<()>().await,
-        }
-    };
+        .and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok());
+
     let first = match spawned.early.clone() {
         Some(line) => Ok(Ok(Some(line))),
-        None => tokio::time::timeout(upgrader.timeout, async {
-            tokio::select! {
-                _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
-                line = lines.next_line() => line,
-                _ = exited => {
-                    // Whatever N wrote before it died comes first.
-                    match tokio::time::timeout(Duration::from_millis(50), lines.next_line()).await {
-                        Ok(Ok(Some(line))) => Ok(Some(line)),
-                        _ => Ok(None),
-                    }
+        None => {
+            tokio::time::timeout(upgrader.timeout, async {
+                tokio::select! {
+                    _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
+                    line = lines.next_line() => line,
+                    _ = exited(&mut exit_watch) => Ok(last_words(&mut lines).await),
                 }
-            }
-        })
-        .await,
+            })
+            .await
+        }
     };
     let exe = upgrader.exe.display();
     match first {
@@ -655,6 +788,12 @@ pub async fn run(
             ("error", message) => {
                 return Err(format!("the new process failed to start: {message}"))
             }
+            ("exit", status) => {
+                return Err(format!(
+                    "the new process (pid {pid}, {exe}) exited before it was ready: {}",
+                    describe_exit(pid, status)
+                ))
+            }
             _ => {
                 return Err(format!(
                     "the new process (pid {pid}) said {line:?} instead of ready"
@@ -662,62 +801,218 @@ pub async fn run(
             }
         },
     }
-
     if cancel.is_cancelled() {
         return Err(CALLED_OFF.to_owned());
     }
-    // The pidfile write (fsync) and the barrier (up to 5 s) block: keep them off the workers.
-    tokio::task::block_in_place(|| hand_over_hook(pid))
-        .map_err(|e| format!("cannot record pid {pid}: {e}"))?;
-    // Under NotifyAccess=main only O may name the new main pid, and systemd must have processed
-    // it before O exits, or it would consider the unit dead and kill N too.
-    notify::main_pid(pid as u32).map_err(|e| format!("MAINPID={pid} was not sent: {e}"))?;
-    // The point of no return: MAINPID= is out. Without the barrier's answer it is unknown
-    // whether systemd took it; going on is the lesser risk (killing N would leave a main pid
-    // that may be dead), so a silent barrier is logged, not a reason to roll back.
-    if let Err(e) = tokio::task::block_in_place(|| notify::barrier(BARRIER_TIMEOUT)) {
-        tracing::warn!(
-            event = "barrier-unconfirmed",
-            new_pid = pid,
-            "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
-        );
-    }
-    let mut spawned = spawned;
-    spawned.committed = true;
-    notify::hand_over();
+
+    // The commit: N accepts from now on, next to O, and says so. Not cancellable: N may hold
+    // connections as soon as it read the line.
     let confirmation = async {
         write.write_all(b"commit\n").await?;
-        tokio::select! {
-            line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => match line {
-                Ok(Ok(Some(line))) if line == "serving" => Ok(()),
-                Ok(Ok(other)) => Err(io::Error::other(format!("it said {other:?} instead of serving"))),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(io::Error::other(format!("no answer within {STEP_TIMEOUT:?}"))),
-            },
-            _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
+        let answer = tokio::select! {
+            line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => Some(line),
+            _ = exited(&mut exit_watch) => None,
+        };
+        match answer {
+            Some(Ok(Ok(Some(line)))) if line == "serving" => Ok(()),
+            Some(Ok(Ok(Some(line)))) if line.starts_with("exit ") => Err(io::Error::other(
+                format!("it {}", describe_exit(pid, &line[5..])),
+            )),
+            Some(Ok(Ok(other))) => Err(io::Error::other(format!(
+                "it said {other:?} instead of serving"
+            ))),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(io::Error::other(format!(
+                "no answer within {STEP_TIMEOUT:?}"
+            ))),
+            None => {
+                let how = last_words(&mut lines)
+                    .await
+                    .as_deref()
+                    .and_then(|w| w.strip_prefix("exit "))
+                    .map(|status| describe_exit(pid, status))
+                    .unwrap_or_else(|| "exited".to_owned());
+                Err(io::Error::other(format!("it {how}")))
+            }
         }
     };
-    let unconfirmed = confirmation.await.err().map(|e| {
-        // N is the service now, whatever it does.
-        tracing::error!(
-            event = "upgrade-unconfirmed",
-            new_pid = pid,
-            "generation {next} (pid {pid}) took over but did not confirm that it serves: {e}"
-        );
-        format!("the new process (pid {pid}) took over but did not confirm that it serves: {e}")
-    });
-    let channel = lines
-        .into_inner()
-        .into_inner()
-        .reunite(write)
-        .map_err(|e| format!("handshake channel: {e}"))?;
-    Ok(HandedOver {
+    if let Err(e) = confirmation.await {
+        return Err(format!(
+            "the new process (pid {pid}) did not confirm that it serves: {e}; killed it"
+        ));
+    }
+    Ok(Successor {
         pid,
         generation: next,
         took: started.elapsed(),
-        channel,
-        unconfirmed,
+        serving_since: Instant::now(),
+        spawned,
+        lines,
+        write,
+        exit_watch,
+        channel_closed: false,
     })
+}
+
+/// Resolves once the watched process has exited (never without a watch).
+async fn exited(watch: &mut Option<tokio::io::unix::AsyncFd<OwnedFd>>) {
+    match watch {
+        Some(watch) => {
+            let _ = watch.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The line N (or its intermediate, with `exit <status>`) wrote just before N died, if any.
+async fn last_words(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> Option<String> {
+    match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
+        Ok(Ok(line)) => line,
+        _ => None,
+    }
+}
+
+/// "killed by SIGSEGV" or "exited with status 3", from a wait status as the intermediate
+/// reports it.
+fn describe_exit(pid: i32, status: &str) -> String {
+    use nix::sys::wait::WaitStatus;
+    let raw = match status.trim().parse::<u32>() {
+        Ok(raw) => raw as i32,
+        Err(_) => return format!("exited ({status:?})"),
+    };
+    match WaitStatus::from_raw(nix::unistd::Pid::from_raw(pid), raw) {
+        Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+        Ok(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {}", signal.as_str()),
+        _ => format!("ended (wait status {raw})"),
+    }
+}
+
+impl Successor {
+    /// The next thing N does while on probation. Cancel-safe.
+    pub async fn next_event(&mut self) -> SuccessorEvent {
+        loop {
+            let line = tokio::select! {
+                line = self.lines.next_line(), if !self.channel_closed => line,
+                _ = exited(&mut self.exit_watch) => {
+                    let how = loop {
+                        match last_words(&mut self.lines).await {
+                            Some(line) if line.starts_with("exit ") => {
+                                break describe_exit(self.pid, &line[5..])
+                            }
+                            Some(_) => continue,
+                            None => break "exited".to_owned(),
+                        }
+                    };
+                    return SuccessorEvent::Exited(how);
+                }
+            };
+            match line {
+                Ok(Some(line)) if line == "promote" => return SuccessorEvent::AsksPromotion,
+                Ok(Some(line)) if line.starts_with("exit ") => {
+                    return SuccessorEvent::Exited(describe_exit(self.pid, &line[5..]))
+                }
+                Ok(Some(_)) => continue,
+                // N and its intermediate closed the channel: wait for N's exit itself.
+                Ok(None) | Err(_) => {
+                    self.channel_closed = true;
+                    if self.exit_watch.is_none() {
+                        return SuccessorEvent::Exited("closed the handshake channel".to_owned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 6: makes N the main pid. Releases the intermediate (so N is PID 1's or the
+    /// subreaper's child), runs `hand_over_hook` (the pidfile names N), sends `MAINPID=N` and a
+    /// `BARRIER=1`, silences this process towards the service manager and tells N `main`.
+    ///
+    /// An error comes before `MAINPID=` went out: N is killed (dropped) and O may take over
+    /// again. After `MAINPID=` there is no way back.
+    pub async fn promote(
+        mut self,
+        hand_over_hook: impl FnOnce(i32) -> io::Result<()>,
+    ) -> Result<HandedOver, String> {
+        let pid = self.pid;
+        // Releasing the intermediate and the barrier (up to 5 s) block: off the workers.
+        tokio::task::block_in_place(|| {
+            if let Some(intermediate) = self.spawned.intermediate.take() {
+                intermediate
+                    .release_and_reap()
+                    .map_err(|e| format!("cannot reap the intermediate process: {e}"))?;
+            }
+            // N may have died just now, unseen by its released parent: it is not too late.
+            if self
+                .spawned
+                .pidfd
+                .wait_exit(Duration::ZERO)
+                .unwrap_or(false)
+            {
+                return Err(format!("pid {pid} exited during the handover"));
+            }
+            hand_over_hook(pid).map_err(|e| format!("cannot record pid {pid}: {e}"))?;
+            // Under NotifyAccess=main only O may name the new main pid, and systemd must have
+            // processed it before O exits, or it would consider the unit dead and kill N too.
+            notify::main_pid(pid as u32).map_err(|e| format!("MAINPID={pid} was not sent: {e}"))?;
+            // The point of no return: MAINPID= is out. Without the barrier's answer it is
+            // unknown whether systemd took it; going on is the lesser risk (killing N would
+            // leave a main pid that may be dead), so a silent barrier is logged, not a reason
+            // to roll back.
+            if let Err(e) = notify::barrier(BARRIER_TIMEOUT) {
+                tracing::warn!(
+                    event = "barrier-unconfirmed",
+                    new_pid = pid,
+                    "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
+                );
+            }
+            Ok(())
+        })?;
+        self.spawned.promoted = true;
+        notify::hand_over();
+        // N sends READY=1 on this line; if it is gone by now, it is the service manager's to
+        // see (the main pid exited).
+        if let Err(e) = self.write.write_all(b"main\n").await {
+            tracing::warn!(
+                new_pid = pid,
+                "cannot tell pid {pid} that it is the main pid: {e}"
+            );
+        }
+        let handle = self
+            .spawned
+            .pidfd
+            .try_clone_fd()
+            .map(ProcessHandle::from)
+            .map_err(|e| format!("pidfd of {pid}: {e}"))?;
+        let channel = self
+            .lines
+            .into_inner()
+            .into_inner()
+            .reunite(self.write)
+            .map_err(|e| format!("handshake channel: {e}"))?;
+        Ok(HandedOver {
+            pid,
+            generation: self.generation,
+            took: self.took,
+            channel,
+            handle,
+        })
+    }
+
+    /// Stops N gracefully (a stop during the probation): `stop` on the channel, then up to
+    /// `timeout` for N to drain and exit; what is left then is killed.
+    pub async fn stop(mut self, timeout: Duration) {
+        if self.write.write_all(b"stop\n").await.is_ok() {
+            let _ = tokio::time::timeout(timeout, exited(&mut self.exit_watch)).await;
+        }
+        tokio::task::block_in_place(move || drop(self));
+    }
+
+    /// Kills N and what it started, and reaps it (through its intermediate).
+    pub fn kill(self) {
+        tokio::task::block_in_place(move || drop(self));
+    }
 }
 
 fn monotonic_usec() -> i128 {
@@ -763,6 +1058,74 @@ pub struct Committed {
     pub channel: tokio::net::UnixStream,
     /// From the start of the upgrade in O to now.
     pub handoff: Option<Duration>,
+}
+
+impl Committed {
+    /// Tells O that N accepts now. From then on O stands by on probation.
+    pub async fn serving(mut self) -> io::Result<Predecessor> {
+        self.channel.write_all(b"serving\n").await?;
+        let (read, write) = self.channel.into_split();
+        Ok(Predecessor {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        })
+    }
+}
+
+/// N's link to O after the commit.
+pub struct Predecessor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// What O tells N after the commit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PredecessorEvent {
+    /// The probation is over: N is the main pid and sends `READY=1`.
+    Main,
+    /// The service stops during the probation: N stops too.
+    Stop,
+    /// O drained its connections in `duration`, closing `forced` of them at its deadline.
+    Drained { duration: Duration, forced: u64 },
+    /// O is gone.
+    Gone,
+}
+
+impl Predecessor {
+    /// The next word from O. Cancel-safe.
+    pub async fn next(&mut self) -> PredecessorEvent {
+        loop {
+            let line = match self.lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => return PredecessorEvent::Gone,
+            };
+            let mut words = line.split(' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("main"), None, _) => return PredecessorEvent::Main,
+                (Some("stop"), None, _) => return PredecessorEvent::Stop,
+                (Some("drained"), Some(ms), Some(forced)) => {
+                    if let (Ok(ms), Ok(forced)) = (ms.parse::<u64>(), forced.parse::<u64>()) {
+                        return PredecessorEvent::Drained {
+                            duration: Duration::from_millis(ms),
+                            forced,
+                        };
+                    }
+                }
+                _ => {}
+            }
+            tracing::debug!("ignored {line:?} from the previous generation");
+        }
+    }
+
+    /// Asks O to end the probation now (N was asked for an upgrade itself).
+    pub async fn ask_promotion(&mut self) -> io::Result<()> {
+        self.write.write_all(b"promote\n").await
+    }
+}
+
+/// O's report of its drain to N, as [`Predecessor::next`] reads it.
+pub fn drained_line(duration: Duration, forced: u64) -> String {
+    format!("drained {} {forced}\n", duration.as_millis())
 }
 
 impl Handshake {
@@ -832,6 +1195,14 @@ mod tests {
 
     #[test]
     fn counts_round_trip_through_the_environment_format() {
-        assert_eq!(Counts::from_env(), Counts::default());
+        let counts = Counts {
+            ok: 7,
+            failed: 2,
+            rolled_back: 1,
+        };
+        assert_eq!(Counts::parse(&counts.to_env()), Some(counts));
+        for bad in ["", "1:2", "1:2:x", "1:2:3:4", "-1:0:0"] {
+            assert_eq!(Counts::parse(bad), None, "{bad:?}");
+        }
     }
 }

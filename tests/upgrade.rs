@@ -19,11 +19,16 @@ use nix::sys::signal::Signal;
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The first generation, on a handed-over loopback listener.
+/// The first generation, on a handed-over loopback listener. Without a probation unless
+/// `args` name one, so that an upgrade is over when its old process exits.
 fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
     reaper::init();
     let (listener, addr) = tcp_listener();
-    let mut spawn = Spawn::serve(args).fd(listener, None);
+    let mut args = args.to_vec();
+    if !args.contains(&"--upgrade-probation") {
+        args.extend(["--upgrade-probation", "0s"]);
+    }
+    let mut spawn = Spawn::serve(&args).fd(listener, None);
     for (k, v) in env {
         spawn = spawn.env(k, v);
     }
@@ -138,9 +143,22 @@ fn twenty_upgrades_under_load_lose_nothing() {
 
 #[test]
 fn systemd_sees_reloading_mainpid_then_ready_from_the_new_pid() {
+    notify_sequence("0s");
+}
+
+#[test]
+fn on_probation_the_old_pid_says_ready_and_switches_the_main_pid_after_the_window() {
+    notify_sequence("1s");
+}
+
+/// What a NotifyAccess=main service manager hears from an upgrade with this probation.
+fn notify_sequence(probation: &str) {
     let dir = TempDir::new("upgrade-notify");
     let receiver = Receiver::new(dir.path());
-    let (baton, addr) = start(&[], &[("NOTIFY_SOCKET", receiver.path.to_str().unwrap())]);
+    let (baton, addr) = start(
+        &["--upgrade-probation", probation],
+        &[("NOTIFY_SOCKET", receiver.path.to_str().unwrap())],
+    );
     let old = baton.pid();
     receiver.set_main_pid(old);
     receiver
@@ -165,17 +183,29 @@ fn systemd_sees_reloading_mainpid_then_ready_from_the_new_pid() {
         .map(|m| (m.pid, m.text.lines().next().unwrap_or("")))
         .collect();
     let new_main = format!("MAINPID={new}");
-    assert_eq!(
-        summary,
-        [
-            (old as i32, "READY=1"),
-            (old as i32, "RELOADING=1"),
-            (old as i32, new_main.as_str()),
-            (old as i32, "BARRIER=1"),
-            (new as i32, "READY=1"),
-        ],
-        "{messages:#?}"
-    );
+    let mut expected = vec![
+        (old as i32, "READY=1"),
+        (old as i32, "RELOADING=1"),
+        (old as i32, new_main.as_str()),
+        (old as i32, "BARRIER=1"),
+        (new as i32, "READY=1"),
+    ];
+    if probation != "0s" {
+        // The reload is over once N serves; O, still the main pid, says so and stands by.
+        expected.insert(2, (old as i32, "READY=1"));
+        let standing_by = messages[2].get("STATUS").unwrap();
+        assert!(
+            standing_by.starts_with(&format!(
+                "generation 2 (pid {new}) serves, on probation for {probation}"
+            )),
+            "{standing_by}"
+        );
+    }
+    assert_eq!(summary, expected, "{messages:#?}");
+    let mut messages = messages;
+    if probation != "0s" {
+        messages.remove(2);
+    }
     let reloading = &messages[1];
     assert!(
         reloading
@@ -283,11 +313,11 @@ fn fault_new_binary_never_ready() {
     let (code, _, err) = reload(baton.pid());
     assert_eq!(code, 1);
     assert!(err.contains("was not ready within 1s; killed it"), "{err}");
-    // The hung process is gone: killed, and reaped by us, its adoptive parent.
+    // The hung process is gone: killed, and reaped by its parent, the double fork's
+    // intermediate, which the old process reaped in turn.
     let new_pid = spawned_pid(&baton);
-    let status = reaper::wait_exit(new_pid, EXIT_TIMEOUT).expect("the hung process was killed");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    wait_gone(new_pid);
+    assert_eq!(children(baton.pid()), "", "no zombie left");
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
     // And under load, the same fault loses nothing.
@@ -400,7 +430,7 @@ fn sigterm_during_an_upgrade_stops_cleanly() {
         "{log}"
     );
     // No leftover process: the would-be successor was killed and reaped.
-    assert!(reaper::wait_exit(new_pid, EXIT_TIMEOUT).is_some());
+    wait_gone(new_pid);
     let (code, _, err) = reloading.join().unwrap();
     assert_eq!(code, 1, "{err}");
     // Nothing serves anymore: this process held the only copy of the socket.
@@ -455,6 +485,15 @@ fn environ_names(pid: u32) -> Vec<String> {
 }
 
 /// Children of `pid` (zombies included).
+/// Waits until `pid` is gone and reaped (a zombie still has its /proc entry).
+fn wait_gone(pid: u32) {
+    assert!(
+        common::wait_until(EXIT_TIMEOUT, || !Path::new(&format!("/proc/{pid}"))
+            .exists()),
+        "pid {pid} is still there"
+    );
+}
+
 fn children(pid: u32) -> String {
     let tasks = Path::new("/proc").join(pid.to_string()).join("task");
     std::fs::read_dir(tasks)
@@ -566,6 +605,8 @@ fn sigterm_to_the_old_process_after_the_handover_does_not_cut_its_drain() {
             root.path().to_str().unwrap(),
             "--drain-timeout",
             "30s",
+            "--upgrade-probation",
+            "0s",
         ],
         &[],
     );
@@ -597,7 +638,7 @@ fn upgrade_old_kept(baton: &Baton, addr: SocketAddr) -> u32 {
 }
 
 #[test]
-fn a_new_process_that_takes_over_without_confirming_is_not_rolled_back() {
+fn a_new_process_that_never_confirms_it_serves_is_killed_and_the_old_one_serves_on() {
     let dir = TempDir::new("unconfirmed");
     // Speaks the handshake up to the commit (the channel is fd 4: one socket, then it), then
     // goes silent.
@@ -606,20 +647,228 @@ fn a_new_process_that_takes_over_without_confirming_is_not_rolled_back() {
         "baton",
         "echo ready >&4; read commit <&4; exec sleep 600",
     );
-    let (mut baton, _) = start(&["--exec", &exe], &[]);
+    let (mut baton, addr) = start(&["--exec", &exe], &[]);
     let (code, _, err) = reload(baton.pid());
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("took over but did not confirm that it serves"),
+        err.contains("did not confirm that it serves: no answer within"),
         "{err}"
     );
-    // Past the commit the old process cannot take the service back: it drains and exits.
+    wait_gone(spawned_pid(&baton));
+    assert_eq!(pid_of(addr), baton.pid());
+    baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+}
+
+/// A free loopback port that the test itself does not hold: baton binds it alone.
+fn unheld_port() -> SocketAddr {
+    let (listener, addr) = tcp_listener();
+    drop(listener);
+    addr
+}
+
+/// `/-/metrics`' value of one sample.
+fn metric(addr: SocketAddr, sample: &str) -> Option<f64> {
+    let text = http::get(addr, "/-/metrics").ok()?.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{sample} ")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// No failure of `report` is a refused connection, and there are at most `at_most`.
+fn none_refused(failures: &[String], at_most: usize) {
     assert!(
-        !baton.stderr.text().contains("event=\"upgrade-failed\""),
-        "counted as a rollback"
+        !failures.iter().any(|f| f.contains("refused")),
+        "a connection was refused: {failures:#?}"
     );
-    kill(spawned_pid(&baton), Signal::SIGKILL);
+    assert!(failures.len() <= at_most, "{failures:#?}");
+}
+
+#[test]
+fn a_new_process_that_dies_right_after_taking_over_is_rolled_back_without_an_outage() {
+    // The old generation bound the socket itself and the test holds no copy of it: only the
+    // old generation's own copy keeps it open when the new one dies.
+    reaper::init();
+    let dir = TempDir::new("dies-after-commit");
+    let exe = script(
+        &dir,
+        "baton",
+        "echo ready >&4; read commit <&4; echo serving >&4; exit 7",
+    );
+    let addr = unheld_port();
+    let listen = addr.to_string();
+    let mut baton = Spawn::serve(&["--listen", &listen, "--exec", &exe]).start();
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    let load = Load::start(addr, 2, 4);
+    load.wait_progress(100);
+    let (code, _, err) = run_baton(&["reload", "--wait", "--pid", &baton.pid().to_string()]);
+    assert_eq!(code, 1, "{err}");
+    let pid = spawned_pid(&baton);
+    assert!(
+        err.contains(&format!(
+            "upgrade to generation 2 rolled back: pid {pid} exited with status 7"
+        )),
+        "{err}"
+    );
+    load.wait_progress(200);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert_eq!(pid_of(addr), baton.pid());
+    assert_eq!(
+        metric(addr, "baton_upgrades_total{result=\"rolled_back\"}"),
+        Some(1.0)
+    );
+    assert!(baton
+        .stderr
+        .wait_for("event=\"upgrade-rolled-back\"", Duration::from_secs(5))
+        .is_some());
+    assert_eq!(children(baton.pid()), "", "no zombie left");
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+}
+
+#[test]
+fn a_new_generation_killed_on_probation_hands_the_service_back() {
+    let dir = TempDir::new("probation");
+    let receiver = Receiver::new(dir.path());
+    let (baton, addr) = start(
+        &["--upgrade-probation", "3s"],
+        &[("NOTIFY_SOCKET", receiver.path.to_str().unwrap())],
+    );
+    let old = baton.pid();
+    receiver.set_main_pid(old);
+    let load = Load::start(addr, 2, 4);
+    load.wait_progress(100);
+    let waiting =
+        std::thread::spawn(move || run_baton(&["reload", "--wait", "--pid", &old.to_string()]));
+    let new = spawned_pid(&baton);
+    assert!(common::wait_until(Duration::from_secs(10), || pid_of(addr) == new));
+    load.wait_progress(100);
+    // The scenario: a crash half a second after the new generation took over.
+    std::thread::sleep(Duration::from_millis(500));
+    kill(new, Signal::SIGKILL);
+    let killed = std::time::Instant::now();
+    assert!(common::wait_until(Duration::from_secs(5), || pid_of(addr) == old));
+    let back_after = killed.elapsed();
+    assert!(
+        back_after < Duration::from_secs(1),
+        "served again after {back_after:?}"
+    );
+    let (code, _, err) = waiting.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "upgrade to generation 2 rolled back: pid {new} was killed by SIGKILL"
+        )) && err.contains("s after it took over"),
+        "{err}"
+    );
+    load.wait_progress(200);
+    // Only requests in flight on the killed process may fail; no connection is refused.
+    none_refused(&load.stop().failures, 6);
+    // The service manager: the main pid never moved, and the status names the rollback.
+    assert_eq!(receiver.main_pid(), Some(old as i32));
+    let status = receiver
+        .wait_accepted(Duration::from_secs(5), |m| {
+            m.get("STATUS").is_some_and(|s| s.contains("rolled back"))
+        })
+        .expect("a STATUS= naming the rollback");
+    assert_eq!(status.pid, old as i32);
+    assert!(receiver.messages().iter().all(|m| m.accepted));
+    assert_eq!(
+        metric(addr, "baton_upgrades_total{result=\"rolled_back\"}"),
+        Some(1.0)
+    );
+    assert!(baton
+        .stderr
+        .wait_for("event=\"upgrade-rolled-back\"", Duration::from_secs(5))
+        .is_some());
+
+    // A probation that passes: the main pid is N's once the window is over.
+    let (code, out, err) = run_baton(&["reload", "--wait", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("it passed its probation of 3s"), "{out}");
+    let new = pid_of(addr);
+    assert_ne!(new, old);
+    assert_eq!(receiver.main_pid(), Some(new as i32));
+    receiver
+        .wait_accepted(Duration::from_secs(10), |m| {
+            m.pid == new as i32 && m.has("READY=1")
+        })
+        .expect("READY=1 from the new main pid");
+    assert!(reaper::wait_exit(old, EXIT_TIMEOUT).unwrap().success());
+    assert_eq!(
+        metric(addr, "baton_upgrades_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    stop_current(addr);
+}
+
+#[test]
+fn reloads_in_quick_succession_end_each_probation_early_and_lose_nothing() {
+    // The default probation (10 s): every reload reaches the generation on probation, which
+    // asks its predecessor to end the probation, then upgrades.
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    let mut baton = Spawn::serve(&[]).fd(listener, None).start();
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    let load = Load::start(addr, 4, 2);
+    load.wait_progress(100);
+    let mut pids = vec![baton.pid()];
+    for generation in 2..=6u64 {
+        let (code, out, err) = reload(*pids.last().unwrap());
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("on probation for 10s"), "{out}");
+        let v = version(addr);
+        assert_eq!(v["generation"], generation, "{v}");
+        pids.push(v["pid"].as_u64().unwrap() as u32);
+        load.wait_progress(50);
+    }
+    // Every generation but the last was promoted early and exits 0 after its drain.
+    for pid in &pids[..pids.len() - 1] {
+        let status = reaper::wait_exit(*pid, EXIT_TIMEOUT).expect("an old generation exited");
+        assert!(status.success(), "{pid}: {status:?}");
+    }
+    load.wait_progress(100);
+    let report = load.stop();
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    // The last one is on probation: a stop reaches both.
+    stop_current(addr);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).is_some());
+}
+
+#[test]
+fn a_stop_during_the_probation_stops_both_generations() {
+    let (mut baton, addr) = start(&["--upgrade-probation", "60s"], &[]);
+    let old = baton.pid();
+    let (code, out, err) = reload(old);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("on probation for 1m"), "{out}");
+    let new = pid_of(addr);
+    assert_ne!(new, old);
+    let (code, _, err) = run_baton(&["status", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    // The old process waited for the new one, which drained and exited on its word (and was
+    // reaped by its intermediate, the old process's child).
+    wait_gone(new);
+    let log = baton.stderr.text();
+    assert!(
+        log.contains(&format!("stopping generation 2 (pid {new}) too")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=\"drained\"") && l.contains("generation=2")),
+        "the new generation drained: {log}"
+    );
+    assert!(
+        http::get(addr, "/-/healthy").is_err()
+            || common::wait_until(Duration::from_secs(5), || http::get(addr, "/-/healthy")
+                .is_err())
+    );
 }
 
 #[test]
