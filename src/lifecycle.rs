@@ -89,7 +89,7 @@ pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Proce
     let mut upgrader = Upgrader::new(exe, generation, config.upgrade.timeout);
     for listener in &listeners {
         upgrader
-            .add_socket(listener, &listener.name)
+            .add_socket(listener, &listener.handover_name())
             .context("cannot keep a copy of a listening socket for upgrades")?;
     }
     if let Some(pidfile) = &pidfile {
@@ -255,6 +255,8 @@ impl Process {
         );
         let ready = |server: &mut Server| {
             server.start_accepting();
+            // The main pid from here on: keep the self-bound listeners in systemd's fd store.
+            crate::fdstore::on_main_pid(self.upgrader.sockets());
             notify::ready(&status);
             tracing::info!(
                 event = "ready",

@@ -38,7 +38,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -145,6 +145,13 @@ impl Upgrader {
         self.sockets
             .push((fd.as_fd().try_clone_to_owned()?, name.to_owned()));
         Ok(())
+    }
+
+    /// The sockets it hands over, with the names the next generation gets in `LISTEN_FDNAMES`.
+    pub fn sockets(&self) -> impl Iterator<Item = (BorrowedFd<'_>, &str)> {
+        self.sockets
+            .iter()
+            .map(|(fd, name)| (fd.as_fd(), name.as_str()))
     }
 
     /// The fds this upgrader keeps open.
