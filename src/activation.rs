@@ -206,8 +206,8 @@ pub fn resolve(
     activated: Vec<ActivatedFd>,
 ) -> Result<Vec<Listener>, ActivationError> {
     let (mut listeners, stale) = match_fds(specs, activated)?;
-    for name in &stale {
-        fdstore::remove_later(name);
+    for (name, fd, why) in stale {
+        fdstore::remove_later(&name, fd, why);
     }
     for spec in specs {
         if !listeners.iter().any(|l| l.name == spec.name) {
@@ -223,12 +223,15 @@ pub fn resolve(
     Ok(listeners)
 }
 
-/// Matches the activated fds to `specs`: the listeners they serve, and the names of the stored
-/// fds that serve none (closed already).
+/// A stored fd that serves no listener: its name, the fd number it had, and why.
+type Stale = (String, RawFd, String);
+
+/// Matches the activated fds to `specs`: the listeners they serve, and the stored fds that serve
+/// none (closed already).
 fn match_fds(
     specs: &[ListenSpec],
     activated: Vec<ActivatedFd>,
-) -> Result<(Vec<Listener>, Vec<String>), ActivationError> {
+) -> Result<(Vec<Listener>, Vec<Stale>), ActivationError> {
     let single = match specs {
         [only] => Some(only.name.as_str()),
         _ => None,
@@ -297,15 +300,13 @@ fn match_fds(
                 Err(e) => (None, Some(e.0)),
                 Ok(socket) => {
                     if !same_address(&socket, &spec.address) {
-                        tracing::warn!(
-                            listener = listener,
-                            fd = raw,
+                        fdstore::warn_later(format!(
                             "listener {listener}: keeping the socket handed over as '{name}' on {}, \
                              although the configuration says {}; rename the listener, or stop and \
                              start the service (which empties systemd's fd store), to bind the new address",
                             socket.local_address(),
                             spec.address
-                        );
+                        ));
                     }
                     listeners.push(Listener {
                         name: listener.to_owned(),
@@ -318,16 +319,9 @@ fn match_fds(
             },
         };
         if let Some(why) = why_stale {
-            tracing::info!(
-                event = "fdstore-stale",
-                fd = raw,
-                fd_name = %name,
-                "socket activation: closing fd {raw} ('{name}', a listener baton bound earlier): {why}; \
-                 it is removed from systemd's fd store once this process serves"
-            );
             drop(fd);
-            if !stale.contains(&name) {
-                stale.push(name);
+            if !stale.iter().any(|(n, _, _)| *n == name) {
+                stale.push((name, raw, why));
             }
         }
     }
@@ -526,6 +520,10 @@ mod tests {
         );
     }
 
+    fn names(stale: &[Stale]) -> Vec<&str> {
+        stale.iter().map(|(n, _, _)| n.as_str()).collect()
+    }
+
     fn fd(name: &str) -> ActivatedFd {
         ActivatedFd {
             fd: tcp_listener(),
@@ -555,7 +553,10 @@ mod tests {
         let specs = [spec("http=127.0.0.1:1")];
         // Also with a single listener, which takes unnamed and *.socket fds: not stored ones.
         let (l, stale) = match_fds(&specs, vec![fd("http"), fd("bound/gone")]).unwrap();
-        assert_eq!(stale, ["bound/gone"]);
+        assert_eq!(names(&stale), ["bound/gone"]);
+        assert!(stale[0]
+            .2
+            .starts_with("no listener 'gone' is configured anymore"));
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].name, "http");
         // A socket unit's fd with an unknown name is still an error.
@@ -569,7 +570,7 @@ mod tests {
         // Whatever the order systemd passes them in.
         let (l, stale) =
             match_fds(&specs, vec![fd("bound/http"), fd("http"), fd("extra")]).unwrap();
-        assert_eq!(stale, ["bound/http"]);
+        assert_eq!(names(&stale), ["bound/http"]);
         assert_eq!(l.len(), 2);
         assert!(l.iter().all(|l| !l.self_bound));
     }
@@ -587,7 +588,8 @@ mod tests {
         )
         .unwrap();
         assert!(l.is_empty());
-        assert_eq!(stale, ["bound/extra"]);
+        assert_eq!(names(&stale), ["bound/extra"]);
+        assert!(stale[0].2.contains("datagram (UDP)"), "{stale:?}");
         // resolve then binds it afresh, as its own.
         let l = resolve(&specs, vec![]).unwrap();
         assert!(l[0].self_bound && l[0].activated_fd.is_none());

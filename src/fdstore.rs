@@ -54,8 +54,22 @@ pub const PREFIX: &str = "bound/";
 /// default name "stored", which would not find its listener again.
 pub const FDNAME_MAX: usize = 255;
 
-/// Stored fd names to remove from the store once this process is the main pid.
-static TO_REMOVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// What the start found, told once this process is the main pid (sockets are resolved before
+/// logging is set up): stale stored fds (fd name, fd number, why), and warnings.
+#[derive(Default)]
+struct Pending {
+    removals: Vec<(String, i32, String)>,
+    warnings: Vec<String>,
+}
+
+static PENDING: Mutex<Pending> = Mutex::new(Pending {
+    removals: Vec::new(),
+    warnings: Vec::new(),
+});
+
+fn pending() -> std::sync::MutexGuard<'static, Pending> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The fd name under which the listener `listener` is stored and handed over.
 pub fn stored_name(listener: &str) -> String {
@@ -68,22 +82,26 @@ pub fn listener_of(fd_name: &str) -> Option<&str> {
     fd_name.strip_prefix(PREFIX).filter(|l| !l.is_empty())
 }
 
-/// Notes a stored fd name to remove from the store with `FDSTOREREMOVE=1` at [`on_main_pid`].
-pub fn remove_later(fd_name: &str) {
-    let mut names = TO_REMOVE.lock().unwrap_or_else(|e| e.into_inner());
-    if !names.iter().any(|n| n == fd_name) {
-        names.push(fd_name.to_owned());
+/// Notes a stale stored fd (closed already: `fd` is the number it had) to remove from the
+/// store with `FDSTOREREMOVE=1` and to log, with `why`, at [`on_main_pid`].
+pub fn remove_later(fd_name: &str, fd: i32, why: String) {
+    let mut pending = pending();
+    if !pending.removals.iter().any(|(n, _, _)| n == fd_name) {
+        pending.removals.push((fd_name.to_owned(), fd, why));
     }
 }
 
-/// What to send once this process is the main pid: the removals first, then one push per
-/// self-bound listener. `sockets` are the listeners by their handover names (those with
-/// [`PREFIX`] are pushed, the others belong to a socket unit).
+/// Notes a warning about a stored listener, logged at [`on_main_pid`].
+pub fn warn_later(message: String) {
+    pending().warnings.push(message);
+}
+
+/// Which of `sockets` (the listeners by their handover names) to push: those with [`PREFIX`]
+/// (the others belong to a socket unit), unless their name is too long for systemd.
+#[allow(clippy::type_complexity)]
 fn plan<'a, 'b>(
-    to_remove: &'b [String],
     sockets: &'b [(BorrowedFd<'a>, &'b str)],
-) -> (Vec<&'b str>, Vec<(BorrowedFd<'a>, &'b str)>, Vec<&'b str>) {
-    let removals = to_remove.iter().map(String::as_str).collect();
+) -> (Vec<(BorrowedFd<'a>, &'b str)>, Vec<&'b str>) {
     let (mut pushes, mut too_long) = (Vec::new(), Vec::new());
     for (fd, name) in sockets {
         if listener_of(name).is_none() {
@@ -95,40 +113,52 @@ fn plan<'a, 'b>(
             pushes.push((*fd, *name));
         }
     }
-    (removals, pushes, too_long)
+    (pushes, too_long)
 }
 
 /// Updates systemd's fd store: call it when this process has become the unit's main pid and
 /// serves (where it sends `READY=1`). `sockets` are this process's listening sockets with their
 /// handover names ([`crate::upgrade::Upgrader::sockets`]).
 ///
-/// Sends `FDSTOREREMOVE=1` + `FDNAME=` for each stored fd found stale at start, then, for each
-/// self-bound listener, `FDSTORE=1` + `FDNAME=bound/NAME` + `FDPOLL=0` with the socket. Does
+/// Logs what the start found (stale stored fds, address warnings), sends `FDSTOREREMOVE=1` +
+/// `FDNAME=` for each stored fd found stale at start, then, for each self-bound listener, `FDSTORE=1` + `FDNAME=bound/NAME` + `FDPOLL=0` with the socket. Does
 /// nothing without `NOTIFY_SOCKET`. Failures are logged, never fatal: without the store a
 /// listener is only as durable as it was before.
 pub fn on_main_pid<'a>(sockets: impl IntoIterator<Item = (BorrowedFd<'a>, &'a str)>) {
-    let to_remove = std::mem::take(&mut *TO_REMOVE.lock().unwrap_or_else(|e| e.into_inner()));
-    if !notify::enabled() {
+    let Pending { removals, warnings } = std::mem::take(&mut *pending());
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let enabled = notify::enabled();
+    for (name, fd, why) in &removals {
+        let removed = match enabled {
+            false => Ok(false),
+            true => notify::send_with_fds(
+                &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+                &[],
+            )
+            .map(|()| true),
+        };
+        let outcome = match removed {
+            Ok(true) => "asked systemd to remove it from its fd store",
+            Ok(false) => "no service manager to tell",
+            Err(ref e) => {
+                tracing::warn!("cannot ask systemd to remove '{name}' from its fd store: {e}");
+                "it stays in systemd's fd store"
+            }
+        };
+        tracing::info!(
+            event = "fdstore-stale",
+            fd = fd,
+            fd_name = %name,
+            "closed fd {fd} ('{name}', a listener baton bound earlier): {why}; {outcome}"
+        );
+    }
+    if !enabled {
         return;
     }
     let sockets: Vec<(BorrowedFd<'a>, &'a str)> = sockets.into_iter().collect();
-    let (removals, pushes, too_long) = plan(&to_remove, &sockets);
-    for name in removals {
-        match notify::send_with_fds(
-            &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
-            &[],
-        ) {
-            Ok(()) => tracing::info!(
-                event = "fdstore-removed",
-                fd_name = name,
-                "asked systemd to remove '{name}' from its fd store: its listener is no longer configured"
-            ),
-            Err(e) => tracing::warn!(
-                fd_name = name,
-                "cannot ask systemd to remove '{name}' from its fd store: {e}"
-            ),
-        }
-    }
+    let (pushes, too_long) = plan(&sockets);
     for name in too_long {
         tracing::warn!(
             fd_name = name,
@@ -183,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn only_prefixed_names_are_pushed_and_removals_come_first() {
+    fn only_prefixed_names_short_enough_for_systemd_are_pushed() {
         let (a, b) = (
             std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
@@ -194,9 +224,7 @@ mod tests {
             (b.as_fd(), "bound/extra"),
             (b.as_fd(), long.as_str()),
         ];
-        let removals = vec!["bound/gone".to_owned()];
-        let (remove, push, too_long) = plan(&removals, &sockets);
-        assert_eq!(remove, ["bound/gone"]);
+        let (push, too_long) = plan(&sockets);
         assert_eq!(
             push.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
             ["bound/extra"]
