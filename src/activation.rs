@@ -15,8 +15,17 @@
 //!   (e.g. an IPv4 and an IPv6 `ListenStream=` in one socket unit);
 //! - with a single configured listener, fds without a name of their own (no `LISTEN_FDNAMES`,
 //!   an empty name, or the default `*.socket` name) serve it;
+//! - an fd named `bound/NAME` is a listener baton bound itself, kept in systemd's fd store or
+//!   handed over by the previous generation ([`crate::fdstore`]): it serves the listener
+//!   `NAME`, unless a socket unit's fd serves that listener too; one whose listener is no longer
+//!   configured (or is served by a socket unit now, or is no listening socket) is closed and
+//!   noted for removal from the store ([`crate::fdstore::remove_later`]) instead of failing the
+//!   start;
 //! - any other fd is an error: it would otherwise sit unserved;
 //! - a configured listener with no fd is bound from its address.
+//!
+//! A listener keeps its self-bound status across upgrades: [`Listener::handover_name`] is the
+//! name the next generation gets in `LISTEN_FDNAMES`.
 //!
 //! [sd_listen_fds(3)]: https://www.freedesktop.org/software/systemd/man/sd_listen_fds.html
 
@@ -30,6 +39,7 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockaddrLike, SockaddrStora
 use nix::sys::stat::{fstat, SFlag};
 
 use crate::config::{ListenAddress, ListenSpec};
+use crate::fdstore;
 
 /// The environment variables of the protocol; all are removed once read.
 const LISTEN_VARS: [&str; 4] = [
@@ -58,6 +68,21 @@ pub struct Listener {
     pub socket: Socket,
     /// The fd number the socket arrived on, when it was handed over.
     pub activated_fd: Option<RawFd>,
+    /// Bound by baton (here, or by an earlier process and kept in the fd store or handed over
+    /// as `bound/NAME`), not by a socket unit: it belongs in systemd's fd store.
+    pub self_bound: bool,
+}
+
+impl Listener {
+    /// The fd name the next generation gets for this socket in `LISTEN_FDNAMES`: the
+    /// listener's name, or `bound/NAME` for a self-bound one ([`crate::fdstore`]).
+    pub fn handover_name(&self) -> String {
+        if self.self_bound {
+            fdstore::stored_name(&self.name)
+        } else {
+            self.name.clone()
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -95,6 +120,7 @@ impl Listener {
                 Socket::Unix(l) => Socket::Unix(l.try_clone()?),
             },
             activated_fd: None,
+            self_bound: self.self_bound,
         })
     }
 }
@@ -112,9 +138,10 @@ impl fmt::Display for Listener {
     /// `http=127.0.0.1:8080 (fd 3, handed over)` or `http=127.0.0.1:8080 (bound)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.socket.local_address())?;
-        match self.activated_fd {
-            Some(fd) => write!(f, " (fd {fd}, handed over)"),
-            None => write!(f, " (bound)"),
+        match (self.activated_fd, self.self_bound) {
+            (Some(fd), false) => write!(f, " (fd {fd}, handed over)"),
+            (Some(fd), true) => write!(f, " (fd {fd}, handed over, self-bound)"),
+            (None, _) => write!(f, " (bound)"),
         }
     }
 }
@@ -187,10 +214,40 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
 }
 
 /// Checks the activated fds, matches them to `specs`, and binds the specs left over.
+///
+/// Stale stored fds (see the module docs) are closed here and noted for removal from systemd's
+/// fd store.
 pub fn resolve(
     specs: &[ListenSpec],
     activated: Vec<ActivatedFd>,
 ) -> Result<Vec<Listener>, ActivationError> {
+    let (mut listeners, stale) = match_fds(specs, activated)?;
+    for (name, fd, why) in stale {
+        fdstore::remove_later(&name, fd, why);
+    }
+    for spec in specs {
+        if !listeners.iter().any(|l| l.name == spec.name) {
+            listeners.push(Listener {
+                name: spec.name.clone(),
+                socket: bind(&spec.address)
+                    .map_err(|e| ActivationError(format!("listener {spec}: {e}")))?,
+                activated_fd: None,
+                self_bound: true,
+            });
+        }
+    }
+    Ok(listeners)
+}
+
+/// A stored fd that serves no listener: its name, the fd number it had, and why.
+type Stale = (String, RawFd, String);
+
+/// Matches the activated fds to `specs`: the listeners they serve, and the stored fds that serve
+/// none (closed already).
+fn match_fds(
+    specs: &[ListenSpec],
+    activated: Vec<ActivatedFd>,
+) -> Result<(Vec<Listener>, Vec<Stale>), ActivationError> {
     let single = match specs {
         [only] => Some(only.name.as_str()),
         _ => None,
@@ -202,8 +259,12 @@ pub fn resolve(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // A socket unit's fds first: they win over a stored fd for the same listener.
+    let (stored, unit): (Vec<_>, Vec<_>) = activated
+        .into_iter()
+        .partition(|a| fdstore::listener_of(&a.name).is_some());
     let mut listeners = Vec::new();
-    for ActivatedFd { fd, name } in activated {
+    for ActivatedFd { fd, name } in unit {
         let raw = fd.as_raw_fd();
         let target = match specs.iter().find(|s| s.name == name) {
             Some(spec) => spec.name.as_str(),
@@ -223,19 +284,77 @@ pub fn resolve(
             name: target.to_owned(),
             socket,
             activated_fd: Some(raw),
+            self_bound: false,
         });
     }
-    for spec in specs {
-        if !listeners.iter().any(|l| l.name == spec.name) {
-            listeners.push(Listener {
-                name: spec.name.clone(),
-                socket: bind(&spec.address)
-                    .map_err(|e| ActivationError(format!("listener {spec}: {e}")))?,
-                activated_fd: None,
-            });
+    let mut stale = Vec::new();
+    for ActivatedFd { fd, name } in stored {
+        let raw = fd.as_raw_fd();
+        let listener = fdstore::listener_of(&name).expect("partitioned on it");
+        let (fd, why_stale) = match specs.iter().find(|s| s.name == listener) {
+            None => (
+                Some(fd),
+                Some(format!(
+                    "no listener '{listener}' is configured anymore (configured: {})",
+                    configured()
+                )),
+            ),
+            Some(_)
+                if listeners
+                    .iter()
+                    .any(|l| l.name == listener && !l.self_bound) =>
+            {
+                (
+                    Some(fd),
+                    Some(format!(
+                        "a socket unit's fd serves listener '{listener}' now"
+                    )),
+                )
+            }
+            // check_fd closes the fd when it fails.
+            Some(spec) => match check_fd(fd, &name) {
+                Err(e) => (None, Some(e.0)),
+                Ok(socket) => {
+                    if !same_address(&socket, &spec.address) {
+                        fdstore::warn_later(format!(
+                            "listener {listener}: keeping the socket handed over as '{name}' on {}, \
+                             although the configuration says {}; rename the listener, or stop and \
+                             start the service (which empties systemd's fd store), to bind the new address",
+                            socket.local_address(),
+                            spec.address
+                        ));
+                    }
+                    listeners.push(Listener {
+                        name: listener.to_owned(),
+                        socket,
+                        activated_fd: Some(raw),
+                        self_bound: true,
+                    });
+                    (None, None)
+                }
+            },
+        };
+        if let Some(why) = why_stale {
+            drop(fd);
+            if !stale.iter().any(|(n, _, _)| *n == name) {
+                stale.push((name, raw, why));
+            }
         }
     }
-    Ok(listeners)
+    Ok((listeners, stale))
+}
+
+/// Whether `socket` listens where `address` says (port 0 matches any port).
+fn same_address(socket: &Socket, address: &ListenAddress) -> bool {
+    match (socket, address) {
+        (Socket::Tcp(l), ListenAddress::Tcp(want)) => l.local_addr().is_ok_and(|have| {
+            have.ip() == want.ip() && (want.port() == 0 || have.port() == want.port())
+        }),
+        (Socket::Unix(l), ListenAddress::Unix(want)) => l
+            .local_addr()
+            .is_ok_and(|have| have.as_pathname() == Some(want.as_path())),
+        _ => false,
+    }
 }
 
 /// Verifies that `fd` is a listening stream socket baton can serve HTTP on, and wraps it.
@@ -415,6 +534,98 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    fn names(stale: &[Stale]) -> Vec<&str> {
+        stale.iter().map(|(n, _, _)| n.as_str()).collect()
+    }
+
+    fn fd(name: &str) -> ActivatedFd {
+        ActivatedFd {
+            fd: tcp_listener(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_stored_fd_serves_its_listener_and_stays_self_bound() {
+        let specs = [spec("http=127.0.0.1:1"), spec("extra=127.0.0.1:0")];
+        let (l, stale) = match_fds(&specs, vec![fd("bound/extra"), fd("http")]).unwrap();
+        assert!(stale.is_empty());
+        let extra = l.iter().find(|l| l.name == "extra").unwrap();
+        assert!(extra.self_bound && extra.activated_fd.is_some());
+        assert_eq!(extra.handover_name(), "bound/extra");
+        assert!(
+            extra.to_string().ends_with(", handed over, self-bound)"),
+            "{extra}"
+        );
+        let http = l.iter().find(|l| l.name == "http").unwrap();
+        assert!(!http.self_bound);
+        assert_eq!(http.handover_name(), "http");
+    }
+
+    #[test]
+    fn a_stored_fd_of_a_removed_listener_is_stale_not_an_error() {
+        let specs = [spec("http=127.0.0.1:1")];
+        // Also with a single listener, which takes unnamed and *.socket fds: not stored ones.
+        let (l, stale) = match_fds(&specs, vec![fd("http"), fd("bound/gone")]).unwrap();
+        assert_eq!(names(&stale), ["bound/gone"]);
+        assert!(stale[0]
+            .2
+            .starts_with("no listener 'gone' is configured anymore"));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].name, "http");
+        // A socket unit's fd with an unknown name is still an error.
+        let err = match_fds(&specs, vec![fd("gone")]).unwrap_err();
+        assert!(err.0.contains("no listener has that name"), "{err}");
+    }
+
+    #[test]
+    fn a_socket_unit_fd_wins_over_a_stored_one_for_the_same_listener() {
+        let specs = [spec("http=127.0.0.1:1"), spec("extra=127.0.0.1:2")];
+        // Whatever the order systemd passes them in.
+        let (l, stale) =
+            match_fds(&specs, vec![fd("bound/http"), fd("http"), fd("extra")]).unwrap();
+        assert_eq!(names(&stale), ["bound/http"]);
+        assert_eq!(l.len(), 2);
+        assert!(l.iter().all(|l| !l.self_bound));
+    }
+
+    #[test]
+    fn a_stored_fd_that_is_no_listening_socket_is_stale() {
+        let specs = [spec("extra=127.0.0.1:0")];
+        let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let (l, stale) = match_fds(
+            &specs,
+            vec![ActivatedFd {
+                fd: udp,
+                name: "bound/extra".into(),
+            }],
+        )
+        .unwrap();
+        assert!(l.is_empty());
+        assert_eq!(names(&stale), ["bound/extra"]);
+        assert!(stale[0].2.contains("datagram (UDP)"), "{stale:?}");
+        // resolve then binds it afresh, as its own.
+        let l = resolve(&specs, vec![]).unwrap();
+        assert!(l[0].self_bound && l[0].activated_fd.is_none());
+        assert_eq!(l[0].handover_name(), "bound/extra");
+    }
+
+    #[test]
+    fn addresses_compare_with_port_zero_as_any() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let socket = Socket::Tcp(l);
+        let addr = |s: &str| spec(&format!("x={s}")).address;
+        assert!(same_address(&socket, &addr(&format!("127.0.0.1:{port}"))));
+        assert!(same_address(&socket, &addr("127.0.0.1:0")));
+        assert!(!same_address(&socket, &addr("127.0.0.2:0")));
+        assert!(!same_address(
+            &socket,
+            &addr(&format!("127.0.0.1:{}", port ^ 1))
+        ));
+        assert!(!same_address(&socket, &addr("unix:/tmp/x.sock")));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | [`config`]     | defaults, TOML file, flags                | TOML                        |
 //! | [`activation`] | listening sockets, handed over or bound   | sd_listen_fds(3)            |
 //! | [`notify`]     | readiness, status, stop, watchdog         | sd_notify(3)                |
+//! | [`fdstore`]    | self-bound listeners kept across a crash  | sd_notify(3) `FDSTORE=1`    |
 //! | [`logging`]    | journal or text                           | journald native protocol    |
 //! | [`signals`]    | SIGTERM/SIGINT, SIGUSR2/SIGHUP, SIGUSR1   | POSIX signals               |
 //! | [`server`]     | connections, limits, graceful drain       | HTTP/1.1 (hyper)            |
@@ -50,6 +51,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fdstore;
 pub mod http;
 pub mod lifecycle;
 pub mod logging;

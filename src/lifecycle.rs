@@ -439,6 +439,9 @@ impl Generation {
     /// `READY=1`: this process is the main pid and serves.
     fn become_main(&mut self) {
         self.is_main = true;
+        // Keep the self-bound listeners in systemd's fd store, so a crash-restart gets them back.
+        let sockets: Vec<_> = self.upgrader.sockets().collect();
+        crate::fdstore::on_main_pid(sockets.iter().map(|(fd, name)| (*fd, name.as_str())));
         notify::ready(&self.status);
         if let Some(r) = self.readiness.take() {
             r.ready();

@@ -11,7 +11,7 @@
 //! `NotifyAccess=all`). [`hand_over`] makes every later call in this process a no-op.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -26,6 +26,15 @@ fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify the service manager ($NOTIFY_SOCKET): {e}");
     }
+}
+
+/// One datagram with `fds` attached (SCM_RIGHTS), e.g. `FDSTORE=1` ([`crate::fdstore`]).
+/// Like every message, nothing is sent after [`hand_over`] or without `NOTIFY_SOCKET`.
+pub fn send_with_fds(states: &[NotifyState], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if HANDED_OVER.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    sd_notify::notify_with_fds(states, fds)
 }
 
 /// Whether a service manager listens (`NOTIFY_SOCKET` is set).

@@ -38,7 +38,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -172,6 +172,11 @@ impl Upgrader {
         self.sockets.clear();
     }
 
+    /// The sockets it hands over, with the names the next generation gets in `LISTEN_FDNAMES`.
+    pub fn sockets(&self) -> impl Iterator<Item = (BorrowedFd<'_>, String)> {
+        self.sockets.iter().map(|l| (l.as_fd(), l.handover_name()))
+    }
+
     /// The fds this upgrader keeps open.
     pub fn fds(&self) -> Vec<RawFd> {
         self.sockets
@@ -201,7 +206,7 @@ impl Upgrader {
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
             .collect();
-        let names: Vec<&str> = self.sockets.iter().map(|l| l.name.as_str()).collect();
+        let names: Vec<String> = self.sockets.iter().map(Listener::handover_name).collect();
         env.push(format!("LISTEN_FDS={n_sockets}").into_bytes());
         env.push(format!("LISTEN_FDNAMES={}", names.join(":")).into_bytes());
         for (i, (_, var)) in self.extra.iter().enumerate() {

@@ -4,7 +4,8 @@
 //! the socket has SO_PASSCRED set; a message counts only when its sender pid is the current main
 //! pid, and `MAINPID=` from the main pid moves that role. A lone `BARRIER=1` is answered for any
 //! sender, as systemd's manager does before it looks at units. File descriptors that come along
-//! (`BARRIER=1`) are closed once the message is handled, which is what releases the barrier.
+//! (`BARRIER=1`, `FDSTORE=1`) are closed once the message is handled, which is what releases the
+//! barrier; the local address of each socket among them is recorded first.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,6 +24,9 @@ pub struct Message {
     /// Whether a systemd with NotifyAccess=main would have acted on it.
     pub accepted: bool,
     pub fds: usize,
+    /// The local address of each fd that came along and is a socket (`FDSTORE=1`): an IP
+    /// socket's `IP:PORT`, a unix socket's `unix:PATH`.
+    pub sockets: Vec<String>,
 }
 
 impl Message {
@@ -175,6 +179,17 @@ fn receive(socket: UnixDatagram, state: Arc<(Mutex<State>, Condvar)>, stop: Arc<
                 _ => {}
             }
         }
+        let sockets = fds
+            .iter()
+            .filter_map(|fd| {
+                let addr = socket2::SockRef::from(fd).local_addr().ok()?;
+                match (addr.as_socket(), addr.as_pathname()) {
+                    (Some(ip), _) => Some(ip.to_string()),
+                    (None, Some(path)) => Some(format!("unix:{}", path.display())),
+                    (None, None) => None,
+                }
+            })
+            .collect();
         let len = msg.bytes;
         let text = String::from_utf8_lossy(&buf[..len]).into_owned();
         let (lock, cv) = &*state;
@@ -185,6 +200,7 @@ fn receive(socket: UnixDatagram, state: Arc<(Mutex<State>, Condvar)>, stop: Arc<
             text,
             accepted: false,
             fds: fds.len(),
+            sockets,
         };
         if st.main_pid.is_none() {
             st.pending.push((message, fds));

@@ -332,8 +332,9 @@ load_stop() {
   fi
   wait "$LOAD_PID" 2>/dev/null
   LOAD_REPORT=$LOAD_DIR/report.json
-  local r; r=$(cat "$LOAD_REPORT")
-  LOAD_OK=$(json_get "$r" ok); LOAD_FAILED=$(json_get "$r" failed); LOAD_STOPPED_BY=$(json_get "$r" stopped_by)
+  # read from the file: a report with hundreds of failures is too long for an argument
+  read -r LOAD_OK LOAD_FAILED LOAD_STOPPED_BY < <(python3 -c 'import json,sys
+r=json.load(open(sys.argv[1])); print(r["ok"], r["failed"], r["stopped_by"])' "$LOAD_REPORT")
 }
 # load_summary [N]: one line about the stopped load's report, then its N slowest requests
 load_summary() {
