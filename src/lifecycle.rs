@@ -322,7 +322,8 @@ impl Process {
                         continue;
                     }
                     Request::Stop(reply) => {
-                        let _ = reply.send(json!({"ok": true}));
+                        // Under a keeper, `baton stop` waits for the keeper too.
+                        let _ = reply.send(json!({"ok": true, "keeper_pid": crate::keeper::pid_from_env()}));
                         break End::Stop("baton stop");
                     }
                 },
@@ -578,6 +579,8 @@ fn status_reply(info: &Info, started: SystemTime, state: &str) -> Value {
         "uptime_secs": started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
         "listeners": info.listeners,
         "state": state,
+        "keeper_pid": crate::keeper::pid_from_env(),
+        "restarts": crate::keeper::restarts_from_env(),
     })
 }
 
