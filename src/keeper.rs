@@ -636,6 +636,8 @@ impl Keeper {
         }
         if message.has("READY=1") && main.ready_at.is_none() {
             main.ready_at = Some(Instant::now());
+            // It started: nothing more comes on its report pipe.
+            main.report = None;
             let (pid, generation) = (main.pid, main.generation);
             self.record_pid(Some(pid));
             tracing::info!(
