@@ -473,15 +473,18 @@ fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-/// The parent pid of `pid`, from /proc.
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+/// Whether `pid` is a live child of this process (its own or adopted). waitid with WNOWAIT
+/// leaves it as it is; ECHILD means it is not ours. Unlike /proc, this works whatever /proc is
+/// mounted in a pid namespace.
+fn is_child(pid: i32) -> bool {
+    use nix::sys::wait::{waitid, Id};
+    matches!(
+        waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
+        ),
+        Ok(WaitStatus::StillAlive)
+    )
 }
 
 fn set_cloexec(fd: RawFd, on: bool) {
@@ -663,7 +666,7 @@ impl Keeper {
             tracing::warn!("MAINPID={value:?} from pid {old} is not a pid: ignored");
             return;
         };
-        if parent_of(new) != Some(std::process::id() as i32) {
+        if !is_child(new) {
             tracing::warn!(
                 "MAINPID={new} from pid {old}: pid {new} is not a child of the keeper: ignored"
             );
