@@ -353,7 +353,7 @@ pub fn run(config: Config, daemon: bool) -> ExitCode {
     keeper.run()
 }
 
-/// Goes on as the keeper after its own re-exec ([`Keeper::reexec`]). Must run before any thread
+/// Goes on as the keeper after its own re-exec (after an upgrade). Must run before any thread
 /// exists.
 pub fn resume() -> ExitCode {
     let text = std::env::var(STATE_ENV).unwrap_or_default();
