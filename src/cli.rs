@@ -206,9 +206,24 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub upgrade_probation: Option<Duration>,
 
-    /// Run in the background (daemon(7)); returns once the daemon serves, or fails with its error
+    /// Run in the background (daemon(7)) under a keeper; returns once the first generation
+    /// serves, or fails with its error
     #[arg(long)]
     pub daemon: bool,
+
+    /// Run in the foreground under a keeper: a small process that holds the sockets and the
+    /// pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon
+    /// and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)
+    #[arg(long)]
+    pub keeper: bool,
+
+    /// Keeper: a start counts as successful once the generation has been ready this long [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub startsecs: Option<Duration>,
+
+    /// Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]
+    #[arg(long, value_name = "N")]
+    pub startretries: Option<u32>,
 
     /// Lock this pidfile for the process's life and write the pid into it; a second instance
     /// is refused [default with --daemon: /run/baton/baton.pid for root,
@@ -248,6 +263,8 @@ impl ServeArgs {
             upgrade_probation: self.upgrade_probation,
             log_file: self.log_file.clone(),
             pidfile: self.pidfile.clone(),
+            keeper_startsecs: self.startsecs,
+            keeper_startretries: self.startretries,
         }
     }
 }
@@ -277,6 +294,10 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // A keeper that re-executed itself goes on with the state it passed.
+    if crate::keeper::resuming() {
+        return crate::keeper::resume();
+    }
     // First of all: a new generation reports any failure to the old one, which relays it to
     // whoever asked for the upgrade.
     let mut handshake = match Handshake::take_from_env() {
@@ -284,9 +305,19 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return report(e),
     };
     let is_upgrade = handshake.is_some();
+    // A generation started by a keeper reports a failed start to it, and leaves the pidfile
+    // and daemonizing to it.
+    let keeper_pid = crate::keeper::pid_from_env();
+    let mut keeper_report = match crate::keeper::take_report_fd() {
+        Ok(r) => r,
+        Err(e) => return report(e),
+    };
     let mut fail_early = |message: String| {
         if let Some(h) = handshake.take() {
             h.fail(&message);
+        }
+        if let Some(r) = keeper_report.take() {
+            r.fail(&message);
         }
         report(message)
     };
@@ -312,7 +343,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             ));
         }
     }
-    // The pidfile: inherited, already locked, by a new generation; locked anew by a first one.
+    // Without a service manager, a keeper runs the generations (crate::keeper).
+    if !is_upgrade && crate::keeper::wanted(args.daemon || args.keeper) {
+        return crate::keeper::run(config, args.daemon);
+    }
+    // The pidfile: inherited, already locked, by a new generation; locked anew by a first one;
+    // the keeper's alone under a keeper.
     let pidfile_path = config
         .pidfile
         .clone()
@@ -323,6 +359,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     ) {
         (Err(e), _) => return fail_early(e.to_string()),
         (Ok(Some(inherited)), _) => Some(inherited),
+        (Ok(None), _) if keeper_pid.is_some() => None,
         (Ok(None), Some(path)) if !is_upgrade => {
             match Pidfile::acquire(path, config.pidfile.is_none()) {
                 Ok(p) => Some(p),
@@ -333,13 +370,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let log_file = config.log_file.clone();
     let log_level = config.log_level.clone();
-    let daemon = args.daemon && !is_upgrade; // a new generation is a daemon already
+    // A new generation is a daemon already; under a keeper, the keeper is.
+    let daemon = args.daemon && !is_upgrade && keeper_pid.is_none();
     let mut process = match crate::lifecycle::prepare(config, pidfile) {
         Ok(process) => process,
         Err(e) => return fail_early(format!("{e:#}")),
     };
     if let Some(h) = handshake.take() {
         process.attach_handshake(h);
+    }
+    if let Some(r) = keeper_report.take() {
+        process.report_to(r);
     }
     if daemon {
         match crate::daemon::daemonize(log_file.as_deref(), &process.fds()) {
@@ -362,6 +403,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(destination) => destination,
         Err(e) => return process.fail(&e),
     };
+    if let Some(keeper) = keeper_pid {
+        crate::keeper::watch(keeper);
+    }
     match process.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match destination {
@@ -428,8 +472,12 @@ fn status(args: TargetArgs) -> ExitCode {
                 .as_array()
                 .map(|a| a.iter().filter_map(|l| l.as_str()).collect())
                 .unwrap_or_default();
+            let keeper = match v["keeper_pid"].as_u64() {
+                Some(k) => format!("; keeper pid {k}, {} restart(s)", v["restarts"]),
+                None => String::new(),
+            };
             println!(
-                "baton {} is {}: pid {}, generation {}, up {} (since {}), listening on {}",
+                "baton {} is {}: pid {}, generation {}, up {} (since {}), listening on {}{keeper}",
                 v["version"].as_str().unwrap_or("?"),
                 v["state"].as_str().unwrap_or("?"),
                 v["pid"],
@@ -467,7 +515,22 @@ fn stop(args: StopArgs) -> ExitCode {
                 answer["error"]
             )));
         }
-        match handle.wait_exit(args.timeout) {
+        let deadline = std::time::Instant::now() + args.timeout;
+        let waited = handle.wait_exit(args.timeout).and_then(|gone| {
+            // Under a keeper the service is gone only once the keeper is (it removes the
+            // pidfile and releases its lock last): a new start may follow at once.
+            match answer["keeper_pid"].as_u64() {
+                Some(keeper) if gone => match ProcessHandle::open(keeper as u32) {
+                    Ok(k) => {
+                        k.wait_exit(deadline.saturating_duration_since(std::time::Instant::now()))
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(true),
+                    Err(e) => Err(e),
+                },
+                _ => Ok(gone),
+            }
+        });
+        match waited {
             Ok(true) => Ok(()),
             Ok(false) => Err(ClientError::Failed(format!(
                 "pid {pid} is still draining after {}; it will exit at its drain deadline",

@@ -31,6 +31,10 @@
 //! exec = "/usr/bin/baton"            # the binary a reload starts; default: this executable
 //! timeout = "60s"                    # the new process must be ready within this
 //! probation = "10s"                  # the old process takes over again if the new one exits within this
+//!
+//! [keeper]                           # without systemd: the keeper (see crate::keeper)
+//! startsecs = "1s"                   # a start succeeded once the generation was ready this long
+//! startretries = 3                   # consecutive failed starts retried before giving up
 //! ```
 //!
 //! ```
@@ -80,7 +84,21 @@ pub struct Config {
     /// when set.
     pub pidfile: Option<PathBuf>,
     pub upgrade: Upgrade,
+    pub keeper: Keeper,
 }
+
+/// How the keeper restarts a generation that exits without being asked to
+/// ([`crate::keeper`]); supervisord's `startsecs` and `startretries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keeper {
+    /// A start counts as successful once the generation has been ready this long.
+    pub startsecs: Duration,
+    /// Consecutive failed starts retried (after 1 s, 2 s, 3 s, ...) before the keeper gives up.
+    pub startretries: u32,
+}
+
+/// The most `keeper.startretries` may be.
+pub const MAX_START_RETRIES: u32 = 1000;
 
 /// Protection against slow or greedy clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +152,10 @@ impl Default for Config {
                 exec: None,
                 timeout: Duration::from_secs(60),
                 probation: Duration::from_secs(10),
+            },
+            keeper: Keeper {
+                startsecs: Duration::from_secs(1),
+                startretries: 3,
             },
         }
     }
@@ -225,6 +247,8 @@ pub struct Overrides {
     pub upgrade_exec: Option<PathBuf>,
     pub upgrade_timeout: Option<Duration>,
     pub upgrade_probation: Option<Duration>,
+    pub keeper_startsecs: Option<Duration>,
+    pub keeper_startretries: Option<u32>,
 }
 
 /// Every problem found in a configuration, one line each.
@@ -262,6 +286,7 @@ struct FileConfig {
     shutdown: ShutdownSection,
     log: LogSection,
     upgrade: UpgradeSection,
+    keeper: KeeperSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -293,6 +318,13 @@ struct ShutdownSection {
 struct LogSection {
     level: Option<String>,
     file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct KeeperSection {
+    startsecs: Option<String>,
+    startretries: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -411,6 +443,22 @@ impl Config {
             file.upgrade.probation,
             &mut config.upgrade.probation,
         );
+        duration(
+            "keeper.startsecs",
+            file.keeper.startsecs,
+            &mut config.keeper.startsecs,
+        );
+        if let Some(n) = file.keeper.startretries {
+            match u32::try_from(n) {
+                Ok(n) => config.keeper.startretries = n,
+                Err(_) if n < 0 => errors.push(format!(
+                    "keeper.startretries: {n} is negative; use 0 (never retry) or more"
+                )),
+                Err(_) => errors.push(format!(
+                    "keeper.startretries: {n} is more than {MAX_START_RETRIES}; use a smaller number"
+                )),
+            }
+        }
         if let Some(level) = file.log.level {
             config.log_level = level;
         }
@@ -466,6 +514,12 @@ impl Config {
         if let Some(v) = o.upgrade_probation {
             self.upgrade.probation = v;
         }
+        if let Some(v) = o.keeper_startsecs {
+            self.keeper.startsecs = v;
+        }
+        if let Some(v) = o.keeper_startretries {
+            self.keeper.startretries = v;
+        }
     }
 
     /// Checks what the parser cannot: consistency and the filesystem.
@@ -520,6 +574,7 @@ impl Config {
             ("upgrade.probation", self.upgrade.probation, true),
             ("shutdown.drain_timeout", self.shutdown.drain_timeout, true),
             ("shutdown.idle_grace", self.shutdown.idle_grace, true),
+            ("keeper.startsecs", self.keeper.startsecs, true),
         ] {
             if value.is_zero() && !may_be_zero {
                 errors.push(format!(
@@ -551,6 +606,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.keeper.startretries > MAX_START_RETRIES {
+            errors.push(format!(
+                "keeper.startretries {} is more than {MAX_START_RETRIES}: use a smaller number",
+                self.keeper.startretries
+            ));
         }
         if let Some(exec) = &self.upgrade.exec {
             if !exec.is_absolute() {
@@ -675,6 +736,23 @@ mod tests {
             text.contains("limits.header_read_timeout 114years 28days 4h is longer than a day"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn keeper_settings() {
+        let c = Config::from_toml_str("[keeper]\nstartsecs = \"3s\"\nstartretries = 5\n", None)
+            .unwrap();
+        assert_eq!(c.keeper.startsecs, Duration::from_secs(3));
+        assert_eq!(c.keeper.startretries, 5);
+        let err =
+            Config::from_toml_str("[keeper]\nstartsecs = \"soon\"\nstartretries = -1\n", None)
+                .unwrap_err();
+        assert_eq!(err.errors.len(), 2, "{err}");
+        assert!(err.errors[0].starts_with("keeper.startsecs: 'soon' is not a duration"));
+        assert!(err.errors[1].starts_with("keeper.startretries: -1 is negative"));
+        let c = Config::from_toml_str("[keeper]\nstartretries = 5000\n", None).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.errors[0].contains("more than 1000"), "{err}");
     }
 
     #[test]

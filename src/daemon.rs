@@ -20,6 +20,11 @@ use std::path::Path;
 pub struct Readiness(File);
 
 impl Readiness {
+    /// Reports on `fd` (the keeper's report pipe of a generation, [`crate::keeper`]).
+    pub fn from_fd(fd: OwnedFd) -> Readiness {
+        Readiness(File::from(fd))
+    }
+
     /// The daemon serves: the foreground process exits 0.
     pub fn ready(mut self) {
         let _ = writeln!(self.0, "ready {}", std::process::id());

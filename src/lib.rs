@@ -18,6 +18,8 @@
 //! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on an abstract unix socket |
 //! | [`daemon`]     | running in the background without systemd | daemon(7)                   |
 //! | [`pidfile`]    | single instance, the daemon's address     | flock(2) on a pidfile       |
+//! | [`keeper`]     | without systemd: sockets, restarts, PID 1 | sd_notify (receiving side) + LISTEN_FDS |
+//! | [`manager`]    | the keeper's NOTIFY_SOCKET                | sd_notify(3), SCM_CREDENTIALS |
 //! | [`lifecycle`]  | one process from start to exit            |                             |
 //! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
 //! | [`manual`]     | baton(8) and shell completions            | roff, generated from [`cli`] |
@@ -53,8 +55,10 @@ pub mod control;
 pub mod daemon;
 pub mod fdstore;
 pub mod http;
+pub mod keeper;
 pub mod lifecycle;
 pub mod logging;
+pub mod manager;
 pub mod manual;
 pub mod metrics;
 pub mod notify;

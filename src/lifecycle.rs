@@ -509,7 +509,8 @@ impl Generation {
                 }),
                 Request::Status(reply) => Action::Status(reply),
                 Request::Stop(reply) => {
-                    let _ = reply.send(json!({"ok": true}));
+                    // Under a keeper, `baton stop` waits for the keeper too.
+                    let _ = reply.send(json!({"ok": true, "keeper_pid": crate::keeper::pid_from_env()}));
                     Action::Stop { cause: "baton stop", by_signal: true }
                 }
             },
@@ -848,6 +849,8 @@ impl Generation {
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "listeners": self.info.listeners,
             "state": state,
+            "keeper_pid": crate::keeper::pid_from_env(),
+            "restarts": crate::keeper::restarts_from_env(),
         });
         if let Phase::Probation { successor, .. } = &self.phase {
             reply["successor"] = json!({"pid": successor.pid, "generation": successor.generation});

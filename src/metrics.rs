@@ -75,6 +75,13 @@ impl Metrics {
             "Start time of this process since the Unix epoch",
             start,
         );
+        let restarts: Counter = Counter::default();
+        restarts.inc_by(crate::keeper::restarts_from_env());
+        registry.register(
+            "baton_restarts",
+            "Restarts of a generation that exited without being asked, by the keeper (without systemd)",
+            restarts,
+        );
         let upgrades = Family::<Labels, Counter>::default();
         registry.register(
             "baton_upgrades",

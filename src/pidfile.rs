@@ -220,6 +220,11 @@ impl Pidfile {
         file.sync_data()
     }
 
+    /// Empties the file (the lock stays): a start is in progress, no pid to address yet.
+    pub fn clear(&self) -> io::Result<()> {
+        self.file.set_len(0)
+    }
+
     /// A duplicate of the locked fd, to hand to a new generation.
     pub fn handover_fd(&self) -> io::Result<OwnedFd> {
         Ok(OwnedFd::from(self.file.try_clone()?))

@@ -3,6 +3,9 @@
 //!
 //! The test process is a child subreaper (common::reaper), so daemons, orphaned on purpose by
 //! their double fork, are adopted and reaped here.
+//!
+//! A daemon is a keeper (src/keeper.rs) with the serving generation as its child: the pidfile
+//! names the generation, whose parent is the keeper; the keeper reaps the generations.
 
 mod common;
 
@@ -86,6 +89,8 @@ impl Daemon {
             &self.log().display().to_string(),
             "--listen",
             &self.addr.to_string(),
+            "--upgrade-probation",
+            "1s",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -135,6 +140,19 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until `pid` is gone (reaped by whoever is its parent: the keeper, for generations).
+fn wait_gone(pid: u32) -> bool {
+    match baton::control::ProcessHandle::open(pid) {
+        Ok(handle) => handle.wait_exit(TIMEOUT).unwrap(),
+        Err(_) => true, // no such process
+    }
+}
+
+/// The parent of `pid`.
+fn ppid(pid: u32) -> u32 {
+    proc_status_field(pid, "PPid").parse().unwrap()
+}
+
 fn proc_link(pid: u32, what: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/{what}"))
         .map(|p| p.display().to_string())
@@ -165,55 +183,68 @@ fn daemon_starts_detached_and_serves_when_the_command_returns() {
     let v = http::get(d.addr, "/-/version").unwrap().json();
     assert_eq!(v["pid"], pid);
 
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let (ppid, session): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
+    // The daemon is the keeper; the pidfile names its child, the serving generation.
+    let keeper = ppid(pid);
     assert_eq!(
-        ppid,
-        std::process::id() as i32,
+        ppid(keeper),
+        std::process::id(),
         "adopted by the subreaper (init without one): the foreground and intermediate are gone"
     );
+    let session = |pid: u32| -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        session(pid),
+        session(keeper),
+        "the generation is in the keeper's session"
+    );
     assert_ne!(
-        session,
+        session(keeper),
         nix::unistd::getsid(None).unwrap().as_raw(),
         "a session of its own"
     );
     assert_ne!(
-        session, pid as i32,
+        session(keeper),
+        keeper as i32,
         "not a session leader after the second fork"
     );
-    assert_eq!(proc_link(pid, "cwd"), "/");
-    assert_eq!(proc_status_field(pid, "Umask"), "0027");
-    assert_eq!(proc_link(pid, "fd/0"), "/dev/null");
-    assert_eq!(proc_link(pid, "fd/1"), d.log().display().to_string());
-    assert_eq!(proc_link(pid, "fd/2"), d.log().display().to_string());
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .map(|e| {
-            proc_link(
-                pid,
-                &format!("fd/{}", e.unwrap().file_name().to_str().unwrap()),
-            )
-        })
-        .collect();
-    for fd in &fds {
+    for pid in [keeper, pid] {
+        assert_eq!(proc_link(pid, "cwd"), "/");
+        assert_eq!(proc_status_field(pid, "Umask"), "0027");
+        assert_eq!(proc_link(pid, "fd/0"), "/dev/null");
+        assert_eq!(proc_link(pid, "fd/1"), d.log().display().to_string());
+        assert_eq!(proc_link(pid, "fd/2"), d.log().display().to_string());
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| {
+                proc_link(
+                    pid,
+                    &format!("fd/{}", e.unwrap().file_name().to_str().unwrap()),
+                )
+            })
+            .collect();
+        for fd in &fds {
+            assert!(
+                fd.starts_with("socket:")
+                    || fd.starts_with("anon_inode:")
+                    || fd == "/dev/null"
+                    || fd.starts_with(d.dir.path().to_str().unwrap()),
+                "unexpected fd {fd} in pid {pid}: {fds:?}"
+            );
+        }
         assert!(
-            fd.starts_with("socket:")
-                || fd.starts_with("anon_inode:")
-                || fd == "/dev/null"
-                || fd.starts_with(d.dir.path().to_str().unwrap()),
-            "unexpected fd {fd} in the daemon: {fds:?}"
+            !fds.iter().any(|f| f == "/etc/hostname"),
+            "inherited fd kept: {fds:?}"
         );
     }
-    assert!(
-        !fds.iter().any(|f| f == "/etc/hostname"),
-        "inherited fd kept: {fds:?}"
-    );
     let mode = std::fs::metadata(d.pidfile()).unwrap().permissions().mode() & 0o777;
     assert_eq!(
         mode & 0o022,
@@ -228,10 +259,22 @@ fn daemon_starts_detached_and_serves_when_the_command_returns() {
         (0, format!("baton: pid {pid} stopped").as_str())
     );
     assert!(
-        reaper::status(pid).is_some(),
-        "stop returned before the process was gone"
+        reaper::status(keeper).is_some_and(|s| s.success()),
+        "stop returned before the keeper was gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "stop returned before the generation was gone"
     );
     assert!(!d.pidfile().exists(), "a clean stop removes the pidfile");
+    // `stop` returned once the whole service (keeper included) was gone: a new start at once
+    // takes the same pidfile and port.
+    let again = d.start_ok();
+    assert_eq!(
+        http::get(d.addr, "/-/version").unwrap().json()["pid"],
+        again
+    );
+    assert_eq!(d.ctl("stop").0, 0);
 }
 
 #[test]
@@ -275,8 +318,17 @@ fn second_instance_is_refused() {
 fn stale_pidfile_of_a_killed_daemon_does_not_block() {
     let d = Daemon::new("daemon-stale");
     let pid = d.start_ok();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    reaper::wait_exit(pid, TIMEOUT).unwrap();
+    // SIGKILL of the keeper (a killed generation would be restarted: tests/keeper.rs): the
+    // generation notices and stops, leaving a pidfile nobody holds.
+    let keeper = ppid(pid);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper as i32), Signal::SIGKILL).unwrap();
+    reaper::wait_exit(keeper, TIMEOUT).unwrap();
+    // Orphaned, the generation is adopted and reaped here.
+    assert!(
+        reaper::wait_exit(pid, TIMEOUT).is_some_and(|s| s.success()),
+        "the generation did not stop cleanly once its keeper was gone: {}",
+        d.log_text()
+    );
     assert_eq!(d.pid(), pid, "the pidfile survived the kill");
     let (code, out, _) = d.ctl("status");
     assert_eq!(code, 3, "{out}");
@@ -391,8 +443,13 @@ fn status_exit_codes() {
         )),
         "{out}"
     );
+    // The keeper bound the socket and handed it over.
     assert!(
-        out.contains(&format!("listening on http={} (bound)", d.addr)),
+        out.contains(&format!(
+            "listening on http={} (fd 3, handed over); keeper pid {}, 0 restart(s)",
+            d.addr,
+            ppid(pid)
+        )),
         "{out}"
     );
     assert_eq!(d.ctl("stop").0, 0);
@@ -493,7 +550,8 @@ fn upgrade_under_load_keeps_the_lock_and_refuses_every_second_start() {
     };
     let mut pid = first;
     for generation in 2..=6 {
-        let (code, out, err) = d.ctl("reload");
+        // --wait: the pidfile names the new pid once the probation passed.
+        let (code, out, err) = baton(&["reload", "--wait", "--pidfile", &d.pidfile_arg()]);
         assert_eq!(code, 0, "{err}");
         let new = d.pid();
         assert_ne!(new, pid);
@@ -502,7 +560,11 @@ fn upgrade_under_load_keeps_the_lock_and_refuses_every_second_start() {
             "{out}"
         );
         assert_eq!(http::get(d.addr, "/-/version").unwrap().json()["pid"], new);
-        assert!(reaper::wait_exit(pid, TIMEOUT).is_some_and(|s| s.success()));
+        // The old generation is the keeper's child: the keeper reaps it.
+        assert!(
+            wait_gone(pid),
+            "generation pid {pid} did not exit after the upgrade"
+        );
         pid = new;
         load.wait_progress(100);
     }
