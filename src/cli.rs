@@ -442,14 +442,20 @@ fn reload(args: ReloadArgs) -> ExitCode {
                     humantime::format_duration(probation)
                 ),
             };
+            // A reload that ended a probation early upgrades the generation that was on it.
+            let from = match v["from"].as_u64() {
+                Some(from) => format!("{from} (the successor of pid {pid})"),
+                None => pid.to_string(),
+            };
             println!(
-                "baton: upgraded pid {pid} to generation {} (pid {}) in {} ms{verdict}",
+                "baton: upgraded pid {from} to generation {} (pid {}) in {} ms{verdict}",
                 v["generation"], v["pid"], v["took_ms"]
             );
             ExitCode::SUCCESS
         }
         Ok(v) => report(format!(
-            "upgrade of pid {pid} failed: {}; the old process keeps serving",
+            "upgrade of pid {} failed: {}; the old process keeps serving",
+            v["from"].as_u64().unwrap_or(u64::from(pid)),
             v["error"].as_str().unwrap_or("unknown error")
         )),
         Err(e) => report(e),

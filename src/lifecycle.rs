@@ -3,20 +3,26 @@
 //! [`prepare`] does everything that must happen before a thread exists: it takes the sockets
 //! passed by the service manager (or by the previous generation), removes the protocol's
 //! variables from the environment, and records what a later upgrade needs. [`Process::run`]
-//! builds the tokio runtime and runs the event loop:
+//! builds the tokio runtime and runs the event loop of one `Generation` through its phases:
 //!
-//! | phase       | on SIGTERM/SIGINT, `baton stop` | on SIGUSR2/SIGHUP, `baton reload` | on the upgrade's end |
-//! |-------------|---------------------------------|-----------------------------------|----------------------|
-//! | `Serving`   | stop                            | start an upgrade → `Upgrading`    | —                    |
-//! | `Upgrading` | kill the new process, stop      | ignored (a `reload` joins it)     | ok: hand over, drain, exit 0; failed: `READY=1` + `STATUS=` with the reason → `Serving` |
+//! | phase       | on SIGTERM/SIGINT, `baton stop` | on SIGUSR2/SIGHUP, `baton reload` | on its own events |
+//! |-------------|---------------------------------|-----------------------------------|-------------------|
+//! | `Serving`   | stop                            | start an upgrade → `Upgrading`    | —                 |
+//! | `Upgrading` | call it off (N killed) or, past the commit, stop N with us; stop | ignored (a `reload` joins it) | N serves: stop accepting, drain → `Probation`; failed: `READY=1` + `STATUS=` with the reason → `Serving` |
+//! | `Probation` | stop N and this process         | end the probation as passed, hand over, pass the request on to N | window passed (or N asks): hand over → drain, exit 0; N died: accept again on our sockets, `READY=1` + `STATUS=` naming the rollback → `Serving` |
+//!
+//! A new generation starts not being the main pid: it accepts after the commit, and only when
+//! its predecessor says `main` does it send `READY=1` and take upgrade requests (one that comes
+//! earlier asks the predecessor to end the probation first).
 //!
 //! The upgrade itself, step by step, is [`crate::upgrade`].
 //!
-//! What the service manager hears (sd_notify), in order: `READY=1` + `STATUS=` once every
-//! listener accepts, `WATCHDOG=1` at half the watchdog interval when one is set; then either
-//! `STOPPING=1` + `STATUS=` when a stop begins, or `RELOADING=1` + `MONOTONIC_USEC` at an
-//! upgrade, followed by `MAINPID=` + `BARRIER=1` (handed over: nothing more) or `READY=1` +
-//! `STATUS=` naming the failure.
+//! What the service manager hears (sd_notify), in order: `READY=1` + `STATUS=` (and `FDSTORE=1`
+//! for self-bound listeners) once this process is the main pid and accepts, `WATCHDOG=1` at half
+//! the watchdog interval when one is set; then either `STOPPING=1` + `STATUS=` when a stop
+//! begins, or `RELOADING=1` + `MONOTONIC_USEC` at an upgrade, then `READY=1` + `STATUS=` once
+//! the new generation serves on probation, then `MAINPID=` + `BARRIER=1` (handed over: nothing
+//! more) or `READY=1` + `STATUS=` naming the failure or the rollback.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
@@ -1009,9 +1015,11 @@ impl Generation {
                     "upgrade"
                 };
                 self.forwarded.push(tokio::task::spawn_blocking(move || {
-                    let reply = control::Client::connect(pid as u32)
+                    let mut reply = control::Client::connect(pid as u32)
                         .and_then(|mut c| c.request(line, timeout))
                         .unwrap_or_else(|e| json!({"ok": false, "error": format!("pid {pid}, the new main process: {e}")}));
+                    // The upgrade started from there, not from the process that was asked.
+                    reply["from"] = json!(pid);
                     let _ = waiter.reply.send(reply);
                 }));
             }

@@ -85,7 +85,7 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
     }
     section(&mut roff, "SIGNALS", &[
         ("SIGTERM, SIGINT", "Stop accepting, let in-flight requests finish for up to shutdown.drain_timeout (Connection: close on every response, a short grace for idle keep-alive connections), exit 0. A second one exits at once with status 1."),
-        ("SIGUSR2, SIGHUP", "Upgrade without downtime: start the executable again (the path baton was started with, or upgrade.exec), hand it the listening sockets and the pidfile lock, make it the main process, drain, exit 0. On failure the old process keeps serving. One upgrade at a time; further signals are ignored until it ends."),
+        ("SIGUSR2, SIGHUP", "Upgrade without downtime: start the executable again (the path baton was started with, or upgrade.exec), hand it the listening sockets, stop accepting and drain, stand by for the probation (upgrade.probation) and take over again if the new process exits within it, else make it the main process and exit 0. On failure the old process keeps serving. One upgrade at a time; further signals are ignored until it ends, and one during a probation ends it early."),
         ("SIGUSR1", "Reopen the log file (--log-file), for logrotate."),
     ]);
     section(&mut roff, "FILES", &[

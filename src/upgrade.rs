@@ -1,40 +1,50 @@
 //! Zero-downtime upgrade: the old process (O) starts the new binary (N), hands it the very same
-//! listening sockets, makes it the unit's main pid, and drains.
+//! listening sockets, lets it serve on probation, and only then makes it the unit's main pid;
+//! if N dies on probation, O takes the service back.
 //!
-//! The whole state machine, from O's side (DESIGN.md section 4):
+//! The whole state machine, from O's side (DESIGN.md sections 4 and 10):
 //!
 //! ```text
-//!  Serving ──SIGUSR2/SIGHUP/`baton reload`──▶ Upgrading ──N "serving"──▶ HandedOver ──▶ drain, exit 0
-//!     ▲                                          │
-//!     └──────── exec error, N exits, timeout, ───┘  (N killed, READY=1 + STATUS naming the
-//!               broken handshake, bad MAINPID       failure, O keeps serving)
+//!  Serving ──SIGUSR2/SIGHUP/`baton reload`──▶ Upgrading ──N "serving"──▶ Probation ──window passed──▶ HandedOver ──▶ drain, exit 0
+//!     ▲                                          │                          │
+//!     ├──────── exec error, N exits, timeout, ───┘                          │ (N killed, READY=1 + STATUS naming the
+//!     │         broken handshake                                            │  failure, O keeps serving)
+//!     └──────── N dies: kill its group, accept again on O's own sockets ────┘ (READY=1 + STATUS naming the rollback)
 //!
-//!  Upgrading ──SIGTERM──▶ N killed, O stops as usual
+//!  Upgrading ──SIGTERM──▶ N killed (before the commit) or stopped with O (after it)
+//!  Probation ──SIGTERM──▶ N told to stop; both drain
+//!  Probation ──reload──▶ HandedOver early; the request goes on to N
 //! ```
 //!
-//! Step by step ([`run`]):
+//! Step by step ([`start`], then [`Successor`]):
 //! 1. O sends `RELOADING=1` + `MONOTONIC_USEC` + `STATUS=`.
-//! 2. O double-forks ([`Upgrader::spawn`]): the intermediate reports N's pid on the handshake
-//!    channel and waits; O opens a pidfd for N (which cannot be recycled meanwhile: N is still
-//!    the intermediate's child), releases and reaps the intermediate, so N is the child of PID 1
-//!    (or of the nearest subreaper) before it is ever named the main pid. N gets the sockets at
-//!    fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and its own `LISTEN_PID`, the handshake
-//!    channel at the next fd (`BATON_UPGRADE_FD`), and `BATON_GENERATION` one higher.
+//! 2. O double-forks ([`Upgrader::spawn`]): the intermediate (I) reports N's pid on the handshake
+//!    channel; O opens a pidfd for N (which cannot be recycled meanwhile: N is I's child, and I
+//!    leaves it unreaped until O says it holds the pidfd). I stays N's parent during the
+//!    probation: if N dies, I reaps it and reports `exit <wait status>`. N runs in a process
+//!    group of its own, gets the sockets at fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and
+//!    its own `LISTEN_PID`, the handshake channel at the next fd (`BATON_UPGRADE_FD`), and
+//!    `BATON_GENERATION` one higher.
 //! 3. N starts (fresh config, sockets, server) without accepting and without notifying, then
 //!    says `ready`. Anything that goes wrong in N before that is reported as `error <message>`.
-//! 4. O sends `MAINPID=N` and a `BARRIER=1`, then `commit`. From then on O is silent towards
-//!    systemd ([`crate::notify::hand_over`]). `MAINPID=` is the point of no return: up to it
-//!    a stop calls the upgrade off; after it O only hands over, even if N never confirms.
-//! 5. N starts accepting, sends `READY=1` + `STATUS=`, says `serving`.
-//! 6. O stops accepting, drains its connections, reports `drained <ms> <forced>` to N (for N's
+//! 4. O says `commit`; N starts accepting and says `serving`. Up to the commit a stop calls the
+//!    upgrade off.
+//! 5. O stops accepting (its copies of the sockets stay open), drains, and stands by as the
+//!    main pid for the probation, watching N's pidfd.
+//! 6. The probation passed ([`Successor::promote`]): O releases and reaps I, so N is PID 1's
+//!    child (or the nearest subreaper's) before it is ever named the main pid; sends
+//!    `MAINPID=N` and a `BARRIER=1`; says `main`, and is silent towards systemd from then on
+//!    ([`crate::notify::hand_over`]). N sends `READY=1` + `STATUS=`. `MAINPID=` is the point
+//!    of no return. O finishes its drain, reports `drained <ms> <forced>` to N (for N's
 //!    metrics), and exits 0.
+//!    N died on probation ([`SuccessorEvent::Exited`]): O kills N's group and serves again.
 //!
-//! Messages on the channel are text lines. N → O: `pid <n>` (from the intermediate),
-//! `exec-error <errno>`, `error <text>`, `ready`, `serving`. O → N: `commit`,
-//! `drained <ms> <forced>`.
+//! Messages on the channel are text lines. N → O: `pid <n>` and `exit <status>` (from I),
+//! `exec-error <errno>`, `error <text>`, `ready`, `serving`, `promote` (N was asked to
+//! upgrade: end my probation). O → N: `commit`, `main`, `stop`, `drained <ms> <forced>`.
 //!
 //! Before `commit` N accepts nothing, so killing it loses no request; a guard kills N on every
-//! path that does not reach `commit` (timeout, error, SIGTERM, a dropped task).
+//! path that does not reach `MAINPID=` (timeout, error, SIGTERM, rollback, a dropped task).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};

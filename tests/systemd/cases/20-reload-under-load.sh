@@ -78,6 +78,12 @@ status_line_matches() { grep -Eq -- "$1" <<<"$(systemctl status --no-pager --lin
 replace_binary() { cp "$1" /usr/bin/baton.new && chmod 0755 /usr/bin/baton.new && mv -f /usr/bin/baton.new /usr/bin/baton; }
 
 # ---------------------------------------------------------------------------------------------
+section "configuration: no probation"
+# This case checks the switch itself: with upgrade.probation = 0 the new process is the main pid
+# when `systemctl reload` returns. 22-probation checks the default, where it is later.
+mkdir -p /etc/baton && printf '[upgrade]\nprobation = "0s"\n' > /etc/baton/baton.toml
+check "baton check accepts probation = 0s" /usr/bin/baton check
+
 section "socket activation"
 check "systemctl start baton.socket" systemctl start baton.socket
 http_get /-/healthy
@@ -167,8 +173,8 @@ check_wait "journal: a new upgrade-failed event from pid $P (BATON_GENERATION=$L
 info "BATON_REASON=$(journal_field $U BATON_REASON BATON_EVENT=upgrade-failed _PID=$P)"
 broken=$(journal_field $U BATON_NEW_PID BATON_EVENT=upgrade-spawned BATON_GENERATION=$LAST _PID=$P)
 # baton sends READY=1 + STATUS= before it logs the failure, but systemd may read it a moment later
-check_wait "systemctl status baton: Status: \"serving generation $LAST (pid $P) ...; upgrade to generation $((LAST+1)) failed: the new process (pid $broken, /usr/bin/baton) exited before it was ready\"" 5 \
-  status_line_matches "^ *Status: \"serving generation $LAST \(pid $P\) on .*; upgrade to generation $((LAST+1)) failed: the new process \(pid $broken, /usr/bin/baton\) exited before it was ready\"$"
+check_wait "systemctl status baton: Status: \"serving generation $LAST (pid $P) ...; upgrade to generation $((LAST+1)) failed: the new process (pid $broken, /usr/bin/baton) exited before it was ready: exited with status 1\"" 5 \
+  status_line_matches "^ *Status: \"serving generation $LAST \(pid $P\) on .*; upgrade to generation $((LAST+1)) failed: the new process \(pid $broken, /usr/bin/baton\) exited before it was ready: exited with status 1\"$"
 check_eq "MainPID is still $P, /-/version answers from it" "$P $P" "$(main_pid) $(version_field pid)"
 check_eq "baton.service is still active/running" active/running "$(unit_state $U)"
 check_wait "the failed new process ($broken) is gone and the cgroup holds only pid $P" 10 \

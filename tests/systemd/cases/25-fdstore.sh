@@ -17,7 +17,8 @@ config() {
   mkdir -p /etc/baton
   local listen='"http=127.0.0.1:8080"'
   [ "${1:-}" = extra ] && listen="$listen, \"extra=127.0.0.1:$PORT\""
-  printf '[server]\nlisten = [%s]\n' "$listen" > /etc/baton/baton.toml
+  # No probation: the reload below checks the stored listener right after the switch.
+  printf '[server]\nlisten = [%s]\n[upgrade]\nprobation = "0s"\n' "$listen" > /etc/baton/baton.toml
 }
 # stored: systemd's count of fds in baton.service's store
 stored() { unit_prop $U NFileDescriptorStore; }

@@ -59,10 +59,12 @@ entered=$(unit_prop $U ActiveEnterTimestampMonotonic)
 t0=$EPOCHREALTIME
 check "dpkg -i baton_2.deb" dpkg_i $D/baton_2.deb || _details "$(cat "$CASE_TMP/dpkg.out")"
 info "dpkg -i took $(_elapsed "$t0")s"
-P2=$(main_pid)
-check_ne "a new MainPID ($P1 -> $P2)" "$P1" "$P2"
-check_eq "/-/version reports $(upstream "${V[1]}") from the new MainPID as soon as dpkg returns" \
+P2=$(version_field pid)
+check_ne "a new process serves ($P1 -> $P2)" "$P1" "$P2"
+check_eq "/-/version reports $(upstream "${V[1]}") from the new process as soon as dpkg returns" \
   "$(upstream "${V[1]}") $P2" "$(version_field version) $(version_field pid)"
+check_eq "MainPID is still $P1 while the new version is on probation" "$P1" "$(main_pid)"
+check_wait "MainPID moves to $P2 once the probation (10 s) passed" 20 bash -c "[ \"\$(systemctl show -P MainPID $U)\" = $P2 ]"
 check_wait "the old process ($P1) exits" 30 pid_gone "$P1"
 check_wait "the load is served by the new version (500 more requests)" 10 load_progress "p['ok'] >= $(load_ok) + 500"
 load_stop >"$CASE_TMP/load.out" || fail "the load stops with a report" "$(cat "$CASE_TMP/load.out")"
