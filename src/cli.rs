@@ -482,8 +482,15 @@ fn status(args: TargetArgs) -> ExitCode {
                 Some(k) => format!("; keeper pid {k}, {} restart(s)", v["restarts"]),
                 None => String::new(),
             };
+            let successor = match v["successor"]["pid"].as_u64() {
+                Some(s) => format!(
+                    "; generation {} (pid {s}) serves on probation",
+                    v["successor"]["generation"]
+                ),
+                None => String::new(),
+            };
             println!(
-                "baton {} is {}: pid {}, generation {}, up {} (since {}), listening on {}{keeper}",
+                "baton {} is {}: pid {}, generation {}, up {} (since {}), listening on {}{successor}{keeper}",
                 v["version"].as_str().unwrap_or("?"),
                 v["state"].as_str().unwrap_or("?"),
                 v["pid"],

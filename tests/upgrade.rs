@@ -847,8 +847,16 @@ fn a_stop_during_the_probation_stops_both_generations() {
     assert!(out.contains("on probation for 1m"), "{out}");
     let new = pid_of(addr);
     assert_ne!(new, old);
-    let (code, _, err) = run_baton(&["status", "--pid", &old.to_string()]);
+    let (code, out, err) = run_baton(&["status", "--pid", &old.to_string()]);
     assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("is standing by: pid")
+            && out.contains(&format!("generation 2 (pid {new}) serves on probation")),
+        "{out}"
+    );
+    let (code, out, err) = run_baton(&["status", "--pid", &new.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is on probation: pid"), "{out}");
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
     // The old process waited for the new one, which drained and exited on its word (and was
