@@ -951,6 +951,15 @@ impl Generation {
             ),
         }
         self.stop_accepting().await;
+        // This process's copies of the sockets go with its accept loops: a copy left open would
+        // queue new clients where nobody accepts them anymore. (After a handover the new main
+        // pid holds its own.)
+        match Arc::get_mut(&mut self.upgrader) {
+            Some(upgrader) => upgrader.close_sockets(),
+            None => tracing::warn!(
+                "the upgrader is still shared; its copies of the sockets stay open until exit"
+            ),
+        }
         let stop_requested = matches!(
             end,
             End::Stop {
@@ -960,13 +969,6 @@ impl Generation {
         );
         let mut channel = None;
         if let End::HandedOver { to, forward } = end {
-            // This process's copies of the sockets go: only the new main pid accepts now.
-            match Arc::get_mut(&mut self.upgrader) {
-                Some(upgrader) => upgrader.close_sockets(),
-                None => tracing::warn!(
-                    "the upgrader is still shared; its copies of the sockets stay open until exit"
-                ),
-            }
             for request in forward {
                 self.forward_upgrade(&to, request);
             }
