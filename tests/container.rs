@@ -12,30 +12,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::http;
 use common::load::Load;
-use common::{tcp_listener, wait_until, Baton, TempDir};
+use common::{children, tcp_listener, wait_serving, wait_until, Baton, TempDir};
 use nix::sys::signal::Signal;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn children(pid: u32) -> Vec<u32> {
-    let mut all = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = task.unwrap().path().join("children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            all.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    all
-}
 
 fn status_field(pid: u32, field: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -61,27 +46,6 @@ fn outer_pid(pid1: u32, inner: u32) -> Option<u32> {
     children(pid1)
         .into_iter()
         .find(|p| inner_pid(*p) == Some(inner))
-}
-
-fn pidfile_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Waits until the pidfile names a pid other than `not` and that pid answers `/-/version`.
-fn wait_serving(pidfile: &Path, addr: SocketAddr, not: Option<u32>, b: &Baton) -> u32 {
-    let mut pid = None;
-    let ok = wait_until(TIMEOUT, || {
-        pid = pidfile_pid(pidfile)
-            .filter(|p| Some(*p) != not)
-            .filter(|p| {
-                http::get(addr, "/-/version")
-                    .ok()
-                    .is_some_and(|r| r.json()["pid"] == *p)
-            });
-        pid.is_some()
-    });
-    assert!(ok, "no new generation serves; stderr:\n{}", b.stderr.text());
-    pid.unwrap()
 }
 
 fn kill(pid: u32, signal: Signal) {

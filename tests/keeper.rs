@@ -15,40 +15,13 @@ use std::time::Duration;
 
 use common::http;
 use common::load::Load;
-use common::{tcp_listener, wait_until, Baton, Spawn, TempDir};
+use common::{children, tcp_listener, wait_serving, wait_until, Baton, Spawn, TempDir};
 use nix::sys::signal::Signal;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn free_addr() -> SocketAddr {
     tcp_listener().1
-}
-
-/// The pid the pidfile names, if any.
-fn pidfile_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Waits until the pidfile names a pid other than `not`, and that pid serves; returns it.
-fn wait_serving(pidfile: &Path, addr: SocketAddr, not: Option<u32>, keeper: &Baton) -> u32 {
-    let mut pid = None;
-    let ok = wait_until(TIMEOUT, || {
-        pid = pidfile_pid(pidfile)
-            .filter(|p| Some(*p) != not)
-            .filter(|p| {
-                http::get(addr, "/-/version")
-                    .ok()
-                    .is_some_and(|r| r.json()["pid"] == *p)
-            });
-        pid.is_some()
-    });
-    assert!(
-        ok,
-        "no new generation serves (pidfile: {:?}); keeper's stderr:\n{}",
-        std::fs::read_to_string(pidfile),
-        keeper.stderr.text()
-    );
-    pid.unwrap()
 }
 
 fn signal(pid: u32, signal: Signal) {
@@ -71,20 +44,6 @@ fn start_keeper(dir: &TempDir, addr: SocketAddr, extra: &[&str]) -> (Baton, Path
 }
 
 /// The children of `pid` (from /proc/PID/task/*/children).
-fn children(pid: u32) -> Vec<u32> {
-    let mut all = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = task.unwrap().path().join("children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            all.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    all
-}
-
 fn exe(pid: u32) -> String {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())

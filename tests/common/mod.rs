@@ -390,3 +390,51 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The children of `pid`, from every one of its threads.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            all.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    all
+}
+
+/// The pid a pidfile names, if any.
+pub fn pidfile_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Waits until the pidfile names a pid other than `not`, and that pid answers `/-/version` on
+/// `addr`; returns it. `keeper` is the process whose stderr explains a failure.
+pub fn wait_serving(
+    pidfile: &Path,
+    addr: std::net::SocketAddr,
+    not: Option<u32>,
+    keeper: &Baton,
+) -> u32 {
+    let mut pid = None;
+    let ok = wait_until(Duration::from_secs(30), || {
+        pid = pidfile_pid(pidfile)
+            .filter(|p| Some(*p) != not)
+            .filter(|p| {
+                http::get(addr, "/-/version")
+                    .ok()
+                    .is_some_and(|r| r.json()["pid"] == *p)
+            });
+        pid.is_some()
+    });
+    assert!(
+        ok,
+        "no new generation serves (pidfile: {:?}); stderr:\n{}",
+        std::fs::read_to_string(pidfile),
+        keeper.stderr.text()
+    );
+    pid.unwrap()
+}
