@@ -825,6 +825,8 @@ pub async fn start(
     let confirmation = async {
         write.write_all(b"commit\n").await?;
         let answer = tokio::select! {
+            // What N said comes first, even if it died right after saying it.
+            biased;
             line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => Some(line),
             _ = exited(&mut exit_watch) => None,
         };
@@ -840,15 +842,18 @@ pub async fn start(
             Some(Err(_)) => Err(io::Error::other(format!(
                 "no answer within {STEP_TIMEOUT:?}"
             ))),
-            None => {
-                let how = last_words(&mut lines)
-                    .await
-                    .as_deref()
-                    .and_then(|w| w.strip_prefix("exit "))
-                    .map(|status| describe_exit(pid, status))
-                    .unwrap_or_else(|| "exited".to_owned());
-                Err(io::Error::other(format!("it {how}")))
-            }
+            None => match last_words(&mut lines).await {
+                // It served, then died: the probation that follows sees the death and rolls back.
+                Some(line) if line == "serving" => Ok(()),
+                words => {
+                    let how = words
+                        .as_deref()
+                        .and_then(|w| w.strip_prefix("exit "))
+                        .map(|status| describe_exit(pid, status))
+                        .unwrap_or_else(|| "exited".to_owned());
+                    Err(io::Error::other(format!("it {how}")))
+                }
+            },
         }
     };
     if let Err(e) = confirmation.await {
