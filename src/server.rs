@@ -70,6 +70,10 @@ pub const IDLE_FOR_ROOM: Duration = Duration::from_millis(250);
 /// connection to close (connections do not report becoming idle).
 const ROOM_RECHECK: Duration = Duration::from_millis(50);
 
+/// An idle connection asked to close that is still open after this long no longer holds up
+/// the choice of another.
+const EVICT_PATIENCE: Duration = Duration::from_secs(1);
+
 /// What [`Server::drain`] observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
@@ -133,9 +137,14 @@ impl Shared {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut oldest: Option<(u64, u64, &Arc<ConnState>)> = None;
         for (&id, conn) in conns.iter() {
-            if conn.evict_requested.load(Ordering::SeqCst) {
-                // Still closing, or about to say it is busy after all.
-                return ROOM_RECHECK;
+            let requested = conn.evict_requested.load(Ordering::SeqCst);
+            if requested != 0 {
+                if now < requested.saturating_add(EVICT_PATIENCE.as_millis() as u64) {
+                    // Still closing, or about to say it is busy after all.
+                    return ROOM_RECHECK;
+                }
+                // Asked long ago and still open (hyper saw it busy): not counted, not asked again.
+                continue;
             }
             if !conn.is_idle() {
                 continue;
@@ -147,7 +156,7 @@ impl Shared {
         }
         match oldest {
             Some((since, _, conn)) if now >= since.saturating_add(min_idle) => {
-                conn.evict_requested.store(true, Ordering::SeqCst);
+                conn.evict_requested.store(now, Ordering::SeqCst);
                 conn.evict.notify_one();
                 ROOM_RECHECK
             }
@@ -424,8 +433,8 @@ struct ConnState {
     /// The kernel's send queue (`SIOCOUTQ`) then, or at the last sign of progress; 0 when
     /// unknown.
     write_blocked_queue: AtomicU64,
-    /// An accept loop asked this connection to close to make room.
-    evict_requested: AtomicBool,
+    /// When an accept loop asked this connection to close to make room; 0: not asked.
+    evict_requested: AtomicU64,
     evict: Notify,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
@@ -484,7 +493,7 @@ where
         idle_since: AtomicU64::new(now),
         write_blocked_since: AtomicU64::new(0),
         write_blocked_queue: AtomicU64::new(0),
-        evict_requested: AtomicBool::new(false),
+        evict_requested: AtomicU64::new(0),
         evict: Notify::new(),
         fd: io.as_raw_fd(),
     });
@@ -576,7 +585,7 @@ where
                     shutdown_sent = true;
                 } else if !shutdown_sent {
                     // Busy after all: the accept loop picks another.
-                    state.evict_requested.store(false, Ordering::SeqCst);
+                    state.evict_requested.store(0, Ordering::SeqCst);
                 }
             }
             _ = shared.drain_started.cancelled(), if drain_close_at.is_none() => {
