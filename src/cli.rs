@@ -186,6 +186,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 
+    /// Close a connection whose client accepts no byte of its response for this long [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub send_timeout: Option<Duration>,
+
     /// Most client connections open at once; more wait in the listen backlog [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -256,6 +260,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             drain_timeout: self.drain_timeout,
             log_level: self.log_level.clone(),
             upgrade_exec: self.exec.clone(),

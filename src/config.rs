@@ -15,9 +15,10 @@
 //! pidfile = "/run/baton/baton.pid"   # locked for the process's life; used with --daemon or when set
 //!
 //! [limits]
-//! max_connections = 10000            # further clients wait in the listen backlog
+//! max_connections = 10000            # further clients wait in the backlog; idle ones make room
 //! header_read_timeout = "10s"        # from a request's first byte (or accept) to its full head
 //! idle_timeout = "60s"               # an idle keep-alive connection is closed after this
+//! send_timeout = "60s"               # a client that accepts no byte of a response this long is cut
 //!
 //! [shutdown]
 //! drain_timeout = "30s"              # in-flight requests may finish for this long on stop
@@ -106,6 +107,9 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A connection whose client accepts no byte of its response for this long (the socket
+    /// stays unwritable and its send queue does not shrink) is closed; nginx's `send_timeout`.
+    pub send_timeout: Duration,
 }
 
 /// How a stopping (or handed-over) process drains its connections.
@@ -140,6 +144,7 @@ impl Default for Config {
                 max_connections: 10_000,
                 header_read_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
+                send_timeout: Duration::from_secs(60),
             },
             shutdown: Shutdown {
                 drain_timeout: Duration::from_secs(30),
@@ -240,6 +245,7 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     pub header_read_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    pub send_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub log_level: Option<String>,
     pub log_file: Option<PathBuf>,
@@ -304,6 +310,7 @@ struct LimitsSection {
     max_connections: Option<i64>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -424,6 +431,11 @@ impl Config {
             &mut config.limits.idle_timeout,
         );
         duration(
+            "limits.send_timeout",
+            file.limits.send_timeout,
+            &mut config.limits.send_timeout,
+        );
+        duration(
             "shutdown.drain_timeout",
             file.shutdown.drain_timeout,
             &mut config.shutdown.drain_timeout,
@@ -492,6 +504,9 @@ impl Config {
         }
         if let Some(v) = o.idle_timeout {
             self.limits.idle_timeout = v;
+        }
+        if let Some(v) = o.send_timeout {
+            self.limits.send_timeout = v;
         }
         if let Some(v) = o.drain_timeout {
             self.shutdown.drain_timeout = v;
@@ -570,6 +585,7 @@ impl Config {
                 false,
             ),
             ("limits.idle_timeout", self.limits.idle_timeout, false),
+            ("limits.send_timeout", self.limits.send_timeout, false),
             ("upgrade.timeout", self.upgrade.timeout, false),
             ("upgrade.probation", self.upgrade.probation, true),
             ("shutdown.drain_timeout", self.shutdown.drain_timeout, true),
@@ -736,6 +752,35 @@ mod tests {
             text.contains("limits.header_read_timeout 114years 28days 4h is longer than a day"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn send_timeout_is_a_limit() {
+        let c = Config::from_toml_str("[limits]\nsend_timeout = \"5s\"\n", None).unwrap();
+        assert_eq!(c.limits.send_timeout, Duration::from_secs(5));
+        assert_eq!(
+            Config::default().limits.send_timeout,
+            Duration::from_secs(60)
+        );
+        let err = Config::from_toml_str("[limits]\nsend_timeout = \"soon\"\n", None).unwrap_err();
+        assert!(
+            err.errors[0].starts_with("limits.send_timeout: 'soon' is not a duration"),
+            "{err}"
+        );
+        let c = Config::from_toml_str("[limits]\nsend_timeout = \"0s\"\n", None).unwrap();
+        let err = c.validate().unwrap_err();
+        assert_eq!(
+            err.errors,
+            ["limits.send_timeout is 0: use a positive duration such as \"10s\""]
+        );
+        let mut c = Config::default();
+        c.apply(&Overrides {
+            send_timeout: Some(Duration::from_secs(2)),
+            ..Overrides::default()
+        });
+        assert_eq!(c.limits.send_timeout, Duration::from_secs(2));
+        let c = Config::from_toml_str("[limits]\nsend_timeout = \"2days\"\n", None).unwrap();
+        assert!(c.validate().unwrap_err().errors[0].contains("longer than a day"));
     }
 
     #[test]

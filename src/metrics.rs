@@ -32,6 +32,10 @@ pub struct Metrics {
     pub last_drain_seconds: Gauge<f64, AtomicU64>,
     /// Connections the previous generations closed forcibly at their drain deadline.
     pub drain_forced_closes: Counter,
+    /// Connections closed because their client accepted no byte for `limits.send_timeout`.
+    pub send_timeouts: Counter,
+    /// Idle keep-alive connections closed to make room for a new client at the limit.
+    pub idle_closed_for_room: Counter,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -111,6 +115,18 @@ impl Metrics {
             "Connections the previous generation closed forcibly at its drain deadline",
             drain_forced_closes.clone(),
         );
+        let send_timeouts = Counter::default();
+        registry.register(
+            "baton_send_timeouts",
+            "Connections closed because the client accepted no byte of a response for limits.send_timeout",
+            send_timeouts.clone(),
+        );
+        let idle_closed_for_room = Counter::default();
+        registry.register(
+            "baton_idle_closed_for_room",
+            "Idle keep-alive connections closed to make room for a new client at limits.max_connections",
+            idle_closed_for_room.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -121,6 +137,8 @@ impl Metrics {
             last_handoff_seconds,
             last_drain_seconds,
             drain_forced_closes,
+            send_timeouts,
+            idle_closed_for_room,
         }
     }
 
@@ -197,6 +215,11 @@ mod tests {
         );
         assert!(text.contains("baton_generation 3"), "{text}");
         assert!(text.contains("baton_open_connections 0"), "{text}");
+        assert!(text.contains("baton_send_timeouts_total 0"), "{text}");
+        assert!(
+            text.contains("baton_idle_closed_for_room_total 0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

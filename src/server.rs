@@ -11,6 +11,23 @@
 //! - **Idle timeout**: a keep-alive connection with no request for `limits.idle_timeout` is
 //!   closed. (hyper's own header timer cannot tell these two apart: it runs from the moment a
 //!   connection waits for its next request, so baton tracks the phases itself.)
+//! - **Send timeout**: a connection whose client accepts no byte of its response for
+//!   `limits.send_timeout` is closed and counted (`baton_send_timeouts_total`). The timer starts
+//!   when a write stays pending and stops at the next write that goes through (nginx's
+//!   `send_timeout`); when it runs out, the kernel's send queue (`SIOCOUTQ`) is asked as well,
+//!   and if the client took any bytes meanwhile the timer starts again, so a slow reader that
+//!   makes progress is never cut. No write is pending on a connection between requests, so the
+//!   timer cannot fire there.
+//! - **Room at the limit**: when every permit is taken and a client is waiting, the accept loop
+//!   accepts it and asks the keep-alive connection that has been idle longest (between
+//!   requests: no request in flight, no response being written, no unread input) to close,
+//!   which ends it cleanly (a FIN, not a reset) and frees its permit for the new client; counted
+//!   in `baton_idle_closed_for_room_total`. Closing an idle connection races with a client that
+//!   is just sending its next request on it (nginx has the same race). To keep that small, only
+//!   connections idle for at least [`IDLE_FOR_ROOM`] are chosen, the choice is checked again
+//!   right before closing (and dropped if a byte of a new request has arrived, in hyper's buffer
+//!   or in the kernel's), and one connection at a time is closed. Without an idle connection the
+//!   accepted client waits for a permit like the ones still in the backlog.
 //! - **Drain** ([`Server::drain`], DESIGN.md section 5): every response from then on carries
 //!   `Connection: close`, so a client that keeps sending gets its answer and a clean end of the
 //!   connection instead of a reset. Closing an idle keep-alive connection at once would race
@@ -18,22 +35,25 @@
 //!   `shutdown.idle_grace` to send one more request before they are closed. Whatever is still
 //!   open at the drain deadline is closed forcibly and counted.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::http::App;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +61,18 @@ use tokio_util::task::TaskTracker;
 use crate::activation::{Listener, Socket};
 use crate::config;
 use crate::metrics::Metrics;
+
+/// A keep-alive connection is closed to make room only after it has been idle this long: a
+/// client that is in the middle of a burst of requests sends its next one sooner.
+pub const IDLE_FOR_ROOM: Duration = Duration::from_millis(250);
+
+/// While a client waits for room at the limit, how often the accept loop looks again for a
+/// connection to close (connections do not report becoming idle).
+const ROOM_RECHECK: Duration = Duration::from_millis(50);
+
+/// An idle connection asked to close that is still open after this long no longer holds up
+/// the choice of another.
+const EVICT_PATIENCE: Duration = Duration::from_secs(1);
 
 /// What [`Server::drain`] observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,12 +118,53 @@ struct Shared {
     drain_started: CancellationToken,
     force_close: CancellationToken,
     forced: AtomicU64,
+    /// The open connections, by id (in accept order), for closing idle ones to make room.
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    next_id: AtomicU64,
 }
 
 impl Shared {
     /// Milliseconds since the server started, plus one: 0 stays free to mean "unset".
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Asks the keep-alive connection idle longest (for at least [`IDLE_FOR_ROOM`]) to close, so
+    /// that a waiting client gets its permit; one at a time. Returns when to look again.
+    fn make_room(&self) -> Duration {
+        let now = self.now_ms();
+        let min_idle = IDLE_FOR_ROOM.as_millis() as u64;
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut oldest: Option<(u64, u64, &Arc<ConnState>)> = None;
+        for (&id, conn) in conns.iter() {
+            let requested = conn.evict_requested.load(Ordering::SeqCst);
+            if requested != 0 {
+                if now < requested.saturating_add(EVICT_PATIENCE.as_millis() as u64) {
+                    // Still closing, or about to say it is busy after all.
+                    return ROOM_RECHECK;
+                }
+                // Asked long ago and still open (hyper saw it busy): not counted, not asked again.
+                continue;
+            }
+            if !conn.is_idle() {
+                continue;
+            }
+            let since = conn.idle_since.load(Ordering::SeqCst);
+            if oldest.is_none_or(|(s, i, _)| (since, id) < (s, i)) {
+                oldest = Some((since, id, conn));
+            }
+        }
+        match oldest {
+            Some((since, _, conn)) if now >= since.saturating_add(min_idle) => {
+                conn.evict_requested.store(now, Ordering::SeqCst);
+                conn.evict.notify_one();
+                ROOM_RECHECK
+            }
+            Some((since, _, _)) => {
+                Duration::from_millis(since.saturating_add(min_idle) - now).min(ROOM_RECHECK)
+            }
+            None => ROOM_RECHECK,
+        }
     }
 }
 
@@ -113,6 +186,8 @@ impl Server {
             drain_started: CancellationToken::new(),
             force_close: CancellationToken::new(),
             forced: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         });
         let pending = listeners
             .into_iter()
@@ -200,7 +275,7 @@ impl Server {
 
 /// The accepting side of a listening socket.
 trait Accept: Send + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
 }
 
@@ -229,34 +304,100 @@ struct AcceptContext {
     connections: TaskTracker,
 }
 
+/// The accept loop was told to stop.
+struct Stopped;
+
 impl AcceptContext {
     async fn run<L: Accept>(self, listener: L) {
+        // A client accepted at the limit, waiting for an idle connection to make room.
+        let mut waiting: Option<L::Io> = None;
         loop {
-            let permit = tokio::select! {
-                permit = self.limit.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-                _ = self.stop.cancelled() => return,
-            };
-            let io = tokio::select! {
-                io = listener.accept() => io,
-                _ = self.stop.cancelled() => return,
-            };
-            match io {
-                Ok(io) => {
-                    self.connections
-                        .spawn(serve_connection(io, self.shared.clone(), permit));
-                }
-                Err(e) if is_per_connection_error(&e) => {}
-                Err(e) => {
-                    // Out of fds or memory: back off rather than spin; the clients wait in the
-                    // backlog meanwhile.
-                    tracing::error!(listener = %self.name, error = %e, "accept failed: {e}; retrying in 100 ms");
+            let permit = match self.limit.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return,
+                Err(TryAcquireError::NoPermits) => {
+                    let Some(io) = waiting.take() else {
+                        // At the limit: wait for a permit, or for a client to arrive.
+                        let permit = tokio::select! {
+                            biased;
+                            _ = self.stop.cancelled() => return,
+                            permit = self.limit.clone().acquire_owned() => match permit {
+                                Ok(permit) => permit,
+                                Err(_) => return,
+                            },
+                            io = self.accept(&listener) => match io {
+                                Ok(io) => {
+                                    waiting = io;
+                                    continue;
+                                }
+                                Err(Stopped) => return,
+                            },
+                        };
+                        let io = match self.accept(&listener).await {
+                            Ok(Some(io)) => io,
+                            Ok(None) => continue,
+                            Err(Stopped) => return,
+                        };
+                        self.connections.spawn(serve_connection(
+                            io,
+                            self.shared.clone(),
+                            Some(permit),
+                        ));
+                        continue;
+                    };
+                    let again = self.shared.make_room();
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = self.stop.cancelled() => return,
+                        biased;
+                        _ = self.stop.cancelled() => {
+                            // It was accepted: it gets its answer (with Connection: close), not
+                            // a reset, even beyond the limit.
+                            self.connections.spawn(serve_connection(io, self.shared.clone(), None));
+                            return;
+                        }
+                        permit = self.limit.clone().acquire_owned() => match permit {
+                            Ok(permit) => {
+                                self.connections.spawn(serve_connection(io, self.shared.clone(), Some(permit)));
+                                continue;
+                            }
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(again) => {
+                            waiting = Some(io);
+                            continue;
+                        }
                     }
+                }
+            };
+            let io = match waiting.take() {
+                Some(io) => io,
+                None => match self.accept(&listener).await {
+                    Ok(Some(io)) => io,
+                    Ok(None) => continue,
+                    Err(Stopped) => return,
+                },
+            };
+            self.connections
+                .spawn(serve_connection(io, self.shared.clone(), Some(permit)));
+        }
+    }
+
+    /// Accepts one client; `Ok(None)` after a failure (backing off from one that concerns the
+    /// listener).
+    async fn accept<L: Accept>(&self, listener: &L) -> Result<Option<L::Io>, Stopped> {
+        let io = tokio::select! {
+            io = listener.accept() => io,
+            _ = self.stop.cancelled() => return Err(Stopped),
+        };
+        match io {
+            Ok(io) => Ok(Some(io)),
+            Err(e) if is_per_connection_error(&e) => Ok(None),
+            Err(e) => {
+                // Out of fds or memory: back off rather than spin; the clients wait in the
+                // backlog meanwhile.
+                tracing::error!(listener = %self.name, error = %e, "accept failed: {e}; retrying in 100 ms");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => Ok(None),
+                    _ = self.stop.cancelled() => Err(Stopped),
                 }
             }
         }
@@ -274,28 +415,98 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// The phases of one connection, shared between its IO, its service and its watcher.
+/// The phases of one connection, shared between its IO, its service and its watcher (all
+/// polled by the connection's one task), and the accept loops looking for room.
 struct ConnState {
-    /// Requests handed to the app and not yet answered.
+    /// Requests handed to the app whose response (head and body) hyper has not finished with.
     in_flight: AtomicU32,
     /// When the connection began to wait for a request head it has not fully received; 0 when
     /// it is not waiting for one.
     awaiting_head_since: AtomicU64,
-    /// When the last response was produced.
+    /// Bytes arrived since the last request was handed to the app (a pipelined request, say).
+    input_since_call: AtomicBool,
+    /// When the last response body was finished.
     idle_since: AtomicU64,
+    /// When a write first stayed pending since the last one that went through; 0 when writes
+    /// go through.
+    write_blocked_since: AtomicU64,
+    /// The kernel's send queue (`SIOCOUTQ`) then, or at the last sign of progress; 0 when
+    /// unknown.
+    write_blocked_queue: AtomicU64,
+    /// When an accept loop asked this connection to close to make room; 0: not asked.
+    evict_requested: AtomicU64,
+    evict: Notify,
+    /// The socket, for `ioctl`s; valid while the connection's task runs.
+    fd: RawFd,
 }
 
-async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: OwnedSemaphorePermit)
+impl ConnState {
+    /// Between requests: nothing in flight, nothing being written, nothing read.
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.awaiting_head_since.load(Ordering::SeqCst) == 0
+            && self.write_blocked_since.load(Ordering::SeqCst) == 0
+            && !self.input_since_call.load(Ordering::SeqCst)
+    }
+}
+
+/// Bytes the kernel has received on `fd` that nobody has read yet.
+fn unread_bytes(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; fd belongs to a live socket (see ConnState::fd).
+    (unsafe { libc::ioctl(fd, libc::FIONREAD as _, &mut n) } == 0).then_some(n as u64)
+}
+
+/// Bytes the kernel still holds for the peer: not yet acknowledged (TCP) or not yet read (unix).
+fn unsent_bytes(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int; fd belongs to a live socket.
+    (unsafe { libc::ioctl(fd, libc::TIOCOUTQ as _, &mut n) } == 0).then_some(n as u64)
+}
+
+/// Takes a connection out of [`Shared::conns`] when it ends.
+struct Registered {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: Option<OwnedSemaphorePermit>)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
 {
     shared.metrics.open_connections.inc();
     let now = shared.now_ms();
     let state = Arc::new(ConnState {
         in_flight: AtomicU32::new(0),
         awaiting_head_since: AtomicU64::new(now),
+        input_since_call: AtomicBool::new(false),
         idle_since: AtomicU64::new(now),
+        write_blocked_since: AtomicU64::new(0),
+        write_blocked_queue: AtomicU64::new(0),
+        evict_requested: AtomicU64::new(0),
+        evict: Notify::new(),
+        fd: io.as_raw_fd(),
     });
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    shared
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, state.clone());
+    let _registered = Registered {
+        shared: shared.clone(),
+        id,
+    };
     let io = TokioIo::new(TrackedIo {
         inner: io,
         state: state.clone(),
@@ -314,10 +525,11 @@ where
     let limits = shared.settings.limits;
     let header_ms = limits.header_read_timeout.as_millis() as u64;
     let idle_ms = limits.idle_timeout.as_millis() as u64;
+    let send_ms = limits.send_timeout.as_millis() as u64;
     // Phases change behind the watcher's back (the IO and the service update them, without
-    // waking it, which would cost every request a wakeup). A header or idle deadline that starts
-    // now is at least the shorter timeout away, so the watcher never sleeps longer than that.
-    let horizon = header_ms.min(idle_ms);
+    // waking it, which would cost every request a wakeup). A header, idle or send deadline that
+    // starts now is at least the shortest timeout away, so the watcher never sleeps longer.
+    let horizon = header_ms.min(idle_ms).min(send_ms);
     let mut shutdown_sent = false;
     let mut drain_close_at: Option<u64> = None;
     let sleep = tokio::time::sleep(Duration::ZERO);
@@ -329,6 +541,10 @@ where
         let mut due = now.saturating_add(horizon);
         if awaiting != 0 {
             due = due.min(awaiting.saturating_add(header_ms));
+        }
+        let blocked = state.write_blocked_since.load(Ordering::SeqCst);
+        if blocked != 0 {
+            due = due.min(blocked.saturating_add(send_ms));
         }
         if !shutdown_sent {
             // Deferred while a head is in progress (see below): no busy loop over a past time.
@@ -359,6 +575,19 @@ where
                 }
                 break;
             }
+            _ = state.evict.notified() => {
+                // Checked again here, in the connection's own task: hyper cannot read or write
+                // in between. Bytes in the kernel's buffer are a request on its way.
+                if !shutdown_sent && state.is_idle() && unread_bytes(state.fd) == Some(0) {
+                    shared.metrics.idle_closed_for_room.inc();
+                    tracing::debug!("closing the longest-idle keep-alive connection to make room for a new client");
+                    conn.as_mut().graceful_shutdown();
+                    shutdown_sent = true;
+                } else if !shutdown_sent {
+                    // Busy after all: the accept loop picks another.
+                    state.evict_requested.store(0, Ordering::SeqCst);
+                }
+            }
             _ = shared.drain_started.cancelled(), if drain_close_at.is_none() => {
                 drain_close_at = Some(shared.now_ms().saturating_add(shared.settings.idle_grace.as_millis() as u64));
             }
@@ -368,6 +597,28 @@ where
                 if awaiting != 0 && now >= awaiting.saturating_add(header_ms) {
                     tracing::debug!("closing a connection that sent no complete request head within {:?}", limits.header_read_timeout);
                     break;
+                }
+                let blocked = state.write_blocked_since.load(Ordering::SeqCst);
+                if blocked != 0 && now >= blocked.saturating_add(send_ms) {
+                    let before = state.write_blocked_queue.load(Ordering::SeqCst);
+                    match unsent_bytes(state.fd) {
+                        // The client took bytes, just not enough to let a write through (the
+                        // kernel wakes a writer only once a third of the buffer is free).
+                        Some(queue) if queue < before => {
+                            state.write_blocked_since.store(now, Ordering::SeqCst);
+                            state.write_blocked_queue.store(queue, Ordering::SeqCst);
+                        }
+                        _ => {
+                            shared.metrics.send_timeouts.inc();
+                            tracing::info!(
+                                event = "send_timeout",
+                                "closing a connection whose client accepted no byte of its response for {}",
+                                humantime::format_duration(limits.send_timeout)
+                            );
+                            break;
+                        }
+                    }
+                    continue;
                 }
                 let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
                 let idle_expired = idle && now >= state.idle_since.load(Ordering::SeqCst).saturating_add(idle_ms);
@@ -386,7 +637,8 @@ where
     shared.metrics.open_connections.dec();
 }
 
-/// The socket of one connection, noting when a request head starts to arrive.
+/// The socket of one connection, noting when a request head starts to arrive and when writes
+/// stall.
 struct TrackedIo<I> {
     inner: I,
     state: Arc<ConnState>,
@@ -401,6 +653,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.input_since_call.store(true, Ordering::SeqCst);
+        }
         if buf.filled().len() > before
             && self.state.in_flight.load(Ordering::SeqCst) == 0
             && self.state.awaiting_head_since.load(Ordering::SeqCst) == 0
@@ -412,13 +667,38 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
+impl<I: AsRawFd> TrackedIo<I> {
+    /// Starts the send timer when a write stays pending, stops it when one goes through.
+    fn note_write(&self, result: &Poll<io::Result<usize>>) {
+        match result {
+            Poll::Pending => {
+                if self.state.write_blocked_since.load(Ordering::SeqCst) == 0 {
+                    let queue = unsent_bytes(self.inner.as_raw_fd()).unwrap_or(0);
+                    self.state
+                        .write_blocked_queue
+                        .store(queue, Ordering::SeqCst);
+                    self.state
+                        .write_blocked_since
+                        .store(self.shared.now_ms(), Ordering::SeqCst);
+                }
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.state.write_blocked_since.store(0, Ordering::SeqCst);
+            }
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
+impl<I: AsyncWrite + AsRawFd + Unpin> AsyncWrite for TrackedIo<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -426,7 +706,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -450,18 +732,64 @@ struct ConnService {
 }
 
 type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<axum::body::Body>, Infallible>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
+
+/// A response body that marks its connection idle once hyper is done with it (finished, or
+/// dropped with the connection), not when the handler returns: a connection still sending a
+/// large file is busy.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _done: ResponseDone,
+}
+
+struct ResponseDone {
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+}
+
+impl Drop for ResponseDone {
+    fn drop(&mut self) {
+        self.state
+            .idle_since
+            .store(self.shared.now_ms(), Ordering::SeqCst);
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<axum::body::Body>;
+    type Response = Response<TrackedBody>;
     type Error = Infallible;
     type Future = ResponseFuture;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.state.in_flight.fetch_add(1, Ordering::SeqCst);
         self.state.awaiting_head_since.store(0, Ordering::SeqCst);
+        self.state.input_since_call.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
-        let state = self.state.clone();
+        let done = ResponseDone {
+            shared: shared.clone(),
+            state: self.state.clone(),
+        };
         let access = shared.settings.access_log.then(|| {
             (
                 request.method().clone(),
@@ -479,8 +807,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            state.idle_since.store(shared.now_ms(), Ordering::SeqCst);
-            state.in_flight.fetch_sub(1, Ordering::SeqCst);
             if let Some((method, uri, started)) = access {
                 tracing::info!(
                     event = "request",
@@ -491,7 +817,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     "{method} {uri} {status}"
                 );
             }
-            Ok(response)
+            Ok(response.map(|inner| TrackedBody { inner, _done: done }))
         })
     }
 }

@@ -293,10 +293,18 @@ fn idle_time_between_requests_is_not_header_time() {
 
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    let (_baton, addr) = start(&["--max-connections", "1"]);
-    let mut first = Conn::tcp(addr).unwrap();
-    assert_eq!(first.get("/-/healthy").unwrap().status, 200);
-    // The second connection is queued in the backlog, not served...
+    let root = TempDir::new("limit");
+    std::fs::write(root.join("big.bin"), pattern(64 << 20)).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--max-connections",
+        "1",
+    ]);
+    // The only slot is busy: a download in flight (an idle keep-alive connection would make
+    // room, see tests/limits.rs).
+    let (first, _) = http::start_download(addr, "/big.bin");
+    // The second connection waits, not served...
     let mut second = std::net::TcpStream::connect(addr).unwrap();
     second
         .write_all(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
