@@ -7,31 +7,39 @@
 //! | `/-/metrics`  | Prometheus text exposition ([`crate::metrics`])                        |
 //! | anything else | a file below the root (tower-http's `ServeDir`: index.html, content types, ranges, conditional GET, HEAD), or, with no root, the embedded page at `/` |
 //!
-//! Nothing outside the root is reachable: `ServeDir` refuses `..`, and [`Confined`] refuses
-//! any path whose symlinks resolve outside the root.
+//! Nothing outside the root is reachable: `ServeDir` refuses `..`, and [`Confined`] opens every
+//! file beneath a directory fd of the root, once, and serves that very fd
+//! ([`beneath`]: a symlink that leads outside, even one swapped in mid-request, is 404).
 //!
 //! ```
 //! # use std::sync::Arc;
 //! let info = baton::http::Info::current(1, vec!["http=127.0.0.1:8080 (bound)".into()]);
 //! let metrics = Arc::new(baton::metrics::Metrics::new(1, std::time::SystemTime::now()));
-//! let app = baton::http::App::new(Arc::new(info), metrics, None);
+//! let app = baton::http::App::new(Arc::new(info), metrics, None).unwrap();
 //! ```
+
+pub mod beneath;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::path::{Component, Path, PathBuf};
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use axum::http::{header, Request, Response};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::Bytes;
 use serde::Serialize;
-use tower_http::services::ServeDir;
+use tower_http::services::fs::{Backend, DefaultServeDirFallback, File, Metadata, ServeDir};
+
+use beneath::{Kind, Root, Stat};
 
 use crate::metrics::Metrics;
 
@@ -89,12 +97,12 @@ pub type AppFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 impl App {
     /// baton's service: the `/-/` endpoints, and the files below `root` (or, with no root, the
-    /// embedded page at `/`).
-    pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> App {
-        App {
+    /// embedded page at `/`). Fails if the root cannot be opened.
+    pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> io::Result<App> {
+        Ok(App {
             router: router(info, metrics, None),
-            files: root.map(Confined::new),
-        }
+            files: root.map(Confined::new).transpose()?,
+        })
     }
 
     /// Answers one request.
@@ -127,14 +135,14 @@ impl From<Router> for App {
     }
 }
 
-/// The router: the `/-/` endpoints, then files from `root` (or the embedded page).
-pub fn router(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> Router {
+/// The router: the `/-/` endpoints, then `files` (or the embedded page).
+pub fn router(info: Arc<Info>, metrics: Arc<Metrics>, files: Option<Confined>) -> Router {
     let ops = Router::new()
         .route("/-/healthy", get(healthy))
         .route("/-/version", get(version))
         .route("/-/metrics", get(metrics_text));
-    let app = match root {
-        Some(root) => ops.fallback_service(Confined::new(root)),
+    let app = match files {
+        Some(files) => ops.fallback_service(files),
         None => ops.route("/", get(index)),
     };
     app.with_state(AppState { info, metrics })
@@ -182,166 +190,37 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// `ServeDir` confined to its root, with a cache of small files in front of it.
+/// Files below the root: tower-http's `ServeDir` over a [`Beneath`] backend.
 ///
-/// A request whose path resolves (through symlinks) outside the root answers 404, as if the file
-/// did not exist.
+/// Nothing is looked up by name outside [`beneath::Root`]: tower-http 0.7 lets `ServeDir` take a
+/// [`Backend`], and [`Beneath`] is one whose every open and stat resolves beneath the root's fd
+/// (`openat2(RESOLVE_BENEATH)`), so a path that leads outside the root, at any moment, is 404,
+/// and the file served is the very fd that was opened (its size, type, `Last-Modified` and
+/// `ETag` come from `fstat` of it). `ServeDir` keeps every HTTP semantic it has (content types,
+/// ranges and 416, conditional requests 304/412, HEAD, index.html, the trailing-slash redirect),
+/// which is why this design beats writing the file response anew: the backend is the only part
+/// that touches the file system, and it is the part that had to change.
 ///
-/// `ServeDir` does every open, stat and read on tokio's blocking pool; under load those hops, not
-/// the file system, dominate a small file's cost. So plain GETs (no `Range`, no conditional
-/// headers) of files up to [`MAX_CACHED_FILE`] are answered from memory: the cached response is
-/// `ServeDir`'s own (same status, headers and bytes), stored the first time and reused while the
-/// file's identity (device, inode, size, mtime) stays the same, which one `stat` per request
-/// checks. Every other request, and every changed file, goes to `ServeDir`, so HTTP semantics
-/// (ranges, conditional GET, HEAD, redirects, content types) are all tower-http's.
+/// Small files (up to [`MAX_CACHED_FILE`]) are served from memory: the cache is keyed by the
+/// opened fd's device and inode and a hit needs its size, mtime and ctime to match that fd's
+/// `fstat`, so a lookup that a swap redirected finds another inode (or nothing) and never the
+/// cached bytes of a file it did not open. An entry is filled by reading the opened fd once.
 #[derive(Clone)]
 pub struct Confined {
-    root: Arc<PathBuf>,
-    files: ServeDir,
-    cache: Arc<FileCache>,
-}
-
-/// Files larger than this are always read by `ServeDir`.
-pub const MAX_CACHED_FILE: u64 = 256 * 1024;
-/// The most bytes of file content the cache holds.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Keyed by the request's raw path.
-type FileCache = quick_cache::sync::Cache<String, Arc<CachedFile>, ByBytes>;
-
-#[derive(Clone)]
-struct ByBytes;
-
-impl quick_cache::Weighter<String, Arc<CachedFile>> for ByBytes {
-    fn weight(&self, _: &String, file: &Arc<CachedFile>) -> u64 {
-        file.body.len() as u64 + 1
-    }
-}
-
-/// A response `ServeDir` gave for a file, and the file's identity when it did.
-struct CachedFile {
-    /// The request's path below the root, as given (links not resolved): a hit stats it, so a
-    /// link retargeted since leads to another file and misses.
-    lookup: PathBuf,
-    stamp: Stamp,
-    headers: axum::http::HeaderMap,
-    body: bytes::Bytes,
-}
-
-impl CachedFile {
-    /// The response again: status 200, the same headers and bytes.
-    fn response(&self) -> Response<Body> {
-        let mut response = Response::new(Body::from(self.body.clone()));
-        *response.headers_mut() = self.headers.clone();
-        response
-    }
-}
-
-/// What identifies a file's content without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl Stamp {
-    fn of(path: &Path) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
-        Some(Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        })
-    }
-}
-
-/// Where a request path leads.
-enum Resolution {
-    /// Outside the root: refused.
-    Outside,
-    /// A regular file inside the root (for `/dir/`, its index.html): the path as requested
-    /// below the root, and where it leads.
-    File { lookup: PathBuf, real: PathBuf },
-    /// Anything else (missing, a directory without a trailing slash, ...): `ServeDir` decides.
-    Other,
+    files: ServeDir<DefaultServeDirFallback, Beneath>,
 }
 
 impl Confined {
-    pub fn new(root: &Path) -> Confined {
-        // The root itself may be a symlink; what it resolves to is the boundary.
-        let canonical = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
-        Confined {
-            files: ServeDir::new(&canonical).append_index_html_on_directories(true),
-            root: Arc::new(canonical),
+    /// Opens the root (its fd anchors every lookup until this value and its clones are gone).
+    pub fn new(root: &Path) -> io::Result<Confined> {
+        let backend = Beneath {
+            root: Arc::new(Root::open(root)?),
             cache: Arc::new(FileCache::with_weighter(1024, CACHE_BYTES, ByBytes)),
-        }
-    }
-
-    /// Resolves the request's path below the root, symlinks included.
-    fn resolve(&self, uri_path: &str) -> Resolution {
-        let Ok(decoded) = percent_encoding::percent_decode_str(uri_path).decode_utf8() else {
-            return Resolution::Other; // ServeDir rejects it
         };
-        let mut path = (*self.root).clone();
-        for component in Path::new(decoded.trim_start_matches('/')).components() {
-            match component {
-                Component::Normal(part) => path.push(part),
-                Component::CurDir => {}
-                // ServeDir refuses these itself; refusing here too keeps this check whole.
-                _ => return Resolution::Outside,
-            }
-        }
-        // Blocking calls on the runtime: realpath and stat on a cached tree are a few
-        // microseconds, cheaper than a hop to the blocking pool.
-        let real = match std::fs::canonicalize(&path) {
-            Ok(real) if real.starts_with(&*self.root) => real,
-            Ok(_) => return Resolution::Outside,
-            Err(_) => return Resolution::Other,
-        };
-        if !real.is_dir() {
-            return Resolution::File { lookup: path, real };
-        }
-        if !decoded.ends_with('/') {
-            return Resolution::Other; // ServeDir redirects to the slashed path
-        }
-        let lookup = path.join("index.html");
-        match std::fs::canonicalize(&lookup) {
-            Ok(real) if real.starts_with(&*self.root) => Resolution::File { lookup, real },
-            Ok(_) => Resolution::Outside,
-            Err(_) => Resolution::Other,
-        }
+        // The backend resolves paths relative to the root's fd: the base is empty.
+        let files = ServeDir::with_backend("", backend).append_index_html_on_directories(true);
+        Ok(Confined { files })
     }
-}
-
-/// Whether `ServeDir` would answer this request with the whole file, the same every time.
-fn plain_get(request: &Request<Body>) -> bool {
-    request.method() == axum::http::Method::GET
-        && [
-            header::RANGE,
-            header::IF_RANGE,
-            header::IF_MATCH,
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_UNMODIFIED_SINCE,
-        ]
-        .iter()
-        .all(|h| !request.headers().contains_key(h))
-}
-
-fn not_found() -> Response<Body> {
-    let mut response = Response::new(Body::from("Not Found\n"));
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 impl tower::Service<Request<Body>> for Confined {
@@ -354,66 +233,215 @@ impl tower::Service<Request<Body>> for Confined {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let plain = plain_get(&request);
-        if plain {
-            // A hit costs one stat: the requested path still leads to the very file the entry
-            // was made from (same device, inode, size and mtime), which was inside the root
-            // then; a changed file or a retargeted link leads elsewhere and misses.
-            if let Some(hit) = self.cache.get(request.uri().path()) {
-                if Stamp::of(&hit.lookup) == Some(hit.stamp) {
-                    let response = hit.response();
-                    return Box::pin(async move { Ok(response) });
-                }
-            }
-        }
-        let cacheable = match self.resolve(request.uri().path()) {
-            Resolution::Outside => return Box::pin(async { Ok(not_found()) }),
-            Resolution::File { lookup, real } if plain => Stamp::of(&real)
-                .filter(|stamp| stamp.len <= MAX_CACHED_FILE)
-                .map(|stamp| (request.uri().path().to_owned(), lookup, real, stamp)),
-            _ => None,
-        };
-        let files = self.files.clone();
+        let future = self.files.call(request);
+        Box::pin(async move {
+            let Ok(response) = future.await;
+            Ok(response.map(Body::new))
+        })
+    }
+}
+
+/// Files larger than this are always read from disk.
+pub const MAX_CACHED_FILE: u64 = 256 * 1024;
+/// The most bytes of file content the cache holds.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Keyed by device and inode.
+type FileCache = quick_cache::sync::Cache<(u64, u64), Arc<CachedFile>, ByBytes>;
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<(u64, u64), Arc<CachedFile>> for ByBytes {
+    fn weight(&self, _: &(u64, u64), file: &Arc<CachedFile>) -> u64 {
+        file.body.len() as u64 + 1
+    }
+}
+
+/// A file's content, and its `fstat` when it was read.
+struct CachedFile {
+    stat: Stat,
+    body: Bytes,
+}
+
+/// The [`Backend`] of [`Confined`]: every path it is given is relative to the root (the base
+/// of its `ServeDir` is empty) and resolved by [`Root`], beneath the root's fd.
+#[derive(Clone)]
+pub struct Beneath {
+    root: Arc<Root>,
+    cache: Arc<FileCache>,
+}
+
+/// A path that cannot lead to a file below the root is simply not found: outside the root
+/// (`EXDEV`), a symlink loop, a name too long for the file system, a file where a directory
+/// should be, no permission. `ServeDir` answers 404 for `NotFound`, 500 for other errors.
+fn not_found(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(
+            libc::ENOENT
+            | libc::EXDEV
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::ENOTDIR
+            | libc::EACCES
+            | libc::EINVAL,
+        ) => io::ErrorKind::NotFound.into(),
+        _ => e,
+    }
+}
+
+impl Backend for Beneath {
+    type File = Opened;
+    type Metadata = Meta;
+    type OpenFuture = Pin<Box<dyn Future<Output = io::Result<Opened>> + Send>>;
+    type MetadataFuture = std::future::Ready<io::Result<Meta>>;
+
+    fn open(&self, path: PathBuf) -> Self::OpenFuture {
+        // Blocking calls on the runtime: an open and an fstat of a cached tree take a few
+        // microseconds, less than a hop to the blocking pool.
+        let opened = self.root.open_read(&path).map_err(not_found);
         let cache = self.cache.clone();
         Box::pin(async move {
-            let Some((key, lookup, path, stamp)) = cacheable else {
-                let Ok(response) = tower::ServiceExt::oneshot(files, request).await;
-                return Ok(response.map(Body::new));
-            };
-            // One request fills an entry while the others for the same path wait for it: a new
-            // generation starts with an empty cache, and all its clients arrive at once.
-            cache.remove_if(key.as_str(), |old| old.stamp != stamp);
-            let guard = match cache.get_value_or_guard_async(key.as_str()).await {
-                Ok(hit) if hit.stamp == stamp => return Ok(hit.response()),
-                // Filled from another version of the file meanwhile: ServeDir answers.
-                Ok(_) => None,
-                Err(guard) => Some(guard),
-            };
-            let Ok(response) = tower::ServiceExt::oneshot(files, request).await;
-            let Some(guard) = guard.filter(|_| response.status() == StatusCode::OK) else {
-                return Ok(response.map(Body::new));
-            };
-            let (parts, body) = response.into_parts();
-            let bytes = match http_body_util::BodyExt::collect(body).await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "cannot read {}: {e}", path.display());
-                    let mut response = Response::new(Body::from("Internal Server Error\n"));
-                    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    return Ok(response);
-                }
-            };
-            // Only what was read from an unchanged file may be reused; otherwise the guard
-            // goes unfilled and the next request tries again.
-            if bytes.len() as u64 == stamp.len && Stamp::of(&lookup) == Some(stamp) {
-                let _ = guard.insert(Arc::new(CachedFile {
-                    lookup,
-                    stamp,
-                    headers: parts.headers.clone(),
-                    body: bytes.clone(),
-                }));
+            let (file, stat) = opened?;
+            if stat.kind != Kind::File {
+                return Err(io::ErrorKind::NotFound.into());
             }
-            Ok(Response::from_parts(parts, Body::from(bytes)))
+            if stat.len > MAX_CACHED_FILE {
+                return Ok(Opened::disk(file, stat));
+            }
+            let key = (stat.dev, stat.ino);
+            if let Some(hit) = cache.get(&key).filter(|hit| hit.stat == stat) {
+                return Ok(Opened::memory(hit.body.clone(), stat));
+            }
+            // One request fills an entry while the others for the same file wait for it: a new
+            // generation starts with an empty cache, and all its clients arrive at once.
+            cache.remove_if(&key, |old| old.stat != stat);
+            let guard = match cache.get_value_or_guard_async(&key).await {
+                Ok(hit) if hit.stat == stat => return Ok(Opened::memory(hit.body.clone(), stat)),
+                // Filled from another version of the file meanwhile.
+                Ok(_) => return Ok(Opened::disk(file, stat)),
+                Err(guard) => guard,
+            };
+            let (file, read) = tokio::task::spawn_blocking(move || {
+                let read = read_whole(&file, stat);
+                (file, read)
+            })
+            .await
+            .map_err(io::Error::other)?;
+            match read? {
+                Some(body) => {
+                    let _ = guard.insert(Arc::new(CachedFile {
+                        stat,
+                        body: body.clone(),
+                    }));
+                    Ok(Opened::memory(body, stat))
+                }
+                // Changed while being read: served from the fd, as any other file.
+                None => Ok(Opened::disk(file, stat)),
+            }
         })
+    }
+
+    fn metadata(&self, path: PathBuf) -> Self::MetadataFuture {
+        std::future::ready(match self.root.stat(&path).map_err(not_found) {
+            Ok(stat) if stat.kind == Kind::Other => Err(io::ErrorKind::NotFound.into()),
+            result => result.map(Meta),
+        })
+    }
+}
+
+/// The whole content of `file` if it still matches `stat` once read; `None` (and the file
+/// rewound) if it changed meanwhile.
+fn read_whole(file: &std::fs::File, stat: Stat) -> io::Result<Option<Bytes>> {
+    use std::io::{Read, Seek};
+    let mut body = Vec::with_capacity(stat.len as usize + 1);
+    let mut reader = file;
+    reader.take(stat.len + 1).read_to_end(&mut body)?;
+    if body.len() as u64 == stat.len && Stat::of(file.as_fd())? == stat {
+        return Ok(Some(body.into()));
+    }
+    reader.rewind()?;
+    Ok(None)
+}
+
+/// What [`Beneath`] says about a file: its `fstat`.
+pub struct Meta(Stat);
+
+impl Metadata for Meta {
+    fn is_dir(&self) -> bool {
+        self.0.kind == Kind::Dir
+    }
+
+    fn modified(&self) -> io::Result<std::time::SystemTime> {
+        Ok(self.0.modified())
+    }
+
+    fn len(&self) -> u64 {
+        self.0.len
+    }
+}
+
+/// A file [`Beneath`] opened: read from the fd, or its content from the cache.
+pub struct Opened {
+    content: Content,
+    stat: Stat,
+}
+
+enum Content {
+    Disk(tokio::fs::File),
+    Memory(std::io::Cursor<Bytes>),
+}
+
+impl Opened {
+    fn disk(file: std::fs::File, stat: Stat) -> Opened {
+        Opened {
+            content: Content::Disk(tokio::fs::File::from_std(file)),
+            stat,
+        }
+    }
+
+    fn memory(body: Bytes, stat: Stat) -> Opened {
+        Opened {
+            content: Content::Memory(std::io::Cursor::new(body)),
+            stat,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Opened {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.content {
+            Content::Disk(file) => Pin::new(file).poll_read(cx, buf),
+            Content::Memory(bytes) => Pin::new(bytes).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncSeek for Opened {
+    fn start_seek(mut self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        match &mut self.content {
+            Content::Disk(file) => Pin::new(file).start_seek(position),
+            Content::Memory(bytes) => Pin::new(bytes).start_seek(position),
+        }
+    }
+
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        match &mut self.content {
+            Content::Disk(file) => Pin::new(file).poll_complete(cx),
+            Content::Memory(bytes) => Pin::new(bytes).poll_complete(cx),
+        }
+    }
+}
+
+impl File for Opened {
+    type Metadata = Meta;
+    type MetadataFuture<'a> = std::future::Ready<io::Result<Meta>>;
+
+    fn metadata(&self) -> Self::MetadataFuture<'_> {
+        std::future::ready(Ok(Meta(self.stat)))
     }
 }
