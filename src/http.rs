@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, Request, Response};
+use axum::http::{header, HeaderValue, Request, Response};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -205,9 +205,15 @@ fn escape(s: &str) -> String {
 /// opened fd's device and inode and a hit needs its size, mtime and ctime to match that fd's
 /// `fstat`, so a lookup that a swap redirected finds another inode (or nothing) and never the
 /// cached bytes of a file it did not open. An entry is filled by reading the opened fd once.
+///
+/// `ServeDir` costs several microseconds a request beyond the open (about half of a small
+/// file's whole cost), so a plain GET (no range, no conditions) of a small file skips it: the
+/// same open beneath the root, then the cached bytes with the headers `ServeDir` would send
+/// (a test compares the two). Anything else, or a file that is not small, goes to `ServeDir`.
 #[derive(Clone)]
 pub struct Confined {
     files: ServeDir<DefaultServeDirFallback, Beneath>,
+    backend: Beneath,
 }
 
 impl Confined {
@@ -218,9 +224,85 @@ impl Confined {
             cache: Arc::new(FileCache::with_weighter(1024, CACHE_BYTES, ByBytes)),
         };
         // The backend resolves paths relative to the root's fd: the base is empty.
-        let files = ServeDir::with_backend("", backend).append_index_html_on_directories(true);
-        Ok(Confined { files })
+        let files =
+            ServeDir::with_backend("", backend.clone()).append_index_html_on_directories(true);
+        Ok(Confined { files, backend })
     }
+
+    /// The answer to a plain GET of a small regular file, from the cache (filled if need be);
+    /// anything else comes back to go to `ServeDir`.
+    #[allow(clippy::result_large_err)] // the request going back by value, not an error
+    fn plain(&self, request: Request<Body>) -> Result<AppFuture, Request<Body>> {
+        if !plain_get(&request) {
+            return Err(request);
+        }
+        let uri_path = request.uri().path();
+        let Some(mut path) = below_root(uri_path) else {
+            return Err(request);
+        };
+        if uri_path.ends_with('/') {
+            path.push("index.html");
+        }
+        let (file, stat) = match self.backend.root.open_read(&path) {
+            Ok((file, stat)) if stat.kind == Kind::File && stat.len <= MAX_CACHED_FILE => {
+                (file, stat)
+            }
+            _ => return Err(request),
+        };
+        let content_type = mime_guess::from_path(&path).first_raw().map_or(
+            HeaderValue::from_static("application/octet-stream"),
+            HeaderValue::from_static,
+        );
+        if let Some(hit) = self.backend.cache.get(&(stat.dev, stat.ino)) {
+            if hit.stat == stat {
+                return Ok(Box::pin(std::future::ready(hit.response(content_type))));
+            }
+        }
+        let backend = self.backend.clone();
+        let mut files = self.files.clone();
+        Ok(Box::pin(async move {
+            match backend.load(file, stat).await {
+                Ok(Ok(cached)) => cached.response(content_type),
+                // Changed while being read, or unreadable: ServeDir decides.
+                _ => {
+                    let Ok(response) = tower::Service::call(&mut files, request).await;
+                    response.map(Body::new)
+                }
+            }
+        }))
+    }
+}
+
+/// The path below the root that `ServeDir` makes of a request path (percent-decoded; `.`
+/// dropped; `None` for `..` and anything else it refuses).
+fn below_root(uri_path: &str) -> Option<PathBuf> {
+    let decoded = percent_encoding::percent_decode_str(uri_path.trim_start_matches('/'))
+        .decode_utf8()
+        .ok()?;
+    let mut path = PathBuf::new();
+    for component in Path::new(&*decoded).components() {
+        match component {
+            std::path::Component::Normal(part) => path.push(part),
+            std::path::Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(path)
+}
+
+/// Whether the answer is the whole file, the same every time.
+fn plain_get(request: &Request<Body>) -> bool {
+    request.method() == axum::http::Method::GET
+        && [
+            header::RANGE,
+            header::IF_RANGE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_UNMODIFIED_SINCE,
+        ]
+        .iter()
+        .all(|h| !request.headers().contains_key(h))
 }
 
 impl tower::Service<Request<Body>> for Confined {
@@ -233,6 +315,10 @@ impl tower::Service<Request<Body>> for Confined {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let request = match self.plain(request) {
+            Ok(answer) => return Box::pin(async move { Ok(answer.await) }),
+            Err(request) => request,
+        };
         let future = self.files.call(request);
         Box::pin(async move {
             let Ok(response) = future.await;
@@ -262,6 +348,49 @@ impl quick_cache::Weighter<(u64, u64), Arc<CachedFile>> for ByBytes {
 struct CachedFile {
     stat: Stat,
     body: Bytes,
+    /// `Last-Modified` and `ETag` as `ServeDir` writes them.
+    last_modified: HeaderValue,
+    etag: Option<HeaderValue>,
+}
+
+impl CachedFile {
+    fn new(stat: Stat, body: Bytes) -> CachedFile {
+        let modified = stat.modified();
+        let etag = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|since| {
+                let tag = format!(
+                    "\"{:x}.{:08x}-{:x}\"",
+                    since.as_secs(),
+                    since.subsec_nanos(),
+                    stat.len
+                );
+                HeaderValue::from_str(&tag).ok()
+            });
+        let last_modified = httpdate::HttpDate::from(modified).to_string();
+        CachedFile {
+            stat,
+            body,
+            last_modified: HeaderValue::from_str(&last_modified)
+                .unwrap_or(HeaderValue::from_static("")),
+            etag,
+        }
+    }
+
+    /// The 200 `ServeDir` gives for the whole file: same headers, same order.
+    fn response(&self, content_type: HeaderValue) -> Response<Body> {
+        let mut response = Response::new(Body::from(self.body.clone()));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, content_type);
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        headers.insert(header::LAST_MODIFIED, self.last_modified.clone());
+        if let Some(etag) = &self.etag {
+            headers.insert(header::ETAG, etag.clone());
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        response
+    }
 }
 
 /// The [`Backend`] of [`Confined`]: every path it is given is relative to the root (the base
@@ -300,7 +429,7 @@ impl Backend for Beneath {
         // Blocking calls on the runtime: an open and an fstat of a cached tree take a few
         // microseconds, less than a hop to the blocking pool.
         let opened = self.root.open_read(&path).map_err(not_found);
-        let cache = self.cache.clone();
+        let backend = self.clone();
         Box::pin(async move {
             let (file, stat) = opened?;
             if stat.kind != Kind::File {
@@ -309,36 +438,10 @@ impl Backend for Beneath {
             if stat.len > MAX_CACHED_FILE {
                 return Ok(Opened::disk(file, stat));
             }
-            let key = (stat.dev, stat.ino);
-            if let Some(hit) = cache.get(&key).filter(|hit| hit.stat == stat) {
-                return Ok(Opened::memory(hit.body.clone(), stat));
-            }
-            // One request fills an entry while the others for the same file wait for it: a new
-            // generation starts with an empty cache, and all its clients arrive at once.
-            cache.remove_if(&key, |old| old.stat != stat);
-            let guard = match cache.get_value_or_guard_async(&key).await {
-                Ok(hit) if hit.stat == stat => return Ok(Opened::memory(hit.body.clone(), stat)),
-                // Filled from another version of the file meanwhile.
-                Ok(_) => return Ok(Opened::disk(file, stat)),
-                Err(guard) => guard,
-            };
-            let (file, read) = tokio::task::spawn_blocking(move || {
-                let read = read_whole(&file, stat);
-                (file, read)
+            Ok(match backend.load(file, stat).await? {
+                Ok(cached) => Opened::memory(cached.body.clone(), stat),
+                Err(file) => Opened::disk(file, stat),
             })
-            .await
-            .map_err(io::Error::other)?;
-            match read? {
-                Some(body) => {
-                    let _ = guard.insert(Arc::new(CachedFile {
-                        stat,
-                        body: body.clone(),
-                    }));
-                    Ok(Opened::memory(body, stat))
-                }
-                // Changed while being read: served from the fd, as any other file.
-                None => Ok(Opened::disk(file, stat)),
-            }
         })
     }
 
@@ -346,6 +449,45 @@ impl Backend for Beneath {
         std::future::ready(match self.root.stat(&path).map_err(not_found) {
             Ok(stat) if stat.kind == Kind::Other => Err(io::ErrorKind::NotFound.into()),
             result => result.map(Meta),
+        })
+    }
+}
+
+impl Beneath {
+    /// The cached content of a small regular file just opened (`stat` is its `fstat`): from
+    /// the cache if an entry matches it, else read from `file` and cached. The file back if it
+    /// changed while being read, or another version was cached meanwhile.
+    async fn load(
+        &self,
+        file: std::fs::File,
+        stat: Stat,
+    ) -> io::Result<Result<Arc<CachedFile>, std::fs::File>> {
+        let cache = &self.cache;
+        let key = (stat.dev, stat.ino);
+        if let Some(hit) = cache.get(&key).filter(|hit| hit.stat == stat) {
+            return Ok(Ok(hit));
+        }
+        // One request fills an entry while the others for the same file wait for it: a new
+        // generation starts with an empty cache, and all its clients arrive at once.
+        cache.remove_if(&key, |old| old.stat != stat);
+        let guard = match cache.get_value_or_guard_async(&key).await {
+            Ok(hit) if hit.stat == stat => return Ok(Ok(hit)),
+            Ok(_) => return Ok(Err(file)),
+            Err(guard) => guard,
+        };
+        let (file, read) = tokio::task::spawn_blocking(move || {
+            let read = read_whole(&file, stat);
+            (file, read)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        Ok(match read? {
+            Some(body) => {
+                let cached = Arc::new(CachedFile::new(stat, body));
+                let _ = guard.insert(cached.clone());
+                Ok(cached)
+            }
+            None => Err(file),
         })
     }
 }
@@ -443,5 +585,77 @@ impl File for Opened {
 
     fn metadata(&self) -> Self::MetadataFuture<'_> {
         std::future::ready(Ok(Meta(self.stat)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    type Answer = (StatusCode, Vec<(String, Vec<u8>)>, Bytes);
+
+    /// A whole response: status, headers in order, body.
+    async fn answer(response: Response<Body>) -> Answer {
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, headers, body)
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    /// The cached answers to plain GETs are byte for byte what tower-http's own `ServeDir`
+    /// gives for the same files.
+    #[test]
+    fn cached_answers_are_serve_dirs() {
+        let dir = std::env::temp_dir().join(format!("baton-http-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("index.html"), "<p>home</p>").unwrap();
+        std::fs::write(dir.join("sub/index.html"), "sub").unwrap();
+        std::fs::write(dir.join("style.css"), "body{}").unwrap();
+        std::fs::write(dir.join("data.unknown-ext"), [0u8, 1, 2]).unwrap();
+        std::fs::write(dir.join("empty.txt"), "").unwrap();
+        std::os::unix::fs::symlink("style.css", dir.join("link.js")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let confined = Confined::new(&dir).unwrap();
+            let reference = ServeDir::new(&dir).append_index_html_on_directories(true);
+            for path in [
+                "/",
+                "/index.html",
+                "/sub/",
+                "/style.css",
+                "/data.unknown-ext",
+                "/empty.txt",
+                "/link.js",
+                "/%73tyle.css",
+            ] {
+                let Ok(want) = tower::ServiceExt::oneshot(reference.clone(), get(path)).await;
+                let want = answer(want.map(Body::new)).await;
+                assert_eq!(want.0, StatusCode::OK, "{path}");
+                // The miss that fills the cache, then the hit.
+                for _ in 0..2 {
+                    let Ok(got) = tower::ServiceExt::oneshot(confined.clone(), get(path)).await;
+                    assert_eq!(answer(got).await, want, "{path}");
+                }
+            }
+            // Five files: the link shares its target's entry.
+            assert_eq!(confined.backend.cache.len(), 5);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
