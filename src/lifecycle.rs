@@ -341,11 +341,6 @@ impl Generation {
         let info = Arc::new(Info::current(generation, listener_names.clone()));
         let metrics = Arc::new(Metrics::new(generation, process.started));
         metrics.set_upgrades(process.counts);
-        let app = http::App::new(
-            info.clone(),
-            metrics.clone(),
-            process.config.root.as_deref(),
-        );
         let settings = server::Settings {
             limits: process.config.limits,
             idle_grace: process.config.shutdown.idle_grace,
@@ -354,12 +349,17 @@ impl Generation {
         let parts = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
             let control = control::listen()?;
+            let root = process.config.root.as_deref();
+            let app = http::App::new(info.clone(), metrics.clone(), root).with_context(|| {
+                let root = root.map(|r| r.display().to_string());
+                format!("cannot open the root {}", root.unwrap_or_default())
+            })?;
             let server = Server::new(process.listeners, app.clone(), metrics.clone(), settings)
                 .context("cannot serve the listeners")?;
-            anyhow::Ok((signals, control, server))
+            anyhow::Ok((signals, control, app, server))
         }
         .await;
-        let (mut signals, control, mut server) = match parts {
+        let (mut signals, control, app, mut server) = match parts {
             Ok(parts) => parts,
             Err(e) => return Err((e, handshake, readiness)),
         };

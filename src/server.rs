@@ -797,7 +797,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 std::time::Instant::now(),
             )
         });
-        let response = shared.app.call(request.map(axum::body::Body::new));
+        let response: crate::http::AppFuture = match host_error(&request) {
+            Some(reason) => Box::pin(std::future::ready(bad_request(reason))),
+            None => shared.app.call(request.map(axum::body::Body::new)),
+        };
         Box::pin(async move {
             let mut response = response.await;
             let status = response.status().as_u16();
@@ -820,4 +823,38 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             Ok(response.map(|inner| TrackedBody { inner, _done: done }))
         })
     }
+}
+
+/// Why a request's `Host` header makes it a bad request (RFC 9112 section 3.2): an HTTP/1.1
+/// request without one, any request with more than one, or a value that is no `host[:port]`
+/// (empty is allowed: a request target without authority).
+fn host_error<B>(request: &Request<B>) -> Option<&'static str> {
+    let mut hosts = request.headers().get_all(hyper::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if request.version() >= hyper::Version::HTTP_11 => {
+            Some("Bad Request: HTTP/1.1 needs a Host header\n")
+        }
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("Bad Request: more than one Host header\n"),
+        (Some(host), None) => {
+            let valid = host.is_empty()
+                || (!host.as_bytes().contains(&b'@')
+                    && hyper::http::uri::Authority::try_from(host.as_bytes()).is_ok());
+            (!valid).then_some("Bad Request: the Host header is not a host\n")
+        }
+    }
+}
+
+/// 400 with a short reason, closing the connection: a client this confused about the request
+/// is not worth keeping.
+fn bad_request(reason: &'static str) -> Response<axum::body::Body> {
+    let mut response = Response::new(axum::body::Body::from(reason));
+    *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }

@@ -470,6 +470,165 @@ fn nothing_outside_the_root_is_reachable() {
     }
 }
 
+/// A path swapped back and forth between a regular file and a symlink to a secret outside the
+/// root (rename(2) over it, as someone who may write inside the root can) never yields the
+/// secret, whatever the request: plain GET (the cache), Range, If-None-Match.
+#[test]
+fn a_symlink_swapped_in_mid_request_never_leaks_outside_the_root() {
+    const SIZE: usize = 2048;
+    const REQUESTS: usize = 6000;
+    let outside = TempDir::new("race-outside");
+    let secret: Vec<u8> = b"TOPSECRET-".iter().copied().cycle().take(SIZE).collect();
+    std::fs::write(outside.join("secret"), &secret).unwrap();
+    let root = TempDir::new("race");
+    let public: Vec<u8> = b"public-ok-".iter().copied().cycle().take(SIZE).collect();
+    std::fs::write(root.join("public"), &public).unwrap();
+    std::fs::copy(root.join("public"), root.join("swap")).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    assert_eq!(http::get(addr, "/swap").unwrap().body, public);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swaps = Arc::new(AtomicUsize::new(0));
+    let swapper = {
+        let (stop, swaps) = (stop.clone(), swaps.clone());
+        let (root, secret) = (root.path().to_owned(), outside.join("secret"));
+        std::thread::spawn(move || {
+            let (file, link, swap) = (root.join("f.tmp"), root.join("l.tmp"), root.join("swap"));
+            while !stop.load(Ordering::SeqCst) {
+                std::fs::hard_link(root.join("public"), &file).unwrap();
+                std::fs::rename(&file, &swap).unwrap();
+                symlink(&secret, &link).unwrap();
+                std::fs::rename(&link, &swap).unwrap();
+                swaps.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let (mut served, mut missing, mut leaked) = (0, 0, 0);
+                let mut conn = Conn::tcp(addr).unwrap();
+                loop {
+                    let n = sent.fetch_add(1, Ordering::SeqCst);
+                    if n >= REQUESTS || Instant::now() > deadline {
+                        return (served, missing, leaked);
+                    }
+                    let headers: &[(&str, &str)] = match n % 3 {
+                        0 => &[],
+                        1 => &[("Range", "bytes=0-99")],
+                        _ => &[("If-None-Match", "\"nope\"")],
+                    };
+                    let r = conn.request("GET", "/swap", headers).unwrap();
+                    if r.body.windows(9).any(|w| w == b"TOPSECRET") {
+                        leaked += 1;
+                    }
+                    match r.status {
+                        200 | 206 => served += 1,
+                        404 => missing += 1,
+                        status => panic!("status {status}: {}", r.text()),
+                    }
+                    if r.closes() {
+                        conn = Conn::tcp(addr).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut served, mut missing, mut leaked) = (0, 0, 0);
+    for client in clients {
+        let (s, m, l) = client.join().unwrap();
+        (served, missing, leaked) = (served + s, missing + m, leaked + l);
+    }
+    stop.store(true, Ordering::SeqCst);
+    swapper.join().unwrap();
+    let swaps = swaps.load(Ordering::SeqCst);
+    eprintln!("{served} served, {missing} not found, {leaked} leaked; {swaps} swaps");
+    assert_eq!(
+        leaked,
+        0,
+        "the secret leaked in {leaked} of {} responses",
+        served + missing
+    );
+    // The race was on: both states of the path were seen, and thousands of requests ran.
+    assert!(
+        served > 0 && missing > 0,
+        "{served} served, {missing} not found"
+    );
+    assert!(
+        served + missing >= 1000,
+        "only {} requests",
+        served + missing
+    );
+}
+
+// ---------------------------------------------------------------- HTTP framing ----
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without Host, or any request with two, is 400.
+#[test]
+fn host_header_missing_or_repeated_is_400() {
+    let (_baton, addr) = start(&[]);
+    let raw = |head: &str| {
+        let mut conn = Conn::tcp(addr).unwrap();
+        conn.write_raw(head.as_bytes()).unwrap();
+        conn.read_response(false).unwrap()
+    };
+    for head in [
+        "GET /-/healthy HTTP/1.1\r\n\r\n",
+        "GET /-/healthy HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET /-/healthy HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+        "GET /-/healthy HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    ] {
+        let r = raw(head);
+        assert_eq!(r.status, 400, "{head:?}: {}", r.text());
+        assert!(!r.text().is_empty(), "{head:?}: a short body says why");
+    }
+    for head in [
+        "GET /-/healthy HTTP/1.0\r\n\r\n",
+        "GET /-/healthy HTTP/1.1\r\nHost: example.org:8080\r\n\r\n",
+        "GET /-/healthy HTTP/1.1\r\nHost:\r\n\r\n",
+        "GET /-/healthy HTTP/1.1\r\nhost: [::1]\r\n\r\n",
+    ] {
+        assert_eq!(raw(head).status, 200, "{head:?}");
+    }
+    let m = http::get(addr, "/-/metrics").unwrap().text();
+    assert!(
+        m.contains("baton_http_requests_total{class=\"4xx\"} 5"),
+        "{m}"
+    );
+}
+
+/// A name longer than the file system allows cannot exist: 404, counted as a client error.
+#[test]
+fn a_path_segment_too_long_for_the_file_system_is_404() {
+    let root = TempDir::new("long");
+    std::fs::write(root.join("a"), "a").unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    let long = "x".repeat(300);
+    for path in [
+        format!("/{long}"),
+        format!("/{long}/a"),
+        format!("/a/{long}"),
+        format!("/{}", ["y"; 3000].join("/")),
+    ] {
+        let r = http::get(addr, &path).unwrap();
+        assert_eq!(r.status, 404, "{}", &path[..20]);
+    }
+    let mut conn = Conn::tcp(addr).unwrap();
+    let r = conn.request("HEAD", &format!("/{long}"), &[]).unwrap();
+    assert_eq!(r.status, 404);
+    let m = http::get(addr, "/-/metrics").unwrap().text();
+    assert!(
+        m.contains("baton_http_requests_total{class=\"4xx\"} 5"),
+        "{m}"
+    );
+    let server_errors = m.lines().find(|l| l.contains("class=\"5xx\""));
+    assert!(server_errors.is_none_or(|l| l.ends_with(" 0")), "{m}");
+}
+
 // ---------------------------------------------------------------- command line ----
 
 #[test]
