@@ -243,10 +243,12 @@ impl Confined {
         if uri_path.ends_with('/') {
             path.push("index.html");
         }
-        let (file, stat) = match self.backend.root.open_read(&path) {
-            Ok((file, stat)) if stat.kind == Kind::File && stat.len <= MAX_CACHED_FILE => {
-                (file, stat)
-            }
+        // A hit needs no readable fd: the inode the path leads to (an O_PATH open beneath the
+        // root, cheaper than a read open) is compared with the entry, which was filled by
+        // reading an fd of that very inode.
+        let small_file = |stat: &Stat| stat.kind == Kind::File && stat.len <= MAX_CACHED_FILE;
+        let stat = match self.backend.root.stat(&path) {
+            Ok(stat) if small_file(&stat) => stat,
             _ => return Err(request),
         };
         let content_type = mime_guess::from_path(&path).first_raw().map_or(
@@ -258,6 +260,12 @@ impl Confined {
                 return Ok(Box::pin(std::future::ready(hit.response(content_type))));
             }
         }
+        // A miss: what is read and cached is what this open finds (it may be another inode
+        // than the one just looked at, if the path was swapped meanwhile).
+        let (file, stat) = match self.backend.root.open_read(&path) {
+            Ok((file, stat)) if small_file(&stat) => (file, stat),
+            _ => return Err(request),
+        };
         let backend = self.backend.clone();
         let mut files = self.files.clone();
         Ok(Box::pin(async move {
