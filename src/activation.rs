@@ -10,17 +10,24 @@
 //! stream socket of a family baton can serve), matches the fds to the configured listeners by
 //! name, and binds the configured listeners that were not handed over.
 //!
-//! Matching rules:
+//! Matching rules (the same at a fresh start and at an upgrade, where the new generation reads
+//! its configuration afresh):
 //! - an fd named like a configured listener serves that listener; several fds may share a name
-//!   (e.g. an IPv4 and an IPv6 `ListenStream=` in one socket unit);
+//!   (e.g. an IPv4 and an IPv6 `ListenStream=` in one socket unit). A socket unit's socket cannot
+//!   change here: when the configuration gives that listener another address, the socket is
+//!   served all the same and a one-line warning names the unit setting to change instead;
 //! - with a single configured listener, fds without a name of their own (no `LISTEN_FDNAMES`,
 //!   an empty name, or the default `*.socket` name) serve it;
+//! - a socket unit's fd of another name serves the listener configured with its very address
+//!   (a renamed listener);
 //! - an fd named `bound/NAME` is a listener baton bound itself, kept in systemd's fd store or
-//!   handed over by the previous generation ([`crate::fdstore`]): it serves the listener
-//!   `NAME`, unless a socket unit's fd serves that listener too; one whose listener is no longer
-//!   configured (or is served by a socket unit now, or is no listening socket) is closed and
-//!   noted for removal from the store ([`crate::fdstore::remove_later`]) instead of failing the
-//!   start;
+//!   handed over by the previous generation ([`crate::fdstore`]): it serves the listener `NAME`
+//!   while that listener's address is still the socket's, else the listener configured with
+//!   its very address (renamed); unless a socket unit's fd serves that listener. One that
+//!   serves no listener (removed, moved to another address, served by a socket unit now, or no
+//!   listening socket) is closed at once and noted for removal from the store
+//!   ([`crate::fdstore::remove_later`]); during an upgrade the old generation still holds its
+//!   copy, which goes when it exits (or serves again after a rollback);
 //! - any other fd is an error: it would otherwise sit unserved;
 //! - a configured listener with no fd is bound from its address.
 //!
@@ -41,13 +48,44 @@ use nix::sys::stat::{fstat, SFlag};
 use crate::config::{ListenAddress, ListenSpec};
 use crate::fdstore;
 
+/// The socket units the fds came from, as one generation tells the next: one entry per fd,
+/// separated by `/` (which no unit name contains), empty when unknown or bound by baton.
+pub const SOCKET_UNITS_ENV: &str = "BATON_SOCKET_UNITS";
+
 /// The environment variables of the protocol; all are removed once read.
-const LISTEN_VARS: [&str; 4] = [
+const LISTEN_VARS: [&str; 5] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
+    SOCKET_UNITS_ENV,
 ];
+
+/// Warnings about the sockets found at start, logged (and told to the old generation during an
+/// upgrade) once logging is set up: see [`take_warnings`].
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn warn_later(message: String) {
+    let mut warnings = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
+    if !warnings.contains(&message) {
+        warnings.push(message);
+    }
+}
+
+/// The warnings [`resolve`] found (each one line), once.
+pub fn take_warnings() -> Vec<String> {
+    std::mem::take(&mut *WARNINGS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The one-line warning for a listener whose configured address differs from the address of
+/// the socket a socket unit passes for it: baton cannot change that socket.
+pub fn unit_address_warning(listener: &str, unit: Option<&str>, have: &str, want: &str) -> String {
+    format!(
+        "listener {listener}: the address comes from {} (ListenStream=); change it there \
+         (it listens on {have}, the configuration says {want}, which is not used)",
+        unit.unwrap_or("its socket unit")
+    )
+}
 
 /// The backlog for sockets baton binds itself (systemd's default for socket units is 4096;
 /// the kernel caps it at net.core.somaxconn).
@@ -58,6 +96,9 @@ const BACKLOG: i32 = 4096;
 pub struct ActivatedFd {
     pub fd: OwnedFd,
     pub name: String,
+    /// The socket unit it came from, when known: its fd name when that is a unit name
+    /// (`baton.socket`), or what the previous generation said ([`SOCKET_UNITS_ENV`]).
+    pub unit: Option<String>,
 }
 
 /// A listening socket ready to serve.
@@ -71,6 +112,8 @@ pub struct Listener {
     /// Bound by baton (here, or by an earlier process and kept in the fd store or handed over
     /// as `bound/NAME`), not by a socket unit: it belongs in systemd's fd store.
     pub self_bound: bool,
+    /// For a socket unit's socket, the unit's name when known (for messages).
+    pub unit: Option<String>,
 }
 
 impl Listener {
@@ -121,6 +164,7 @@ impl Listener {
             },
             activated_fd: None,
             self_bound: self.self_bound,
+            unit: self.unit.clone(),
         })
     }
 }
@@ -173,6 +217,8 @@ fn error<T>(msg: impl Into<String>) -> Result<T, ActivationError> {
 pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
     let raw = |name| std::env::var(name).unwrap_or_default();
     let (pid, count, names) = (raw("LISTEN_PID"), raw("LISTEN_FDS"), raw("LISTEN_FDNAMES"));
+    let units = raw(SOCKET_UNITS_ENV);
+    let mut units = units.split('/').map(str::to_owned);
     let result = sd_notify::listen_fds_with_names();
     for var in LISTEN_VARS {
         // SAFETY (of the contract above): no other thread reads the environment yet.
@@ -208,7 +254,11 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
         } else {
             name
         };
-        Ok(ActivatedFd { fd, name })
+        let unit = match units.next().filter(|u| !u.is_empty()) {
+            Some(unit) => Some(unit),
+            None => name.ends_with(".socket").then(|| name.clone()),
+        };
+        Ok(ActivatedFd { fd, name, unit })
     })
     .collect()
 }
@@ -216,7 +266,8 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
 /// Checks the activated fds, matches them to `specs`, and binds the specs left over.
 ///
 /// Stale stored fds (see the module docs) are closed here and noted for removal from systemd's
-/// fd store.
+/// fd store; a stored fd kept under another listener's name is noted too, so that the store
+/// holds it under its new name only.
 pub fn resolve(
     specs: &[ListenSpec],
     activated: Vec<ActivatedFd>,
@@ -233,17 +284,32 @@ pub fn resolve(
                     .map_err(|e| ActivationError(format!("listener {spec}: {e}")))?,
                 activated_fd: None,
                 self_bound: true,
+                unit: None,
             });
         }
     }
     Ok(listeners)
 }
 
-/// A stored fd that serves no listener: its name, the fd number it had, and why.
+/// A stored fd that serves no listener (or serves one under a new name): its name, the fd
+/// number it had, and why.
 type Stale = (String, RawFd, String);
+
+/// Whether `spec` is the built-in listener (no `listen` configured): a socket unit's address
+/// then differs from it by design, which is no reason to warn.
+fn is_builtin(spec: &ListenSpec) -> bool {
+    crate::config::Config::default().listeners.first() == Some(spec)
+}
 
 /// Matches the activated fds to `specs`: the listeners they serve, and the stored fds that serve
 /// none (closed already).
+///
+/// A socket unit's fd serves the listener of its name (its address cannot change here: a
+/// configured address that differs is warned about), else, with a single listener, an unnamed
+/// one serves it, else it serves the listener configured with its very address (renamed).
+/// A stored (self-bound) fd serves the listener configured with its address, preferably one of
+/// its own name (renamed, or addresses swapped between listeners); one whose listener now
+/// has another address, or is gone, is stale: closed here, and the listener is bound afresh.
 fn match_fds(
     specs: &[ListenSpec],
     activated: Vec<ActivatedFd>,
@@ -263,85 +329,235 @@ fn match_fds(
     let (stored, unit): (Vec<_>, Vec<_>) = activated
         .into_iter()
         .partition(|a| fdstore::listener_of(&a.name).is_some());
-    let mut listeners = Vec::new();
-    for ActivatedFd { fd, name } in unit {
+    let mut listeners: Vec<Listener> = Vec::new();
+    let mut unnamed = Vec::new();
+    for ActivatedFd { fd, name, unit } in unit {
         let raw = fd.as_raw_fd();
-        let target = match specs.iter().find(|s| s.name == name) {
-            Some(spec) => spec.name.as_str(),
-            None => match single {
-                Some(only) if name.is_empty() || name.ends_with(".socket") => only,
-                _ => {
+        match specs.iter().find(|s| s.name == name) {
+            Some(spec) => listeners.push(Listener {
+                name: spec.name.clone(),
+                socket: check_fd(fd, &name)?,
+                activated_fd: Some(raw),
+                self_bound: false,
+                unit,
+            }),
+            None => unnamed.push((check_fd(fd, &name)?, raw, name, unit)),
+        }
+    }
+    for (socket, raw, name, unit) in unnamed {
+        let target = match single {
+            // A unit known by name had its fd named after it (then renamed by a handover).
+            Some(only) if name.is_empty() || name.ends_with(".socket") || unit.is_some() => only,
+            _ => match specs.iter().find(|s| {
+                has_port(&s.address)
+                    && same_address(&socket, &s.address)
+                    && !listeners.iter().any(|l| l.name == s.name)
+            }) {
+                Some(spec) => spec.name.as_str(),
+                None => {
                     return error(format!(
                         "socket activation: fd {raw} is named '{name}' but no listener has that name \
-                         (configured: {}); add --listen {name}=ADDR or set FileDescriptorName= to one of them",
-                        configured()
+                         (configured: {}); add --listen {name}=ADDR or set FileDescriptorName= to one of them; \
+                         it listens on {}: to drop it, remove it from {} (ListenStream=)",
+                        configured(),
+                        socket.local_address(),
+                        unit.as_deref().unwrap_or("its socket unit")
                     ))
                 }
             },
         };
-        let socket = check_fd(fd, &name)?;
         listeners.push(Listener {
             name: target.to_owned(),
             socket,
             activated_fd: Some(raw),
             self_bound: false,
+            unit,
         });
     }
+    // A socket unit's sockets cannot change here: say where to change them.
+    for spec in specs.iter().filter(|s| !is_builtin(s)) {
+        let served: Vec<&Listener> = listeners.iter().filter(|l| l.name == spec.name).collect();
+        if !served.is_empty()
+            && !served
+                .iter()
+                .any(|l| same_address(&l.socket, &spec.address))
+        {
+            let have: Vec<String> = served.iter().map(|l| l.socket.local_address()).collect();
+            warn_later(unit_address_warning(
+                &spec.name,
+                served[0].unit.as_deref(),
+                &have.join(", "),
+                &spec.address.to_string(),
+            ));
+        }
+    }
+
     let mut stale = Vec::new();
-    for ActivatedFd { fd, name } in stored {
+    // Stored fds that are listening sockets, not yet taken.
+    let mut candidates: Vec<(Option<Socket>, RawFd, String)> = Vec::new();
+    for ActivatedFd { fd, name, .. } in stored {
         let raw = fd.as_raw_fd();
         let listener = fdstore::listener_of(&name).expect("partitioned on it");
-        let (fd, why_stale) = match specs.iter().find(|s| s.name == listener) {
-            None => (
-                Some(fd),
-                Some(format!(
-                    "no listener '{listener}' is configured anymore (configured: {})",
-                    configured()
-                )),
-            ),
-            Some(_)
-                if listeners
-                    .iter()
-                    .any(|l| l.name == listener && !l.self_bound) =>
-            {
-                (
-                    Some(fd),
-                    Some(format!(
-                        "a socket unit's fd serves listener '{listener}' now"
-                    )),
-                )
-            }
-            // check_fd closes the fd when it fails.
-            Some(spec) => match check_fd(fd, &name) {
-                Err(e) => (None, Some(e.0)),
-                Ok(socket) => {
-                    if !same_address(&socket, &spec.address) {
-                        fdstore::warn_later(format!(
-                            "listener {listener}: keeping the socket handed over as '{name}' on {}, \
-                             although the configuration says {}; rename the listener, or stop and \
-                             start the service (which empties systemd's fd store), to bind the new address",
-                            socket.local_address(),
-                            spec.address
-                        ));
-                    }
-                    listeners.push(Listener {
-                        name: listener.to_owned(),
-                        socket,
-                        activated_fd: Some(raw),
-                        self_bound: true,
-                    });
-                    (None, None)
-                }
-            },
-        };
-        if let Some(why) = why_stale {
+        if listeners
+            .iter()
+            .any(|l| l.name == listener && !l.self_bound)
+        {
             drop(fd);
-            if !stale.iter().any(|(n, _, _)| *n == name) {
-                stale.push((name, raw, why));
+            stale.push((
+                name.clone(),
+                raw,
+                format!("a socket unit's fd serves listener '{listener}' now"),
+            ));
+            continue;
+        }
+        // check_fd closes the fd when it fails.
+        match check_fd(fd, &name) {
+            Err(e) => stale.push((name, raw, e.0)),
+            Ok(socket) => candidates.push((Some(socket), raw, name)),
+        }
+    }
+    let wanted =
+        |spec: &ListenSpec, listeners: &[Listener]| !listeners.iter().any(|l| l.name == spec.name);
+    // First a stored fd of the listener's own name on the address it wants (port 0: any),
+    // then one of another name on its exact address.
+    for own_name in [true, false] {
+        for spec in specs {
+            if !wanted(spec, &listeners) {
+                continue;
+            }
+            let found = candidates.iter_mut().find(|(socket, _, name)| {
+                let Some(socket) = socket else { return false };
+                let named = fdstore::listener_of(name) == Some(spec.name.as_str());
+                if own_name {
+                    named && same_address(socket, &spec.address)
+                } else {
+                    has_port(&spec.address) && same_address(socket, &spec.address)
+                }
+            });
+            if let Some((socket, raw, name)) = found {
+                let socket = socket.take().expect("found a socket");
+                if !own_name {
+                    // The store must forget the old name: it holds the socket under the new
+                    // one from now on (it ignores an fd it holds already).
+                    stale.push((
+                        name.clone(),
+                        *raw,
+                        format!(
+                            "its socket on {} serves listener '{}' now (renamed)",
+                            socket.local_address(),
+                            spec.name
+                        ),
+                    ));
+                }
+                listeners.push(Listener {
+                    name: spec.name.clone(),
+                    socket,
+                    activated_fd: Some(*raw),
+                    self_bound: true,
+                    unit: None,
+                });
             }
         }
     }
+    for (socket, raw, name) in candidates {
+        let Some(socket) = socket else { continue };
+        let listener = fdstore::listener_of(&name).expect("partitioned on it");
+        let why = match specs.iter().find(|s| s.name == listener) {
+            None => format!(
+                "no listener '{listener}' is configured anymore (configured: {})",
+                configured()
+            ),
+            Some(spec) => format!(
+                "listener '{listener}' is configured on {} now, not on {}",
+                spec.address,
+                socket.local_address()
+            ),
+        };
+        drop(socket);
+        stale.push((name, raw, why));
+    }
+    let mut seen = Vec::new();
+    stale.retain(|(name, _, _)| {
+        let first = !seen.contains(name);
+        seen.push(name.clone());
+        first
+    });
     Ok((listeners, stale))
+}
+
+/// Whether `address` names a fixed port (or is a unix path): only such an address identifies
+/// a socket across a rename.
+fn has_port(address: &ListenAddress) -> bool {
+    match address {
+        ListenAddress::Tcp(a) => a.port() != 0,
+        ListenAddress::Unix(_) => true,
+    }
+}
+
+/// Whether `have`, an address as [`Socket::local_address`] writes it (e.g. from `baton
+/// status`), is where `address` says (port 0 matches any port).
+pub fn address_is(have: &str, address: &ListenAddress) -> bool {
+    match address {
+        ListenAddress::Tcp(want) => have.parse::<std::net::SocketAddr>().is_ok_and(|have| {
+            have.ip() == want.ip() && (want.port() == 0 || have.port() == want.port())
+        }),
+        ListenAddress::Unix(want) => have.strip_prefix("unix:") == want.to_str(),
+    }
+}
+
+/// What a running generation's sockets (as `baton status` reports them: `listener`, `address`,
+/// `unit`, `self_bound`) mean for the configuration `specs` at the next reload: one line per
+/// socket unit's socket whose address the configuration changes (a warning: the reload keeps
+/// the socket), and one per socket unit's socket whose listener the configuration drops (an
+/// error: the reload would fail).
+pub fn compare_with_running(
+    specs: &[ListenSpec],
+    sockets: &[serde_json::Value],
+) -> (Vec<String>, Vec<String>) {
+    let (mut warnings, mut errors) = (Vec::new(), Vec::new());
+    let unit_sockets: Vec<(&str, &str, Option<&str>)> = sockets
+        .iter()
+        .filter(|s| s["self_bound"] == false)
+        .filter_map(|s| {
+            Some((
+                s["listener"].as_str()?,
+                s["address"].as_str()?,
+                s["unit"].as_str(),
+            ))
+        })
+        .collect();
+    for spec in specs.iter().filter(|s| !is_builtin(s)) {
+        let served: Vec<_> = unit_sockets
+            .iter()
+            .filter(|(l, _, _)| *l == spec.name)
+            .collect();
+        if !served.is_empty() && !served.iter().any(|(_, a, _)| address_is(a, &spec.address)) {
+            let have: Vec<&str> = served.iter().map(|(_, a, _)| *a).collect();
+            warnings.push(unit_address_warning(
+                &spec.name,
+                served[0].2,
+                &have.join(", "),
+                &spec.address.to_string(),
+            ));
+        }
+    }
+    let single_and_unit = specs.len() == 1;
+    for (listener, address, unit) in &unit_sockets {
+        let kept = specs.iter().any(|s| s.name == *listener)
+            || (single_and_unit && unit.is_some())
+            || specs
+                .iter()
+                .any(|s| has_port(&s.address) && address_is(address, &s.address));
+        if !kept {
+            errors.push(format!(
+                "listener {listener}: its socket on {address} comes from {} (ListenStream=) and no \
+                 listener is configured for it, so a reload would fail; remove it there, or keep \
+                 the listener",
+                unit.unwrap_or("its socket unit")
+            ));
+        }
+    }
+    (warnings, errors)
 }
 
 /// Whether `socket` listens where `address` says (port 0 matches any port).
@@ -509,6 +725,7 @@ mod tests {
                 vec![ActivatedFd {
                     fd: tcp_listener(),
                     name: name.into(),
+                    unit: None,
                 }],
             )
             .unwrap();
@@ -525,6 +742,7 @@ mod tests {
             vec![ActivatedFd {
                 fd: tcp_listener(),
                 name: "metrics".into(),
+                unit: None,
             }],
         )
         .unwrap_err();
@@ -544,6 +762,7 @@ mod tests {
         ActivatedFd {
             fd: tcp_listener(),
             name: name.into(),
+            unit: None,
         }
     }
 
@@ -600,6 +819,7 @@ mod tests {
             vec![ActivatedFd {
                 fd: udp,
                 name: "bound/extra".into(),
+                unit: None,
             }],
         )
         .unwrap();
@@ -610,6 +830,119 @@ mod tests {
         let l = resolve(&specs, vec![]).unwrap();
         assert!(l[0].self_bound && l[0].activated_fd.is_none());
         assert_eq!(l[0].handover_name(), "bound/extra");
+    }
+
+    fn fd_on(name: &str) -> (ActivatedFd, String) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let fd = ActivatedFd {
+            fd: OwnedFd::from(l),
+            name: name.into(),
+            unit: None,
+        };
+        (fd, addr)
+    }
+
+    #[test]
+    fn a_stored_fd_follows_its_address_to_a_renamed_listener() {
+        let (old, addr) = fd_on("bound/http");
+        let specs = [spec(&format!("web={addr}"))];
+        let (l, stale) = match_fds(&specs, vec![old]).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].name, "web");
+        assert!(l[0].self_bound && l[0].activated_fd.is_some());
+        assert_eq!(l[0].socket.local_address(), addr);
+        // The store forgets the old name, so that the push as bound/web is not a duplicate.
+        assert_eq!(names(&stale), ["bound/http"]);
+        assert!(
+            stale[0].2.contains("serves listener 'web' now (renamed)"),
+            "{stale:?}"
+        );
+    }
+
+    #[test]
+    fn a_stored_fd_whose_listener_moved_is_stale_and_addresses_can_swap() {
+        let (a, addr_a) = fd_on("bound/a");
+        let (b, addr_b) = fd_on("bound/b");
+        let (c, addr_c) = fd_on("bound/c");
+        let specs = [
+            spec(&format!("a={addr_b}")),
+            spec(&format!("b={addr_a}")),
+            spec("c=127.0.0.1:1"),
+        ];
+        let (l, stale) = match_fds(&specs, vec![a, b, c]).unwrap();
+        let on = |n: &str| {
+            l.iter()
+                .find(|l| l.name == n)
+                .map(|l| l.socket.local_address())
+        };
+        assert_eq!(on("a"), Some(addr_b));
+        assert_eq!(on("b"), Some(addr_a));
+        assert_eq!(on("c"), None, "c is bound afresh by resolve");
+        let why_c = stale.iter().find(|s| s.0 == "bound/c").unwrap();
+        assert!(
+            why_c.2 == format!("listener 'c' is configured on 127.0.0.1:1 now, not on {addr_c}"),
+            "{why_c:?}"
+        );
+        assert_eq!(stale.len(), 3, "{stale:?}");
+    }
+
+    #[test]
+    fn a_socket_unit_fd_keeps_its_address_with_a_warning_naming_the_unit() {
+        let (mut fd, addr) = fd_on("baton.socket");
+        fd.unit = Some("baton.socket".into());
+        let (l, _) = match_fds(&[spec("http=127.0.0.1:1")], vec![fd]).unwrap();
+        assert_eq!(l[0].socket.local_address(), addr);
+        assert!(!l[0].self_bound);
+        let warnings = take_warnings();
+        assert!(
+            warnings.iter().any(|w| w.starts_with(
+                "listener http: the address comes from baton.socket (ListenStream=); change it there"
+            )),
+            "{warnings:?}"
+        );
+        // The built-in listener (no `listen` configured) is no reason to warn.
+        let (fd, _) = fd_on("baton.socket");
+        match_fds(&crate::config::Config::default().listeners, vec![fd]).unwrap();
+        assert!(!take_warnings().iter().any(|w| w.contains("127.0.0.1:8080")));
+    }
+
+    #[test]
+    fn a_socket_unit_fd_follows_its_address_to_a_renamed_listener() {
+        let (fd, addr) = fd_on("http");
+        let specs = [spec(&format!("web={addr}")), spec("admin=127.0.0.1:0")];
+        let (l, _) = match_fds(&specs, vec![fd]).unwrap();
+        assert_eq!(l[0].name, "web");
+        // Dropped from the configuration: an error that says where to drop it.
+        let (fd, _) = fd_on("http");
+        let err = match_fds(&specs, vec![fd]).unwrap_err();
+        assert!(
+            err.0
+                .contains("remove it from its socket unit (ListenStream=)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn running_sockets_are_compared_with_the_configuration() {
+        let sockets = vec![
+            serde_json::json!({"listener": "http", "address": "127.0.0.1:80", "self_bound": false, "unit": "baton.socket"}),
+            serde_json::json!({"listener": "extra", "address": "127.0.0.1:81", "self_bound": true, "unit": null}),
+        ];
+        let (w, e) = compare_with_running(&[spec("http=127.0.0.1:8081")], &sockets);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("listener http: the address comes from baton.socket"));
+        assert!(e.is_empty());
+        let (w, e) = compare_with_running(&[spec("http=127.0.0.1:80")], &sockets);
+        assert!(w.is_empty() && e.is_empty());
+        let (w, e) =
+            compare_with_running(&[spec("a=127.0.0.1:1"), spec("b=127.0.0.1:2")], &sockets);
+        assert!(w.is_empty());
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(address_is(
+            "unix:/run/x.sock",
+            &spec("x=unix:/run/x.sock").address
+        ));
     }
 
     #[test]

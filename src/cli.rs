@@ -245,6 +245,11 @@ pub struct CheckArgs {
     /// Configuration file [default: /etc/baton/baton.toml]
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+
+    /// Also compare with the running baton (when one is found): warn about listeners whose
+    /// socket comes from a socket unit, which a reload cannot change
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -435,6 +440,11 @@ fn reload(args: ReloadArgs) -> ExitCode {
     let answer = Client::connect(pid).and_then(|mut c| c.request(request, args.timeout));
     match answer {
         Ok(v) if v["ok"] == true => {
+            for warning in v["warnings"].as_array().into_iter().flatten() {
+                if let Some(warning) = warning.as_str() {
+                    eprintln!("baton: warning: {warning}");
+                }
+            }
             let probation = Duration::from_millis(v["probation_ms"].as_u64().unwrap_or(0));
             let verdict = match (v["promoted"] == true, probation.is_zero()) {
                 (true, true) => String::new(),
@@ -585,10 +595,43 @@ fn check(args: CheckArgs) -> ExitCode {
                     .as_ref()
                     .map_or("(embedded page)".to_owned(), |r| r.display().to_string())
             );
-            ExitCode::SUCCESS
+            check_against_running(&args.target, &config)
         }
         Err(errors) => report(errors),
     }
+}
+
+/// What the configuration means for the running baton's sockets at the next reload: a socket
+/// unit's socket cannot change (a warning), nor be dropped (an error). Nothing is said when no
+/// baton runs, unless one was named.
+fn check_against_running(target: &TargetArgs, config: &Config) -> ExitCode {
+    let named = target.pid.is_some() || target.pidfile.is_some();
+    let status = match target.resolve() {
+        Ok(pid) => Client::connect(pid)
+            .and_then(|mut c| c.request("status", Duration::from_secs(10)))
+            .map_err(|e| e.to_string()),
+        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => Err(m),
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(m) if named => {
+            eprintln!("baton: warning: cannot compare with the running baton: {m}");
+            return ExitCode::SUCCESS;
+        }
+        Err(_) => return ExitCode::SUCCESS,
+    };
+    let sockets = status["sockets"].as_array().cloned().unwrap_or_default();
+    let (warnings, errors) = crate::activation::compare_with_running(&config.listeners, &sockets);
+    for warning in warnings {
+        eprintln!("baton: warning: {warning}");
+    }
+    if errors.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for error in errors {
+        eprintln!("baton: {error}");
+    }
+    ExitCode::FAILURE
 }
 
 #[cfg(test)]

@@ -25,10 +25,11 @@
 //! The name also travels from one generation to the next in `LISTEN_FDNAMES` during an upgrade
 //! (see [`crate::activation::Listener::handover_name`]), so the new generation still knows
 //! which of its inherited listeners are self-bound and pushes them too once it is the main pid:
-//! systemd ignores an fd it already stores (same open file description). The store matches a
-//! listener by name only, as a handover does: a stored listener keeps the address it was bound
-//! to even if the configuration now gives another one (baton warns); rename the listener, or
-//! stop and start the service (a stop empties the store), to bind the new address.
+//! systemd ignores an fd it already stores (same open file description). A stored listener
+//! whose configured address changed is stale: baton binds the new address and the old name is
+//! removed from the store before the new socket is pushed under it; a stored socket whose
+//! address a renamed listener has now serves that listener, and its old name is removed from
+//! the store so that the push under the new name is not ignored as a duplicate.
 //!
 //! # When
 //!
@@ -55,16 +56,14 @@ pub const PREFIX: &str = "bound/";
 pub const FDNAME_MAX: usize = 255;
 
 /// What the start found, told once this process is the main pid (sockets are resolved before
-/// logging is set up): stale stored fds (fd name, fd number, why), and warnings.
+/// logging is set up): stale stored fds (fd name, fd number, why).
 #[derive(Default)]
 struct Pending {
     removals: Vec<(String, i32, String)>,
-    warnings: Vec<String>,
 }
 
 static PENDING: Mutex<Pending> = Mutex::new(Pending {
     removals: Vec::new(),
-    warnings: Vec::new(),
 });
 
 fn pending() -> std::sync::MutexGuard<'static, Pending> {
@@ -82,18 +81,14 @@ pub fn listener_of(fd_name: &str) -> Option<&str> {
     fd_name.strip_prefix(PREFIX).filter(|l| !l.is_empty())
 }
 
-/// Notes a stale stored fd (closed already: `fd` is the number it had) to remove from the
-/// store with `FDSTOREREMOVE=1` and to log, with `why`, at [`on_main_pid`].
+/// Notes a stale stored fd name (its fd closed already, or kept under another name: `fd` is
+/// the number it had) to remove from the store with `FDSTOREREMOVE=1` and to log, with `why`,
+/// at [`on_main_pid`].
 pub fn remove_later(fd_name: &str, fd: i32, why: String) {
     let mut pending = pending();
     if !pending.removals.iter().any(|(n, _, _)| n == fd_name) {
         pending.removals.push((fd_name.to_owned(), fd, why));
     }
-}
-
-/// Notes a warning about a stored listener, logged at [`on_main_pid`].
-pub fn warn_later(message: String) {
-    pending().warnings.push(message);
 }
 
 /// Which of `sockets` (the listeners by their handover names) to push: those with [`PREFIX`]
@@ -120,15 +115,12 @@ fn plan<'a, 'b>(
 /// serves (where it sends `READY=1`). `sockets` are this process's listening sockets with their
 /// handover names ([`crate::upgrade::Upgrader::sockets`]).
 ///
-/// Logs what the start found (stale stored fds, address warnings), sends `FDSTOREREMOVE=1` +
+/// Logs what the start found (stale stored fds), sends `FDSTOREREMOVE=1` +
 /// `FDNAME=` for each stored fd found stale at start, then, for each self-bound listener, `FDSTORE=1` + `FDNAME=bound/NAME` + `FDPOLL=0` with the socket. Does
 /// nothing without `NOTIFY_SOCKET`. Failures are logged, never fatal: without the store a
 /// listener is only as durable as it was before.
 pub fn on_main_pid<'a>(sockets: impl IntoIterator<Item = (BorrowedFd<'a>, &'a str)>) {
-    let Pending { removals, warnings } = std::mem::take(&mut *pending());
-    for warning in warnings {
-        tracing::warn!("{warning}");
-    }
+    let Pending { removals } = std::mem::take(&mut *pending());
     let enabled = notify::enabled();
     for (name, fd, why) in &removals {
         let removed = match enabled {
@@ -151,7 +143,7 @@ pub fn on_main_pid<'a>(sockets: impl IntoIterator<Item = (BorrowedFd<'a>, &'a st
             event = "fdstore-stale",
             fd = fd,
             fd_name = %name,
-            "closed fd {fd} ('{name}', a listener baton bound earlier): {why}; {outcome}"
+            "fd {fd} ('{name}', a listener baton bound earlier): {why}; {outcome}"
         );
     }
     if !enabled {

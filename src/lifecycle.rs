@@ -268,7 +268,7 @@ enum Action {
     Upgrade(UpgradeRequest),
     Status(oneshot::Sender<Value>),
     ReopenLogs,
-    Started(Result<Successor, String>),
+    Started(Result<Box<Successor>, String>),
     SuccessorExited(String),
     EndProbation(&'static str),
     Predecessor(PredecessorEvent),
@@ -280,6 +280,9 @@ struct Generation {
     started: SystemTime,
     /// `serving generation G (pid P) on ...`: the base of every STATUS= line.
     status: String,
+    /// The listening sockets for `baton status` (and `baton check`): listener, address, and
+    /// whether a socket unit passes it.
+    sockets: Vec<Value>,
     info: Arc<Info>,
     metrics: Arc<Metrics>,
     signals: Signals,
@@ -333,6 +336,18 @@ impl Generation {
             std::process::id()
         );
         let listener_names: Vec<String> = process.listeners.iter().map(|l| l.to_string()).collect();
+        let sockets: Vec<Value> = process
+            .listeners
+            .iter()
+            .map(|l| {
+                json!({
+                    "listener": l.name,
+                    "address": l.socket.local_address(),
+                    "self_bound": l.self_bound,
+                    "unit": l.unit,
+                })
+            })
+            .collect();
         let listening: Vec<(String, String, Option<i32>)> = process
             .listeners
             .iter()
@@ -373,6 +388,12 @@ impl Generation {
                 "listening on {description}"
             );
         }
+        // What the start found about the sockets (e.g. a socket unit's address that differs from
+        // the configuration): logged here, and told to whoever asked for this upgrade.
+        let warnings = activation::take_warnings();
+        for warning in &warnings {
+            tracing::warn!(event = "listener-warning", generation, "{warning}");
+        }
         let status = format!(
             "serving generation {generation} (pid {}) on {}",
             info.pid,
@@ -387,7 +408,7 @@ impl Generation {
                 // A commit that arrived is taken even if a stop arrived too: O goes on with
                 // the upgrade and stops this process gracefully if it is stopping.
                 biased;
-                committed = handshake.ready() => committed.context("the upgrade was called off by the old process"),
+                committed = handshake.ready(&warnings) => committed.context("the upgrade was called off by the old process"),
                 _ = next_stop(&mut signals) => Err(anyhow::anyhow!("stopped before the old process handed over")),
             };
             let committed = match committed {
@@ -417,6 +438,7 @@ impl Generation {
             generation,
             started: process.started,
             status,
+            sockets,
             info,
             metrics,
             signals,
@@ -481,7 +503,8 @@ impl Generation {
                 Phase::Serving => std::future::pending().await,
                 Phase::Upgrading { task, .. } => Action::Started(
                     task.await
-                        .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}"))),
+                        .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")))
+                        .map(Box::new),
                 ),
                 Phase::Probation {
                     successor,
@@ -541,7 +564,7 @@ impl Generation {
                 let _ = reply.send(self.status_reply());
             }
             Action::Upgrade(request) => return self.request_upgrade(request).await,
-            Action::Started(Ok(successor)) => return self.begin_probation(successor).await,
+            Action::Started(Ok(successor)) => return self.begin_probation(*successor).await,
             Action::Started(Err(reason)) => self.upgrade_failed(&reason),
             Action::SuccessorExited(how) => {
                 if let Phase::Probation {
@@ -663,10 +686,23 @@ impl Generation {
         } else {
             waiters.into_iter().partition(|w| w.wait)
         };
+        for warning in &successor.warnings {
+            tracing::warn!(
+                event = "upgrade-warning",
+                generation,
+                new_pid = pid,
+                "generation {next} (pid {pid}): {warning}"
+            );
+        }
         for waiter in answered {
-            let _ = waiter
-                .reply
-                .send(upgraded_reply(pid, next, successor.took, probation, false));
+            let _ = waiter.reply.send(upgraded_reply(
+                pid,
+                next,
+                successor.took,
+                probation,
+                false,
+                &successor.warnings,
+            ));
         }
         self.phase = Phase::Probation {
             deadline: tokio::time::Instant::now() + probation,
@@ -703,6 +739,7 @@ impl Generation {
             return None;
         };
         let (pid, next, took) = (successor.pid, successor.generation, successor.took);
+        let warnings = successor.warnings.clone();
         let pidfile = self.pidfile.clone();
         // The pidfile names the new pid before it becomes the main pid.
         let record = |pid: i32| match &pidfile {
@@ -719,10 +756,14 @@ impl Generation {
                     "{why}: generation {next} (pid {pid}) is the main process now"
                 );
                 for waiter in waiters {
-                    let _ =
-                        waiter
-                            .reply
-                            .send(upgraded_reply(pid, next, took, self.probation, true));
+                    let _ = waiter.reply.send(upgraded_reply(
+                        pid,
+                        next,
+                        took,
+                        self.probation,
+                        true,
+                        &warnings,
+                    ));
                 }
                 Some(End::HandedOver { to, forward })
             }
@@ -854,6 +895,7 @@ impl Generation {
             "started": self.info.started,
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "listeners": self.info.listeners,
+            "sockets": self.sockets,
             "state": state,
             "keeper_pid": crate::keeper::pid_from_env(),
             "restarts": crate::keeper::restarts_from_env(),
@@ -1111,6 +1153,7 @@ fn upgraded_reply(
     took: Duration,
     probation: Duration,
     promoted: bool,
+    warnings: &[String],
 ) -> Value {
     json!({
         "ok": true,
@@ -1119,6 +1162,7 @@ fn upgraded_reply(
         "took_ms": took.as_millis() as u64,
         "probation_ms": probation.as_millis() as u64,
         "promoted": promoted,
+        "warnings": warnings,
     })
 }
 

@@ -40,7 +40,7 @@
 //!    N died on probation ([`SuccessorEvent::Exited`]): O kills N's group and serves again.
 //!
 //! Messages on the channel are text lines. N → O: `pid <n>` and `exit <status>` (from I),
-//! `exec-error <errno>`, `error <text>`, `ready`, `serving`, `promote` (N was asked to
+//! `exec-error <errno>`, `error <text>`, `ready` (or `ready {"warnings":[..]}`), `serving`, `promote` (N was asked to
 //! upgrade: end my probation). O → N: `commit`, `main`, `stop`, `drained <ms> <forced>`.
 //!
 //! Before `commit` N accepts nothing, so killing it loses no request; a guard kills N on every
@@ -68,11 +68,12 @@ pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
 pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
 
 /// Variables of O's environment that N must not inherit as they are.
-const PRIVATE_ENV: [&str; 10] = [
+const PRIVATE_ENV: [&str; 11] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
+    crate::activation::SOCKET_UNITS_ENV,
     "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
     crate::lifecycle::GENERATION_ENV,
     UPGRADE_FD_ENV,
@@ -219,6 +220,21 @@ impl Upgrader {
         let names: Vec<String> = self.sockets.iter().map(Listener::handover_name).collect();
         env.push(format!("LISTEN_FDS={n_sockets}").into_bytes());
         env.push(format!("LISTEN_FDNAMES={}", names.join(":")).into_bytes());
+        if self.sockets.iter().any(|l| l.unit.is_some()) {
+            let units: Vec<&str> = self
+                .sockets
+                .iter()
+                .map(|l| l.unit.as_deref().unwrap_or(""))
+                .collect();
+            env.push(
+                format!(
+                    "{}={}",
+                    crate::activation::SOCKET_UNITS_ENV,
+                    units.join("/")
+                )
+                .into_bytes(),
+            );
+        }
         for (i, (_, var)) in self.extra.iter().enumerate() {
             env.push(format!("{var}={}", first as usize + n_sockets + i).into_bytes());
         }
@@ -686,6 +702,8 @@ pub struct Successor {
     pub took: Duration,
     /// When N began to serve.
     pub serving_since: Instant,
+    /// What N warned about at start (one line each), e.g. a socket it cannot change.
+    pub warnings: Vec<String>,
     spawned: Spawned,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
     write: tokio::net::unix::OwnedWriteHalf,
@@ -780,6 +798,7 @@ pub async fn start(
         }
     };
     let exe = upgrader.exe.display();
+    let warnings: Vec<String>;
     match first {
         Err(_) => {
             return Err(format!(
@@ -795,7 +814,7 @@ pub async fn start(
             ))
         }
         Ok(Ok(Some(line))) => match line.split_once(' ').unwrap_or((line.as_str(), "")) {
-            ("ready", _) => {}
+            ("ready", extra) => warnings = ready_warnings(extra),
             ("exec-error", errno) => {
                 let e = io::Error::from_raw_os_error(errno.parse().unwrap_or(0));
                 return Err(format!("cannot execute {exe}: {e}"));
@@ -866,12 +885,28 @@ pub async fn start(
         generation: next,
         took: started.elapsed(),
         serving_since: Instant::now(),
+        warnings,
         spawned,
         lines,
         write,
         exit_watch,
         channel_closed: false,
     })
+}
+
+/// The warnings N sent with `ready`: `ready {"warnings":[...]}` (a plain `ready` has none; an
+/// older O reads only the first word).
+fn ready_warnings(extra: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(extra)
+        .ok()
+        .and_then(|v| {
+            v["warnings"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|w| w.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// Resolves once the watched process has exited (never without a watch).
@@ -1179,11 +1214,17 @@ impl Handshake {
         let _ = self.channel.write_all(line.as_bytes());
     }
 
-    /// Says `ready` and waits for `commit`. An error means O is gone or refused: N must exit.
-    pub async fn ready(self) -> io::Result<Committed> {
+    /// Says `ready` (with the start's `warnings`, which O relays to whoever asked for the
+    /// upgrade) and waits for `commit`. An error means O is gone or refused: N must exit.
+    pub async fn ready(self, warnings: &[String]) -> io::Result<Committed> {
         self.channel.set_nonblocking(true)?;
         let mut channel = tokio::net::UnixStream::from_std(self.channel)?;
-        channel.write_all(b"ready\n").await?;
+        let line = if warnings.is_empty() {
+            "ready\n".to_owned()
+        } else {
+            format!("ready {}\n", serde_json::json!({ "warnings": warnings }))
+        };
+        channel.write_all(line.as_bytes()).await?;
         let mut reader = tokio::io::BufReader::new(&mut channel);
         let mut line = String::new();
         reader.read_line(&mut line).await?;
