@@ -125,10 +125,21 @@ fn a_changed_listen_address_is_bound_and_the_old_port_closes() {
     assert_eq!(pid_of(b), new_pid);
     let report = load.stop();
     // The load ran on A, which went away with the old generation: what it saw there after the
-    // handover are refusals, never a reset or a broken answer.
+    // handover are refusals, and at most one reset per client: a connection that was queued
+    // on A at the very moment the old generation closed it (the kernel resets what a closing
+    // listener still queues). Never a broken answer.
     assert!(report.ok > 0);
+    let resets = report
+        .failures
+        .iter()
+        .filter(|f| f.contains("reset"))
+        .count();
     assert!(
-        report.failures.iter().all(|f| f.contains("refused")),
+        report
+            .failures
+            .iter()
+            .all(|f| f.contains("refused") || f.contains("reset"))
+            && resets <= 4,
         "{:#?}",
         report.failures
     );
