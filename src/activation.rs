@@ -412,6 +412,14 @@ fn match_fds(
             Some(spec) => spec.name.as_str(),
             None => match single {
                 Some(only) if name.is_empty() || name.ends_with(".socket") => only,
+                _ if name.is_empty() => {
+                    return error(format!(
+                        "socket activation: fd {raw} has no name, and with several listeners \
+                         (configured: {}) baton cannot tell which one it serves; name the fds in \
+                         order with FileDescriptorName= (systemd) or LISTEN_FDNAMES= (systemfd)",
+                        configured()
+                    ))
+                }
                 _ => {
                     return error(format!(
                         "socket activation: fd {raw} is named '{name}' but no listener has that name \
@@ -805,6 +813,25 @@ mod tests {
             err.0.contains(
                 "named 'metrics' but no listener has that name (configured: http, admin)"
             ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unnamed_fd_with_several_listeners_asks_for_names() {
+        // systemfd gives no names.
+        let err = resolve(
+            &[spec("http=127.0.0.1:1"), spec("admin=127.0.0.1:2")],
+            vec![ActivatedFd {
+                fd: tcp_listener(),
+                name: String::new(),
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            err.0
+                .contains("has no name, and with several listeners (configured: http, admin)")
+                && err.0.contains("LISTEN_FDNAMES= (systemfd)"),
             "{err}"
         );
     }
