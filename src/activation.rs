@@ -5,6 +5,19 @@
 //! (systemd's `FileDescriptorName=`, by default the socket unit's name). The same protocol
 //! carries the sockets from one baton generation to the next during an upgrade.
 //!
+//! The fds are taken through the [`listenfd`] crate, which also speaks the development variant
+//! of [systemfd]: `LISTEN_FDS_FIRST_FD` names the first fd, and with `--no-pid` there is no
+//! `LISTEN_PID` (systemfd execs `cargo watch`, which runs baton as a grandchild, so no pid it
+//! could give would be baton's). baton's own rules decide first (see [`take_activated`]):
+//! - `LISTEN_PID` set: the fds are baton's only when it is baton's pid, as before;
+//!   systemd never sets `LISTEN_FDS_FIRST_FD`, so its fds start at 3;
+//! - `LISTEN_PID` unset and `LISTEN_FDS_FIRST_FD` set (systemfd `--no-pid`): the fds are
+//!   baton's;
+//! - `LISTEN_PID` unset and no `LISTEN_FDS_FIRST_FD`: the variables are left from another
+//!   process and ignored, as sd_listen_fds(3) wants (listenfd alone would take fds 3.. then);
+//! - a malformed value is a one-line error rather than no sockets (listenfd alone would
+//!   ignore it, and baton would then fail to bind the address the launcher holds).
+//!
 //! [`take_activated`] reads and removes the `LISTEN_*` variables; it changes the environment,
 //! so it must run before any thread is started. [`resolve`] then checks each fd (a listening
 //! stream socket of a family baton can serve), matches the fds to the configured listeners by
@@ -35,6 +48,7 @@
 //! name the next generation gets in `LISTEN_FDNAMES`.
 //!
 //! [sd_listen_fds(3)]: https://www.freedesktop.org/software/systemd/man/sd_listen_fds.html
+//! [systemfd]: https://github.com/mitsuhiko/systemfd
 
 use std::fmt;
 use std::io;
@@ -53,13 +67,18 @@ use crate::fdstore;
 pub const SOCKET_UNITS_ENV: &str = "BATON_SOCKET_UNITS";
 
 /// The environment variables of the protocol; all are removed once read.
-const LISTEN_VARS: [&str; 5] = [
+const LISTEN_VARS: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
     SOCKET_UNITS_ENV,
+    "LISTEN_FDS_FIRST_FD",
 ];
+
+/// The first fd of the protocol (`SD_LISTEN_FDS_START`), and the lowest `LISTEN_FDS_FIRST_FD`
+/// accepted: fds 0 to 2 are stdin, stdout and stderr.
+const FIRST_FD: RawFd = 3;
 
 /// Warnings about the sockets found at start, logged (and told to the old generation during an
 /// upgrade) once logging is set up: see [`take_warnings`].
@@ -206,61 +225,184 @@ fn error<T>(msg: impl Into<String>) -> Result<T, ActivationError> {
     Err(ActivationError(msg.into()))
 }
 
-/// Takes the fds passed with `LISTEN_FDS` if they are meant for this process, and removes the
-/// `LISTEN_*` variables so that no child inherits them.
+/// The protocol's variables as this process found them (`None`: unset).
+#[derive(Debug, Default, Clone)]
+struct ListenEnv {
+    pid: Option<String>,
+    fds: Option<String>,
+    first_fd: Option<String>,
+    names: Option<String>,
+}
+
+impl ListenEnv {
+    fn from_env() -> ListenEnv {
+        // A value that is not UTF-8 stays set and fails to parse, rather than counting as unset.
+        let var = |name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+        ListenEnv {
+            pid: var("LISTEN_PID"),
+            fds: var("LISTEN_FDS"),
+            first_fd: var("LISTEN_FDS_FIRST_FD"),
+            names: var("LISTEN_FDNAMES"),
+        }
+    }
+}
+
+/// What the variables say.
+#[derive(Debug, PartialEq, Eq)]
+enum Intake {
+    /// No fds for this process.
+    NotOurs,
+    /// Fds `first .. first+names.len()`, with their names (empty without `LISTEN_FDNAMES`).
+    Fds { first: RawFd, names: Vec<String> },
+}
+
+/// baton's rules for the variables (see the module docs), for the process `my_pid`.
+fn intake(env: &ListenEnv, my_pid: u32) -> Result<Intake, ActivationError> {
+    const HINT: &str = "whatever started baton must pass the number of fds in LISTEN_FDS, and \
+                        LISTEN_PID (systemd) or LISTEN_FDS_FIRST_FD (systemfd --no-pid)";
+    match &env.pid {
+        Some(pid) => match pid.parse::<u32>() {
+            Ok(pid) if pid == my_pid => {}
+            // Meant for another process (sd_listen_fds(3)).
+            Ok(_) => return Ok(Intake::NotOurs),
+            Err(_) => {
+                return error(format!(
+                    "socket activation: LISTEN_PID={pid:?} is not a process id; {HINT}"
+                ))
+            }
+        },
+        // Left from a process that started ours, or passed on by one: not ours to take.
+        None if env.first_fd.is_none() => return Ok(Intake::NotOurs),
+        // systemfd --no-pid.
+        None => {}
+    }
+    let Some(count) = &env.fds else {
+        return Ok(Intake::NotOurs);
+    };
+    let n = count.parse::<u32>().map_err(|_| {
+        ActivationError(format!(
+            "socket activation: LISTEN_FDS={count:?} is not a number of fds; {HINT}"
+        ))
+    })?;
+    let first = match &env.first_fd {
+        None => FIRST_FD,
+        Some(first) => first
+            .parse::<RawFd>()
+            .ok()
+            .filter(|f| *f >= FIRST_FD)
+            .ok_or_else(|| {
+                ActivationError(format!(
+                    "socket activation: LISTEN_FDS_FIRST_FD={first:?} is not an fd number of 3 or more \
+                     (0 to 2 are stdin, stdout and stderr); pass the number of the first socket, \
+                     or leave it unset for 3"
+                ))
+            })?,
+    };
+    if RawFd::try_from(n)
+        .ok()
+        .and_then(|n| first.checked_add(n))
+        .is_none()
+    {
+        return error(format!(
+            "socket activation: LISTEN_FDS={count:?} from fd {first} goes past the largest fd number; {HINT}"
+        ));
+    }
+    let names = match &env.names {
+        _ if n == 0 => Vec::new(),
+        None => vec![String::new(); n as usize],
+        Some(names) => {
+            let names: Vec<String> = names.split(':').map(str::to_owned).collect();
+            if names.len() != n as usize {
+                return error(format!(
+                    "socket activation: LISTEN_FDNAMES={:?} gives {} names for LISTEN_FDS={n} fds; \
+                     whatever started baton must pass one name per fd (or no LISTEN_FDNAMES)",
+                    env.names.as_deref().unwrap_or_default(),
+                    names.len()
+                ));
+            }
+            names
+        }
+    };
+    Ok(Intake::Fds { first, names })
+}
+
+/// Takes the fds passed with `LISTEN_FDS` if they are meant for this process (see the module
+/// docs), and removes the `LISTEN_*` variables so that no child inherits them.
 ///
-/// Returns an empty list when `LISTEN_PID` is unset or names another process (the fds are not
-/// ours then, as sd_listen_fds(3) specifies).
+/// Returns an empty list when they are not meant for this process. The fds come from
+/// [`listenfd`], once baton's rules have accepted the variables; each is checked to be open
+/// and marked close-on-exec (baton hands sockets to its children explicitly).
 ///
 /// # Safety contract
 /// Changes the environment: call it before any other thread exists.
 pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
-    let raw = |name| std::env::var(name).unwrap_or_default();
-    let (pid, count, names) = (raw("LISTEN_PID"), raw("LISTEN_FDS"), raw("LISTEN_FDNAMES"));
-    let units = raw(SOCKET_UNITS_ENV);
+    let units = std::env::var(SOCKET_UNITS_ENV).unwrap_or_default();
     let mut units = units.split('/').map(str::to_owned);
-    let result = sd_notify::listen_fds_with_names();
+    let decided = intake(&ListenEnv::from_env(), std::process::id());
+    let mut taken = match decided {
+        // Reads LISTEN_FDS, LISTEN_PID and LISTEN_FDS_FIRST_FD, which baton has accepted.
+        Ok(Intake::Fds { .. }) => listenfd::ListenFd::from_env(),
+        _ => listenfd::ListenFd::empty(),
+    };
     for var in LISTEN_VARS {
         // SAFETY (of the contract above): no other thread reads the environment yet.
         unsafe { std::env::remove_var(var) };
     }
-    let fds = result.map_err(|e| {
-        if e.raw_os_error() == Some(libc::EBADF) {
-            return ActivationError(format!(
-                "socket activation: LISTEN_FDS={count} announces fds 3 to {} but not all of them are open; \
-                 whatever started baton passed fewer fds than it announced",
-                count.parse::<i64>().map_or(0, |n| n.saturating_add(2))
-            ));
-        }
-        ActivationError(format!(
-            "socket activation: bad environment LISTEN_PID={pid:?} LISTEN_FDS={count:?} \
-             LISTEN_FDNAMES={names:?} ({e}); whatever started baton must pass a pid, a count of \
-             fds, and one name per fd"
-        ))
-    })?;
-    fds.map(|(raw_fd, name)| {
-        // The fd must be open, or OwnedFd would later close a number that is not ours.
-        if unsafe { libc::fcntl(raw_fd, libc::F_GETFD) } < 0 {
-            return error(format!(
-                "socket activation: fd {raw_fd} (LISTEN_FDS={count}) is not open; \
-                 whatever started baton passed fewer fds than it announced"
-            ));
-        }
-        // SAFETY: the fd is open and, per LISTEN_PID, was handed to this process to own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw_fd) };
-        // sd-notify reports a missing LISTEN_FDNAMES as "unknown".
-        let name = if names.is_empty() {
-            String::new()
-        } else {
-            name
-        };
-        let unit = match units.next().filter(|u| !u.is_empty()) {
-            Some(unit) => Some(unit),
-            None => name.ends_with(".socket").then(|| name.clone()),
-        };
-        Ok(ActivatedFd { fd, name, unit })
-    })
-    .collect()
+    let Intake::Fds { first, names } = decided? else {
+        return Ok(Vec::new());
+    };
+    let count = names.len();
+    if taken.len() != count {
+        return error(format!(
+            "socket activation: the listenfd crate found {} fds where baton expects {count} from fd {first}; \
+             this is a bug in baton",
+            taken.len()
+        ));
+    }
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let expected = first + i as RawFd;
+            let raw = match taken.take_raw_fd(i) {
+                Ok(Some(raw)) if raw == expected => raw,
+                other => {
+                    return error(format!(
+                        "socket activation: the listenfd crate gave {other:?} for fd {expected}; \
+                         this is a bug in baton"
+                    ))
+                }
+            };
+            // The fd must be open, or OwnedFd would later close a number that is not ours.
+            let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+            if flags < 0 {
+                return error(format!(
+                    "socket activation: fd {raw} is not open, but LISTEN_FDS={count} from fd {first} \
+                     announces it; whatever started baton passed fewer fds than it announced"
+                ));
+            }
+            // SAFETY: the fd is open and, per the checks above, was handed to this process to own.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            if flags & libc::FD_CLOEXEC == 0 {
+                nix::fcntl::fcntl(
+                    &fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::from_bits_truncate(
+                        flags | libc::FD_CLOEXEC,
+                    )),
+                )
+                .map_err(|e| {
+                    ActivationError(format!(
+                        "socket activation: fd {raw}: cannot set close-on-exec: {e}"
+                    ))
+                })?;
+            }
+            let unit = match units.next().filter(|u| !u.is_empty()) {
+                Some(unit) => Some(unit),
+                None => name.ends_with(".socket").then(|| name.clone()),
+            };
+            Ok(ActivatedFd { fd, name, unit })
+        })
+        .collect()
 }
 
 /// Checks the activated fds, matches them to `specs`, and binds the specs left over.
@@ -354,6 +496,14 @@ fn match_fds(
                     && !listeners.iter().any(|l| l.name == s.name)
             }) {
                 Some(spec) => spec.name.as_str(),
+                None if name.is_empty() => {
+                    return error(format!(
+                        "socket activation: fd {raw} has no name, and with several listeners \
+                         (configured: {}) baton cannot tell which one it serves; name the fds in \
+                         order with FileDescriptorName= (systemd) or LISTEN_FDNAMES= (systemfd)",
+                        configured()
+                    ))
+                }
                 None => {
                     return error(format!(
                         "socket activation: fd {raw} is named '{name}' but no listener has that name \
@@ -717,6 +867,137 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const ME: u32 = 4242;
+
+    fn env(pid: Option<&str>, fds: Option<&str>, first: Option<&str>) -> ListenEnv {
+        ListenEnv {
+            pid: pid.map(str::to_owned),
+            fds: fds.map(str::to_owned),
+            first_fd: first.map(str::to_owned),
+            names: None,
+        }
+    }
+
+    fn fds_at(first: RawFd, n: usize) -> Intake {
+        Intake::Fds {
+            first,
+            names: vec![String::new(); n],
+        }
+    }
+
+    #[test]
+    fn systemd_variables_work_as_before() {
+        let me = ME.to_string();
+        assert_eq!(
+            intake(&env(Some(&me), Some("2"), None), ME),
+            Ok(fds_at(3, 2))
+        );
+        let mut named = env(Some(&me), Some("2"), None);
+        named.names = Some("http:bound/extra".into());
+        assert_eq!(
+            intake(&named, ME),
+            Ok(Intake::Fds {
+                first: 3,
+                names: vec!["http".into(), "bound/extra".into()]
+            })
+        );
+        named.names = Some("http".into());
+        let err = intake(&named, ME).unwrap_err();
+        assert!(
+            err.0
+                .contains("LISTEN_FDNAMES=\"http\" gives 1 names for LISTEN_FDS=2 fds"),
+            "{err}"
+        );
+        // LISTEN_PID without LISTEN_FDS: nothing to take.
+        assert_eq!(intake(&env(Some(&me), None, None), ME), Ok(Intake::NotOurs));
+    }
+
+    #[test]
+    fn listen_fds_without_listen_pid_or_first_fd_is_ignored() {
+        // As before (sd_listen_fds(3): such variables are for another process), although
+        // listenfd alone would take fd 3 then.
+        assert_eq!(intake(&env(None, Some("1"), None), ME), Ok(Intake::NotOurs));
+        assert_eq!(
+            intake(&env(None, Some("abc"), None), ME),
+            Ok(Intake::NotOurs)
+        );
+    }
+
+    #[test]
+    fn listen_pid_of_another_process_is_ignored() {
+        for first in [None, Some("3")] {
+            assert_eq!(
+                intake(&env(Some("1"), Some("1"), first), ME),
+                Ok(Intake::NotOurs)
+            );
+        }
+    }
+
+    #[test]
+    fn systemfd_without_pid_is_taken() {
+        // systemfd --no-pid -s http::8080
+        assert_eq!(
+            intake(&env(None, Some("1"), Some("3")), ME),
+            Ok(fds_at(3, 1))
+        );
+        // Elsewhere than 3 is honoured, with or without LISTEN_PID.
+        assert_eq!(
+            intake(&env(None, Some("2"), Some("7")), ME),
+            Ok(fds_at(7, 2))
+        );
+        assert_eq!(
+            intake(&env(Some(&ME.to_string()), Some("1"), Some("5")), ME),
+            Ok(fds_at(5, 1))
+        );
+        // LISTEN_FDS_FIRST_FD alone: nothing to take.
+        assert_eq!(intake(&env(None, None, Some("3")), ME), Ok(Intake::NotOurs));
+    }
+
+    #[test]
+    fn malformed_variables_are_one_line_errors() {
+        let me = ME.to_string();
+        for (e, needle) in [
+            (
+                env(Some("x"), Some("1"), None),
+                "LISTEN_PID=\"x\" is not a process id",
+            ),
+            (
+                env(Some(""), Some("1"), None),
+                "LISTEN_PID=\"\" is not a process id",
+            ),
+            (
+                env(Some(&me), Some("abc"), None),
+                "LISTEN_FDS=\"abc\" is not a number of fds",
+            ),
+            (
+                env(None, Some("-1"), Some("3")),
+                "LISTEN_FDS=\"-1\" is not a number of fds",
+            ),
+            (
+                env(None, Some("1"), Some("2")),
+                "LISTEN_FDS_FIRST_FD=\"2\" is not an fd number of 3 or more",
+            ),
+            (env(None, Some("1"), Some("0")), "LISTEN_FDS_FIRST_FD=\"0\""),
+            (
+                env(None, Some("1"), Some("-3")),
+                "LISTEN_FDS_FIRST_FD=\"-3\"",
+            ),
+            (env(None, Some("1"), Some("")), "LISTEN_FDS_FIRST_FD=\"\""),
+            (
+                env(None, Some("4294967295"), Some("3")),
+                "goes past the largest fd number",
+            ),
+            (
+                env(None, Some("2"), Some("2147483647")),
+                "goes past the largest fd number",
+            ),
+        ] {
+            let err = intake(&e, ME).unwrap_err();
+            assert!(err.0.contains(needle), "{e:?}: want {needle:?} in {err}");
+            assert!(!err.0.contains('\n'), "{err}");
+        }
+    }
+
     #[test]
     fn single_unnamed_fd_serves_single_listener() {
         for name in ["", "baton.socket", "http"] {
@@ -750,6 +1031,26 @@ mod tests {
             err.0.contains(
                 "named 'metrics' but no listener has that name (configured: http, admin)"
             ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unnamed_fd_with_several_listeners_asks_for_names() {
+        // systemfd gives no names.
+        let err = resolve(
+            &[spec("http=127.0.0.1:1"), spec("admin=127.0.0.1:2")],
+            vec![ActivatedFd {
+                fd: tcp_listener(),
+                name: String::new(),
+                unit: None,
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            err.0
+                .contains("has no name, and with several listeners (configured: http, admin)")
+                && err.0.contains("LISTEN_FDNAMES= (systemfd)"),
             "{err}"
         );
     }

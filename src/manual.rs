@@ -96,7 +96,7 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
         ("@baton/control/PID", "The abstract unix socket of each process, used by baton reload, status and stop; only root and the process's own user are answered."),
     ]);
     section(&mut roff, "ENVIRONMENT", &[
-        ("LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES", "Socket activation (sd_listen_fds(3)); removed once read."),
+        ("LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, LISTEN_FDS_FIRST_FD", "Socket activation (sd_listen_fds(3)); removed once read. Without LISTEN_PID, the sockets are taken only when LISTEN_FDS_FIRST_FD names the first one (systemfd --no-pid)."),
         ("NOTIFY_SOCKET, WATCHDOG_USEC", "Readiness, status and watchdog notifications to the service manager (sd_notify(3))."),
         ("JOURNAL_STREAM", "When it names stderr, logs go to the journal with structured BATON_* fields."),
         ("RUST_LOG", "A log filter; wins over --log-level and log.level."),

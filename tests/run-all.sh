@@ -25,6 +25,8 @@ if ! command -v cargo >/dev/null; then
 fi
 cargo --version
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
+# tests/activation.rs runs the development loop `systemfd --no-pid -s http::PORT -- ...`.
+command -v systemfd >/dev/null || cargo install --locked --quiet systemfd
 
 say "cargo fmt --check"
 cargo fmt --check

@@ -114,6 +114,11 @@ pub struct Spawn {
     pub env: Vec<(String, String)>,
     /// Raw LISTEN_FDS override (for malformed values).
     pub listen_fds_raw: Option<String>,
+    /// Whether LISTEN_PID is set (to the child's pid); systemfd --no-pid sets none.
+    pub listen_pid: bool,
+    /// Where the fds go, announced in LISTEN_FDS_FIRST_FD as systemfd does; unset: fd 3 and no
+    /// LISTEN_FDS_FIRST_FD, as systemd does.
+    pub first_fd: Option<i32>,
 }
 
 impl Spawn {
@@ -130,6 +135,8 @@ impl Spawn {
             fds: Vec::new(),
             env: Vec::new(),
             listen_fds_raw: None,
+            listen_pid: true,
+            first_fd: None,
         }
     }
 
@@ -147,7 +154,7 @@ impl Spawn {
     /// fork: a shell sets it to `$$` and execs baton, keeping the pid.
     pub fn start(self) -> Baton {
         let activated = !self.fds.is_empty() || self.listen_fds_raw.is_some();
-        let mut cmd = if activated {
+        let mut cmd = if activated && self.listen_pid {
             let mut c = Command::new("/bin/sh");
             c.arg("-c")
                 .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
@@ -174,6 +181,9 @@ impl Spawn {
                 .clone()
                 .unwrap_or_else(|| self.fds.len().to_string());
             cmd.env("LISTEN_FDS", count);
+            if let Some(first) = self.first_fd {
+                cmd.env("LISTEN_FDS_FIRST_FD", first.to_string());
+            }
             if self.fds.iter().any(|(_, n)| n.is_some()) {
                 let names: Vec<String> = self
                     .fds
@@ -183,6 +193,7 @@ impl Spawn {
                 cmd.env("LISTEN_FDNAMES", names.join(":"));
             }
             let raw: Vec<i32> = self.fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+            let first = self.first_fd.unwrap_or(3);
             // SAFETY: only async-signal-safe calls (fcntl, dup2, close) between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
@@ -196,7 +207,7 @@ impl Spawn {
                         }
                     }
                     for (i, fd) in high.iter().take(raw.len()).enumerate() {
-                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        if libc::dup2(*fd, first + i as i32) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                         libc::close(*fd);
