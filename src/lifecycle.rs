@@ -347,7 +347,7 @@ impl Generation {
         };
         let parts = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
-            let control = control::listen()?;
+            let control = control::listen();
             let server = Server::new(process.listeners, app.clone(), metrics.clone(), settings)
                 .context("cannot serve the listeners")?;
             anyhow::Ok((signals, control, server))

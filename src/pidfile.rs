@@ -42,6 +42,8 @@ pub enum PidfileError {
         pid: Option<u32>,
         path: PathBuf,
     },
+    /// This user may not open it.
+    Denied(String),
     Other(String),
 }
 
@@ -63,12 +65,19 @@ impl fmt::Display for PidfileError {
                 "already running (pidfile {} is locked but names no pid yet)",
                 path.display()
             ),
-            PidfileError::Other(m) => f.write_str(m),
+            PidfileError::Other(m) | PidfileError::Denied(m) => f.write_str(m),
         }
     }
 }
 
 impl std::error::Error for PidfileError {}
+
+impl PidfileError {
+    /// This user may not open the pidfile (it is another user's).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, PidfileError::Denied(_))
+    }
+}
 
 /// The locked pidfile of this process.
 #[derive(Debug)]
@@ -92,7 +101,11 @@ fn open_error(path: &Path, e: io::Error) -> PidfileError {
         }
         _ => "choose another --pidfile".to_owned(),
     };
-    PidfileError::Other(format!("pidfile {}: {e}; {hint}", path.display()))
+    let message = format!("pidfile {}: {e}; {hint}", path.display());
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => PidfileError::Denied(message),
+        _ => PidfileError::Other(message),
+    }
 }
 
 impl Pidfile {
@@ -271,6 +284,12 @@ pub fn probe(path: &Path) -> Result<Probe, PidfileError> {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(Probe::NotRunning { stale_pid: None })
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(PidfileError::Denied(format!(
+                "pidfile {}: {e}: it is readable only by the user baton runs as; ask as that user or as root",
+                path.display()
+            )))
         }
         Err(e) => return Err(open_error(path, e)),
     };

@@ -12,7 +12,7 @@
 //!  Upgrading ──SIGTERM──▶ N killed, O stops as usual
 //! ```
 //!
-//! Step by step ([`run`]):
+//! Step by step ([`start`]):
 //! 1. O sends `RELOADING=1` + `MONOTONIC_USEC` + `STATUS=`.
 //! 2. O double-forks ([`Upgrader::spawn`]): the intermediate reports N's pid on the handshake
 //!    channel and waits; O opens a pidfd for N (which cannot be recycled meanwhile: N is still

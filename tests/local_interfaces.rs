@@ -1,0 +1,290 @@
+//! The local interfaces against a hostile neighbour (issue 9): the control socket, the
+//! pidfile, baton's private environment variables, and the CLI, with real processes. An
+//! unprivileged neighbour is uid 65534 (setpriv).
+//!
+//! The test process is a child subreaper (common::reaper): new generations are adopted here.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::http;
+use common::{reaper, run, run_baton, tcp_listener, Baton, Spawn, TempDir};
+use nix::sys::signal::Signal;
+
+const NOBODY: u32 = 65534;
+
+/// `setpriv` to uid/gid 65534 without groups, then `program args`.
+fn as_nobody(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        program,
+    ])
+    .args(args);
+    c
+}
+
+/// Starts a plain first generation on a handed-over loopback listener (no probation).
+fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    let mut all = args.to_vec();
+    all.extend(["--upgrade-probation", "0s"]);
+    let mut spawn = Spawn::serve(&all).fd(listener, None);
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    let mut baton = spawn.start();
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    (baton, addr)
+}
+
+fn pid_of(addr: SocketAddr) -> u32 {
+    http::get(addr, "/-/version").unwrap().json()["pid"]
+        .as_u64()
+        .unwrap() as u32
+}
+
+fn kill(pid: u32, signal: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+fn wait_gone(pid: u32) -> bool {
+    match baton::control::ProcessHandle::open(pid) {
+        Ok(handle) => handle.wait_exit(Duration::from_secs(30)).unwrap(),
+        Err(_) => true,
+    }
+}
+
+/// The squatter (run as uid 65534 by `control_socket_names_cannot_be_taken`): binds the
+/// abstract names `@baton/control/<pid>` that earlier versions listened on, for the pids from
+/// `BATON_TEST_SQUAT_FROM` on, and tries to create every control socket path it can think of;
+/// prints what it got and waits for EOF on stdin. A no-op in a normal test run.
+#[test]
+fn zz_squatter_helper() {
+    let Ok(from) = std::env::var("BATON_TEST_SQUAT_FROM") else {
+        return;
+    };
+    let from: u32 = from.parse().unwrap();
+    let count: u32 = std::env::var("BATON_TEST_SQUAT_COUNT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    use std::os::linux::net::SocketAddrExt;
+    let mut held = Vec::new();
+    let mut paths = 0;
+    for i in 0..count {
+        let pid = 300 + (from - 300 + i) % (pid_max - 300);
+        let name = format!("baton/control/{pid}");
+        if let Ok(l) = std::os::unix::net::SocketAddr::from_abstract_name(&name)
+            .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+        {
+            held.push(l);
+        }
+        for dir in ["/run/baton/control", "/run/baton"] {
+            if let Ok(l) = std::os::unix::net::UnixListener::bind(format!("{dir}/{pid}")) {
+                paths += 1;
+                held.push(l);
+            }
+        }
+    }
+    println!("squatting {} names, {paths} paths", held.len());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[test]
+fn control_socket_names_cannot_be_taken() {
+    reaper::init();
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let count = 8000.min(pid_max - 400);
+    let from = last + 1;
+    let in_range = |pid: u32| (pid + pid_max - from) % pid_max < count;
+    let mut squatter = as_nobody(
+        &std::env::current_exe().unwrap().display().to_string(),
+        &[
+            "--exact",
+            "zz_squatter_helper",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ],
+    );
+    squatter
+        .env("BATON_TEST_SQUAT_FROM", from.to_string())
+        .env("BATON_TEST_SQUAT_COUNT", count.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut squatter = squatter.spawn().unwrap();
+    let mut out = BufReader::new(squatter.stdout.take().unwrap());
+    let report = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the squatter said nothing"
+        );
+        // libtest prints `test NAME ... ` first, on the same line.
+        if let Some(at) = line.find("squatting ") {
+            break line[at..].to_owned();
+        }
+    };
+    let names: u32 = report.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        names > count / 2,
+        "the squatter got too few names: {report}"
+    );
+    assert!(report.contains(" 0 paths"), "{report}");
+
+    let (baton, addr) = start(&[], &[]);
+    let first = baton.pid();
+    assert!(
+        in_range(first),
+        "pid {first} was not squatted ({from}..+{count}): the test proves nothing"
+    );
+    // A plain request, a reload (the new generation binds a socket of its own), a status.
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    let (code, out, err) = run_baton(&["reload", "--pid", &first.to_string()]);
+    assert_eq!(code, 0, "reload refused: {out} {err}");
+    let second = pid_of(addr);
+    assert_ne!(second, first);
+    assert!(wait_gone(first));
+    let (code, out, err) = run_baton(&["status", "--pid", &second.to_string()]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("generation 2"), "{out}");
+
+    // The neighbour may neither ask nor stop.
+    let (code, out, err) = run(as_nobody(
+        common::baton_bin(),
+        &["status", "--pid", &second.to_string()],
+    ));
+    assert_eq!(code, 4, "{out} {err}");
+    assert_eq!(out, "");
+    assert!(err.contains("permission denied"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = run(as_nobody(
+        common::baton_bin(),
+        &["stop", "--pid", &second.to_string()],
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+
+    let (code, _, err) = run_baton(&["stop", "--pid", &second.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(wait_gone(second));
+    let sockets = std::fs::read_dir("/run/baton/control").unwrap();
+    assert!(
+        !sockets
+            .flatten()
+            .any(|e| e.file_name() == second.to_string().as_str()),
+        "the socket of pid {second} was left behind"
+    );
+    drop(squatter.stdin.take());
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    drop(baton);
+}
+
+#[test]
+fn control_directory_is_private() {
+    let (baton, _addr) = start(&[], &[]);
+    let dir = Path::new("/run/baton/control");
+    let mode = std::fs::symlink_metadata(dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let socket = dir.join(baton.pid().to_string());
+    let mode = std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    kill(baton.pid(), Signal::SIGTERM);
+}
+
+#[test]
+fn a_control_socket_that_cannot_be_set_up_is_a_warning() {
+    // Every place this process could use is unusable: a RUNTIME_DIRECTORY that is a file, and
+    // a user (54321, no account) whose default directories cannot be created: no
+    // /run/user/54321, /run/baton/control is root's, /tmp/baton-54321 is made root's below.
+    let dir = TempDir::new("ctl-nowhere");
+    let file = dir.join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let squatted = Path::new("/tmp/baton-54321");
+    let made = std::fs::create_dir(squatted).is_ok();
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    use std::os::fd::AsRawFd;
+    // LISTEN_PID must be the pid of baton itself: the shell sets it and execs setpriv, which
+    // execs baton, all in one process.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$; export LISTEN_PID; exec setpriv --reuid=54321 --regid=54321 --clear-groups \"$0\" serve --config /dev/null")
+        .arg(common::baton_bin())
+        .env("LISTEN_FDS", "1")
+        .env("RUNTIME_DIRECTORY", &file)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let raw = listener.as_raw_fd();
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2(3, 3) would leave FD_CLOEXEC set: clear it either way.
+            if libc::dup2(raw, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut baton = Baton::adopt(cmd.spawn().unwrap());
+    drop(listener);
+    baton.wait_ready();
+    assert!(
+        baton
+            .stderr
+            .text()
+            .contains("event=\"control-unavailable\""),
+        "{}",
+        baton.stderr.text()
+    );
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(Duration::from_secs(30)).unwrap().success());
+    if made {
+        let _ = std::fs::remove_dir(squatted);
+    }
+}
