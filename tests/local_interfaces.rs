@@ -288,3 +288,143 @@ fn a_control_socket_that_cannot_be_set_up_is_a_warning() {
         let _ = std::fs::remove_dir(squatted);
     }
 }
+
+/// Holds `path`'s lock like a running instance, from this test process.
+fn lock(path: &Path) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
+/// Whether `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == path))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn pidfile_removed_while_a_start_waits_for_its_lock_gives_one_holder() {
+    reaper::init();
+    let dir = TempDir::new("pidfile-race");
+    let pidfile = dir.join("baton.pid");
+    let pidfile_arg = pidfile.display().to_string();
+    // A stopping instance (played by this process) holds the lock...
+    let held = lock(&pidfile);
+    // ...while B starts: it opens the file and retries the lock.
+    let (listener_b, addr_b) = tcp_listener();
+    let mut b = Spawn::serve(&["--pidfile", &pidfile_arg])
+        .fd(listener_b, None)
+        .start();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || has_open(b.pid(), &pidfile)),
+        "B never opened the pidfile: {}",
+        b.stderr.text()
+    );
+    // The instance stops: removes its pidfile, then its lock goes with it.
+    std::fs::remove_file(&pidfile).unwrap();
+    drop(held);
+    // B holds the lock of whatever the path names now, or nothing; then C starts.
+    let b_ready = b
+        .stderr
+        .wait_for("event=\"ready\"", Duration::from_secs(10))
+        .is_some();
+    let (listener_c, addr_c) = tcp_listener();
+    let c = Spawn::serve(&["--pidfile", &pidfile_arg])
+        .fd(listener_c, None)
+        .start();
+    let c_ready = c
+        .stderr
+        .wait_for("event=\"ready\"", Duration::from_secs(5))
+        .is_some();
+    assert!(
+        !(b_ready && c_ready),
+        "two instances hold the pidfile {pidfile_arg}: B (pid {}) on {addr_b} and C (pid {}) on {addr_c}",
+        b.pid(),
+        c.pid()
+    );
+    assert!(b_ready, "B did not start: {}", b.stderr.text());
+    let (status, err) = c.finish(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("already running as pid {}", b.pid())),
+        "{err}"
+    );
+    // The path names B's locked file.
+    let probe = baton::pidfile::probe(&pidfile).unwrap();
+    assert_eq!(probe, baton::pidfile::Probe::Running(b.pid()));
+    assert_eq!(http::get(addr_b, "/-/healthy").unwrap().status, 200);
+    b.signal(Signal::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(30)).unwrap().success());
+}
+
+#[test]
+fn other_users_cannot_open_the_pidfile_to_block_a_start() {
+    reaper::init();
+    let dir = TempDir::new("pidfile-others");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pidfile = dir.join("baton.pid");
+    let pidfile_arg = pidfile.display().to_string();
+    let (listener, _) = tcp_listener();
+    let mut first = Spawn::serve(&["--pidfile", &pidfile_arg])
+        .fd(listener, None)
+        .start();
+    first.wait_ready();
+    let mode = std::fs::metadata(&pidfile).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An unclean exit leaves the file behind.
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(pidfile.exists());
+    // A neighbour tries to hold its lock for a long time (flock(1) opens the file first).
+    let (code, _, err) = run(as_nobody(
+        "flock",
+        &["--nonblock", &pidfile_arg, "sleep", "30"],
+    ));
+    assert_ne!(code, 0);
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, out, err) = run(as_nobody(
+        common::baton_bin(),
+        &["status", "--pidfile", &pidfile_arg],
+    ));
+    assert_eq!(code, 4, "{out} {err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    // The next start takes over the stale file.
+    let (listener, addr) = tcp_listener();
+    let mut next = Spawn::serve(&["--pidfile", &pidfile_arg])
+        .fd(listener, None)
+        .start();
+    next.wait_ready();
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    next.signal(Signal::SIGTERM);
+    assert!(next.wait_exit(Duration::from_secs(30)).unwrap().success());
+}
+
+#[test]
+fn a_pidfile_of_an_older_version_is_tightened() {
+    reaper::init();
+    let dir = TempDir::new("pidfile-mode");
+    let pidfile = dir.join("baton.pid");
+    std::fs::write(&pidfile, "").unwrap();
+    std::fs::set_permissions(&pidfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (listener, _) = tcp_listener();
+    let mut b = Spawn::serve(&["--pidfile", pidfile.to_str().unwrap()])
+        .fd(listener, None)
+        .start();
+    b.wait_ready();
+    let mode = std::fs::metadata(&pidfile).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    b.signal(Signal::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(30)).unwrap().success());
+}
