@@ -300,6 +300,10 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // Before anything reads them: baton's private variables count only when meant for this
+    // very process (a stray value must not make a plain start wait for a commit, or write its
+    // pid into an unrelated file).
+    crate::upgrade::private_env_trusted();
     // A keeper that re-executed itself goes on with the state it passed.
     if crate::keeper::resuming() {
         return crate::keeper::resume();
@@ -409,6 +413,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(destination) => destination,
         Err(e) => return process.fail(&e),
     };
+    crate::upgrade::report_ignored_private_env();
     if let Some(keeper) = keeper_pid {
         crate::keeper::watch(keeper);
     }

@@ -72,6 +72,8 @@ pub struct Process {
 /// the environment).
 pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
+    // Stray private variables (not meant for this process) are dropped first.
+    upgrade::private_env_trusted();
     let exe = match &config.upgrade.exec {
         Some(exe) => exe.clone(),
         None => upgrade::current_executable().context("cannot tell which executable runs")?,

@@ -227,6 +227,7 @@ impl Pidfile {
     /// Takes over the locked pidfile passed by the previous generation, if any, and removes the
     /// variable. Call before any thread exists (it changes the environment).
     pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
+        crate::upgrade::private_env_trusted();
         let value = std::env::var(PIDFILE_FD_ENV).ok();
         let Some(fd) =
             crate::upgrade::take_fd(PIDFILE_FD_ENV, value).map_err(PidfileError::Other)?

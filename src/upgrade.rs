@@ -57,8 +57,87 @@ pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
 /// Upgrades counted so far by result, carried from generation to generation.
 pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
 
+/// Names the pid that baton's private variables ([`PRIVATE_VARS`]) are meant for, as
+/// `LISTEN_PID` does for the `LISTEN_*` variables: whoever sets them (an old generation for its
+/// successor, the keeper for a generation or for its own re-exec) sets this too, to the pid of
+/// the process that will read them.
+pub const FOR_PID_ENV: &str = "BATON_FOR_PID";
+
+/// baton's private variables: honoured only when meant for this very process
+/// ([`private_env_trusted`]).
+pub const PRIVATE_VARS: [&str; 9] = [
+    UPGRADE_FD_ENV,
+    UPGRADE_STARTED_ENV,
+    UPGRADES_ENV,
+    crate::lifecycle::GENERATION_ENV,
+    crate::pidfile::PIDFILE_FD_ENV,
+    crate::keeper::KEEPER_PID_ENV,
+    crate::keeper::RESTARTS_ENV,
+    crate::keeper::REPORT_FD_ENV,
+    crate::keeper::STATE_ENV,
+];
+
+static TRUSTED: std::sync::OnceLock<(bool, Vec<String>)> = std::sync::OnceLock::new();
+
+/// Whether baton's private variables ([`PRIVATE_VARS`]) are meant for this process. They are
+/// when `BATON_FOR_PID` is this process's pid; without `BATON_FOR_PID` (set by baton builds
+/// before it existed) when `LISTEN_PID` is, as an upgrade and the keeper always set it, or, for
+/// the keeper's own re-exec, when the state names a child of this process as the main pid.
+/// Otherwise (stray values inherited by a plain launch) they are removed from the environment
+/// and ignored; [`report_ignored_private_env`] logs them once logging works.
+///
+/// The first call decides (and removes `BATON_FOR_PID`); later calls return the same answer.
+///
+/// # Safety contract
+/// The first call changes the environment: make it before any other thread exists (every
+/// reader of the variables calls it, and `baton serve` calls it first thing).
+pub fn private_env_trusted() -> bool {
+    TRUSTED
+        .get_or_init(|| {
+            let pid = std::process::id();
+            let names_us = |var: &str| {
+                std::env::var(var)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    == Some(pid)
+            };
+            let trusted = match std::env::var_os(FOR_PID_ENV) {
+                Some(_) => names_us(FOR_PID_ENV),
+                None => names_us("LISTEN_PID") || crate::keeper::legacy_state_is_ours(),
+            };
+            // SAFETY (of the contract above): no other thread reads the environment yet.
+            unsafe { std::env::remove_var(FOR_PID_ENV) };
+            let mut ignored = Vec::new();
+            if !trusted {
+                for var in PRIVATE_VARS {
+                    if let Some(value) = std::env::var_os(var) {
+                        ignored.push(format!("{var}={}", value.to_string_lossy()));
+                        // SAFETY: as above.
+                        unsafe { std::env::remove_var(var) };
+                    }
+                }
+            }
+            (trusted, ignored)
+        })
+        .0
+}
+
+/// Logs the private variables [`private_env_trusted`] ignored, if any. Call once logging works.
+pub fn report_ignored_private_env() {
+    if let Some((_, ignored)) = TRUSTED.get() {
+        if !ignored.is_empty() {
+            tracing::info!(
+                event = "private-env-ignored",
+                "ignored {} (not meant for this process, pid {}: {FOR_PID_ENV} does not name it)",
+                ignored.join(" "),
+                std::process::id()
+            );
+        }
+    }
+}
+
 /// Variables of O's environment that N must not inherit as they are.
-const PRIVATE_ENV: [&str; 10] = [
+const PRIVATE_ENV: [&str; 11] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -69,6 +148,7 @@ const PRIVATE_ENV: [&str; 10] = [
     UPGRADE_STARTED_ENV,
     UPGRADES_ENV,
     crate::pidfile::PIDFILE_FD_ENV,
+    FOR_PID_ENV,
 ];
 
 /// How long the intermediate may take to report N's pid, and N to confirm it serves after
@@ -109,6 +189,7 @@ pub struct Counts {
 impl Counts {
     /// From `BATON_UPGRADES=ok:failed:rolled_back`; zero when absent or malformed.
     pub fn from_env() -> Counts {
+        private_env_trusted();
         std::env::var(UPGRADES_ENV)
             .ok()
             .and_then(|v| Counts::parse(&v))
@@ -397,6 +478,8 @@ struct ExecPlan {
     /// `LISTEN_PID=` followed by room for the digits: a leaked box (freed in Drop) that only
     /// raw pointers touch, because N writes its pid into it after the fork.
     listen_pid: *mut [u8],
+    /// `BATON_FOR_PID=` and room for the digits, likewise.
+    for_pid: *mut [u8],
     fds: Vec<RawFd>,
 }
 
@@ -404,6 +487,8 @@ impl Drop for ExecPlan {
     fn drop(&mut self) {
         // SAFETY: allocated by Box::into_raw in ExecPlan::new and freed only here.
         drop(unsafe { Box::from_raw(self.listen_pid) });
+        // SAFETY: likewise.
+        drop(unsafe { Box::from_raw(self.for_pid) });
     }
 }
 
@@ -411,6 +496,7 @@ impl Drop for ExecPlan {
 const MAX_FDS: usize = 64;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const FOR_PID_PREFIX: &[u8] = b"BATON_FOR_PID=";
 /// Room for any pid's digits; the byte after them stays NUL.
 const LISTEN_PID_DIGITS: usize = 20;
 
@@ -458,11 +544,16 @@ impl ExecPlan {
                 format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
             ));
         }
-        let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
-        listen_pid.resize(LISTEN_PID_PREFIX.len() + LISTEN_PID_DIGITS + 1, 0);
-        let listen_pid = Box::into_raw(listen_pid.into_boxed_slice());
+        let slot = |prefix: &[u8]| {
+            let mut slot = prefix.to_vec();
+            slot.resize(prefix.len() + LISTEN_PID_DIGITS + 1, 0);
+            Box::into_raw(slot.into_boxed_slice())
+        };
+        let listen_pid = slot(LISTEN_PID_PREFIX);
+        let for_pid = slot(FOR_PID_PREFIX);
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
         envp.push(listen_pid.cast::<libc::c_char>().cast_const());
+        envp.push(for_pid.cast::<libc::c_char>().cast_const());
         envp.push(std::ptr::null());
         Ok(ExecPlan {
             path,
@@ -471,6 +562,7 @@ impl ExecPlan {
             _env: env,
             envp,
             listen_pid,
+            for_pid,
             fds,
         })
     }
@@ -633,9 +725,12 @@ impl ExecPlan {
         // Our own (copy-on-write) copy of the environment: writing the digits in place
         // allocates nothing. The slot lies within the allocation: prefix, then
         // LISTEN_PID_DIGITS + 1 bytes, the last of which stays NUL.
+        let pid = libc::getpid() as u64;
         let slot = self.listen_pid.cast::<u8>().add(LISTEN_PID_PREFIX.len());
-        let digits = std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS);
-        write_decimal(digits, libc::getpid() as u64);
+        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
+        // The same for the marker of baton's private variables.
+        let slot = self.for_pid.cast::<u8>().add(FOR_PID_PREFIX.len());
+        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
         libc::execve(
             self.path.as_ptr(),
             self.argv_ptrs.as_ptr(),
@@ -1139,6 +1234,7 @@ impl Handshake {
     /// # Safety contract
     /// Changes the environment: call it before any other thread exists.
     pub fn take_from_env() -> Result<Option<Handshake>, String> {
+        private_env_trusted();
         let fd = std::env::var(UPGRADE_FD_ENV).ok();
         let started = std::env::var(UPGRADE_STARTED_ENV).ok();
         // SAFETY (of the contract above): no other thread reads the environment yet.

@@ -428,3 +428,194 @@ fn a_pidfile_of_an_older_version_is_tightened() {
     b.signal(Signal::SIGTERM);
     assert!(b.wait_exit(Duration::from_secs(30)).unwrap().success());
 }
+
+/// A plain `baton serve` (no LISTEN_PID: it binds its own port) with `env`, and `fd5` at fd 5
+/// when given: what a stray inherited environment looks like.
+fn plain_start(env: &[(&str, String)], fd5: Option<std::os::fd::RawFd>) -> (Baton, SocketAddr) {
+    reaper::init();
+    let addr = tcp_listener().1;
+    let mut cmd = Command::new(common::baton_bin());
+    cmd.args([
+        "serve",
+        "--config",
+        "/dev/null",
+        "--listen",
+        &addr.to_string(),
+        "--log-level",
+        "debug",
+    ])
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("RUST_LOG")
+    .env_remove("LISTEN_PID")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(raw) = fd5 {
+        // SAFETY: dup2 and fcntl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 5) < 0 || libc::fcntl(5, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut baton = Baton::adopt(cmd.spawn().unwrap());
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    (baton, addr)
+}
+
+fn stop(mut baton: Baton) -> String {
+    baton.signal(Signal::SIGTERM);
+    assert!(baton.wait_exit(Duration::from_secs(30)).unwrap().success());
+    baton.stderr.wait_closed(Duration::from_secs(5));
+    baton.stderr.text()
+}
+
+fn ignored(log: &str, var: &str) {
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=\"private-env-ignored\"") && l.contains(var)),
+        "no line says {var} was ignored:\n{log}"
+    );
+}
+
+#[test]
+fn stray_upgrade_channel_is_ignored() {
+    // Old behaviour: says `ready` on the stray socket and waits for a commit forever.
+    let (_peer, stray) = std::os::unix::net::UnixStream::pair().unwrap();
+    use std::os::fd::AsRawFd;
+    let (baton, addr) = plain_start(
+        &[
+            ("BATON_UPGRADE_FD", "5".into()),
+            ("BATON_UPGRADE_STARTED_USEC", "1".into()),
+        ],
+        Some(stray.as_raw_fd()),
+    );
+    let v = http::get(addr, "/-/version").unwrap().json();
+    assert_eq!(v["generation"], 1);
+    let log = stop(baton);
+    ignored(&log, "BATON_UPGRADE_FD=5");
+    ignored(&log, "BATON_UPGRADE_STARTED_USEC=1");
+}
+
+#[test]
+fn stray_pidfile_fd_is_ignored_and_the_file_untouched() {
+    // Old behaviour: takes the file for its pidfile and writes its pid over it.
+    let dir = TempDir::new("stray-pidfile-fd");
+    let precious = dir.join("precious");
+    std::fs::write(&precious, "precious data\n").unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&precious)
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    let (baton, _) = plain_start(&[("BATON_PIDFILE_FD", "5".into())], Some(file.as_raw_fd()));
+    let log = stop(baton);
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "precious data\n"
+    );
+    ignored(&log, "BATON_PIDFILE_FD=5");
+}
+
+#[test]
+fn stray_keeper_report_fd_is_ignored_and_the_file_untouched() {
+    let dir = TempDir::new("stray-report-fd");
+    let precious = dir.join("precious");
+    std::fs::write(&precious, "precious data\n").unwrap();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&precious)
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    let (baton, _) = plain_start(
+        &[("BATON_KEEPER_REPORT_FD", "5".into())],
+        Some(file.as_raw_fd()),
+    );
+    let log = stop(baton);
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "precious data\n"
+    );
+    ignored(&log, "BATON_KEEPER_REPORT_FD=5");
+}
+
+#[test]
+fn stray_generation_and_counts_are_ignored() {
+    // Old behaviour: generation u64::MAX (every upgrade refused: overflow), counts from the
+    // stray values in the metrics.
+    let (baton, addr) = plain_start(
+        &[
+            ("BATON_GENERATION", u64::MAX.to_string()),
+            ("BATON_UPGRADES", "7:7:7".into()),
+            ("BATON_RESTARTS", "7".into()),
+        ],
+        None,
+    );
+    assert_eq!(
+        http::get(addr, "/-/version").unwrap().json()["generation"],
+        1
+    );
+    let metrics = http::get(addr, "/-/metrics").unwrap().text();
+    assert!(
+        !metrics.lines().any(|l| (l.starts_with("baton_upgrades")
+            || l.starts_with("baton_restarts"))
+            && l.ends_with(" 7")),
+        "{metrics}"
+    );
+    let (code, out, err) = run_baton(&["reload", "--pid", &baton.pid().to_string()]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("to generation 2"), "{out}");
+    let new = pid_of(addr);
+    assert!(wait_gone(baton.pid()));
+    let log = baton.stderr.text();
+    ignored(&log, "BATON_GENERATION=18446744073709551615");
+    ignored(&log, "BATON_UPGRADES=7:7:7");
+    ignored(&log, "BATON_RESTARTS=7");
+    kill(new, Signal::SIGTERM);
+    assert!(wait_gone(new));
+}
+
+#[test]
+fn stray_keeper_variables_are_ignored() {
+    // Old behaviour: a stray BATON_KEEPER_PID makes a plain start watch that process and stop
+    // when it exits; a stray BATON_KEEPER_STATE makes it resume a keeper that never was.
+    let mut short = Command::new("sleep").arg("0.3").spawn().unwrap();
+    let (baton, addr) = plain_start(&[("BATON_KEEPER_PID", short.id().to_string())], None);
+    let _ = short.wait();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    let (code, out, _) = run_baton(&["status", "--pid", &baton.pid().to_string()]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("keeper pid"), "{out}");
+    let log = stop(baton);
+    ignored(&log, "BATON_KEEPER_PID=");
+
+    let (baton, _) = plain_start(&[("BATON_KEEPER_STATE", "{}".into())], None);
+    let log = stop(baton);
+    ignored(&log, "BATON_KEEPER_STATE={}");
+}
+
+#[test]
+fn stray_marker_for_another_pid_is_ignored() {
+    // Private variables addressed to another pid are ignored like those without an address.
+    let (_peer, stray) = std::os::unix::net::UnixStream::pair().unwrap();
+    use std::os::fd::AsRawFd;
+    let (baton, _) = plain_start(
+        &[
+            ("BATON_UPGRADE_FD", "5".into()),
+            ("BATON_FOR_PID", "1".into()),
+        ],
+        Some(stray.as_raw_fd()),
+    );
+    let log = stop(baton);
+    ignored(&log, "BATON_UPGRADE_FD=5");
+}
