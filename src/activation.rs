@@ -173,7 +173,12 @@ fn error<T>(msg: impl Into<String>) -> Result<T, ActivationError> {
 pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
     let raw = |name| std::env::var(name).unwrap_or_default();
     let (pid, count, names) = (raw("LISTEN_PID"), raw("LISTEN_FDS"), raw("LISTEN_FDNAMES"));
-    let result = sd_notify::listen_fds_with_names();
+    // Not for this process (or no LISTEN_PID at all): every LISTEN_* variable is ignored, as
+    // sd_listen_fds(3) says, whatever LISTEN_FDS and LISTEN_FDNAMES hold.
+    let ours = pid.trim().parse::<u32>().ok() == Some(std::process::id());
+    let result = sd_notify::listen_fds_with_names()
+        .map(|fds| fds.filter(|_| ours).collect::<Vec<_>>())
+        .or_else(|e| if ours { Err(e) } else { Ok(Vec::new()) });
     for var in LISTEN_VARS {
         // SAFETY (of the contract above): no other thread reads the environment yet.
         unsafe { std::env::remove_var(var) };
@@ -192,25 +197,26 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
              fds, and one name per fd"
         ))
     })?;
-    fds.map(|(raw_fd, name)| {
-        // The fd must be open, or OwnedFd would later close a number that is not ours.
-        if unsafe { libc::fcntl(raw_fd, libc::F_GETFD) } < 0 {
-            return error(format!(
-                "socket activation: fd {raw_fd} (LISTEN_FDS={count}) is not open; \
+    fds.into_iter()
+        .map(|(raw_fd, name)| {
+            // The fd must be open, or OwnedFd would later close a number that is not ours.
+            if unsafe { libc::fcntl(raw_fd, libc::F_GETFD) } < 0 {
+                return error(format!(
+                    "socket activation: fd {raw_fd} (LISTEN_FDS={count}) is not open; \
                  whatever started baton passed fewer fds than it announced"
-            ));
-        }
-        // SAFETY: the fd is open and, per LISTEN_PID, was handed to this process to own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw_fd) };
-        // sd-notify reports a missing LISTEN_FDNAMES as "unknown".
-        let name = if names.is_empty() {
-            String::new()
-        } else {
-            name
-        };
-        Ok(ActivatedFd { fd, name })
-    })
-    .collect()
+                ));
+            }
+            // SAFETY: the fd is open and, per LISTEN_PID, was handed to this process to own.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw_fd) };
+            // sd-notify reports a missing LISTEN_FDNAMES as "unknown".
+            let name = if names.is_empty() {
+                String::new()
+            } else {
+                name
+            };
+            Ok(ActivatedFd { fd, name })
+        })
+        .collect()
 }
 
 /// Checks the activated fds, matches them to `specs`, and binds the specs left over.

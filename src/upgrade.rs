@@ -44,7 +44,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::activation::Listener;
 use crate::control::ProcessHandle;
@@ -150,6 +150,83 @@ const PRIVATE_ENV: [&str; 11] = [
     crate::pidfile::PIDFILE_FD_ENV,
     FOR_PID_ENV,
 ];
+
+/// The longest line either side of the handshake reads (a longer one breaks the handshake).
+pub const MAX_LINE: usize = 4096;
+
+fn line_too_long() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a handshake line longer than {MAX_LINE} bytes"),
+    )
+}
+
+/// `BufRead::read_line`, but at most [`MAX_LINE`] bytes: a longer line is an error.
+fn read_bounded_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<usize> {
+    let n = io::Read::take(&mut *reader, MAX_LINE as u64 + 1).read_line(line)?;
+    if n == MAX_LINE + 1 && !line.ends_with('\n') {
+        return Err(line_too_long());
+    }
+    Ok(n)
+}
+
+/// The lines of a handshake channel, each at most [`MAX_LINE`] bytes (without its `\n`): a
+/// longer one is an error, so a runaway peer cannot make the other side buffer without end.
+/// [`BoundedLines::next_line`] is cancel-safe, as tokio's `Lines::next_line` is: a partial line
+/// stays in the struct.
+pub struct BoundedLines<R> {
+    reader: tokio::io::BufReader<R>,
+    partial: Vec<u8>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> BoundedLines<R> {
+    pub fn new(read: R) -> BoundedLines<R> {
+        BoundedLines {
+            reader: tokio::io::BufReader::new(read),
+            partial: Vec::new(),
+        }
+    }
+
+    /// The next line without its `\n` (or `\r\n`); `None` at the end; an error for a line
+    /// longer than [`MAX_LINE`] or not UTF-8.
+    pub async fn next_line(&mut self) -> io::Result<Option<String>> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let available = self.reader.fill_buf().await?;
+            let (taken, done) = match available.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None if available.is_empty() => (0, true),
+                None => (available.len(), false),
+            };
+            if self.partial.len() + taken > MAX_LINE + 1 {
+                return Err(line_too_long());
+            }
+            self.partial.extend_from_slice(&available[..taken]);
+            self.reader.consume(taken);
+            if !done {
+                continue;
+            }
+            if self.partial.is_empty() {
+                return Ok(None);
+            }
+            let mut line = std::mem::take(&mut self.partial);
+            if line.last() == Some(&b'\n') {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+            }
+            return String::from_utf8(line)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+
+    /// The reader (what it had buffered is dropped).
+    pub fn into_inner(self) -> R {
+        self.reader.into_inner()
+    }
+}
 
 /// How long the intermediate may take to report N's pid, and N to confirm it serves after
 /// `commit`. Both involve no work beyond a few syscalls.
@@ -344,7 +421,7 @@ impl Upgrader {
         let mut early = None;
         let pid = loop {
             let mut line = String::new();
-            reader.read_line(&mut line)?;
+            read_bounded_line(&mut reader, &mut line)?;
             let line = line.trim_end();
             match line.strip_prefix("pid ").map(str::parse::<i32>) {
                 Some(Ok(pid)) if pid > 0 => break pid,
@@ -772,7 +849,7 @@ pub struct Successor {
     /// When N began to serve.
     pub serving_since: Instant,
     spawned: Spawned,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
     /// Readable once N has exited.
     exit_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
@@ -841,7 +918,7 @@ pub async fn start(
         })
         .map_err(|e| format!("handshake channel: {e}"))?;
     let (read, mut write) = channel.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut lines = BoundedLines::new(read);
     // N's exit ends every wait, even when something else keeps the channel open.
     let mut exit_watch = spawned
         .pidfd
@@ -965,9 +1042,7 @@ async fn exited(watch: &mut Option<tokio::io::unix::AsyncFd<OwnedFd>>) {
 }
 
 /// The line N (or its intermediate, with `exit <status>`) wrote just before N died, if any.
-async fn last_words(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
-) -> Option<String> {
+async fn last_words(lines: &mut BoundedLines<tokio::net::unix::OwnedReadHalf>) -> Option<String> {
     match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
         Ok(Ok(line)) => line,
         _ => None,
@@ -1088,7 +1163,6 @@ impl Successor {
         let channel = self
             .lines
             .into_inner()
-            .into_inner()
             .reunite(self.write)
             .map_err(|e| format!("handshake channel: {e}"))?;
         Ok(HandedOver {
@@ -1166,7 +1240,7 @@ impl Committed {
         self.channel.write_all(b"serving\n").await?;
         let (read, write) = self.channel.into_split();
         Ok(Predecessor {
-            lines: tokio::io::BufReader::new(read).lines(),
+            lines: BoundedLines::new(read),
             write,
         })
     }
@@ -1174,7 +1248,7 @@ impl Committed {
 
 /// N's link to O after the commit.
 pub struct Predecessor {
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
 }
 
@@ -1256,7 +1330,16 @@ impl Handshake {
 
     /// Reports a startup failure to O, which relays it to whoever asked for the upgrade.
     pub fn fail(mut self, message: &str) {
-        let line = format!("error {}\n", message.replace('\n', "; "));
+        let mut message = message.replace('\n', "; ");
+        if message.len() > MAX_LINE - 64 {
+            let mut end = MAX_LINE - 64;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" [...]");
+        }
+        let line = format!("error {message}\n");
         let _ = self.channel.write_all(line.as_bytes());
     }
 
@@ -1265,9 +1348,12 @@ impl Handshake {
         self.channel.set_nonblocking(true)?;
         let mut channel = tokio::net::UnixStream::from_std(self.channel)?;
         channel.write_all(b"ready\n").await?;
-        let mut reader = tokio::io::BufReader::new(&mut channel);
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
+        let mut lines = BoundedLines::new(&mut channel);
+        let line = lines
+            .next_line()
+            .await?
+            .map(|l| l + "\n")
+            .unwrap_or_default();
         if line != "commit\n" {
             return Err(io::Error::other(format!(
                 "the old process ended the handshake ({:?})",
@@ -1284,6 +1370,32 @@ impl Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_lines_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ok = "a".repeat(MAX_LINE);
+            let input = format!("ready\r\n{ok}\n{ok}b\nnever");
+            let mut lines = BoundedLines::new(input.as_bytes());
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+            assert_eq!(lines.next_line().await.unwrap(), Some(ok.clone()));
+            let e = lines.next_line().await.unwrap_err();
+            assert!(e.to_string().contains("longer than 4096 bytes"), "{e}");
+            let mut last = BoundedLines::new(&b"partial"[..]);
+            assert_eq!(last.next_line().await.unwrap().as_deref(), Some("partial"));
+            assert_eq!(last.next_line().await.unwrap(), None);
+        });
+        let mut line = String::new();
+        let input = format!("{}\n", "p".repeat(MAX_LINE));
+        let mut reader = std::io::BufReader::new(input.as_bytes());
+        read_bounded_line(&mut reader, &mut line).unwrap();
+        let input = "p".repeat(MAX_LINE + 1);
+        let mut reader = std::io::BufReader::new(input.as_bytes());
+        assert!(read_bounded_line(&mut reader, &mut String::new()).is_err());
+    }
 
     #[test]
     fn decimal_without_allocation() {

@@ -619,3 +619,100 @@ fn stray_marker_for_another_pid_is_ignored() {
     let log = stop(baton);
     ignored(&log, "BATON_UPGRADE_FD=5");
 }
+
+#[test]
+fn listen_variables_for_another_pid_are_ignored_even_with_names() {
+    // sd_listen_fds(3): LISTEN_* for another pid are not ours, whatever else they say.
+    let (baton, addr) = plain_start(
+        &[
+            ("LISTEN_PID", "1".into()),
+            ("LISTEN_FDS", "1".into()),
+            ("LISTEN_FDNAMES", "http".into()),
+        ],
+        None,
+    );
+    let text = http::get(addr, "/-/version").unwrap().json();
+    assert_eq!(text["generation"], 1);
+    let log = stop(baton);
+    assert!(
+        log.contains(&format!("listening on http={addr} (bound)")),
+        "{log}"
+    );
+}
+
+/// CPU time (user + system) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_tiny_watchdog_interval_does_not_spin() {
+    let (baton, addr) = plain_start(&[("WATCHDOG_USEC", "1".into())], None);
+    let before = cpu_ticks(baton.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(baton.pid()) - before;
+    // SAFETY: sysconf only.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        used * 10 < hz * 2,
+        "{used} ticks ({hz}/s) of CPU in 2 s: the watchdog spins"
+    );
+    assert_eq!(http::get(addr, "/-/healthy").unwrap().status, 200);
+    let log = stop(baton);
+    assert!(log.contains("event=\"watchdog-clamped\""), "{log}");
+}
+
+#[test]
+fn a_long_handshake_line_breaks_the_upgrade_at_once() {
+    let dir = TempDir::new("long-line");
+    let fake = dir.join("fake-baton");
+    // A "new generation" that writes one endless line on the handshake channel.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nhead -c 1000000 /dev/zero | tr '\\0' a >&$BATON_UPGRADE_FD\nexec sleep 30\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (baton, addr) = start(
+        &["--exec", fake.to_str().unwrap(), "--upgrade-timeout", "30s"],
+        &[],
+    );
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_baton(&["reload", "--pid", &baton.pid().to_string()]);
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(err.contains("longer than 4096 bytes"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{err}");
+    assert_eq!(pid_of(addr), baton.pid(), "the old process keeps serving");
+    stop(baton);
+}
+
+#[test]
+fn a_fifo_or_other_special_file_as_config_is_refused_at_once() {
+    reaper::init();
+    let dir = TempDir::new("fifo-config");
+    let fifo = dir.join("baton.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (command, path) in [
+        ("serve", fifo.clone()),
+        ("check", fifo.clone()),
+        ("serve", dir.path().to_owned()),
+    ] {
+        let mut cmd = Command::new(common::baton_bin());
+        cmd.args([command, "--config", path.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let b = Baton::adopt(cmd.spawn().unwrap());
+        let (status, err) = b.finish(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+    // /dev/null stays the empty configuration.
+    let (code, out, err) = run_baton(&["check", "--config", "/dev/null"]);
+    assert_eq!(code, 0, "{out} {err}");
+}
