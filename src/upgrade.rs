@@ -986,7 +986,9 @@ pub async fn start(
     // connections as soon as it read the line.
     let confirmation = async {
         write.write_all(b"commit\n").await?;
+        // A line N wrote before it exited counts: look at the channel first.
         let answer = tokio::select! {
+            biased;
             line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => Some(line),
             _ = exited(&mut exit_watch) => None,
         };
@@ -1003,8 +1005,12 @@ pub async fn start(
                 "no answer within {STEP_TIMEOUT:?}"
             ))),
             None => {
-                let how = last_words(&mut lines)
-                    .await
+                let words = last_words(&mut lines).await;
+                if words.as_deref() == Some("serving") {
+                    // It served, then died at once: the probation sees it go (rollback).
+                    return Ok(());
+                }
+                let how = words
                     .as_deref()
                     .and_then(|w| w.strip_prefix("exit "))
                     .map(|status| describe_exit(pid, status))
