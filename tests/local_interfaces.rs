@@ -716,3 +716,40 @@ fn a_fifo_or_other_special_file_as_config_is_refused_at_once() {
     let (code, out, err) = run_baton(&["check", "--config", "/dev/null"]);
     assert_eq!(code, 0, "{out} {err}");
 }
+
+#[test]
+fn the_children_of_a_failed_new_process_are_killed_with_it() {
+    // (Done on main already: the new process runs in its own process group.) A "new
+    // generation" that starts a child, which inherits the listening socket, and never says
+    // ready.
+    let dir = TempDir::new("failed-children");
+    let fake = dir.join("fake-baton");
+    let child_file = dir.join("child");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nsleep 300 &\necho $! > {}\nexec sleep 300\n",
+            child_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (baton, addr) = start(
+        &["--exec", fake.to_str().unwrap(), "--upgrade-timeout", "2s"],
+        &[],
+    );
+    let (code, _, err) = run_baton(&["reload", "--pid", &baton.pid().to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not ready within 2s"), "{err}");
+    let child: u32 = std::fs::read_to_string(&child_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_gone(child),
+        "the child {child} of the failed new process lives on"
+    );
+    assert_eq!(pid_of(addr), baton.pid());
+    stop(baton);
+}
