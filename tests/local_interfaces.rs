@@ -753,3 +753,36 @@ fn the_children_of_a_failed_new_process_are_killed_with_it() {
     assert_eq!(pid_of(addr), baton.pid());
     stop(baton);
 }
+
+#[test]
+fn an_old_generation_without_the_marker_can_still_hand_over() {
+    // A process of an older build sets LISTEN_PID for the new one but no BATON_FOR_PID: the
+    // handshake channel it announces still counts, because LISTEN_PID names this process.
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut spawn = Spawn::serve(&[])
+        .fd(listener, None)
+        .fd(theirs, None)
+        .env("BATON_UPGRADE_FD", "4")
+        .env("BATON_GENERATION", "5");
+    spawn.listen_fds_raw = Some("1".into());
+    let mut baton = spawn.start();
+    baton.serves = Some(addr);
+    ours.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut lines = BufReader::new(ours.try_clone().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "{}", baton.stderr.text());
+    use std::io::Write;
+    (&ours).write_all(b"commit\n").unwrap();
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "serving\n");
+    assert_eq!(
+        http::get(addr, "/-/version").unwrap().json()["generation"],
+        5
+    );
+    baton.signal(Signal::SIGKILL);
+}
