@@ -183,7 +183,17 @@ fn bind() -> Result<(StdUnixListener, PathBuf), String> {
             sweep(&dir);
             let path = socket_path(&dir, pid);
             // Named after our own pid in a directory only we may write: whatever is there was
-            // left by a dead process that had this pid.
+            // left by a dead process that had this pid, unless a process of the same pid in
+            // another pid namespace sharing this directory listens on it: leave that one be.
+            if StdUnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use by a live process (of another pid namespace?)",
+                        path.display()
+                    ),
+                ));
+            }
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
