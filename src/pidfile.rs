@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -259,13 +259,16 @@ impl Pidfile {
         &self.path
     }
 
-    /// Writes `pid` in place (truncate, write, sync): readers never see another file.
+    /// Writes `pid` in place (write at offset 0, then cut the file to that length, sync):
+    /// readers never see another file, nor an empty one (a reader that came between the two
+    /// steps of an emptying rewrite would report "names no pid yet"); the first line is
+    /// the pid at every moment.
     pub fn write_pid(&self, pid: u32) -> io::Result<()> {
-        let mut file = &self.file;
-        file.set_len(0)?;
-        file.rewind()?;
-        file.write_all(format!("{pid}\n").as_bytes())?;
-        file.sync_data()
+        use std::os::unix::fs::FileExt;
+        let line = format!("{pid}\n");
+        self.file.write_all_at(line.as_bytes(), 0)?;
+        self.file.set_len(line.len() as u64)?;
+        self.file.sync_data()
     }
 
     /// Empties the file (the lock stays): a start is in progress, no pid to address yet.
@@ -300,7 +303,8 @@ fn read_pid(mut file: &File) -> Option<u32> {
     let mut text = String::new();
     file.rewind().ok()?;
     file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
+    // The first line: a rewrite writes the new pid first and cuts what followed it after.
+    text.lines().next()?.trim().parse().ok()
 }
 
 /// What a pidfile says about a running baton, for `baton status/stop/reload --pidfile`.
