@@ -455,8 +455,15 @@ impl Client {
             });
         }
         if let Some(place) = denied {
+            let who = if uid == 0 {
+                "root's, and only root may use it; run this as root".to_owned()
+            } else {
+                format!(
+                    "uid {uid}'s, and only that user and root may use it; run this as one of them"
+                )
+            };
             return Err(ClientError::Refused(format!(
-                "permission denied: the control socket of pid {pid} ({place}) belongs to uid {uid}, and only that user and root may use it; run this as one of them"
+                "permission denied: the control socket of pid {pid} ({place}) is {who}"
             )));
         }
         if let Some(impostor) = impostor {
