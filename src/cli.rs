@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success; 1 failure (bad configuration, sockets, runtime errors, a failed
 //! upgrade), with a one-line message per problem on stderr; 2 bad command-line usage; 3 (`baton
-//! status`) not running.
+//! status`) not running; 4 (`baton status`) this user may not ask (LSB: status unknown), with the
+//! reason on stderr.
 
 // The doc comments of the argument structs are clap's `--help` text, where `[IPv6]` and
 // `[default: ...]` are meant literally, not as intra-doc links.
@@ -23,6 +24,8 @@ use crate::upgrade::Handshake;
 
 /// `baton status` when nothing runs (LSB).
 pub const EXIT_NOT_RUNNING: u8 = 3;
+/// `baton status` when this user may not ask (LSB: "program or service status is unknown").
+pub const EXIT_NOT_ALLOWED: u8 = 4;
 
 /// A static-file HTTP server that upgrades itself without dropping a connection.
 ///
@@ -63,7 +66,8 @@ pub enum Command {
     Reload(ReloadArgs),
     /// Show a running baton's pid, generation, uptime and listeners.
     ///
-    /// Exits 0 when it runs, 3 when it does not (as LSB init scripts do).
+    /// Exits 0 when it runs, 3 when it does not, 4 when this user may not ask (as LSB init
+    /// scripts do), 1 on other errors.
     Status(TargetArgs),
     /// Stop a running baton gracefully and wait until it has exited.
     ///
@@ -97,6 +101,7 @@ pub struct TargetArgs {
 /// Why a target could not be found.
 enum TargetError {
     NotRunning(String),
+    Refused(String),
     Failed(String),
 }
 
@@ -126,6 +131,7 @@ impl TargetArgs {
                 "no baton holds pidfile {}",
                 path.display()
             ))),
+            Err(e) if e.is_permission_denied() => Err(TargetError::Refused(e.to_string())),
             Err(e) => Err(TargetError::Failed(e.to_string())),
         }
     }
@@ -304,6 +310,10 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // Before anything reads them: baton's private variables count only when meant for this
+    // very process (a stray value must not make a plain start wait for a commit, or write its
+    // pid into an unrelated file).
+    crate::upgrade::private_env_trusted();
     // A keeper that re-executed itself goes on with the state it passed.
     if crate::keeper::resuming() {
         return crate::keeper::resume();
@@ -413,6 +423,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(destination) => destination,
         Err(e) => return process.fail(&e),
     };
+    crate::upgrade::report_ignored_private_env();
     if let Some(keeper) = keeper_pid {
         crate::keeper::watch(keeper);
     }
@@ -434,7 +445,9 @@ fn serve(args: ServeArgs) -> ExitCode {
 fn reload(args: ReloadArgs) -> ExitCode {
     let pid = match args.target.resolve() {
         Ok(pid) => pid,
-        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => return report(m),
+        Err(TargetError::NotRunning(m) | TargetError::Refused(m) | TargetError::Failed(m)) => {
+            return report(m)
+        }
     };
     let request = if args.wait { "upgrade wait" } else { "upgrade" };
     let answer = Client::connect(pid).and_then(|mut c| c.request(request, args.timeout));
@@ -485,6 +498,10 @@ fn status(args: TargetArgs) -> ExitCode {
             println!("baton is not running: {m}");
             return ExitCode::from(EXIT_NOT_RUNNING);
         }
+        Err(TargetError::Refused(m)) => {
+            report(m);
+            return ExitCode::from(EXIT_NOT_ALLOWED);
+        }
         Err(TargetError::Failed(m)) => return report(m),
     };
     match Client::connect(pid).and_then(|mut c| c.request("status", Duration::from_secs(10))) {
@@ -522,6 +539,10 @@ fn status(args: TargetArgs) -> ExitCode {
             println!("baton is not running: {m}");
             ExitCode::from(EXIT_NOT_RUNNING)
         }
+        Err(ClientError::Refused(m)) => {
+            report(m);
+            ExitCode::from(EXIT_NOT_ALLOWED)
+        }
         Err(e) => report(e),
     }
 }
@@ -530,7 +551,9 @@ fn status(args: TargetArgs) -> ExitCode {
 fn stop(args: StopArgs) -> ExitCode {
     let pid = match args.target.resolve() {
         Ok(pid) => pid,
-        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => return report(m),
+        Err(TargetError::NotRunning(m) | TargetError::Refused(m) | TargetError::Failed(m)) => {
+            return report(m)
+        }
     };
     let result = Client::connect(pid).and_then(|mut client| {
         // Opened before the request, so that a recycled pid cannot fool the wait.
@@ -610,7 +633,9 @@ fn check_against_running(target: &TargetArgs, config: &Config) -> ExitCode {
         Ok(pid) => Client::connect(pid)
             .and_then(|mut c| c.request("status", Duration::from_secs(10)))
             .map_err(|e| e.to_string()),
-        Err(TargetError::NotRunning(m) | TargetError::Failed(m)) => Err(m),
+        Err(TargetError::NotRunning(m) | TargetError::Refused(m) | TargetError::Failed(m)) => {
+            Err(m)
+        }
     };
     let status = match status {
         Ok(status) => status,

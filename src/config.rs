@@ -342,6 +342,44 @@ struct UpgradeSection {
     probation: Option<String>,
 }
 
+enum ReadError {
+    Io(std::io::Error),
+    /// What it is instead ("a FIFO", ...).
+    NotRegular(&'static str),
+}
+
+/// Reads a regular file (or the null device) as text, without ever blocking on a FIFO.
+fn read_regular(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    let kind = meta.file_type();
+    let null = kind.is_char_device() && meta.rdev() == libc::makedev(1, 3);
+    if !kind.is_file() && !null {
+        return Err(ReadError::NotRegular(if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "a special file"
+        }));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(ReadError::Io)?;
+    Ok(text)
+}
+
 impl Config {
     /// Loads the configuration the way `baton serve` does: `path` if given (it must exist),
     /// else [`DEFAULT_CONFIG_PATH`] when it exists, else the embedded defaults; then applies
@@ -360,12 +398,23 @@ impl Config {
     }
 
     /// Reads and parses one file (without overrides or filesystem checks).
+    ///
+    /// The file must be a regular file (or `/dev/null`, the empty configuration): a FIFO, a
+    /// socket or a device is refused before anything is read from it, so a FIFO cannot block
+    /// the start. It is opened with `O_NONBLOCK` (opening a FIFO then neither waits for a
+    /// writer) and checked with `fstat` on the opened fd, so what is checked is what is read.
     pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        let fail = |message: String| ConfigErrors {
             source: Some(path.to_owned()),
-            errors: vec![format!(
+            errors: vec![message],
+        };
+        let text = read_regular(path).map_err(|e| match e {
+            ReadError::Io(e) => fail(format!(
                 "cannot read it: {e}; pass an existing file with --config PATH"
-            )],
+            )),
+            ReadError::NotRegular(kind) => fail(format!(
+                "it is {kind}, not a regular file; pass a configuration file with --config PATH"
+            )),
         })?;
         Self::from_toml_str(&text, Some(path))
     }

@@ -65,10 +65,10 @@ pub const RESTARTS_ENV: &str = "BATON_RESTARTS";
 /// A generation started by the keeper reports a failed start (`error <text>`) on this fd.
 pub const REPORT_FD_ENV: &str = "BATON_KEEPER_REPORT_FD";
 /// The keeper's state across its own re-exec (JSON).
-const STATE_ENV: &str = "BATON_KEEPER_STATE";
+pub const STATE_ENV: &str = "BATON_KEEPER_STATE";
 
 /// Variables of the keeper's environment a generation must not inherit as they are.
-const PRIVATE_ENV: [&str; 16] = [
+const PRIVATE_ENV: [&str; 17] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -85,6 +85,7 @@ const PRIVATE_ENV: [&str; 16] = [
     RESTARTS_ENV,
     REPORT_FD_ENV,
     STATE_ENV,
+    crate::upgrade::FOR_PID_ENV,
 ];
 
 /// The signals the keeper takes through its signalfd (blocked otherwise).
@@ -101,6 +102,7 @@ const SIGNALS: [Signal; 6] = [
 /// of a pid namespace; never under a service manager (`NOTIFY_SOCKET`), and never in a
 /// generation (which has a keeper already).
 pub fn wanted(asked: bool) -> bool {
+    crate::upgrade::private_env_trusted();
     if crate::notify::enabled() || std::env::var_os(KEEPER_PID_ENV).is_some() {
         return false;
     }
@@ -109,11 +111,32 @@ pub fn wanted(asked: bool) -> bool {
 
 /// Whether this process is a keeper that just re-executed itself.
 pub fn resuming() -> bool {
-    std::env::var_os(STATE_ENV).is_some()
+    crate::upgrade::private_env_trusted() && std::env::var_os(STATE_ENV).is_some()
+}
+
+/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
+/// this process's own: it re-executed itself, so the main generation it names is our child.
+pub(crate) fn legacy_state_is_ours() -> bool {
+    let Some(main) = std::env::var(STATE_ENV)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["main"][0].as_i64())
+    else {
+        return false;
+    };
+    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
+    std::fs::read_to_string(format!("/proc/{main}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        == Some(std::process::id())
 }
 
 /// The keeper's pid, in a generation running under one.
 pub fn pid_from_env() -> Option<u32> {
+    crate::upgrade::private_env_trusted();
     std::env::var(KEEPER_PID_ENV).ok()?.parse().ok()
 }
 
@@ -128,6 +151,7 @@ pub fn restarts_from_env() -> u64 {
 /// A generation's side: takes the report pipe the keeper passed, as the [`Readiness`] a daemon
 /// would report to. Call before any thread exists (it changes the environment).
 pub fn take_report_fd() -> Result<Option<Readiness>, String> {
+    crate::upgrade::private_env_trusted();
     let value = std::env::var(REPORT_FD_ENV).ok();
     Ok(crate::upgrade::take_fd(REPORT_FD_ENV, value)?.map(Readiness::from_fd))
 }
@@ -301,6 +325,7 @@ pub fn run(config: Config, daemon: bool) -> ExitCode {
     if let Err(e) = crate::logging::init(&config.log_level, config.log_file.as_deref()) {
         return report_fail(readiness, e);
     }
+    crate::upgrade::report_ignored_private_env();
     let notify = match NotifySocket::create() {
         Ok(n) => n,
         Err(e) => return report_fail(readiness, e),
@@ -973,12 +998,18 @@ impl Keeper {
             }
             let mut env: Vec<CString> = Vec::new();
             for (k, v) in std::env::vars_os() {
-                if k == STATE_ENV || k == PIDFILE_FD_ENV {
+                if k == STATE_ENV || k == PIDFILE_FD_ENV || k == crate::upgrade::FOR_PID_ENV {
                     continue;
                 }
                 env.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat())?);
             }
             env.push(CString::new(format!("{STATE_ENV}={json}"))?);
+            // The same process reads them after execve.
+            env.push(CString::new(format!(
+                "{}={}",
+                crate::upgrade::FOR_PID_ENV,
+                std::process::id()
+            ))?);
             if let Some(p) = &self.pidfile {
                 env.push(CString::new(format!("{PIDFILE_FD_ENV}={}", p.fd()))?);
             }
@@ -1068,9 +1099,11 @@ fn exec_generation(
     // ignored there, and exec would keep that).
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let _ = SigSet::empty().thread_set_mask();
-    match CString::new(format!("LISTEN_PID={}", std::process::id())) {
-        Ok(v) => env.push(v),
-        Err(e) => return io::Error::other(e),
+    for var in ["LISTEN_PID", crate::upgrade::FOR_PID_ENV] {
+        match CString::new(format!("{var}={}", std::process::id())) {
+            Ok(v) => env.push(v),
+            Err(e) => return io::Error::other(e),
+        }
     }
     io::Error::from(nix::unistd::execve(path, argv, &env).unwrap_err())
 }

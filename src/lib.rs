@@ -15,7 +15,7 @@
 //! | [`http`]       | the workload: files, `/-/` endpoints      | HTTP                        |
 //! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
 //! | [`upgrade`]    | re-exec, socket handoff, commit/rollback  | LISTEN_FDS + MAINPID + a handshake |
-//! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on an abstract unix socket |
+//! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on a unix socket in the runtime directory |
 //! | [`daemon`]     | running in the background without systemd | daemon(7)                   |
 //! | [`pidfile`]    | single instance, the daemon's address     | flock(2) on a pidfile       |
 //! | [`keeper`]     | without systemd: sockets, restarts, PID 1 | sd_notify (receiving side) + LISTEN_FDS |

@@ -78,6 +78,8 @@ pub struct Process {
 /// the environment).
 pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
+    // Stray private variables (not meant for this process) are dropped first.
+    upgrade::private_env_trusted();
     let exe = match &config.upgrade.exec {
         Some(exe) => exe.clone(),
         None => upgrade::current_executable().context("cannot tell which executable runs")?,
@@ -363,7 +365,7 @@ impl Generation {
         };
         let parts = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
-            let control = control::listen()?;
+            let control = control::listen();
             let root = process.config.root.as_deref();
             let app = http::App::new(info.clone(), metrics.clone(), root).with_context(|| {
                 let root = root.map(|r| r.display().to_string());
@@ -1174,10 +1176,29 @@ async fn next_stop(signals: &mut Signals) -> &'static str {
     }
 }
 
-/// Pings the watchdog at half the interval systemd asked for, as sd_watchdog_enabled(3)
-/// recommends. Silent once this process handed over (see [`notify::hand_over`]).
+/// The shortest time between two watchdog pings, whatever `WATCHDOG_USEC` says: a tiny value
+/// (`WATCHDOG_USEC=1`) must not turn the pings into a busy loop.
+pub const MIN_WATCHDOG_PING: Duration = Duration::from_millis(50);
+
+/// How often to ping for a watchdog `interval`: half of it, as sd_watchdog_enabled(3)
+/// recommends, but never more often than every [`MIN_WATCHDOG_PING`].
+pub fn watchdog_ping_period(interval: Duration) -> Duration {
+    (interval / 2).max(MIN_WATCHDOG_PING)
+}
+
+/// Pings the watchdog at half the interval systemd asked for (see [`watchdog_ping_period`]).
+/// Silent once this process handed over (see [`notify::hand_over`]).
 async fn watchdog(interval: Duration) {
-    let mut ticks = tokio::time::interval(interval / 2);
+    let period = watchdog_ping_period(interval);
+    if period > interval / 2 {
+        tracing::warn!(
+            event = "watchdog-clamped",
+            "the watchdog interval {interval:?} (WATCHDOG_USEC) is too short: pinging every {period:?} instead of every {:?}; the service manager may take the service for hung",
+            interval / 2
+        );
+    }
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         notify::watchdog();

@@ -93,12 +93,14 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
         ("/usr/share/baton/www", "The web root of the packaged configuration."),
         ("/run/baton/baton.pid", "The default pidfile for root with --daemon ($XDG_RUNTIME_DIR/baton/baton.pid for other users). Locked with flock(2) while baton runs; the lock, not the pid, tells whether it runs."),
         ("baton.socket, baton.service", "The systemd units: socket activation (FileDescriptorName=http), Type=notify, ExecReload=baton reload --pid $MAINPID, so that systemctl reload is a zero-downtime upgrade that fails when the upgrade fails."),
-        ("@baton/control/PID", "The abstract unix socket of each process, used by baton reload, status and stop; only root and the process's own user are answered."),
+        ("/run/baton/control/PID", "The control socket of each process, used by baton reload, status and stop: in $RUNTIME_DIRECTORY/control under systemd (RuntimeDirectory=baton), /run/baton/control for root, $XDG_RUNTIME_DIR/baton/control otherwise. The directory is mode 0700 and the socket 0600: only the process's own user and root can use it."),
     ]);
     section(&mut roff, "ENVIRONMENT", &[
         ("LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, LISTEN_FDS_FIRST_FD", "Socket activation (sd_listen_fds(3)); removed once read. Without LISTEN_PID, the sockets are taken only when LISTEN_FDS_FIRST_FD names the first one (systemfd --no-pid)."),
         ("NOTIFY_SOCKET, WATCHDOG_USEC", "Readiness, status and watchdog notifications to the service manager (sd_notify(3))."),
         ("JOURNAL_STREAM", "When it names stderr, logs go to the journal with structured BATON_* fields."),
+        ("RUNTIME_DIRECTORY", "Where the control socket goes (systemd's RuntimeDirectory=)."),
+        ("BATON_FOR_PID", "The pid baton's private BATON_* variables (handed from one generation to the next, or from the keeper) are meant for; stray ones in any other process are ignored."),
         ("RUST_LOG", "A log filter; wins over --log-level and log.level."),
     ]);
     section(&mut roff, "EXIT STATUS", &[
@@ -106,6 +108,7 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
         ("1", "Failure: a bad configuration, a socket problem, a failed upgrade (baton reload), a process that did not stop in time (baton stop). One line per problem on stderr, or an event in the journal."),
         ("2", "Bad command-line usage."),
         ("3", "baton status: not running."),
+        ("4", "baton status: this user may not ask (the process is another user's); the reason on stderr."),
     ]);
     roff.control("SH", ["SEE ALSO"]);
     roff.text([roman("systemctl(1), systemd.socket(5), systemd.service(5), sd_notify(3), sd_listen_fds(3), logrotate(8)")]);

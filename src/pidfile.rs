@@ -1,8 +1,12 @@
 //! The pidfile: a single-instance guard and the address of a daemon, for machines without
 //! systemd.
 //!
-//! Protocol (DESIGN.md section 6): the file is opened without following symlinks and locked with
-//! `flock(LOCK_EX)` for the whole life of the service. The lock, not the pid written in the
+//! Protocol (DESIGN.md section 6): the file is opened without following symlinks, created mode
+//! 0600 (so no other user can open it, `flock` it and block the next start), and locked with
+//! `flock(LOCK_EX)` for the whole life of the service. As flopen(3) does, the lock counts only
+//! once the path is seen to still name the locked file (same device and inode): a stopping
+//! instance may remove the file between another start's `open` and `flock`, and a lock on the
+//! removed inode would guard nothing; the start then opens the path again. The lock, not the pid written in the
 //! file, decides whether baton runs: a file that can be locked is stale, whatever pid it names.
 //! The lock belongs to the open file description, so it survives `fork` and `exec`: an upgrade
 //! hands the very fd to the new generation (`BATON_PIDFILE_FD`), and the lock is never free.
@@ -12,7 +16,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -42,6 +46,8 @@ pub enum PidfileError {
         pid: Option<u32>,
         path: PathBuf,
     },
+    /// This user may not open it.
+    Denied(String),
     Other(String),
 }
 
@@ -63,12 +69,19 @@ impl fmt::Display for PidfileError {
                 "already running (pidfile {} is locked but names no pid yet)",
                 path.display()
             ),
-            PidfileError::Other(m) => f.write_str(m),
+            PidfileError::Other(m) | PidfileError::Denied(m) => f.write_str(m),
         }
     }
 }
 
 impl std::error::Error for PidfileError {}
+
+impl PidfileError {
+    /// This user may not open the pidfile (it is another user's, mode 0600).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, PidfileError::Denied(_))
+    }
+}
 
 /// The locked pidfile of this process.
 #[derive(Debug)]
@@ -92,11 +105,15 @@ fn open_error(path: &Path, e: io::Error) -> PidfileError {
         }
         _ => "choose another --pidfile".to_owned(),
     };
-    PidfileError::Other(format!("pidfile {}: {e}; {hint}", path.display()))
+    let message = format!("pidfile {}: {e}; {hint}", path.display());
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => PidfileError::Denied(message),
+        _ => PidfileError::Other(message),
+    }
 }
 
 impl Pidfile {
-    /// Opens and locks `path`, creating it (mode 0644) if needed. With `create_dir`, a missing
+    /// Opens and locks `path`, creating it (mode 0600) if needed. With `create_dir`, a missing
     /// parent directory is created (for the default location); otherwise it is an error.
     /// Fails with [`PidfileError::Running`] when another process holds the lock.
     pub fn acquire(path: &Path, create_dir: bool) -> Result<Pidfile, PidfileError> {
@@ -120,12 +137,55 @@ impl Pidfile {
                 }
             }
         }
+        // A prober (`baton status`) may hold a shared lock for an instant: retry briefly.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut replaced = 0;
+        let file = loop {
+            let file = Self::open_and_lock(path, deadline)?;
+            // As flopen(3) does: the lock counts only if the path still names the locked file.
+            // A stopping instance may have removed it (or a successor created a new one) after
+            // we opened it: our lock on that inode would then guard nothing.
+            if names_file(path, &file) {
+                break file;
+            }
+            replaced += 1;
+            if replaced >= 100 {
+                return Err(PidfileError::Other(format!(
+                    "pidfile {}: removed or replaced again and again while it was being locked; is something else managing it?",
+                    path.display()
+                )));
+            }
+        };
+        // Not readable by other users: nobody else can flock it and block the next start. A
+        // file made by an older version (0644) is tightened too.
+        if file
+            .metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o777 != 0o600)
+        {
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+        }
+        // Ours now: whatever pid a dead predecessor left must not be read as ours.
+        file.set_len(0).map_err(|e| {
+            PidfileError::Other(format!(
+                "pidfile {}: cannot truncate it: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Pidfile {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    /// Opens `path` (created mode 0600 if needed, never through a symlink) and takes its lock
+    /// (retrying until `deadline` while another process holds it).
+    fn open_and_lock(path: &Path, deadline: Instant) -> Result<File, PidfileError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(path, e))?;
@@ -138,16 +198,14 @@ impl Pidfile {
         }
         if meta.permissions().mode() & 0o002 != 0 {
             return Err(PidfileError::Other(format!(
-                "pidfile {} is world-writable, so anyone could point it at another process: remove it or fix its mode (chmod 644)",
+                "pidfile {} is world-writable, so anyone could point it at another process: remove it or fix its mode (chmod 600)",
                 path.display()
             )));
         }
-        // A prober (`baton status`) may hold a shared lock for an instant: retry briefly.
-        let deadline = Instant::now() + Duration::from_millis(200);
         loop {
             // SAFETY: flock on an fd we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
+                return Ok(file);
             }
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -164,22 +222,12 @@ impl Pidfile {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // Ours now: whatever pid a dead predecessor left must not be read as ours.
-        file.set_len(0).map_err(|e| {
-            PidfileError::Other(format!(
-                "pidfile {}: cannot truncate it: {e}",
-                path.display()
-            ))
-        })?;
-        Ok(Pidfile {
-            path: path.to_owned(),
-            file,
-        })
     }
 
     /// Takes over the locked pidfile passed by the previous generation, if any, and removes the
     /// variable. Call before any thread exists (it changes the environment).
     pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
+        crate::upgrade::private_env_trusted();
         let value = std::env::var(PIDFILE_FD_ENV).ok();
         let Some(fd) =
             crate::upgrade::take_fd(PIDFILE_FD_ENV, value).map_err(PidfileError::Other)?
@@ -211,13 +259,16 @@ impl Pidfile {
         &self.path
     }
 
-    /// Writes `pid` in place (truncate, write, sync): readers never see another file.
+    /// Writes `pid` in place (write at offset 0, then cut the file to that length, sync):
+    /// readers never see another file, nor an empty one (a reader that came between the two
+    /// steps of an emptying rewrite would report "names no pid yet"); the first line is
+    /// the pid at every moment.
     pub fn write_pid(&self, pid: u32) -> io::Result<()> {
-        let mut file = &self.file;
-        file.set_len(0)?;
-        file.rewind()?;
-        file.write_all(format!("{pid}\n").as_bytes())?;
-        file.sync_data()
+        use std::os::unix::fs::FileExt;
+        let line = format!("{pid}\n");
+        self.file.write_all_at(line.as_bytes(), 0)?;
+        self.file.set_len(line.len() as u64)?;
+        self.file.sync_data()
     }
 
     /// Empties the file (the lock stays): a start is in progress, no pid to address yet.
@@ -233,13 +284,18 @@ impl Pidfile {
     /// Removes the file on a clean stop (the lock goes with the process).
     pub fn remove(&self) {
         // Only if the path still names our file: never remove a successor's.
-        let ours = (std::fs::symlink_metadata(&self.path), self.file.metadata());
-        if let (Ok(a), Ok(b)) = ours {
-            use std::os::unix::fs::MetadataExt;
-            if a.ino() == b.ino() && a.dev() == b.dev() {
-                let _ = std::fs::remove_file(&self.path);
-            }
+        if names_file(&self.path, &self.file) {
+            let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Whether `path` names `file` (same device and inode), without following a symlink.
+fn names_file(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -247,7 +303,8 @@ fn read_pid(mut file: &File) -> Option<u32> {
     let mut text = String::new();
     file.rewind().ok()?;
     file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
+    // The first line: a rewrite writes the new pid first and cuts what followed it after.
+    text.lines().next()?.trim().parse().ok()
 }
 
 /// What a pidfile says about a running baton, for `baton status/stop/reload --pidfile`.
@@ -271,6 +328,12 @@ pub fn probe(path: &Path) -> Result<Probe, PidfileError> {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(Probe::NotRunning { stale_pid: None })
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(PidfileError::Denied(format!(
+                "pidfile {}: {e}: it is readable only by the user baton runs as; ask as that user or as root",
+                path.display()
+            )))
         }
         Err(e) => return Err(open_error(path, e)),
     };
@@ -326,6 +389,32 @@ mod tests {
         held.remove();
         assert!(!path.exists());
         drop(held);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_removed_while_waiting_for_its_lock_is_not_held() {
+        let d = dir("race");
+        let path = d.join("baton.pid");
+        let stopping = Pidfile::acquire(&path, false).unwrap();
+        // B opens the file now and waits for the lock...
+        let b = {
+            let path = path.clone();
+            std::thread::spawn(move || Pidfile::acquire(&path, false))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        // ...while the stopping instance removes it and lets go.
+        stopping.remove();
+        drop(stopping);
+        let b = b.join().unwrap().expect("B takes over");
+        let mode = b.file.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // B holds the file the path names: a third start is refused.
+        assert!(matches!(
+            Pidfile::acquire(&path, false),
+            Err(PidfileError::Running { .. })
+        ));
+        drop(b);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

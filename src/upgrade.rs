@@ -54,7 +54,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::activation::Listener;
 use crate::control::ProcessHandle;
@@ -67,8 +67,87 @@ pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
 /// Upgrades counted so far by result, carried from generation to generation.
 pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
 
+/// Names the pid that baton's private variables ([`PRIVATE_VARS`]) are meant for, as
+/// `LISTEN_PID` does for the `LISTEN_*` variables: whoever sets them (an old generation for its
+/// successor, the keeper for a generation or for its own re-exec) sets this too, to the pid of
+/// the process that will read them.
+pub const FOR_PID_ENV: &str = "BATON_FOR_PID";
+
+/// baton's private variables: honoured only when meant for this very process
+/// ([`private_env_trusted`]).
+pub const PRIVATE_VARS: [&str; 9] = [
+    UPGRADE_FD_ENV,
+    UPGRADE_STARTED_ENV,
+    UPGRADES_ENV,
+    crate::lifecycle::GENERATION_ENV,
+    crate::pidfile::PIDFILE_FD_ENV,
+    crate::keeper::KEEPER_PID_ENV,
+    crate::keeper::RESTARTS_ENV,
+    crate::keeper::REPORT_FD_ENV,
+    crate::keeper::STATE_ENV,
+];
+
+static TRUSTED: std::sync::OnceLock<(bool, Vec<String>)> = std::sync::OnceLock::new();
+
+/// Whether baton's private variables ([`PRIVATE_VARS`]) are meant for this process. They are
+/// when `BATON_FOR_PID` is this process's pid; without `BATON_FOR_PID` (set by baton builds
+/// before it existed) when `LISTEN_PID` is, as an upgrade and the keeper always set it, or, for
+/// the keeper's own re-exec, when the state names a child of this process as the main pid.
+/// Otherwise (stray values inherited by a plain launch) they are removed from the environment
+/// and ignored; [`report_ignored_private_env`] logs them once logging works.
+///
+/// The first call decides (and removes `BATON_FOR_PID`); later calls return the same answer.
+///
+/// # Safety contract
+/// The first call changes the environment: make it before any other thread exists (every
+/// reader of the variables calls it, and `baton serve` calls it first thing).
+pub fn private_env_trusted() -> bool {
+    TRUSTED
+        .get_or_init(|| {
+            let pid = std::process::id();
+            let names_us = |var: &str| {
+                std::env::var(var)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    == Some(pid)
+            };
+            let trusted = match std::env::var_os(FOR_PID_ENV) {
+                Some(_) => names_us(FOR_PID_ENV),
+                None => names_us("LISTEN_PID") || crate::keeper::legacy_state_is_ours(),
+            };
+            // SAFETY (of the contract above): no other thread reads the environment yet.
+            unsafe { std::env::remove_var(FOR_PID_ENV) };
+            let mut ignored = Vec::new();
+            if !trusted {
+                for var in PRIVATE_VARS {
+                    if let Some(value) = std::env::var_os(var) {
+                        ignored.push(format!("{var}={}", value.to_string_lossy()));
+                        // SAFETY: as above.
+                        unsafe { std::env::remove_var(var) };
+                    }
+                }
+            }
+            (trusted, ignored)
+        })
+        .0
+}
+
+/// Logs the private variables [`private_env_trusted`] ignored, if any. Call once logging works.
+pub fn report_ignored_private_env() {
+    if let Some((_, ignored)) = TRUSTED.get() {
+        if !ignored.is_empty() {
+            tracing::info!(
+                event = "private-env-ignored",
+                "ignored {} (not meant for this process, pid {}: {FOR_PID_ENV} does not name it)",
+                ignored.join(" "),
+                std::process::id()
+            );
+        }
+    }
+}
+
 /// Variables of O's environment that N must not inherit as they are.
-const PRIVATE_ENV: [&str; 11] = [
+const PRIVATE_ENV: [&str; 12] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -80,7 +159,85 @@ const PRIVATE_ENV: [&str; 11] = [
     UPGRADE_STARTED_ENV,
     UPGRADES_ENV,
     crate::pidfile::PIDFILE_FD_ENV,
+    FOR_PID_ENV,
 ];
+
+/// The longest line either side of the handshake reads (a longer one breaks the handshake).
+pub const MAX_LINE: usize = 4096;
+
+fn line_too_long() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a handshake line longer than {MAX_LINE} bytes"),
+    )
+}
+
+/// `BufRead::read_line`, but at most [`MAX_LINE`] bytes: a longer line is an error.
+fn read_bounded_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<usize> {
+    let n = io::Read::take(&mut *reader, MAX_LINE as u64 + 1).read_line(line)?;
+    if n == MAX_LINE + 1 && !line.ends_with('\n') {
+        return Err(line_too_long());
+    }
+    Ok(n)
+}
+
+/// The lines of a handshake channel, each at most [`MAX_LINE`] bytes (without its `\n`): a
+/// longer one is an error, so a runaway peer cannot make the other side buffer without end.
+/// [`BoundedLines::next_line`] is cancel-safe, as tokio's `Lines::next_line` is: a partial line
+/// stays in the struct.
+pub struct BoundedLines<R> {
+    reader: tokio::io::BufReader<R>,
+    partial: Vec<u8>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> BoundedLines<R> {
+    pub fn new(read: R) -> BoundedLines<R> {
+        BoundedLines {
+            reader: tokio::io::BufReader::new(read),
+            partial: Vec::new(),
+        }
+    }
+
+    /// The next line without its `\n` (or `\r\n`); `None` at the end; an error for a line
+    /// longer than [`MAX_LINE`] or not UTF-8.
+    pub async fn next_line(&mut self) -> io::Result<Option<String>> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let available = self.reader.fill_buf().await?;
+            let (taken, done) = match available.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None if available.is_empty() => (0, true),
+                None => (available.len(), false),
+            };
+            if self.partial.len() + taken > MAX_LINE + 1 {
+                return Err(line_too_long());
+            }
+            self.partial.extend_from_slice(&available[..taken]);
+            self.reader.consume(taken);
+            if !done {
+                continue;
+            }
+            if self.partial.is_empty() {
+                return Ok(None);
+            }
+            let mut line = std::mem::take(&mut self.partial);
+            if line.last() == Some(&b'\n') {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+            }
+            return String::from_utf8(line)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+
+    /// The reader (what it had buffered is dropped).
+    pub fn into_inner(self) -> R {
+        self.reader.into_inner()
+    }
+}
 
 /// How long the intermediate may take to report N's pid, and N to confirm it serves after
 /// `commit`. Both involve no work beyond a few syscalls.
@@ -120,6 +277,7 @@ pub struct Counts {
 impl Counts {
     /// From `BATON_UPGRADES=ok:failed:rolled_back`; zero when absent or malformed.
     pub fn from_env() -> Counts {
+        private_env_trusted();
         std::env::var(UPGRADES_ENV)
             .ok()
             .and_then(|v| Counts::parse(&v))
@@ -289,7 +447,7 @@ impl Upgrader {
         let mut early = None;
         let pid = loop {
             let mut line = String::new();
-            reader.read_line(&mut line)?;
+            read_bounded_line(&mut reader, &mut line)?;
             let line = line.trim_end();
             match line.strip_prefix("pid ").map(str::parse::<i32>) {
                 Some(Ok(pid)) if pid > 0 => break pid,
@@ -423,6 +581,8 @@ struct ExecPlan {
     /// `LISTEN_PID=` followed by room for the digits: a leaked box (freed in Drop) that only
     /// raw pointers touch, because N writes its pid into it after the fork.
     listen_pid: *mut [u8],
+    /// `BATON_FOR_PID=` and room for the digits, likewise.
+    for_pid: *mut [u8],
     fds: Vec<RawFd>,
 }
 
@@ -430,6 +590,8 @@ impl Drop for ExecPlan {
     fn drop(&mut self) {
         // SAFETY: allocated by Box::into_raw in ExecPlan::new and freed only here.
         drop(unsafe { Box::from_raw(self.listen_pid) });
+        // SAFETY: likewise.
+        drop(unsafe { Box::from_raw(self.for_pid) });
     }
 }
 
@@ -437,6 +599,7 @@ impl Drop for ExecPlan {
 const MAX_FDS: usize = 64;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const FOR_PID_PREFIX: &[u8] = b"BATON_FOR_PID=";
 /// Room for any pid's digits; the byte after them stays NUL.
 const LISTEN_PID_DIGITS: usize = 20;
 
@@ -484,11 +647,16 @@ impl ExecPlan {
                 format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
             ));
         }
-        let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
-        listen_pid.resize(LISTEN_PID_PREFIX.len() + LISTEN_PID_DIGITS + 1, 0);
-        let listen_pid = Box::into_raw(listen_pid.into_boxed_slice());
+        let slot = |prefix: &[u8]| {
+            let mut slot = prefix.to_vec();
+            slot.resize(prefix.len() + LISTEN_PID_DIGITS + 1, 0);
+            Box::into_raw(slot.into_boxed_slice())
+        };
+        let listen_pid = slot(LISTEN_PID_PREFIX);
+        let for_pid = slot(FOR_PID_PREFIX);
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
         envp.push(listen_pid.cast::<libc::c_char>().cast_const());
+        envp.push(for_pid.cast::<libc::c_char>().cast_const());
         envp.push(std::ptr::null());
         Ok(ExecPlan {
             path,
@@ -497,6 +665,7 @@ impl ExecPlan {
             _env: env,
             envp,
             listen_pid,
+            for_pid,
             fds,
         })
     }
@@ -659,9 +828,12 @@ impl ExecPlan {
         // Our own (copy-on-write) copy of the environment: writing the digits in place
         // allocates nothing. The slot lies within the allocation: prefix, then
         // LISTEN_PID_DIGITS + 1 bytes, the last of which stays NUL.
+        let pid = libc::getpid() as u64;
         let slot = self.listen_pid.cast::<u8>().add(LISTEN_PID_PREFIX.len());
-        let digits = std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS);
-        write_decimal(digits, libc::getpid() as u64);
+        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
+        // The same for the marker of baton's private variables.
+        let slot = self.for_pid.cast::<u8>().add(FOR_PID_PREFIX.len());
+        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
         libc::execve(
             self.path.as_ptr(),
             self.argv_ptrs.as_ptr(),
@@ -705,7 +877,7 @@ pub struct Successor {
     /// What N warned about at start (one line each), e.g. a socket it cannot change.
     pub warnings: Vec<String>,
     spawned: Spawned,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
     /// Readable once N has exited.
     exit_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
@@ -774,7 +946,7 @@ pub async fn start(
         })
         .map_err(|e| format!("handshake channel: {e}"))?;
     let (read, mut write) = channel.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut lines = BoundedLines::new(read);
     // N's exit ends every wait, even when something else keeps the channel open.
     let mut exit_watch = spawned
         .pidfd
@@ -843,6 +1015,7 @@ pub async fn start(
     // connections as soon as it read the line.
     let confirmation = async {
         write.write_all(b"commit\n").await?;
+        // A line N wrote before it exited counts: look at the channel first.
         let answer = tokio::select! {
             // What N said comes first, even if it died right after saying it.
             biased;
@@ -920,9 +1093,7 @@ async fn exited(watch: &mut Option<tokio::io::unix::AsyncFd<OwnedFd>>) {
 }
 
 /// The line N (or its intermediate, with `exit <status>`) wrote just before N died, if any.
-async fn last_words(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
-) -> Option<String> {
+async fn last_words(lines: &mut BoundedLines<tokio::net::unix::OwnedReadHalf>) -> Option<String> {
     match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
         Ok(Ok(line)) => line,
         _ => None,
@@ -1043,7 +1214,6 @@ impl Successor {
         let channel = self
             .lines
             .into_inner()
-            .into_inner()
             .reunite(self.write)
             .map_err(|e| format!("handshake channel: {e}"))?;
         Ok(HandedOver {
@@ -1121,7 +1291,7 @@ impl Committed {
         self.channel.write_all(b"serving\n").await?;
         let (read, write) = self.channel.into_split();
         Ok(Predecessor {
-            lines: tokio::io::BufReader::new(read).lines(),
+            lines: BoundedLines::new(read),
             write,
         })
     }
@@ -1129,7 +1299,7 @@ impl Committed {
 
 /// N's link to O after the commit.
 pub struct Predecessor {
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
 }
 
@@ -1189,6 +1359,7 @@ impl Handshake {
     /// # Safety contract
     /// Changes the environment: call it before any other thread exists.
     pub fn take_from_env() -> Result<Option<Handshake>, String> {
+        private_env_trusted();
         let fd = std::env::var(UPGRADE_FD_ENV).ok();
         let started = std::env::var(UPGRADE_STARTED_ENV).ok();
         // SAFETY (of the contract above): no other thread reads the environment yet.
@@ -1210,7 +1381,16 @@ impl Handshake {
 
     /// Reports a startup failure to O, which relays it to whoever asked for the upgrade.
     pub fn fail(mut self, message: &str) {
-        let line = format!("error {}\n", message.replace('\n', "; "));
+        let mut message = message.replace('\n', "; ");
+        if message.len() > MAX_LINE - 64 {
+            let mut end = MAX_LINE - 64;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" [...]");
+        }
+        let line = format!("error {message}\n");
         let _ = self.channel.write_all(line.as_bytes());
     }
 
@@ -1225,9 +1405,12 @@ impl Handshake {
             format!("ready {}\n", serde_json::json!({ "warnings": warnings }))
         };
         channel.write_all(line.as_bytes()).await?;
-        let mut reader = tokio::io::BufReader::new(&mut channel);
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
+        let mut lines = BoundedLines::new(&mut channel);
+        let line = lines
+            .next_line()
+            .await?
+            .map(|l| l + "\n")
+            .unwrap_or_default();
         if line != "commit\n" {
             return Err(io::Error::other(format!(
                 "the old process ended the handshake ({:?})",
@@ -1244,6 +1427,32 @@ impl Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_lines_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ok = "a".repeat(MAX_LINE);
+            let input = format!("ready\r\n{ok}\n{ok}b\nnever");
+            let mut lines = BoundedLines::new(input.as_bytes());
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+            assert_eq!(lines.next_line().await.unwrap(), Some(ok.clone()));
+            let e = lines.next_line().await.unwrap_err();
+            assert!(e.to_string().contains("longer than 4096 bytes"), "{e}");
+            let mut last = BoundedLines::new(&b"partial"[..]);
+            assert_eq!(last.next_line().await.unwrap().as_deref(), Some("partial"));
+            assert_eq!(last.next_line().await.unwrap(), None);
+        });
+        let mut line = String::new();
+        let input = format!("{}\n", "p".repeat(MAX_LINE));
+        let mut reader = std::io::BufReader::new(input.as_bytes());
+        read_bounded_line(&mut reader, &mut line).unwrap();
+        let input = "p".repeat(MAX_LINE + 1);
+        let mut reader = std::io::BufReader::new(input.as_bytes());
+        assert!(read_bounded_line(&mut reader, &mut String::new()).is_err());
+    }
 
     #[test]
     fn decimal_without_allocation() {
