@@ -1,4 +1,4 @@
-//! The command line as a user meets it: `baton serve DIR`, the help.
+//! The command line as a user meets it: `baton serve DIR`, the help, the completions.
 
 mod common;
 
@@ -63,4 +63,18 @@ fn help_is_a_command_like_the_others() {
     assert_eq!(code, 2, "{err}");
     let (code, _, _) = run_baton(&["help", "generate"]);
     assert_eq!(code, 2, "the hidden command has no help to show");
+}
+
+#[test]
+fn completions_do_not_offer_the_hidden_command() {
+    let dir = TempDir::new("completions");
+    let (code, _, err) = run_baton(&["generate", "--out", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for file in ["baton.bash", "_baton", "baton.fish"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(!text.contains("generate"), "{file} offers generate");
+        assert!(text.contains("serve") && text.contains("reload"), "{file}");
+    }
+    let (_, out, _) = run_baton(&["--help"]);
+    assert!(!out.contains("generate"), "{out}");
 }
