@@ -1191,6 +1191,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_shows_every_key() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/baton.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        Config::from_toml_str(&text, None).expect("the shipped file parses");
+        let mut section = "";
+        let mut shown = Vec::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name;
+            } else if let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") {
+                shown.push(format!("{section}.{key}"));
+            }
+        }
+        for key in KEYS {
+            assert!(
+                shown.contains(&key.path()),
+                "packaging/baton.toml does not show {}",
+                key.path()
+            );
+        }
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(Config::from_toml_str("", None).unwrap(), Config::default());
     }
