@@ -1,9 +1,10 @@
 #!/bin/bash
-# Builds target/debian/baton_<version>_<arch>.deb: the release binary, the man page and the
-# completions generated from it, then `cargo deb` (installed when missing).
+# Builds target/debian/baton_<version>_<arch>.deb with `cargo deb` (installed when missing).
+# A plain `cargo deb` builds the same package; this script is for stamping another version:
 #   packaging/build-deb.sh [--version VERSION]
-# --version stamps another version into the binary (/-/version, baton --version) and the
-# package, for test upgrades.
+# --version stamps VERSION into the binary (/-/version, baton --version) and the package, for
+# test upgrades. The man page and the completions come from packaging/generated/ (see
+# Cargo.toml) and name the version of Cargo.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=
@@ -14,9 +15,6 @@ if [ -n "$version" ]; then
 else
   cargo build --release --quiet
 fi
-rm -rf target/assets
-target/release/baton generate --out target/assets
-gzip -9n target/assets/baton.8
 args=(--no-build --quiet)
 [ -n "$version" ] && args+=(--deb-version "$version-1")
 cargo deb "${args[@]}"

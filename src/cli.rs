@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{Config, ListenSpec, Overrides, DEFAULT_CONFIG_PATH};
 use crate::control::{Client, ClientError, ProcessHandle};
@@ -37,7 +37,8 @@ pub const EXIT_NOT_ALLOWED: u8 = 4;
     name = "baton",
     version = crate::VERSION,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -73,9 +74,23 @@ pub enum Command {
     ///
     /// Exits 0 once the process has exited, 1 when it did not within the timeout.
     Stop(StopArgs),
+    /// Print the help of baton or of one of its commands.
+    Help(HelpArgs),
     /// Write the man page and shell completions (used to build the package).
     #[command(hide = true)]
     Generate(GenerateArgs),
+}
+
+/// The commands `baton help COMMAND` knows: every one but the hidden `generate`.
+pub const COMMANDS: [&str; 6] = ["serve", "check", "reload", "status", "stop", "help"];
+
+// clap's own help command takes no --help (`baton help --help` is an error) and offers the
+// hidden commands; this one is an ordinary command.
+#[derive(Debug, Args)]
+pub struct HelpArgs {
+    /// The command to show the help of
+    #[arg(value_name = "COMMAND", value_parser = clap::builder::PossibleValuesParser::new(COMMANDS))]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +157,7 @@ pub struct ReloadArgs {
     #[command(flatten)]
     pub target: TargetArgs,
 
-    /// Give up waiting after this long [default: 90s]
+    /// Give up waiting after this long
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "90s")]
     pub timeout: Duration,
 
@@ -156,13 +171,17 @@ pub struct StopArgs {
     #[command(flatten)]
     pub target: TargetArgs,
 
-    /// Give up waiting after this long; the drain itself is bounded by shutdown.drain_timeout [default: 60s]
+    /// Give up waiting after this long; the drain itself is bounded by shutdown.drain_timeout
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// The directory to serve, as with --root DIR [default: the embedded page, or server.root]
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
     /// Configuration file [default: /etc/baton/baton.toml when it exists, else built-in defaults]
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -172,7 +191,7 @@ pub struct ServeArgs {
     #[arg(long = "listen", value_name = "[NAME=]ADDR")]
     pub listen: Vec<ListenSpec>,
 
-    /// Serve static files from DIR instead of the embedded page
+    /// Serve static files from DIR instead of the embedded page (or give DIR without --root)
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
@@ -263,10 +282,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl ServeArgs {
-    fn overrides(&self) -> Overrides {
+    /// The directory to serve from the command line: DIR or --root, never both.
+    fn root(&self) -> Result<Option<PathBuf>, String> {
+        match (&self.dir, &self.root) {
+            (Some(dir), Some(root)) => Err(format!(
+                "serve: DIR ({}) and --root ({}) both name the directory to serve; give only one",
+                dir.display(),
+                root.display()
+            )),
+            (dir, root) => Ok(dir.clone().or_else(|| root.clone())),
+        }
+    }
+
+    fn overrides(&self, root: Option<PathBuf>) -> Overrides {
         Overrides {
             listeners: self.listen.clone(),
-            root: self.root.clone(),
+            root,
             access_log: self.access_log.then_some(true),
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
@@ -302,10 +333,28 @@ pub fn main() -> ExitCode {
         Command::Reload(args) => reload(args),
         Command::Status(args) => status(args),
         Command::Stop(args) => stop(args),
+        Command::Help(args) => help(args.command.as_deref()),
         Command::Generate(args) => match crate::manual::generate(&args.out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => report(format!("cannot write into {}: {e}", args.out.display())),
         },
+    }
+}
+
+/// `baton help [COMMAND]`: the long help, as `--help` prints it.
+fn help(command: Option<&str>) -> ExitCode {
+    let mut cli = Cli::command();
+    cli.build();
+    let target = match command {
+        Some(name) => match cli.find_subcommand_mut(name) {
+            Some(sub) => sub,
+            None => return report(format!("no command {name}")),
+        },
+        None => &mut cli,
+    };
+    match target.print_long_help() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(format!("cannot print the help: {e}")),
     }
 }
 
@@ -318,6 +367,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     if crate::keeper::resuming() {
         return crate::keeper::resume();
     }
+    // Bad usage, as clap reports it: exit 2, before anything else happens.
+    let root = match args.root() {
+        Ok(root) => root,
+        Err(e) => {
+            report(e);
+            return ExitCode::from(2);
+        }
+    };
     // First of all: a new generation reports any failure to the old one, which relays it to
     // whoever asked for the upgrade.
     let mut handshake = match Handshake::take_from_env() {
@@ -341,7 +398,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         report(message)
     };
-    let config = match Config::load(args.config.as_deref(), &args.overrides()) {
+    let config = match Config::load(args.config.as_deref(), &args.overrides(root)) {
         Ok(config) => config,
         Err(errors) => return fail_early(errors.to_string()),
     };
@@ -349,7 +406,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.daemon {
         let relative = [
             ("--config", args.config.as_deref()),
-            ("server.root (--root)", config.root.as_deref()),
+            ("server.root (--root or DIR)", config.root.as_deref()),
         ]
         .into_iter()
         .find_map(|(what, path)| {
@@ -662,7 +719,6 @@ fn check_against_running(target: &TargetArgs, config: &Config) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -5,7 +5,9 @@
 //! Every problem in a file is collected and reported at once ([`ConfigErrors`]), so that
 //! `baton check` can list them all; unknown keys are errors, not silently ignored.
 //!
-//! The file format, with every key and its default:
+//! [`KEYS`] lists every key with its type, default and meaning: baton(8)'s CONFIGURATION
+//! section is rendered from it, and the tests check that the parser reads exactly those keys
+//! and that their defaults are [`Config::default`]'s. The file format, in short:
 //!
 //! ```toml
 //! [server]
@@ -65,6 +67,205 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// The name a listener gets when `--listen` or the config names none.
 pub const DEFAULT_LISTENER_NAME: &str = "http";
+
+/// One key of the configuration file, as baton(8) documents it ([`KEYS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// The table, as in `[limits]`.
+    pub section: &'static str,
+    /// The key inside its table.
+    pub name: &'static str,
+    /// The value's type, in words.
+    pub kind: &'static str,
+    /// The default: a TOML value the parser turns into [`Config::default`]'s setting, or
+    /// `None` when the key is unset by default.
+    pub default: Option<&'static str>,
+    /// What an unset key means, or more about the default.
+    pub unset: &'static str,
+    /// A TOML value other than the default (the tests parse it).
+    pub example: &'static str,
+    /// What the key does.
+    pub help: &'static str,
+}
+
+impl Key {
+    /// `section.name`, as error messages name the key.
+    pub fn path(&self) -> String {
+        format!("{}.{}", self.section, self.name)
+    }
+}
+
+/// Every key [`Config::from_toml_str`] reads, in the order baton(8) lists them. The tests check
+/// that the parser reads exactly these keys, that each default parses to [`Config::default`]'s
+/// setting and that each example changes it.
+pub const KEYS: &[Key] = &[
+    Key {
+        section: "server",
+        name: "listen",
+        kind: "array of \"[NAME=]ADDR\" strings",
+        default: Some(r#"["http=127.0.0.1:8080"]"#),
+        unset: "",
+        example: r#"["http=0.0.0.0:80", "admin=unix:/run/baton/admin.sock"]"#,
+        help: "The listeners. ADDR is IP:PORT, [IPv6]:PORT or unix:/path; NAME (default http) \
+               matches a socket passed by systemd (FileDescriptorName=), whose address wins \
+               under socket activation. --listen replaces the list.",
+    },
+    Key {
+        section: "server",
+        name: "root",
+        kind: "path",
+        default: None,
+        unset: "the embedded page is served at /",
+        example: r#""/srv/www""#,
+        help: "The directory to serve; nothing outside it is reachable, symlinks included. \
+               --root or baton serve DIR replaces it.",
+    },
+    Key {
+        section: "server",
+        name: "access_log",
+        kind: "boolean",
+        default: Some("false"),
+        unset: "",
+        example: "true",
+        help: "Log one line per request.",
+    },
+    Key {
+        section: "server",
+        name: "pidfile",
+        kind: "absolute path",
+        default: None,
+        unset: "no pidfile, but with --daemon /run/baton/baton.pid for root and \
+                $XDG_RUNTIME_DIR/baton/baton.pid for other users",
+        example: r#""/run/baton/other.pid""#,
+        help: "Locked with flock(2) for the process's life and holding its pid; a second \
+               instance is refused.",
+    },
+    Key {
+        section: "limits",
+        name: "max_connections",
+        kind: "integer, 1 to 1000000",
+        default: Some("10000"),
+        unset: "",
+        example: "500",
+        help: "Client connections open at once; more wait in the listen backlog. At the limit \
+               the longest-idle keep-alive connection is closed to make room.",
+    },
+    Key {
+        section: "limits",
+        name: "header_read_timeout",
+        kind: "duration",
+        default: Some(r#""10s""#),
+        unset: "",
+        example: r#""5s""#,
+        help: "Time a client has to send a complete request head.",
+    },
+    Key {
+        section: "limits",
+        name: "idle_timeout",
+        kind: "duration",
+        default: Some(r#""60s""#),
+        unset: "",
+        example: r#""2m""#,
+        help: "Keep-alive connections idle this long are closed.",
+    },
+    Key {
+        section: "limits",
+        name: "send_timeout",
+        kind: "duration",
+        default: Some(r#""60s""#),
+        unset: "",
+        example: r#""20s""#,
+        help: "A connection whose client accepts no byte of its response this long is closed.",
+    },
+    Key {
+        section: "shutdown",
+        name: "drain_timeout",
+        kind: "duration, 0 allowed",
+        default: Some(r#""30s""#),
+        unset: "",
+        example: r#""5s""#,
+        help: "On stop and after an upgrade, in-flight requests may finish for this long; keep \
+               it below TimeoutStopSec= of baton.service.",
+    },
+    Key {
+        section: "shutdown",
+        name: "idle_grace",
+        kind: "duration, 0 allowed",
+        default: Some(r#""1s""#),
+        unset: "",
+        example: r#""0s""#,
+        help: "During a drain, idle keep-alive connections may send one more request for this \
+               long.",
+    },
+    Key {
+        section: "log",
+        name: "level",
+        kind: "string",
+        default: Some(r#""info""#),
+        unset: "",
+        example: r#""info,hyper=warn""#,
+        help: "error, warn, info, debug, trace, or a filter such as \"info,hyper=warn\"; \
+               RUST_LOG wins over it.",
+    },
+    Key {
+        section: "log",
+        name: "file",
+        kind: "absolute path",
+        default: None,
+        unset: "the journal under systemd, else stderr",
+        example: r#""/var/log/baton.log""#,
+        help: "Append text logs to this file; SIGUSR1 reopens it (for logrotate).",
+    },
+    Key {
+        section: "upgrade",
+        name: "exec",
+        kind: "absolute path",
+        default: None,
+        unset: "the executable baton was started as, by that path",
+        example: r#""/usr/local/bin/baton""#,
+        help: "The binary an upgrade starts, so that a replaced binary runs the new code.",
+    },
+    Key {
+        section: "upgrade",
+        name: "timeout",
+        kind: "duration",
+        default: Some(r#""60s""#),
+        unset: "",
+        example: r#""30s""#,
+        help: "The new process must be ready within this, or the upgrade fails and the old one \
+               keeps serving.",
+    },
+    Key {
+        section: "upgrade",
+        name: "probation",
+        kind: "duration, 0 allowed",
+        default: Some(r#""10s""#),
+        unset: "",
+        example: r#""0s""#,
+        help: "Once the new process serves, the old one stands by this long and takes over \
+               again if the new one exits; 0 switches at once.",
+    },
+    Key {
+        section: "keeper",
+        name: "startsecs",
+        kind: "duration, 0 allowed",
+        default: Some(r#""1s""#),
+        unset: "",
+        example: r#""5s""#,
+        help: "Without systemd: a start counts as successful once the generation has been \
+               ready this long.",
+    },
+    Key {
+        section: "keeper",
+        name: "startretries",
+        kind: "integer, 0 to 1000",
+        default: Some("3"),
+        unset: "",
+        example: "10",
+        help: "Without systemd: consecutive failed starts retried (after 1s, 2s, 3s, ...) \
+               before the keeper gives up.",
+    },
+];
 
 /// The fully resolved configuration of one `baton serve` process.
 #[derive(Debug, Clone, PartialEq)]
@@ -847,6 +1048,218 @@ mod tests {
         let c = Config::from_toml_str("[keeper]\nstartretries = 5000\n", None).unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.errors[0].contains("more than 1000"), "{err}");
+    }
+
+    /// The dotted paths of every leaf key of the file's shape ([`FileConfig`]), read from its
+    /// `Deserialize` implementation: the keys the parser accepts.
+    fn parsed_keys() -> Vec<String> {
+        use serde::de::{self, value::StrDeserializer, IntoDeserializer, MapAccess, Visitor};
+        use std::cell::RefCell;
+
+        #[derive(Debug)]
+        struct Error(String);
+        impl fmt::Display for Error {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::error::Error for Error {}
+        impl de::Error for Error {
+            fn custom<T: fmt::Display>(msg: T) -> Self {
+                Error(msg.to_string())
+            }
+        }
+
+        /// Visits every field of every struct once, recording the paths of the leaves.
+        struct Tracer<'a> {
+            path: String,
+            leaves: &'a RefCell<Vec<String>>,
+        }
+        impl Tracer<'_> {
+            fn leaf(&self) {
+                self.leaves.borrow_mut().push(self.path.clone());
+            }
+        }
+        struct Fields<'a> {
+            path: String,
+            fields: std::slice::Iter<'static, &'static str>,
+            current: &'static str,
+            leaves: &'a RefCell<Vec<String>>,
+        }
+        impl<'de> MapAccess<'de> for Fields<'_> {
+            type Error = Error;
+            fn next_key_seed<K: de::DeserializeSeed<'de>>(
+                &mut self,
+                seed: K,
+            ) -> Result<Option<K::Value>, Error> {
+                let Some(field) = self.fields.next() else {
+                    return Ok(None);
+                };
+                self.current = field;
+                let key: StrDeserializer<'_, Error> = field.into_deserializer();
+                seed.deserialize(key).map(Some)
+            }
+            fn next_value_seed<V: de::DeserializeSeed<'de>>(
+                &mut self,
+                seed: V,
+            ) -> Result<V::Value, Error> {
+                let path = if self.path.is_empty() {
+                    self.current.to_owned()
+                } else {
+                    format!("{}.{}", self.path, self.current)
+                };
+                seed.deserialize(Tracer {
+                    path,
+                    leaves: self.leaves,
+                })
+            }
+        }
+        impl<'de> de::Deserializer<'de> for Tracer<'_> {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(Error(format!(
+                    "{}: a type the key tracer does not know; teach it",
+                    self.path
+                )))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                visitor: V,
+            ) -> Result<V::Value, Error> {
+                visitor.visit_map(Fields {
+                    path: self.path,
+                    fields: fields.iter(),
+                    current: "",
+                    leaves: self.leaves,
+                })
+            }
+            fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                visitor.visit_some(self)
+            }
+            fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                self.leaf();
+                visitor.visit_bool(false)
+            }
+            fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                self.leaf();
+                visitor.visit_i64(0)
+            }
+            fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                self.leaf();
+                visitor.visit_str("")
+            }
+            fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                self.deserialize_str(visitor)
+            }
+            fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                self.leaf();
+                visitor.visit_seq(
+                    de::value::SeqDeserializer::<std::iter::Empty<bool>, Error>::new(
+                        std::iter::empty(),
+                    ),
+                )
+            }
+            serde::forward_to_deserialize_any! {
+                i8 i16 i32 i128 u8 u16 u32 u64 u128 f32 f64 char bytes byte_buf unit
+                unit_struct newtype_struct tuple tuple_struct map enum identifier ignored_any
+            }
+        }
+
+        let leaves = RefCell::new(Vec::new());
+        FileConfig::deserialize(Tracer {
+            path: String::new(),
+            leaves: &leaves,
+        })
+        .expect("the key tracer walks FileConfig");
+        leaves.into_inner()
+    }
+
+    #[test]
+    fn the_key_table_is_what_the_parser_reads() {
+        let mut table: Vec<String> = KEYS.iter().map(Key::path).collect();
+        let mut parsed = parsed_keys();
+        assert!(
+            parsed.len() > 10,
+            "the tracer found too few keys: {parsed:?}"
+        );
+        let missing: Vec<_> = parsed.iter().filter(|k| !table.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "keys the parser reads but config::KEYS (and so baton(8)) lacks: {missing:?}"
+        );
+        let extra: Vec<_> = table.iter().filter(|k| !parsed.contains(k)).collect();
+        assert!(
+            extra.is_empty(),
+            "keys in config::KEYS that the parser does not read: {extra:?}"
+        );
+        table.sort();
+        parsed.sort();
+        table.dedup();
+        assert_eq!(table, parsed, "a key is listed twice in config::KEYS");
+        // Grouped by section, so that baton(8) shows each table once.
+        let mut sections: Vec<&str> = KEYS.iter().map(|k| k.section).collect();
+        sections.dedup();
+        let mut unique = sections.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(sections.len(), unique.len(), "config::KEYS mixes sections");
+    }
+
+    #[test]
+    fn the_key_table_defaults_and_examples_parse() {
+        for key in KEYS {
+            let toml = |value: &str| format!("[{}]\n{} = {value}\n", key.section, key.name);
+            if let Some(default) = key.default {
+                let c = Config::from_toml_str(&toml(default), None)
+                    .unwrap_or_else(|e| panic!("{}: default {default}: {e}", key.path()));
+                assert_eq!(
+                    c,
+                    Config::default(),
+                    "{}: the default {default} is not the built-in one",
+                    key.path()
+                );
+            } else {
+                assert!(
+                    !key.unset.is_empty(),
+                    "{}: say what unset means",
+                    key.path()
+                );
+            }
+            let c = Config::from_toml_str(&toml(key.example), None)
+                .unwrap_or_else(|e| panic!("{}: example {}: {e}", key.path(), key.example));
+            assert_ne!(
+                c,
+                Config::default(),
+                "{}: the example {} changes nothing",
+                key.path(),
+                key.example
+            );
+        }
+    }
+
+    #[test]
+    fn the_shipped_file_shows_every_key() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/baton.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        Config::from_toml_str(&text, None).expect("the shipped file parses");
+        let mut section = "";
+        let mut shown = Vec::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name;
+            } else if let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") {
+                shown.push(format!("{section}.{key}"));
+            }
+        }
+        for key in KEYS {
+            assert!(
+                shown.contains(&key.path()),
+                "packaging/baton.toml does not show {}",
+                key.path()
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,9 @@ say "cargo test"
 cargo test --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
 
+say "plain cargo deb in a fresh clone: the complete package (tests/package/fresh-clone.sh)"
+bash tests/package/fresh-clone.sh
+
 say "packages: version 1, 2 and a broken 3 (tests/package/build-debs.sh)"
 debs=$(mktemp -d /tmp/baton-debs.XXXXXX)
 trap 'rm -rf "$debs"' EXIT

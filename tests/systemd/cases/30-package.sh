@@ -40,6 +40,8 @@ check_wait "journalctl -u baton shows its start (BATON_EVENT=start from MainPID 
   journal_has $U BATON_EVENT=start _PID=$P1
 check_eq "baton runs as a dynamic user, not root" "" "$(ps -o user= -p "$P1" | grep -x root)"
 check "man 8 baton is installed" test -s /usr/share/man/man8/baton.8.gz
+check "baton(8) has its CONFIGURATION and EXAMPLES sections" \
+  bash -c "[ \$(zcat /usr/share/man/man8/baton.8.gz | grep -cE '^\.SH (CONFIGURATION|EXAMPLES)\$') = 2 ]"
 check "/etc/baton/baton.toml is a conffile" grep -qx /etc/baton/baton.toml /var/lib/dpkg/info/baton.conffiles
 check "baton check accepts the shipped configuration" baton check
 
