@@ -54,6 +54,8 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in 
 complete -c baton -n "__fish_baton_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand check" -l config -d 'Configuration file [default: /etc/baton/baton.toml]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand check" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
+complete -c baton -n "__fish_baton_using_subcommand check" -l pidfile -d 'The pidfile of the baton process; its pid counts only while the file is locked [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
 complete -c baton -n "__fish_baton_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand check" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand reload" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
