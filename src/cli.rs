@@ -100,18 +100,27 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 }
 
-/// Which running baton to address.
+/// Which running baton to address. Without any of these: the default pidfile's baton (a
+/// daemon), else the main process of `baton.service` (systemd).
 #[derive(Debug, Args, Clone)]
 pub struct TargetArgs {
     /// The pid of the baton process (e.g. $MAINPID under systemd)
-    #[arg(long, value_name = "PID", conflicts_with = "pidfile")]
+    #[arg(long, value_name = "PID", conflicts_with_all = ["pidfile", "unit"])]
     pub pid: Option<u32>,
 
     /// The pidfile of the baton process; its pid counts only while the file is locked
     /// [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "unit")]
     pub pidfile: Option<PathBuf>,
+
+    /// The systemd unit whose main process to address [default, when the default pidfile is not held: baton.service]
+    #[arg(long, value_name = "NAME")]
+    pub unit: Option<String>,
 }
+
+/// The unit the commands address when nothing else is named and no daemon holds the default
+/// pidfile.
+pub const DEFAULT_UNIT: &str = "baton.service";
 
 /// Why a target could not be found.
 enum TargetError {
@@ -121,11 +130,38 @@ enum TargetError {
 }
 
 impl TargetArgs {
-    /// The pid to address: given, or read from a pidfile whose lock is held.
+    /// The pid to address: given; the main pid of a systemd unit; or read from a pidfile whose
+    /// lock is held. With nothing named, the default pidfile, then `baton.service`.
     fn resolve(&self) -> Result<u32, TargetError> {
         if let Some(pid) = self.pid {
             return Ok(pid);
         }
+        if let Some(unit) = &self.unit {
+            return match unit_main_pid(unit) {
+                Ok(Some(pid)) => Ok(pid),
+                Ok(None) => Err(TargetError::NotRunning(format!(
+                    "{unit} has no main process"
+                ))),
+                Err(e) => Err(TargetError::Failed(e)),
+            };
+        }
+        let from_pidfile = self.from_pidfile();
+        if self.pidfile.is_some() {
+            return from_pidfile;
+        }
+        match from_pidfile {
+            Err(TargetError::NotRunning(why)) => match unit_main_pid(DEFAULT_UNIT) {
+                Ok(Some(pid)) => Ok(pid),
+                // No systemd, or the unit does not run: the pidfile's story is the one to tell.
+                _ => Err(TargetError::NotRunning(format!(
+                    "{why}, and {DEFAULT_UNIT} has no main process (--unit NAME for another unit)"
+                ))),
+            },
+            other => other,
+        }
+    }
+
+    fn from_pidfile(&self) -> Result<u32, TargetError> {
         let path = self
             .pidfile
             .clone()
@@ -714,6 +750,34 @@ fn check_against_running(target: &TargetArgs, config: &Config) -> ExitCode {
         eprintln!("baton: {error}");
     }
     ExitCode::FAILURE
+}
+
+/// The main pid of a systemd unit, as `systemctl show` reports it; `None` when the unit has
+/// none (not running) or there is no systemd to ask.
+fn unit_main_pid(unit: &str) -> Result<Option<u32>, String> {
+    let out = match std::process::Command::new("systemctl")
+        .args(["show", "--property=MainPID", "--value", "--", unit])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => out,
+        // No systemctl: no systemd.
+        Err(_) => return Ok(None),
+    };
+    if !out.status.success() {
+        // Not booted with systemd, or no such unit.
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().parse::<u32>() {
+        Ok(0) => Ok(None),
+        Ok(pid) => Ok(Some(pid)),
+        Err(_) => Err(format!(
+            "systemctl show {unit} said {:?} for MainPID; expected a pid",
+            text.trim()
+        )),
+    }
 }
 
 #[cfg(test)]

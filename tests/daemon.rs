@@ -584,3 +584,36 @@ fn upgrade_under_load_keeps_the_lock_and_refuses_every_second_start() {
     assert_eq!(d.ctl("stop").0, 0);
     assert!(!d.pidfile().exists());
 }
+
+#[test]
+fn commands_find_a_daemon_on_the_default_pidfile_without_arguments() {
+    let dir = TempDir::new("daemon-default");
+    let addr = free_addr().to_string();
+    let log = dir.join("baton.log").display().to_string();
+    let (code, _, err) = baton(&[
+        "serve",
+        "--config",
+        "/dev/null",
+        "--daemon",
+        "--log-file",
+        &log,
+        "--listen",
+        &addr,
+        "--upgrade-probation",
+        "0s",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let pidfile = baton::pidfile::default_path();
+    let first = common::pidfile_pid(&pidfile).expect("the default pidfile names the daemon");
+    let (code, out, err) = baton(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("is serving: pid {first}")), "{out}");
+    let (code, out, err) = baton(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("to generation 2"), "{out}");
+    let (code, out, err) = baton(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!pidfile.exists(), "the pidfile goes with the service");
+    let (code, _, _) = baton(&["status"]);
+    assert_eq!(code, 3);
+}

@@ -55,7 +55,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__check)
-            opts="-h -V --config --pid --pidfile --help --version"
+            opts="-h -V --config --pid --pidfile --unit --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -70,6 +70,10 @@ _baton() {
                     return 0
                     ;;
                 --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --unit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -95,7 +99,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__reload)
-            opts="-h -V --pid --pidfile --timeout --wait --help --version"
+            opts="-h -V --pid --pidfile --unit --timeout --wait --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -106,6 +110,10 @@ _baton() {
                     return 0
                     ;;
                 --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --unit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -199,7 +207,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__status)
-            opts="-h -V --pid --pidfile --help --version"
+            opts="-h -V --pid --pidfile --unit --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -210,6 +218,10 @@ _baton() {
                     return 0
                     ;;
                 --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --unit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -221,7 +233,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__stop)
-            opts="-h -V --pid --pidfile --timeout --help --version"
+            opts="-h -V --pid --pidfile --unit --timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -232,6 +244,10 @@ _baton() {
                     return 0
                     ;;
                 --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --unit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -56,20 +56,24 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -s V -l version -d 'P
 complete -c baton -n "__fish_baton_using_subcommand check" -l config -d 'Configuration file [default: /etc/baton/baton.toml]' -r -F
 complete -c baton -n "__fish_baton_using_subcommand check" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
 complete -c baton -n "__fish_baton_using_subcommand check" -l pidfile -d 'The pidfile of the baton process; its pid counts only while the file is locked [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand check" -l unit -d 'The systemd unit whose main process to address [default, when the default pidfile is not held: baton.service]' -r
 complete -c baton -n "__fish_baton_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand check" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand reload" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
 complete -c baton -n "__fish_baton_using_subcommand reload" -l pidfile -d 'The pidfile of the baton process; its pid counts only while the file is locked [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand reload" -l unit -d 'The systemd unit whose main process to address [default, when the default pidfile is not held: baton.service]' -r
 complete -c baton -n "__fish_baton_using_subcommand reload" -l timeout -d 'Give up waiting after this long' -r
 complete -c baton -n "__fish_baton_using_subcommand reload" -l wait -d 'Wait for the end of the probation (upgrade.probation) too, and fail if the new process exited within it and the old one took over again'
 complete -c baton -n "__fish_baton_using_subcommand reload" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand reload" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand status" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
 complete -c baton -n "__fish_baton_using_subcommand status" -l pidfile -d 'The pidfile of the baton process; its pid counts only while the file is locked [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand status" -l unit -d 'The systemd unit whose main process to address [default, when the default pidfile is not held: baton.service]' -r
 complete -c baton -n "__fish_baton_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand status" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand stop" -l pid -d 'The pid of the baton process (e.g. $MAINPID under systemd)' -r
 complete -c baton -n "__fish_baton_using_subcommand stop" -l pidfile -d 'The pidfile of the baton process; its pid counts only while the file is locked [default: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand stop" -l unit -d 'The systemd unit whose main process to address [default, when the default pidfile is not held: baton.service]' -r
 complete -c baton -n "__fish_baton_using_subcommand stop" -l timeout -d 'Give up waiting after this long; the drain itself is bounded by shutdown.drain_timeout' -r
 complete -c baton -n "__fish_baton_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand stop" -s V -l version -d 'Print version'

@@ -91,4 +91,23 @@ check_eq "the new MainPID is the pid /-/version reports" "$pid2" "$(version_fiel
 check_eq "the restarted baton is generation 1 again (a fresh start, not an upgrade)" 1 "$(version_field generation)"
 check_wait "journal: a second start event, from the new pid" 5 journal_has $U BATON_EVENT=start _PID=$pid2
 
+section "baton status, reload and stop find the service without arguments"
+# No daemon holds the default pidfile: the commands ask systemd for baton.service's MainPID.
+rc=0; out=$(baton status 2>&1) || rc=$?
+check_eq "baton status exits 0" 0 "$rc" || _details "$out"
+check_match "... and names MainPID $pid2" "is serving: pid $pid2, generation 1" "$out"
+rc=0; out=$(baton reload --wait 2>&1) || rc=$?
+check_eq "baton reload --wait exits 0" 0 "$rc" || _details "$out"
+check_match "... from MainPID $pid2 to generation 2" "upgraded pid $pid2 to generation 2" "$out"
+pid3=$(main_pid)
+check_ne "MainPID moved after the probation ($pid2 -> $pid3)" "$pid2" "$pid3"
+check_eq "/-/version answers from it" "$pid3 2" "$(version_field pid) $(version_field generation)"
+rc=0; out=$(baton stop 2>&1) || rc=$?
+check_eq "baton stop exits 0" 0 "$rc" || _details "$out"
+check_wait "baton.service is inactive" 10 unit_is $U inactive
+check_eq "... deactivated cleanly (Result=success)" success "$(unit_prop $U Result)"
+rc=0; out=$(baton status 2>&1) || rc=$?
+check_eq "baton status now exits 3 (not running)" 3 "$rc" || _details "$out"
+check_match "... saying that neither the pidfile nor baton.service has a baton" "baton.service has no main process" "$out"
+
 finish
