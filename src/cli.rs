@@ -145,7 +145,7 @@ impl TargetArgs {
                 Err(e) => Err(TargetError::Failed(e)),
             };
         }
-        let from_pidfile = self.from_pidfile();
+        let from_pidfile = self.pid_in_pidfile();
         if self.pidfile.is_some() {
             return from_pidfile;
         }
@@ -161,7 +161,7 @@ impl TargetArgs {
         }
     }
 
-    fn from_pidfile(&self) -> Result<u32, TargetError> {
+    fn pid_in_pidfile(&self) -> Result<u32, TargetError> {
         let path = self
             .pidfile
             .clone()
