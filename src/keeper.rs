@@ -300,11 +300,14 @@ pub fn run(config: Config, daemon: bool) -> ExitCode {
     let listeners: Vec<(OwnedFd, String)> = listeners
         .into_iter()
         .map(|l| {
+            // Self-bound sockets carry their `bound/` name, as in systemd's fd store: a
+            // generation may move or drop them on a reload, and tells the keeper so.
+            let name = l.handover_name();
             let fd = match l.socket {
                 activation::Socket::Tcp(s) => OwnedFd::from(s),
                 activation::Socket::Unix(s) => OwnedFd::from(s),
             };
-            (fd, l.name)
+            (fd, name)
         })
         .collect();
     let mut readiness = None;
@@ -626,7 +629,7 @@ impl Keeper {
     }
 
     /// Handles one notification with systemd's `NotifyAccess=main` rules.
-    fn on_message(&mut self, message: Message) {
+    fn on_message(&mut self, mut message: Message) {
         // A lone BARRIER=1 is answered (its fd closed, which `message` does when dropped) for
         // any sender, as systemd's manager does.
         if message.is_lone_barrier() {
@@ -641,13 +644,19 @@ impl Keeper {
             );
             return;
         };
-        if message.fds > 0 && !message.has("BARRIER=1") {
+        let (pid, generation) = (main.pid, main.generation);
+        if message.has("FDSTOREREMOVE=1") || message.has("FDSTORE=1") {
+            self.fd_store(&mut message, pid, generation);
+        } else if message.fds > 0 && !message.has("BARRIER=1") {
             tracing::warn!(
-                "pid {} passed {} fd(s) (FDSTORE=?); the keeper keeps none: closed",
+                "pid {} passed {} fd(s) without FDSTORE=1: closed",
                 message.pid,
                 message.fds
             );
         }
+        let Some(main) = self.main.as_mut() else {
+            return;
+        };
         if let Some(status) = message.get("STATUS") {
             tracing::debug!(pid = main.pid, "STATUS={status}");
         }
@@ -680,6 +689,58 @@ impl Keeper {
         }
         if let Some(new) = message.get("MAINPID") {
             self.switch_main(new);
+        }
+    }
+
+    /// The keeper's fd store, with systemd's protocol: the main generation pushes the sockets it
+    /// bound itself (`FDSTORE=1` + `FDNAME=bound/NAME`) and removes those a reload moved or
+    /// dropped (`FDSTOREREMOVE=1` + `FDNAME=`). So the keeper's sockets follow the
+    /// configuration: a crash-restarted generation gets the current ones, and a port that was
+    /// given up does not stay open here, queueing clients nobody accepts.
+    fn fd_store(&mut self, message: &mut Message, pid: i32, generation: u64) {
+        let Some(name) = message.get("FDNAME").map(str::to_owned) else {
+            tracing::warn!("pid {pid} sent {:?} without FDNAME=: ignored", message.text);
+            return;
+        };
+        if message.has("FDSTOREREMOVE=1") {
+            let before = self.listeners.len();
+            self.listeners.retain(|(_, n)| *n != name);
+            if self.listeners.len() < before {
+                tracing::info!(
+                    event = "keeper-socket-removed",
+                    generation,
+                    "generation {generation} (pid {pid}) gave up listener '{name}': the keeper closed its copy"
+                );
+            }
+            return;
+        }
+        let same_socket = |a: &OwnedFd, b: &OwnedFd| match (
+            nix::sys::stat::fstat(a.as_fd()),
+            nix::sys::stat::fstat(b.as_fd()),
+        ) {
+            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+            _ => false,
+        };
+        for fd in message.take_fds() {
+            match self.listeners.iter_mut().find(|(_, n)| *n == name) {
+                Some((held, _)) if same_socket(held, &fd) => {}
+                Some((held, _)) => {
+                    *held = fd;
+                    tracing::info!(
+                        event = "keeper-socket-replaced",
+                        generation,
+                        "generation {generation} (pid {pid}) moved listener '{name}': the keeper holds the new socket"
+                    );
+                }
+                None => {
+                    self.listeners.push((fd, name.clone()));
+                    tracing::info!(
+                        event = "keeper-socket-added",
+                        generation,
+                        "generation {generation} (pid {pid}) added listener '{name}': the keeper holds it too"
+                    );
+                }
+            }
         }
     }
 

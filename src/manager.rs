@@ -48,6 +48,12 @@ impl Message {
             .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
     }
 
+    /// Takes the fds that came along (they are closed with the message otherwise).
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        self.fds = 0;
+        std::mem::take(&mut self._fds)
+    }
+
     /// `BARRIER=1` alone, as sd_notify_barrier(3) sends it.
     pub fn is_lone_barrier(&self) -> bool {
         self.pid != 0

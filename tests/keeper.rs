@@ -43,7 +43,7 @@ fn start_keeper(dir: &TempDir, addr: SocketAddr, extra: &[&str]) -> (Baton, Path
     (b, pidfile)
 }
 
-/// The children of `pid` (from /proc/PID/task/*/children).
+/// The executable `pid` runs.
 fn exe(pid: u32) -> String {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
@@ -237,4 +237,74 @@ fn keeper_upgrade_leaves_no_process_on_a_deleted_binary() {
         status.is_some_and(|s| s.code() == Some(0) && s.signal().is_none()),
         "baton stop returned before the keeper exited: {status:?}"
     );
+}
+
+#[test]
+fn a_listener_moved_by_a_reload_moves_in_the_keeper_too() {
+    // The keeper holds the sockets for crash restarts; a reload that moves a listener tells it
+    // (the fd store protocol), so the old port closes and a restart gets the new one.
+    let dir = TempDir::new("keeper-move");
+    let (a, b) = (free_addr(), free_addr());
+    let config = dir.join("baton.toml");
+    let write = |addr: SocketAddr| {
+        std::fs::write(
+            &config,
+            format!("[server]\nlisten = [\"http={addr}\"]\n[upgrade]\nprobation = \"0s\"\n"),
+        )
+        .unwrap()
+    };
+    write(a);
+    let pidfile = dir.join("baton.pid");
+    let (config_arg, pidfile_arg) = (config.display().to_string(), pidfile.display().to_string());
+    let mut keeper = Spawn::serve(&[
+        "--keeper",
+        "--config",
+        &config_arg,
+        "--pidfile",
+        &pidfile_arg,
+    ])
+    .start();
+    keeper.serves = Some(a);
+    let first = wait_serving(&pidfile, a, None, &keeper);
+    write(b);
+    let (code, out, err) = common::run_baton(&["reload", "--wait", "--pidfile", &pidfile_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    keeper.serves = Some(b);
+    let second = wait_serving(&pidfile, b, Some(first), &keeper);
+    let refused = |addr: SocketAddr| {
+        std::net::TcpStream::connect(addr)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(
+        wait_until(TIMEOUT, || refused(a)),
+        "port {a} still open after the move; stderr:\n{}",
+        keeper.stderr.text()
+    );
+    // The new main generation removed the old socket from the keeper, then gave it the new one.
+    for event in ["keeper-socket-removed", "keeper-socket-added"] {
+        assert!(
+            keeper
+                .stderr
+                .wait_for(&format!("event=\"{event}\""), TIMEOUT)
+                .is_some(),
+            "no {event}:\n{}",
+            keeper.stderr.text()
+        );
+    }
+    // A crash: the restarted generation gets port B from the keeper (handed over, not bound).
+    signal(second, Signal::SIGKILL);
+    let third = wait_serving(&pidfile, b, Some(second), &keeper);
+    let handed = format!("listening on http={b} (fd ");
+    assert!(
+        keeper
+            .stderr
+            .text()
+            .lines()
+            .any(|l| l.contains(&handed) && l.contains("generation=3")),
+        "generation 3 (pid {third}) did not get {b} from the keeper:\n{}",
+        keeper.stderr.text()
+    );
+    assert!(refused(a));
+    signal(keeper.pid(), Signal::SIGTERM);
+    assert!(keeper.wait_exit(TIMEOUT).unwrap().success());
 }
