@@ -68,6 +68,9 @@ check_eq "/-/version reports $(upstream "${V[1]}") from the new process as soon 
 check_eq "MainPID is still $P1 while the new version is on probation" "$P1" "$(main_pid)"
 check_wait "MainPID moves to $P2 once the probation (10 s) passed" 20 bash -c "[ \"\$(systemctl show -P MainPID $U)\" = $P2 ]"
 check_wait "the old process ($P1) exits" 30 pid_gone "$P1"
+rc=0; out=$(baton status 2>&1) || rc=$?
+check_eq "baton status, without arguments, finds the packaged service (exit 0)" 0 "$rc" || _details "$out"
+check_match "... and names its MainPID $P2" "is serving: pid $P2, generation 2" "$out"
 check_wait "the load is served by the new version (500 more requests)" 10 load_progress "p['ok'] >= $(load_ok) + 500"
 load_stop >"$CASE_TMP/load.out" || fail "the load stops with a report" "$(cat "$CASE_TMP/load.out")"
 info "load: $(load_summary)"
