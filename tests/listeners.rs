@@ -49,12 +49,7 @@ fn refused(addr: SocketAddr) -> bool {
 fn reload_ok(pid: u32, generation: u64) -> (u32, String) {
     let (code, out, err) = run_baton(&["reload", "--pid", &pid.to_string()]);
     assert_eq!(code, 0, "reload failed: {out}{err}");
-    let new_pid: u32 = out
-        .split("(pid ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {out:?}"));
+    let new_pid = common::reload_new_pid(&out);
     assert!(
         out.contains(&format!("to generation {generation} ")),
         "{out}"

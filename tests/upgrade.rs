@@ -71,12 +71,7 @@ fn reload(pid: u32) -> (i32, String, String) {
 fn upgrade_ok(pid: u32, addr: SocketAddr, generation: u64) -> u32 {
     let (code, out, err) = reload(pid);
     assert_eq!(code, 0, "reload failed: {err}");
-    let new_pid: u32 = out
-        .split("(pid ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {out:?}"));
+    let new_pid = common::reload_new_pid(&out);
     assert!(
         out.contains(&format!("to generation {generation} (pid {new_pid})")),
         "{out}"

@@ -449,3 +449,12 @@ pub fn wait_serving(
     );
     pid.unwrap()
 }
+
+/// The new pid `baton reload` names in its answer (`... to generation G (pid N) ...`).
+pub fn reload_new_pid(out: &str) -> u32 {
+    out.split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {out:?}"))
+}
