@@ -7,7 +7,8 @@
 #     tests/run-all.sh
 # Knobs:
 #   BATON_TESTS_UNTIL=lint   stop after the installs, `cargo fmt --check` and `cargo clippy`
-#                            (tests/fresh/readme.sh uses it on a fresh system)
+#   BATON_TESTS_UNTIL=toolchain  stop once the Debian packages and the Rust toolchain are there
+#                            (tests/fresh/readme.sh uses both on fresh systems)
 #   BATON_SKIP_FRESH=1       skip tests/fresh/readme.sh (the README's commands on a fresh system)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,10 @@ cargo_bin=$(sh tools/with-rust.sh --dev)
 # out of PATH.
 export PATH="$cargo_bin:$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 cargo --version
+if [ "${BATON_TESTS_UNTIL:-}" = toolchain ]; then
+  say "stopping once the toolchain is there (BATON_TESTS_UNTIL=toolchain)"
+  exit 0
+fi
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 # tests/activation.rs runs the development loop `systemfd --no-pid -s http::PORT -- ...`.
 command -v systemfd >/dev/null || cargo install --locked --quiet systemfd

@@ -18,7 +18,8 @@
 #     the embedded 127.0.0.1:8080 that may be busy on the host.
 # The sudo user (baton-fresh, in group sudo, NOPASSWD because nothing can answer a prompt in CI)
 # runs the README's first command: it must install Debian's Rust packages through sudo, build
-# baton and serve /-/healthy. Root, on a chroot without sudo, runs the README's second command
+# baton and serve /-/healthy; then the second with BATON_TESTS_UNTIL=toolchain, which must run
+# itself through sudo, add rustfmt-web and rust-web-clippy, and leave no root-owned target/. Root, on a chroot without sudo, runs the README's second command
 # with BATON_TESTS_UNTIL=lint (installs, `cargo fmt --check`, `cargo clippy`; the rest of the
 # suite runs on the host anyway), then the first command. Both share /src/baton/target, so root's
 # builds are partly incremental: the point is the toolchain, not the build time.
@@ -147,6 +148,18 @@ if r=$(fresh user) && no_rust "$r" "sudo user"; then
       bad "sudo user: Debian's cargo-web and rustc-web were installed" "$work/user-serve.log"
     fi
     ! grep -q 'with rustup' "$work/user-serve.log" || bad "sudo user: rustup was not used" "$work/user-serve.log"
+    # the second command as the sudo user runs itself through sudo; up to the toolchain only
+    # (root runs the installs and lints below), which adds rustfmt and clippy to Debian's cargo
+    if timeout --kill-after=10 "$limit" chroot "$r" setpriv --reuid=$user --regid=$user --init-groups \
+         env -i HOME=/home/$user USER=$user LOGNAME=$user PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+         BATON_TESTS_UNTIL=toolchain sh -c "cd /src/baton && $test_cmd" >"$work/user-test.log" 2>&1 \
+       && grep -q 'running as root through sudo' "$work/user-test.log" \
+       && grep -q 'apt-get install rustfmt-web rust-web-clippy' "$work/user-test.log" \
+       && [ -z "$(find "$work/src/target" -maxdepth 2 -uid 0 -print -quit)" ]; then
+      ok "sudo user: the README's second command runs through sudo, adds rustfmt-web and rust-web-clippy, and leaves target/ to the user (BATON_TESTS_UNTIL=toolchain)"
+    else
+      bad "sudo user: the README's second command runs through sudo, adds rustfmt-web and rust-web-clippy, and leaves target/ to the user (BATON_TESTS_UNTIL=toolchain)" "$work/user-test.log"
+    fi
   else
     bad "sudo user: setting up sudo and the user" "$work/setup.log"
   fi
