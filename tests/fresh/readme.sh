@@ -24,7 +24,7 @@
 # suite runs on the host anyway), then the first command. Both share /src/baton/target, so root's
 # builds are partly incremental: the point is the toolchain, not the build time.
 #
-# Takes about 10 minutes on 2 cores (10m16s on the 2-core development machine) (two toolchain installs, a release build with Debian's rustc,
+# Takes 5 to 10 minutes on 2 cores (5m35s alone, 10m16s on a busy machine) (two toolchain installs, a release build with Debian's rustc,
 # cargo install of cargo-deb and systemfd, clippy). BATON_FRESH_TIMEOUT (seconds, default 1500)
 # bounds each of the three commands; the whole test is bounded by three times that.
 set -uo pipefail
