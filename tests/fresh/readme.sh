@@ -24,9 +24,10 @@
 # suite runs on the host anyway), then the first command. Both share /src/baton/target, so root's
 # builds are partly incremental: the point is the toolchain, not the build time.
 #
-# Takes 5 to 10 minutes on 2 cores (5m35s alone, 10m16s on a busy machine) (two toolchain installs, a release build with Debian's rustc,
-# cargo install of cargo-deb and systemfd, clippy). BATON_FRESH_TIMEOUT (seconds, default 1500)
-# bounds each of the three commands; the whole test is bounded by three times that.
+# Takes 5 to 10 minutes on 2 cores (about 6 min within a full run of tests/run-all.sh, 10m16s
+# alone on a machine busy with other builds): two toolchain installs, two release builds with
+# Debian's rustc, cargo install of cargo-deb and systemfd, clippy. BATON_FRESH_TIMEOUT (seconds,
+# default 1500) bounds each command run in a chroot; the whole test, three times that plus 5 min.
 set -uo pipefail
 
 if [ "${1:-}" != --inner ]; then
