@@ -1,29 +1,50 @@
 #!/bin/bash
-# The whole test suite: formatting, lints, unit and integration tests, and the real-systemd
-# harness. Installs what it needs on Debian 12. Run it as root from anywhere:
+# The whole test suite: formatting, lints, unit and integration tests, the package, the README's
+# commands on a fresh Debian 12, and the real-systemd harness. Installs what it needs on Debian 12
+# (apt-get update first; Debian's Rust packages when there is no cargo 1.85 or newer, see
+# tools/with-rust.sh). Run it as root, or as a user who may sudo (it runs itself again through
+# sudo: the systemd harness and the chroots need root), from anywhere:
 #     tests/run-all.sh
-# (the systemd harness boots a real systemd 252 in a container, which needs root).
+# Knobs:
+#   BATON_TESTS_UNTIL=lint   stop after the installs, `cargo fmt --check` and `cargo clippy`
+#   BATON_TESTS_UNTIL=toolchain  stop once the Debian packages and the Rust toolchain are there
+#                            (tests/fresh/readme.sh uses both on fresh systems)
+#   BATON_SKIP_FRESH=1       skip tests/fresh/readme.sh (the README's commands on a fresh system)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '\n==> %s\n' "$*"; }
 die() { echo "tests/run-all.sh: $*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "run me as root (sudo tests/run-all.sh): the systemd harness boots a container"
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || die "run me as root: the systemd harness boots a container"
+  echo "tests/run-all.sh: running as root through sudo (the systemd harness boots a container)" >&2
+  rc=0
+  sudo env ${BATON_TESTS_UNTIL:+BATON_TESTS_UNTIL="$BATON_TESTS_UNTIL"} \
+    ${BATON_SKIP_FRESH:+BATON_SKIP_FRESH="$BATON_SKIP_FRESH"} bash "$PWD/tests/run-all.sh" || rc=$?
+  # what root built in target/ is yours again, so that your own cargo can write there
+  [ ! -d target ] || sudo chown -R "$(id -u):$(id -g)" target
+  exit "$rc"
+fi
 
 say "installing what the tests need"
 need=()
-for pair in systemd-socket-activate:systemd curl:curl python3:python3 cc:gcc lintian:lintian setpriv:util-linux unshare:util-linux; do
+for pair in systemd-socket-activate:systemd curl:curl python3:python3 cc:gcc lintian:lintian setpriv:util-linux unshare:util-linux git:git; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
-if ! command -v cargo >/dev/null; then
-  [ -x "$HOME/.cargo/bin/cargo" ] || { command -v curl >/dev/null && curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt; }
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
+# A cargo of Rust 1.85 or newer, with rustfmt and clippy: the one there is, else Debian's.
+cargo_bin=$(sh tools/with-rust.sh --dev)
+# cargo install puts cargo-deb and systemfd into $CARGO_HOME/bin, which Debian's cargo leaves
+# out of PATH.
+export PATH="$cargo_bin:$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 cargo --version
+if [ "${BATON_TESTS_UNTIL:-}" = toolchain ]; then
+  say "stopping once the toolchain is there (BATON_TESTS_UNTIL=toolchain)"
+  exit 0
+fi
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 # tests/activation.rs runs the development loop `systemfd --no-pid -s http::PORT -- ...`.
 command -v systemfd >/dev/null || cargo install --locked --quiet systemfd
@@ -35,6 +56,11 @@ cargo fmt --check
 # so nothing is compiled twice.
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
+
+if [ "${BATON_TESTS_UNTIL:-}" = lint ]; then
+  say "stopping after the installs and lints (BATON_TESTS_UNTIL=lint)"
+  exit 0
+fi
 
 say "cargo doc (no broken links, no warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
@@ -61,6 +87,11 @@ done
 
 say "the package on a system without systemd: tests/package/no-systemd.sh"
 bash tests/package/no-systemd.sh "$debs"
+
+if [ -z "${BATON_SKIP_FRESH:-}" ]; then
+  say "the README's commands on a fresh Debian 12, as root and as a sudo user: tests/fresh/readme.sh"
+  bash tests/fresh/readme.sh
+fi
 
 say "real systemd 252: tests/systemd/run.sh (the binary of baton_1.deb)"
 dpkg-deb --fsys-tarfile "$debs/baton_1.deb" | tar -xO ./usr/bin/baton > "$debs/baton"
