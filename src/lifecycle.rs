@@ -424,7 +424,14 @@ impl Generation {
             // Only now may `baton reload` return: this process accepts.
             match committed.serving().await {
                 Ok(link) => predecessor = Some(link),
-                Err(e) => tracing::warn!("cannot tell the old process that this one serves: {e}"),
+                // The old process is gone: this one never became the main pid, and must not
+                // go on as a stray next to whatever the service manager starts instead.
+                Err(e) => {
+                    let e = anyhow::anyhow!(
+                        "the old process went away right after the commit ({e}); stopping"
+                    );
+                    return Err((e, None, readiness));
+                }
             }
         } else {
             server.start_accepting();
@@ -958,10 +965,13 @@ impl Generation {
         let open_connections = self.metrics.open_connections.get();
         match &end {
             End::Stop { cause, .. } => {
-                notify::stopping(&format!(
-                    "stopping: draining connections (up to {})",
-                    humantime::format_duration(drain_timeout)
-                ));
+                // On probation this process is not the main pid: the manager would drop it.
+                if self.is_main {
+                    notify::stopping(&format!(
+                        "stopping: draining connections (up to {})",
+                        humantime::format_duration(drain_timeout)
+                    ));
+                }
                 if let Some(s) = &successor_to_stop {
                     tracing::info!(
                         generation,

@@ -554,6 +554,19 @@ impl Drop for Spawned {
         if self.promoted {
             return;
         }
+        // Waiting for N's death blocks: off the async workers when on them.
+        let in_workers = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if in_workers {
+            tokio::task::block_in_place(|| self.kill_and_reap());
+        } else {
+            self.kill_and_reap();
+        }
+    }
+}
+
+impl Spawned {
+    fn kill_and_reap(&mut self) {
         // N runs in a process group of its own: whatever it started goes with it, and none of
         // it keeps a copy of the listening sockets. The group cannot be a recycled one: N's
         // pid stays reserved while N is the intermediate's unreaped child or the group has
@@ -561,12 +574,11 @@ impl Drop for Spawned {
         // SAFETY: plain syscall.
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         self.pidfd.kill();
-        // The intermediate reaps N once it is dead; then it is released and reaped itself.
+        // The intermediate reaps N once it is dead (and says how); a N that takes longer to die
+        // is left to the reaper: releasing the intermediate (EOF on its pipe) ends its wait,
+        // and then it is reaped here.
         let _ = self.pidfd.wait_exit(KILL_WAIT);
-        if let Some(intermediate) = self.intermediate.take() {
-            let _ = intermediate.reap();
-            drop(intermediate);
-        }
+        drop(self.intermediate.take());
     }
 }
 
@@ -704,8 +716,11 @@ impl ExecPlan {
                 libc::write(channel, buf.as_ptr().cast(), n + 1);
                 if pid > 0 {
                     // This process's own copy of the write end must go first, or no EOF would
-                    // come; N's copy goes at its exec.
+                    // come; N's copy goes at its exec. Every other fd of O goes too (client
+                    // connections among them), so that a connection O closes during the
+                    // probation really ends.
                     libc::close(go_write);
+                    close_all_but(channel, go);
                     Self::stay_parent(pid, channel, go);
                 }
                 libc::_exit(if pid > 0 { 0 } else { 1 });
@@ -841,6 +856,21 @@ impl ExecPlan {
         );
         fail(channel);
     }
+}
+
+/// Closes every fd above stderr but `a` and `b`: plain close_range(2) calls, async-signal-safe.
+/// On kernels without close_range (< 5.9) nothing is closed.
+fn close_all_but(a: RawFd, b: RawFd) {
+    let (low, high) = (a.min(b), a.max(b));
+    let close = |first: RawFd, last: libc::c_uint| {
+        if first >= 0 && (first as libc::c_uint) <= last {
+            // SAFETY: a plain syscall on fd numbers this process owns.
+            unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, last, 0) };
+        }
+    };
+    close(3, (low - 1).max(0) as libc::c_uint);
+    close(low + 1, (high - 1).max(0) as libc::c_uint);
+    close(high + 1, libc::c_uint::MAX);
 }
 
 fn copy(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
@@ -1192,6 +1222,17 @@ impl Successor {
                     new_pid = pid,
                     "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
                 );
+            }
+            // N died between the check above and the manager's processing of MAINPID=: the
+            // manager refuses a dead pid, so this process is still the main pid and must take
+            // over again rather than drain and exit 0 with nothing serving.
+            if self
+                .spawned
+                .pidfd
+                .wait_exit(Duration::ZERO)
+                .unwrap_or(false)
+            {
+                return Err(format!("pid {pid} exited during the handover"));
             }
             Ok(())
         })?;

@@ -925,3 +925,27 @@ fn fds_inherited_by_the_first_generation_do_not_travel_on() {
     assert!(!holds_stray(new), "the new generation inherited a stray fd");
     stop_current(addr);
 }
+
+#[test]
+fn the_intermediate_process_keeps_none_of_the_old_generations_fds_during_the_probation() {
+    // It stays the new generation's parent through the probation; a client connection the old
+    // generation closes meanwhile must really end, so it may hold nothing but its own pipes.
+    let (baton, addr) = start(&["--upgrade-probation", "60s"], &[]);
+    let mut client = http::Conn::tcp(addr).unwrap();
+    assert_eq!(client.get("/-/healthy").unwrap().status, 200);
+    let (code, _, err) = reload(baton.pid());
+    assert_eq!(code, 0, "{err}");
+    let children = common::children(baton.pid());
+    assert_eq!(children.len(), 1, "the intermediate: {children:?}");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", children[0]))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    // stdin, stdout, stderr, the handshake channel, its pipe from the old generation, and
+    // N's pidfd.
+    assert!(fds.len() <= 6, "{fds:#?}");
+    drop(client);
+    baton.signal(Signal::SIGTERM);
+    assert!(reaper::wait_exit(baton.pid(), EXIT_TIMEOUT).is_some());
+}
