@@ -67,25 +67,16 @@ pub const REPORT_FD_ENV: &str = "BATON_KEEPER_REPORT_FD";
 /// The keeper's state across its own re-exec (JSON).
 pub const STATE_ENV: &str = "BATON_KEEPER_STATE";
 
-/// Variables of the keeper's environment a generation must not inherit as they are.
-const PRIVATE_ENV: [&str; 17] = [
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
+/// Variables of the keeper's environment a generation must not inherit as they are, beyond
+/// those an upgrade keeps from the next generation ([`crate::upgrade::PRIVATE_ENV`]): the
+/// keeper's own, and the service manager's (the keeper is the generations' manager).
+const KEEPER_PRIVATE_ENV: [&str; 6] = [
     "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
     "WATCHDOG_USEC",
-    crate::lifecycle::GENERATION_ENV,
-    crate::upgrade::UPGRADE_FD_ENV,
-    crate::upgrade::UPGRADE_STARTED_ENV,
-    crate::upgrade::UPGRADES_ENV,
-    PIDFILE_FD_ENV,
     KEEPER_PID_ENV,
     RESTARTS_ENV,
     REPORT_FD_ENV,
     STATE_ENV,
-    crate::upgrade::FOR_PID_ENV,
 ];
 
 /// The signals the keeper takes through its signalfd (blocked otherwise).
@@ -963,7 +954,11 @@ impl Keeper {
         let n = self.listeners.len();
         let mut env: Vec<CString> = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if PRIVATE_ENV.iter().any(|p| k == *p) {
+            if crate::upgrade::PRIVATE_ENV
+                .iter()
+                .chain(&KEEPER_PRIVATE_ENV)
+                .any(|p| k == *p)
+            {
                 continue;
             }
             env.push(cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);

@@ -147,7 +147,7 @@ pub fn report_ignored_private_env() {
 }
 
 /// Variables of O's environment that N must not inherit as they are.
-const PRIVATE_ENV: [&str; 12] = [
+pub(crate) const PRIVATE_ENV: [&str; 12] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
