@@ -35,18 +35,7 @@ fn as_nobody(program: &str, args: &[&str]) -> Command {
 
 /// Starts a plain first generation on a handed-over loopback listener (no probation).
 fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
-    reaper::init();
-    let (listener, addr) = tcp_listener();
-    let mut all = args.to_vec();
-    all.extend(["--upgrade-probation", "0s"]);
-    let mut spawn = Spawn::serve(&all).fd(listener, None);
-    for (k, v) in env {
-        spawn = spawn.env(k, v);
-    }
-    let mut baton = spawn.start();
-    baton.serves = Some(addr);
-    baton.wait_ready();
-    (baton, addr)
+    common::start_generation(args, env)
 }
 
 fn pid_of(addr: SocketAddr) -> u32 {

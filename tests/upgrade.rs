@@ -19,23 +19,9 @@ use nix::sys::signal::Signal;
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The first generation, on a handed-over loopback listener. Without a probation unless
-/// `args` name one, so that an upgrade is over when its old process exits.
+/// The first generation, on a handed-over loopback listener (see common::start_generation).
 fn start(args: &[&str], env: &[(&str, &str)]) -> (Baton, SocketAddr) {
-    reaper::init();
-    let (listener, addr) = tcp_listener();
-    let mut args = args.to_vec();
-    if !args.contains(&"--upgrade-probation") {
-        args.extend(["--upgrade-probation", "0s"]);
-    }
-    let mut spawn = Spawn::serve(&args).fd(listener, None);
-    for (k, v) in env {
-        spawn = spawn.env(k, v);
-    }
-    let mut baton = spawn.start();
-    baton.serves = Some(addr);
-    baton.wait_ready();
-    (baton, addr)
+    common::start_generation(args, env)
 }
 
 fn version(addr: SocketAddr) -> serde_json::Value {

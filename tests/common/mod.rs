@@ -458,3 +458,22 @@ pub fn reload_new_pid(out: &str) -> u32 {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no new pid in {out:?}"))
 }
+
+/// A first generation on a handed-over loopback listener, ready. Without a probation unless
+/// `args` name one, so that an upgrade is over when its old process exits.
+pub fn start_generation(args: &[&str], env: &[(&str, &str)]) -> (Baton, std::net::SocketAddr) {
+    reaper::init();
+    let (listener, addr) = tcp_listener();
+    let mut args = args.to_vec();
+    if !args.contains(&"--upgrade-probation") {
+        args.extend(["--upgrade-probation", "0s"]);
+    }
+    let mut spawn = Spawn::serve(&args).fd(listener, None);
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    let mut baton = spawn.start();
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    (baton, addr)
+}
