@@ -362,6 +362,10 @@ fn report(error: impl std::fmt::Display) -> ExitCode {
 
 /// Runs the command line; `main` is only this.
 pub fn main() -> ExitCode {
+    baton_lifecycle::env::set_identity(baton_lifecycle::env::Identity::new(
+        "baton",
+        crate::VERSION,
+    ));
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
@@ -458,7 +462,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     // Without a service manager, a keeper runs the generations (crate::keeper).
     if !is_upgrade && crate::keeper::wanted(args.daemon || args.keeper) {
-        return crate::keeper::run(config, args.daemon);
+        return crate::keeper::run(crate::service::keeper_settings(&config), args.daemon);
     }
     // The pidfile: inherited, already locked, by a new generation; locked anew by a first one;
     // the keeper's alone under a keeper.
@@ -485,7 +489,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let log_level = config.log_level.clone();
     // A new generation is a daemon already; under a keeper, the keeper is.
     let daemon = args.daemon && !is_upgrade && keeper_pid.is_none();
-    let mut process = match crate::lifecycle::prepare(config, pidfile) {
+    let mut process = match crate::lifecycle::prepare(crate::service::generation_settings(&config), pidfile) {
         Ok(process) => process,
         Err(e) => return fail_early(format!("{e:#}")),
     };
@@ -520,7 +524,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(keeper) = keeper_pid {
         crate::keeper::watch(keeper);
     }
-    match process.run() {
+    match process.run(|info| crate::service::Service::new(&config, info)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match destination {
             // One line per failure: a structured event in the journal or the log file, or a

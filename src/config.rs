@@ -50,9 +50,7 @@
 //! ```
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -66,7 +64,7 @@ pub const MAX_CONNECTIONS: usize = 1_000_000;
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// The name a listener gets when `--listen` or the config names none.
-pub const DEFAULT_LISTENER_NAME: &str = "http";
+pub use baton_lifecycle::activation::{ListenAddress, ListenSpec, DEFAULT_LISTENER_NAME};
 
 /// One key of the configuration file, as baton(8) documents it ([`KEYS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,10 +333,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             source: None,
-            listeners: vec![ListenSpec {
-                name: DEFAULT_LISTENER_NAME.to_owned(),
-                address: ListenAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080))),
-            }],
+            listeners: vec![baton_lifecycle::activation::builtin_listener()],
             root: None,
             access_log: false,
             limits: Limits {
@@ -365,76 +360,6 @@ impl Default for Config {
             },
         }
     }
-}
-
-/// One listener: a name (matched against `LISTEN_FDNAMES`) and the address to bind when the
-/// socket is not handed over by the service manager.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenSpec {
-    pub name: String,
-    pub address: ListenAddress,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddress {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl fmt::Display for ListenAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddress::Tcp(addr) => write!(f, "{addr}"),
-            ListenAddress::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-impl fmt::Display for ListenSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}", self.name, self.address)
-    }
-}
-
-impl FromStr for ListenSpec {
-    type Err = String;
-
-    /// Parses `[NAME=]ADDR`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, addr) = match s.split_once('=') {
-            Some((name, addr)) => (name, addr),
-            None => (DEFAULT_LISTENER_NAME, s),
-        };
-        if !valid_listener_name(name) {
-            return Err(format!(
-                "listener name '{name}' is not valid: use 1 to 255 letters, digits, '.', '_' or '-' \
-                 (the same as systemd's FileDescriptorName=)"
-            ));
-        }
-        let address = if let Some(path) = addr.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "'{addr}' is not a unix socket address: the path must be absolute, as in unix:/run/baton/http.sock"
-                ));
-            }
-            ListenAddress::Unix(PathBuf::from(path))
-        } else {
-            ListenAddress::Tcp(addr.parse().map_err(|_| {
-                format!("'{addr}' is not a listen address: use IP:PORT, [IPv6]:PORT or unix:/path")
-            })?)
-        };
-        Ok(ListenSpec {
-            name: name.to_owned(),
-            address,
-        })
-    }
-}
-
-fn valid_listener_name(name: &str) -> bool {
-    (1..=255).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Settings given on the command line; each one that is set wins over the file.

@@ -48,21 +48,17 @@ pub const VERSION: &str = match option_env!("BATON_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
-pub mod activation;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod fdstore;
 pub mod http;
-pub mod keeper;
-pub mod lifecycle;
-pub mod logging;
-pub mod manager;
 pub mod manual;
 pub mod metrics;
-pub mod notify;
-pub mod pidfile;
 pub mod server;
-pub mod signals;
-pub mod upgrade;
+pub mod service;
+
+// The lifecycle, under the names baton's modules have always had.
+pub use baton_lifecycle::{
+    activation, control, daemon, fdstore, keeper, logging, manager, notify, pidfile, signals,
+    upgrade,
+};
+pub use baton_lifecycle::generation as lifecycle;

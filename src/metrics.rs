@@ -13,7 +13,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::upgrade::Counts;
+use std::sync::{Arc, OnceLock};
+
+use baton_lifecycle::upgrade::Counts;
+use baton_lifecycle::workload::Stats;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -36,6 +39,7 @@ pub struct Metrics {
     pub send_timeouts: Counter,
     /// Idle keep-alive connections closed to make room for a new client at the limit.
     pub idle_closed_for_room: Counter,
+    lifecycle: OnceLock<Arc<Stats>>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -139,6 +143,7 @@ impl Metrics {
             drain_forced_closes,
             send_timeouts,
             idle_closed_for_room,
+            lifecycle: OnceLock::new(),
         }
     }
 
@@ -162,16 +167,21 @@ impl Metrics {
         }
     }
 
-    pub fn upgrade_failed(&self) {
-        self.upgrades_failed.inc();
+    /// Reports the lifecycle's counters (upgrades, handoff and drain times) from `stats`.
+    pub fn track(&self, stats: Arc<Stats>) {
+        let _ = self.lifecycle.set(stats);
     }
 
-    pub fn upgrade_rolled_back(&self) {
-        self.upgrades_rolled_back.inc();
-    }
-
-    pub fn upgrade_succeeded(&self) {
-        self.upgrades_ok.inc();
+    fn sync_lifecycle(&self) {
+        let Some(stats) = self.lifecycle.get() else {
+            return;
+        };
+        self.set_upgrades(stats.upgrades());
+        self.last_handoff_seconds.set(stats.last_handoff_seconds());
+        self.last_drain_seconds.set(stats.last_drain_seconds());
+        let forced = stats.drain_forced_closes();
+        self.drain_forced_closes
+            .inc_by(forced.saturating_sub(self.drain_forced_closes.get()));
     }
 
     /// Counts one answered request.
@@ -186,6 +196,7 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
+        self.sync_lifecycle();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

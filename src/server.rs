@@ -74,15 +74,7 @@ const ROOM_RECHECK: Duration = Duration::from_millis(50);
 /// the choice of another.
 const EVICT_PATIENCE: Duration = Duration::from_secs(1);
 
-/// What [`Server::drain`] observed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DrainReport {
-    /// Connections open when the drain began.
-    pub open_at_start: usize,
-    /// Connections closed forcibly at the deadline.
-    pub forced: u64,
-    pub duration: Duration,
-}
+pub use baton_lifecycle::workload::DrainReport;
 
 /// Settings of a [`Server`].
 #[derive(Debug, Clone, Copy)]
@@ -270,6 +262,20 @@ impl Server {
     /// Connections open right now.
     pub fn open_connections(&self) -> usize {
         self.connections.len()
+    }
+}
+
+impl baton_lifecycle::workload::Serving for Server {
+    fn start_accepting(&mut self) {
+        Server::start_accepting(self)
+    }
+
+    async fn stop_accepting(&mut self) {
+        Server::stop_accepting(self).await
+    }
+
+    async fn drain(self, timeout: Duration) -> DrainReport {
+        Server::drain(&self, timeout).await
     }
 }
 

@@ -35,28 +35,55 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::activation::{self, Listener};
-use crate::config::Config;
+use crate::env::Var;
+use crate::activation::{self, ListenSpec, Listener};
 use crate::control::{self, Request};
 use crate::daemon::Readiness;
-use crate::http::{self, Info};
-use crate::metrics::Metrics;
 use crate::notify;
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
-use crate::server::{self, DrainReport, Server};
 use crate::signals::{Event, Signals};
+use crate::workload::{DrainReport, Serving, Stats, Workload};
 use crate::upgrade::{
     self, Counts, HandedOver, Handshake, Predecessor, PredecessorEvent, Successor, SuccessorEvent,
     Upgrader,
 };
 
 /// The environment variable that carries the generation from one process to the next.
-pub const GENERATION_ENV: &str = "BATON_GENERATION";
+pub const GENERATION_ENV: Var = Var::GENERATION;
 
-/// A process ready to serve: its configuration, its sockets, and its place in the line of
+/// What a generation needs to know beyond its sockets.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The listeners to serve: matched by name to the sockets passed in, else bound.
+    pub listeners: Vec<ListenSpec>,
+    /// The executable an upgrade starts; `None`: the one running (`/proc/self/exe`).
+    pub exec: Option<std::path::PathBuf>,
+    /// How long the new generation may take to serve before the upgrade is called off.
+    pub upgrade_timeout: Duration,
+    /// How long the old generation stands by after the new one serves; zero: no probation.
+    pub probation: Duration,
+    /// How long a stopping generation waits for its connections.
+    pub drain_timeout: Duration,
+    /// The configuration file this generation runs with, for the start's log line.
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// What a [`Workload`] is built from, once the sockets are taken and the runtime runs.
+#[derive(Debug, Clone)]
+pub struct StartInfo {
+    /// 1 for a fresh start, +1 per upgrade.
+    pub generation: u64,
+    pub started: SystemTime,
+    /// `NAME=ADDRESS` of each listener, in order.
+    pub listeners: Vec<String>,
+    /// The lifecycle's counters, for the service's metrics.
+    pub stats: Arc<Stats>,
+}
+
+/// A process ready to serve: its settings, its sockets, and its place in the line of
 /// generations.
 pub struct Process {
-    pub config: Config,
+    pub settings: Settings,
     pub listeners: Vec<Listener>,
     /// 1 for a fresh start, +1 per upgrade.
     pub generation: u64,
@@ -76,11 +103,11 @@ pub struct Process {
 ///
 /// `pidfile` is the locked pidfile, if any. Must run before any thread is started (it changes
 /// the environment).
-pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
+pub fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
     // Stray private variables (not meant for this process) are dropped first.
     upgrade::private_env_trusted();
-    let exe = match &config.upgrade.exec {
+    let exe = match &settings.exec {
         Some(exe) => exe.clone(),
         None => upgrade::current_executable().context("cannot tell which executable runs")?,
     };
@@ -96,8 +123,8 @@ pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Proce
         unsafe { std::env::remove_var(var) };
     }
     let activated = activation::take_activated()?;
-    let listeners = activation::resolve(&config.listeners, activated)?;
-    let mut upgrader = Upgrader::new(exe, generation, config.upgrade.timeout);
+    let listeners = activation::resolve(&settings.listeners, activated)?;
+    let mut upgrader = Upgrader::new(exe, generation, settings.upgrade_timeout);
     for listener in &listeners {
         upgrader
             .add_listener(listener)
@@ -108,10 +135,10 @@ pub fn prepare(config: Config, pidfile: Option<Pidfile>) -> anyhow::Result<Proce
         let fd = pidfile
             .handover_fd()
             .context("cannot keep a copy of the pidfile for upgrades")?;
-        upgrader.add_fd(fd, PIDFILE_FD_ENV);
+        upgrader.add_fd(fd, PIDFILE_FD_ENV.name());
     }
     Ok(Process {
-        config,
+        settings,
         listeners,
         generation,
         started,
@@ -158,7 +185,7 @@ impl Process {
     pub fn fail(self, message: &str) -> std::process::ExitCode {
         let e = anyhow::anyhow!("{message}");
         report_failure(self.handshake, self.readiness, &e);
-        eprintln!("baton: {message}");
+        eprintln!("{}: {message}", crate::env::identity().name);
         std::process::ExitCode::FAILURE
     }
 
@@ -167,13 +194,18 @@ impl Process {
         self.readiness = Some(readiness);
     }
 
-    /// Builds the runtime and serves until stopped or handed over. Returns once the drain is over.
-    pub fn run(mut self) -> anyhow::Result<()> {
+    /// Builds a multi-threaded runtime and serves until stopped or handed over. Returns once
+    /// the drain is over.
+    pub fn run<W, F>(mut self, workload: F) -> anyhow::Result<()>
+    where
+        W: Workload,
+        F: FnOnce(&StartInfo) -> anyhow::Result<W>,
+    {
         let handshake = self.handshake.take();
         let readiness = self.readiness.take();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .thread_name("baton-worker")
+            .thread_name(format!("{}-worker", crate::env::identity().name))
             .build()
             .context("cannot start the async runtime");
         let runtime = match runtime {
@@ -183,15 +215,21 @@ impl Process {
                 return Err(e);
             }
         };
-        runtime.block_on(self.serve(handshake, readiness))
+        runtime.block_on(self.serve(handshake, readiness, workload))
     }
 
-    async fn serve(
+    /// Serves on the current tokio runtime, of any flavour, until stopped or handed over.
+    pub async fn serve<W, F>(
         self,
         handshake: Option<Handshake>,
         readiness: Option<Readiness>,
-    ) -> anyhow::Result<()> {
-        let mut generation = match Generation::start(self, handshake, readiness).await {
+        workload: F,
+    ) -> anyhow::Result<()>
+    where
+        W: Workload,
+        F: FnOnce(&StartInfo) -> anyhow::Result<W>,
+    {
+        let mut generation = match Generation::start(self, handshake, readiness, workload).await {
             Ok(generation) => generation,
             Err((e, handshake, readiness)) => {
                 report_failure(handshake, readiness, &e);
@@ -277,7 +315,7 @@ enum Action {
 }
 
 /// One generation, serving: the state the event loop works on.
-struct Generation {
+struct Generation<W: Workload> {
     generation: u64,
     started: SystemTime,
     /// `serving generation G (pid P) on ...`: the base of every STATUS= line.
@@ -285,17 +323,16 @@ struct Generation {
     /// The listening sockets for `baton status` (and `baton check`): listener, address, and
     /// whether a socket unit passes it.
     sockets: Vec<Value>,
-    info: Arc<Info>,
-    metrics: Arc<Metrics>,
+    info: StartInfo,
+    stats: Arc<Stats>,
     signals: Signals,
     control: control::Control,
+    /// What serves; a rollback asks it to serve the sockets again.
+    workload: W,
     /// The server that accepts; `None` while a successor serves.
-    server: Option<Server>,
+    server: Option<W::Serving>,
     /// Servers that stopped accepting and drain.
     draining: Vec<JoinHandle<DrainReport>>,
-    /// What a rollback needs to serve again.
-    app: http::App,
-    settings: server::Settings,
     upgrader: Arc<Upgrader>,
     pidfile: Option<Arc<Pidfile>>,
     probation: Duration,
@@ -315,26 +352,31 @@ struct Generation {
 
 type StartError = (anyhow::Error, Option<Handshake>, Option<Readiness>);
 
-impl Generation {
+impl<W: Workload> Generation<W> {
     /// Everything that can fail at start, before serving anything; then accepts (a new
     /// generation once its predecessor commits) and, as the main pid, says `READY=1`.
-    async fn start(
+    async fn start<F>(
         process: Process,
         handshake: Option<Handshake>,
         readiness: Option<Readiness>,
-    ) -> Result<Generation, StartError> {
+        workload: F,
+    ) -> Result<Generation<W>, StartError>
+    where
+        F: FnOnce(&StartInfo) -> anyhow::Result<W>,
+    {
         let generation = process.generation;
         tracing::info!(
             event = "start",
             generation,
-            version = crate::VERSION,
+            version = %crate::env::identity().version,
             config = process
+                .settings
                 .config
-                .source
                 .as_ref()
                 .map(|p| p.display().to_string()),
-            "baton {} starting: generation {generation}, pid {}",
-            crate::VERSION,
+            "{} {} starting: generation {generation}, pid {}",
+            crate::env::identity().name,
+            crate::env::identity().version,
             std::process::id()
         );
         let listener_names: Vec<String> = process.listeners.iter().map(|l| l.to_string()).collect();
@@ -355,28 +397,24 @@ impl Generation {
             .iter()
             .map(|l| (l.name.clone(), l.socket.local_address(), l.activated_fd))
             .collect();
-        let info = Arc::new(Info::current(generation, listener_names.clone()));
-        let metrics = Arc::new(Metrics::new(generation, process.started));
-        metrics.set_upgrades(process.counts);
-        let settings = server::Settings {
-            limits: process.config.limits,
-            idle_grace: process.config.shutdown.idle_grace,
-            access_log: process.config.access_log,
+        let stats = Arc::new(Stats::new(process.counts));
+        let info = StartInfo {
+            generation,
+            started: process.started,
+            listeners: listener_names.clone(),
+            stats: stats.clone(),
         };
         let parts = async {
             let signals = Signals::install().context("cannot install signal handlers")?;
             let control = control::listen();
-            let root = process.config.root.as_deref();
-            let app = http::App::new(info.clone(), metrics.clone(), root).with_context(|| {
-                let root = root.map(|r| r.display().to_string());
-                format!("cannot open the root {}", root.unwrap_or_default())
-            })?;
-            let server = Server::new(process.listeners, app.clone(), metrics.clone(), settings)
+            let mut workload = workload(&info)?;
+            let server = workload
+                .serve(process.listeners)
                 .context("cannot serve the listeners")?;
-            anyhow::Ok((signals, control, app, server))
+            anyhow::Ok((signals, control, workload, server))
         }
         .await;
-        let (mut signals, control, app, mut server) = match parts {
+        let (mut signals, control, workload, mut server) = match parts {
             Ok(parts) => parts,
             Err(e) => return Err((e, handshake, readiness)),
         };
@@ -398,7 +436,7 @@ impl Generation {
         }
         let status = format!(
             "serving generation {generation} (pid {}) on {}",
-            info.pid,
+            std::process::id(),
             listener_names.join(", ")
         );
 
@@ -418,7 +456,7 @@ impl Generation {
                 Err(e) => return Err((e, None, readiness)),
             };
             if let Some(took) = committed.handoff {
-                metrics.last_handoff_seconds.set(took.as_secs_f64());
+                stats.handed_over(took);
             }
             server.start_accepting();
             // Only now may `baton reload` return: this process accepts.
@@ -440,7 +478,6 @@ impl Generation {
             event = "ready",
             generation,
             listeners = %listener_names.join(", "),
-            root = process.config.root.as_ref().map(|r| r.display().to_string()),
             "{status}"
         );
         let mut started = Generation {
@@ -449,17 +486,16 @@ impl Generation {
             status,
             sockets,
             info,
-            metrics,
+            stats,
+            workload,
             signals,
             control,
             server: Some(server),
             draining: Vec::new(),
-            app,
-            settings,
             upgrader: Arc::new(process.upgrader),
             pidfile: process.pidfile,
-            probation: process.config.upgrade.probation,
-            drain_timeout: process.config.shutdown.drain_timeout,
+            probation: process.settings.probation,
+            drain_timeout: process.settings.drain_timeout,
             is_main: predecessor.is_none(),
             predecessor,
             deferred: Vec::new(),
@@ -644,7 +680,7 @@ impl Generation {
             Phase::Serving => {
                 tracing::info!(event = "upgrade", generation, cause, exe = %self.upgrader.exe.display(), "{cause}: upgrading to generation {}", generation + 1);
                 let upgrader = self.upgrader.clone();
-                let counts = self.metrics.upgrades();
+                let counts = self.stats.upgrades();
                 let cancel = CancellationToken::new();
                 let token = cancel.clone();
                 let task =
@@ -666,7 +702,7 @@ impl Generation {
             return;
         };
         let generation = self.generation;
-        self.metrics.upgrade_failed();
+        self.stats.upgrade_failed();
         notify::ready(&format!(
             "{}; upgrade to generation {} failed: {reason}",
             self.status,
@@ -724,7 +760,7 @@ impl Generation {
         let line = format!(
             "generation {next} (pid {pid}) serves, on probation for {}; generation {generation} (pid {}) stands by to take over again",
             humantime::format_duration(probation),
-            self.info.pid
+            std::process::id()
         );
         notify::ready(&line);
         tracing::info!(
@@ -792,14 +828,11 @@ impl Generation {
     /// accepts again on its own copies of the sockets, where connections queued meanwhile.
     fn roll_back(&mut self, reason: &str, waiters: Vec<Waiter>) -> Option<End> {
         let generation = self.generation;
-        let served = self.upgrader.relisten().and_then(|listeners| {
-            Server::new(
-                listeners,
-                self.app.clone(),
-                self.metrics.clone(),
-                self.settings,
-            )
-        });
+        let workload = &mut self.workload;
+        let served = self
+            .upgrader
+            .relisten()
+            .and_then(|listeners| workload.serve(listeners));
         let mut server = match served {
             Ok(server) => server,
             Err(e) => {
@@ -821,7 +854,7 @@ impl Generation {
                 );
             }
         }
-        self.metrics.upgrade_rolled_back();
+        self.stats.upgrade_rolled_back();
         let what = format!(
             "upgrade to generation {} rolled back: {reason}",
             generation + 1
@@ -838,7 +871,7 @@ impl Generation {
     async fn on_predecessor(&mut self, event: PredecessorEvent) -> Option<End> {
         match event {
             PredecessorEvent::Main => {
-                self.metrics.upgrade_succeeded();
+                self.stats.upgrade_succeeded();
                 self.become_main();
                 tracing::info!(
                     event = "main",
@@ -857,8 +890,7 @@ impl Generation {
                 by_signal: false,
             }),
             PredecessorEvent::Drained { duration, forced } => {
-                self.metrics.last_drain_seconds.set(duration.as_secs_f64());
-                self.metrics.drain_forced_closes.inc_by(forced);
+                self.stats.predecessor_drained(duration, forced);
                 None
             }
             PredecessorEvent::Gone => {
@@ -898,10 +930,10 @@ impl Generation {
         };
         let mut reply = json!({
             "ok": true,
-            "pid": self.info.pid,
-            "generation": self.info.generation,
-            "version": self.info.version,
-            "started": self.info.started,
+            "pid": std::process::id(),
+            "generation": self.generation,
+            "version": crate::env::identity().version,
+            "started": humantime::format_rfc3339_millis(self.started).to_string(),
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "listeners": self.info.listeners,
             "sockets": self.sockets,
@@ -962,7 +994,7 @@ impl Generation {
             }
         }
         let drain_timeout = self.drain_timeout;
-        let open_connections = self.metrics.open_connections.get();
+        let open_connections = self.workload.open_connections();
         match &end {
             End::Stop { cause, .. } => {
                 // On probation this process is not the main pid: the manager would drop it.
@@ -1093,7 +1125,7 @@ impl Generation {
         let draining = std::mem::take(&mut self.draining);
         let forwarded = std::mem::take(&mut self.forwarded);
         let drain_timeout = self.drain_timeout;
-        let (control, signals, metrics) = (&mut self.control, &mut self.signals, &self.metrics);
+        let (control, signals, workload) = (&mut self.control, &mut self.signals, &self.workload);
         let all = async move {
             let successor_stopped = async {
                 if let Some(s) = successor {
@@ -1132,7 +1164,7 @@ impl Generation {
                         tracing::warn!(
                             event = "stop-now",
                             generation,
-                            open_connections = metrics.open_connections.get(),
+                            open_connections = workload.open_connections(),
                             "{signal} again: exiting without finishing the drain"
                         );
                         std::process::exit(1);

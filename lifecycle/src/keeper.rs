@@ -52,32 +52,32 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::env::Var;
 use crate::activation;
-use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::manager::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 
 /// Set in every generation's environment: the keeper's pid.
-pub const KEEPER_PID_ENV: &str = "BATON_KEEPER_PID";
+pub const KEEPER_PID_ENV: Var = Var::KEEPER_PID;
 /// Set in every generation's environment: restarts so far (kept through upgrades).
-pub const RESTARTS_ENV: &str = "BATON_RESTARTS";
+pub const RESTARTS_ENV: Var = Var::RESTARTS;
 /// A generation started by the keeper reports a failed start (`error <text>`) on this fd.
-pub const REPORT_FD_ENV: &str = "BATON_KEEPER_REPORT_FD";
+pub const REPORT_FD_ENV: Var = Var::KEEPER_REPORT_FD;
 /// The keeper's state across its own re-exec (JSON).
-pub const STATE_ENV: &str = "BATON_KEEPER_STATE";
+pub const STATE_ENV: Var = Var::KEEPER_STATE;
 
 /// Variables of the keeper's environment a generation must not inherit as they are, beyond
 /// those an upgrade keeps from the next generation ([`crate::upgrade::PRIVATE_ENV`]): the
 /// keeper's own, and the service manager's (the keeper is the generations' manager).
-const KEEPER_PRIVATE_ENV: [&str; 6] = [
+static KEEPER_PRIVATE_ENV: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
-    KEEPER_PID_ENV,
-    RESTARTS_ENV,
-    REPORT_FD_ENV,
-    STATE_ENV,
-];
+    KEEPER_PID_ENV.name(),
+    RESTARTS_ENV.name(),
+    REPORT_FD_ENV.name(),
+    STATE_ENV.name(),
+]);
 
 /// The signals the keeper takes through its signalfd (blocked otherwise).
 const SIGNALS: [Signal; 6] = [
@@ -88,6 +88,27 @@ const SIGNALS: [Signal; 6] = [
     Signal::SIGUSR2,
     Signal::SIGCHLD,
 ];
+
+/// What the keeper needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The executable each generation runs (with this process's arguments); `None`: the one
+    /// running.
+    pub exec: Option<PathBuf>,
+    /// The pidfile asked for; a daemon without one uses [`crate::pidfile::default_path`].
+    pub pidfile: Option<PathBuf>,
+    /// The listeners: matched by name to the sockets passed in, else bound.
+    pub listeners: Vec<crate::activation::ListenSpec>,
+    /// The log filter (`info`, `debug`, ...) and file, for the keeper's own lines.
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    /// How long a generation must have been ready for its start to count as a success.
+    pub startsecs: Duration,
+    /// Failed starts retried in a row before giving up.
+    pub startretries: u32,
+    /// How long a stopping generation may take.
+    pub drain_timeout: Duration,
+}
 
 /// Whether this `baton serve` should be a keeper: asked for (`--daemon`, `--keeper`), or PID 1
 /// of a pid namespace; never under a service manager (`NOTIFY_SOCKET`), and never in a
@@ -144,7 +165,7 @@ pub fn restarts_from_env() -> u64 {
 pub fn take_report_fd() -> Result<Option<Readiness>, String> {
     crate::upgrade::private_env_trusted();
     let value = std::env::var(REPORT_FD_ENV).ok();
-    Ok(crate::upgrade::take_fd(REPORT_FD_ENV, value)?.map(Readiness::from_fd))
+    Ok(crate::upgrade::take_fd(REPORT_FD_ENV.name(), value)?.map(Readiness::from_fd))
 }
 
 /// A generation's side: stops this process (SIGTERM to itself: drain, exit) if the keeper
@@ -159,7 +180,7 @@ pub fn watch(keeper: u32) {
         }
     };
     let spawned = std::thread::Builder::new()
-        .name("baton-keeper-watch".to_owned())
+        .name(format!("{}-keeper-watch", crate::env::identity().name))
         .spawn(move || {
             while !matches!(handle.wait_exit(Duration::from_secs(3600)), Ok(true) | Err(_)) {}
             tracing::error!(
@@ -259,12 +280,12 @@ struct Keeper {
 
 /// Runs `baton serve` as a keeper: takes the pidfile and the sockets, daemonizes if asked,
 /// and supervises generations until the service stops. Must run before any thread exists.
-pub fn run(config: Config, daemon: bool) -> ExitCode {
+pub fn run(config: Settings, daemon: bool) -> ExitCode {
     let fail = |message: String| {
-        eprintln!("baton: {message}");
+        eprintln!("{}: {message}", crate::env::identity().name);
         ExitCode::FAILURE
     };
-    let exe = match &config.upgrade.exec {
+    let exe = match &config.exec {
         Some(exe) => exe.clone(),
         None => match crate::upgrade::current_executable() {
             Ok(exe) => exe,
@@ -340,8 +361,9 @@ pub fn run(config: Config, daemon: bool) -> ExitCode {
         pid = std::process::id(),
         listeners = %names.join(","),
         notify_socket = %notify.path.display(),
-        "baton {} keeper starting (pid {}): holding {} listener(s) and the notify socket {}",
-        crate::VERSION,
+        "{} {} keeper starting (pid {}): holding {} listener(s) and the notify socket {}",
+        crate::env::identity().name,
+        crate::env::identity().version,
         std::process::id(),
         listeners.len(),
         notify.path.display()
@@ -355,9 +377,9 @@ pub fn run(config: Config, daemon: bool) -> ExitCode {
         signals,
         log_level: config.log_level.clone(),
         log_file: config.log_file.clone(),
-        startsecs: config.keeper.startsecs,
-        startretries: config.keeper.startretries,
-        drain_timeout: config.shutdown.drain_timeout,
+        startsecs: config.startsecs,
+        startretries: config.startretries,
+        drain_timeout: config.drain_timeout,
         main: None,
         former: Vec::new(),
         generation: 0,
@@ -381,7 +403,7 @@ pub fn resume() -> ExitCode {
     let state: State = match serde_json::from_str(&text) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("baton: keeper: cannot read the state of the previous keeper image ({e}); this is a bug");
+            eprintln!("{}: keeper: cannot read the state of the previous keeper image ({e}); this is a bug", crate::env::identity().name);
             return ExitCode::FAILURE;
         }
     };
@@ -431,7 +453,7 @@ pub fn resume() -> ExitCode {
         exe = %state.exe.display(),
         "keeper re-executed in place from {} (baton {}); main pid {}",
         state.exe.display(),
-        crate::VERSION,
+        crate::env::identity().version,
         main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
     );
     let restart_at = main.is_none().then_some(now);
@@ -956,7 +978,7 @@ impl Keeper {
         for (k, v) in std::env::vars_os() {
             if crate::upgrade::PRIVATE_ENV
                 .iter()
-                .chain(&KEEPER_PRIVATE_ENV)
+                .chain(KEEPER_PRIVATE_ENV.iter())
                 .any(|p| k == *p)
             {
                 continue;
@@ -969,7 +991,7 @@ impl Keeper {
             format!("LISTEN_FDNAMES={}", names.join(":")),
             format!("NOTIFY_SOCKET={}", self.notify.path.display()),
             format!("{KEEPER_PID_ENV}={}", std::process::id()),
-            format!("{}={generation}", crate::lifecycle::GENERATION_ENV),
+            format!("{}={generation}", crate::generation::GENERATION_ENV),
             format!("{RESTARTS_ENV}={}", self.restarts),
             format!("{REPORT_FD_ENV}={}", 3 + n),
         ] {
@@ -1054,7 +1076,7 @@ impl Keeper {
             }
             let mut env: Vec<CString> = Vec::new();
             for (k, v) in std::env::vars_os() {
-                if k == STATE_ENV || k == PIDFILE_FD_ENV || k == crate::upgrade::FOR_PID_ENV {
+                if k == STATE_ENV.name() || k == PIDFILE_FD_ENV.name() || k == crate::upgrade::FOR_PID_ENV.name() {
                     continue;
                 }
                 env.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat())?);
@@ -1155,7 +1177,7 @@ fn exec_generation(
     // ignored there, and exec would keep that).
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let _ = SigSet::empty().thread_set_mask();
-    for var in ["LISTEN_PID", crate::upgrade::FOR_PID_ENV] {
+    for var in ["LISTEN_PID", crate::upgrade::FOR_PID_ENV.name()] {
         match CString::new(format!("{var}={}", std::process::id())) {
             Ok(v) => env.push(v),
             Err(e) => return io::Error::other(e),

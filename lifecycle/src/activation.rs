@@ -54,27 +54,29 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockaddrLike, SockaddrStorage};
 use nix::sys::stat::{fstat, SFlag};
 
-use crate::config::{ListenAddress, ListenSpec};
+use crate::env::Var;
 use crate::fdstore;
 
 /// The socket units the fds came from, as one generation tells the next: one entry per fd,
 /// separated by `/` (which no unit name contains), empty when unknown or bound by baton.
-pub const SOCKET_UNITS_ENV: &str = "BATON_SOCKET_UNITS";
+pub const SOCKET_UNITS_ENV: Var = Var::SOCKET_UNITS;
 
 /// The environment variables of the protocol; all are removed once read.
-const LISTEN_VARS: [&str; 6] = [
+static LISTEN_VARS: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
-    SOCKET_UNITS_ENV,
+    SOCKET_UNITS_ENV.name(),
     "LISTEN_FDS_FIRST_FD",
-];
+]);
 
 /// The first fd of the protocol (`SD_LISTEN_FDS_START`), and the lowest `LISTEN_FDS_FIRST_FD`
 /// accepted: fds 0 to 2 are stdin, stdout and stderr.
@@ -344,7 +346,7 @@ pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
         Ok(Intake::Fds { .. }) => listenfd::ListenFd::from_env(),
         _ => listenfd::ListenFd::empty(),
     };
-    for var in LISTEN_VARS {
+    for var in *LISTEN_VARS {
         // SAFETY (of the contract above): no other thread reads the environment yet.
         unsafe { std::env::remove_var(var) };
     }
@@ -440,7 +442,19 @@ type Stale = (String, RawFd, String);
 /// Whether `spec` is the built-in listener (no `listen` configured): a socket unit's address
 /// then differs from it by design, which is no reason to warn.
 fn is_builtin(spec: &ListenSpec) -> bool {
-    crate::config::Config::default().listeners.first() == Some(spec)
+    *spec == builtin_listener()
+}
+
+/// The name of a listener given as a bare address (`127.0.0.1:8080`).
+pub const DEFAULT_LISTENER_NAME: &str = "http";
+
+/// baton's built-in listener, `http=127.0.0.1:8080`: a socket unit's address differs from it by
+/// design, so that difference is not warned about.
+pub fn builtin_listener() -> ListenSpec {
+    ListenSpec {
+        name: DEFAULT_LISTENER_NAME.to_owned(),
+        address: ListenAddress::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+    }
 }
 
 /// Matches the activated fds to `specs`: the listeners they serve, and the stored fds that serve
@@ -855,6 +869,76 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     }
 }
 
+/// One listener: a name (matched against `LISTEN_FDNAMES`) and the address to bind when the
+/// socket is not handed over by the service manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub name: String,
+    pub address: ListenAddress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.address)
+    }
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+
+    /// Parses `[NAME=]ADDR`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = match s.split_once('=') {
+            Some((name, addr)) => (name, addr),
+            None => (DEFAULT_LISTENER_NAME, s),
+        };
+        if !valid_listener_name(name) {
+            return Err(format!(
+                "listener name '{name}' is not valid: use 1 to 255 letters, digits, '.', '_' or '-' \
+                 (the same as systemd's FileDescriptorName=)"
+            ));
+        }
+        let address = if let Some(path) = addr.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "'{addr}' is not a unix socket address: the path must be absolute, as in unix:/run/baton/http.sock"
+                ));
+            }
+            ListenAddress::Unix(PathBuf::from(path))
+        } else {
+            ListenAddress::Tcp(addr.parse().map_err(|_| {
+                format!("'{addr}' is not a listen address: use IP:PORT, [IPv6]:PORT or unix:/path")
+            })?)
+        };
+        Ok(ListenSpec {
+            name: name.to_owned(),
+            address,
+        })
+    }
+}
+
+fn valid_listener_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1204,7 +1288,7 @@ mod tests {
         );
         // The built-in listener (no `listen` configured) is no reason to warn.
         let (fd, _) = fd_on("baton.socket");
-        match_fds(&crate::config::Config::default().listeners, vec![fd]).unwrap();
+        match_fds(&[builtin_listener()], vec![fd]).unwrap();
         assert!(!take_warnings().iter().any(|w| w.contains("127.0.0.1:8080")));
     }
 

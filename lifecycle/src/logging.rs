@@ -141,8 +141,8 @@ pub fn init(level: &str, log_file: Option<&Path>) -> Result<Destination, String>
         match tracing_journald::layer() {
             Ok(layer) => {
                 let layer = layer
-                    .with_syslog_identifier("baton".to_owned())
-                    .with_field_prefix(Some("BATON".to_owned()))
+                    .with_syslog_identifier(crate::env::identity().name.clone())
+                    .with_field_prefix(Some(crate::env::identity().env_prefix.clone()))
                     .with_priority_mappings(tracing_journald::PriorityMappings {
                         info: tracing_journald::Priority::Informational,
                         debug: tracing_journald::Priority::Debug,
@@ -157,7 +157,7 @@ pub fn init(level: &str, log_file: Option<&Path>) -> Result<Destination, String>
             }
             // No journald socket (e.g. a container without journald): fall back to stderr,
             // which the journal stream still captures as plain text.
-            Err(e) => eprintln!("baton: journald is not reachable ({e}); logging to stderr"),
+            Err(e) => eprintln!("{}: journald is not reachable ({e}); logging to stderr", crate::env::identity().name),
         }
     }
     tracing_subscriber::registry()

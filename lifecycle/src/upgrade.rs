@@ -46,6 +46,7 @@
 //! Before `commit` N accepts nothing, so killing it loses no request; a guard kills N on every
 //! path that does not reach `MAINPID=` (timeout, error, SIGTERM, rollback, a dropped task).
 
+use crate::env::Var;
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -61,31 +62,31 @@ use crate::control::ProcessHandle;
 use crate::notify;
 
 /// The environment variable that carries N's end of the handshake channel.
-pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
+pub const UPGRADE_FD_ENV: Var = Var::UPGRADE_FD;
 /// CLOCK_MONOTONIC in microseconds when O began the upgrade, so that N can measure the handoff.
-pub const UPGRADE_STARTED_ENV: &str = "BATON_UPGRADE_STARTED_USEC";
+pub const UPGRADE_STARTED_ENV: Var = Var::UPGRADE_STARTED_USEC;
 /// Upgrades counted so far by result, carried from generation to generation.
-pub const UPGRADES_ENV: &str = "BATON_UPGRADES";
+pub const UPGRADES_ENV: Var = Var::UPGRADES;
 
 /// Names the pid that baton's private variables ([`PRIVATE_VARS`]) are meant for, as
 /// `LISTEN_PID` does for the `LISTEN_*` variables: whoever sets them (an old generation for its
 /// successor, the keeper for a generation or for its own re-exec) sets this too, to the pid of
 /// the process that will read them.
-pub const FOR_PID_ENV: &str = "BATON_FOR_PID";
+pub const FOR_PID_ENV: Var = Var::FOR_PID;
 
 /// baton's private variables: honoured only when meant for this very process
 /// ([`private_env_trusted`]).
-pub const PRIVATE_VARS: [&str; 9] = [
-    UPGRADE_FD_ENV,
-    UPGRADE_STARTED_ENV,
-    UPGRADES_ENV,
-    crate::lifecycle::GENERATION_ENV,
-    crate::pidfile::PIDFILE_FD_ENV,
-    crate::keeper::KEEPER_PID_ENV,
-    crate::keeper::RESTARTS_ENV,
-    crate::keeper::REPORT_FD_ENV,
-    crate::keeper::STATE_ENV,
-];
+pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 9]> = std::sync::LazyLock::new(|| [
+    UPGRADE_FD_ENV.name(),
+    UPGRADE_STARTED_ENV.name(),
+    UPGRADES_ENV.name(),
+    crate::generation::GENERATION_ENV.name(),
+    crate::pidfile::PIDFILE_FD_ENV.name(),
+    crate::keeper::KEEPER_PID_ENV.name(),
+    crate::keeper::RESTARTS_ENV.name(),
+    crate::keeper::REPORT_FD_ENV.name(),
+    crate::keeper::STATE_ENV.name(),
+]);
 
 static TRUSTED: std::sync::OnceLock<(bool, Vec<String>)> = std::sync::OnceLock::new();
 
@@ -112,14 +113,14 @@ pub fn private_env_trusted() -> bool {
                     == Some(pid)
             };
             let trusted = match std::env::var_os(FOR_PID_ENV) {
-                Some(_) => names_us(FOR_PID_ENV),
+                Some(_) => names_us(FOR_PID_ENV.name()),
                 None => names_us("LISTEN_PID") || crate::keeper::legacy_state_is_ours(),
             };
             // SAFETY (of the contract above): no other thread reads the environment yet.
             unsafe { std::env::remove_var(FOR_PID_ENV) };
             let mut ignored = Vec::new();
             if !trusted {
-                for var in PRIVATE_VARS {
+                for var in *PRIVATE_VARS {
                     if let Some(value) = std::env::var_os(var) {
                         ignored.push(format!("{var}={}", value.to_string_lossy()));
                         // SAFETY: as above.
@@ -147,20 +148,20 @@ pub fn report_ignored_private_env() {
 }
 
 /// Variables of O's environment that N must not inherit as they are.
-pub(crate) const PRIVATE_ENV: [&str; 12] = [
+pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 12]> = std::sync::LazyLock::new(|| [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PIDFDID",
-    crate::activation::SOCKET_UNITS_ENV,
+    crate::activation::SOCKET_UNITS_ENV.name(),
     "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
-    crate::lifecycle::GENERATION_ENV,
-    UPGRADE_FD_ENV,
-    UPGRADE_STARTED_ENV,
-    UPGRADES_ENV,
-    crate::pidfile::PIDFILE_FD_ENV,
-    FOR_PID_ENV,
-];
+    crate::generation::GENERATION_ENV.name(),
+    UPGRADE_FD_ENV.name(),
+    UPGRADE_STARTED_ENV.name(),
+    UPGRADES_ENV.name(),
+    crate::pidfile::PIDFILE_FD_ENV.name(),
+    FOR_PID_ENV.name(),
+]);
 
 /// The longest line either side of the handshake reads (a longer one breaks the handshake).
 pub const MAX_LINE: usize = 4096;
@@ -399,7 +400,7 @@ impl Upgrader {
         env.push(
             format!(
                 "{}={}",
-                crate::lifecycle::GENERATION_ENV,
+                crate::generation::GENERATION_ENV,
                 self.generation + 1
             )
             .into_bytes(),
@@ -1405,7 +1406,7 @@ impl Handshake {
         let started = std::env::var(UPGRADE_STARTED_ENV).ok();
         // SAFETY (of the contract above): no other thread reads the environment yet.
         unsafe { std::env::remove_var(UPGRADE_STARTED_ENV) };
-        let Some(fd) = take_fd(UPGRADE_FD_ENV, fd)? else {
+        let Some(fd) = take_fd(UPGRADE_FD_ENV.name(), fd)? else {
             return Ok(None);
         };
         let channel = StdUnixStream::from(fd);

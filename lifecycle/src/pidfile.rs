@@ -14,6 +14,7 @@
 //! when the last process holding the description exits. The pid is rewritten in place under the
 //! lock; renaming a new file over the locked one would leave the lock on the old inode.
 
+use crate::env::Var;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek};
@@ -23,18 +24,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The environment variable that carries the locked pidfile to a new generation.
-pub const PIDFILE_FD_ENV: &str = "BATON_PIDFILE_FD";
+pub const PIDFILE_FD_ENV: Var = Var::PIDFILE_FD;
 
 /// The default pidfile: `/run/baton/baton.pid` for root, `$XDG_RUNTIME_DIR/baton/baton.pid`
 /// otherwise (or `/tmp/baton-<uid>/baton.pid` without `XDG_RUNTIME_DIR`).
 pub fn default_path() -> PathBuf {
     let uid = nix::unistd::geteuid();
+    let name = &crate::env::identity().name;
+    let file = format!("{name}.pid");
     if uid.is_root() {
-        return PathBuf::from("/run/baton/baton.pid");
+        return Path::new("/run").join(name).join(file);
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => Path::new(&dir).join("baton/baton.pid"),
-        _ => PathBuf::from(format!("/tmp/baton-{uid}/baton.pid")),
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join(name).join(file),
+        _ => PathBuf::from(format!("/tmp/{name}-{uid}")).join(file),
     }
 }
 
@@ -230,7 +233,7 @@ impl Pidfile {
         crate::upgrade::private_env_trusted();
         let value = std::env::var(PIDFILE_FD_ENV).ok();
         let Some(fd) =
-            crate::upgrade::take_fd(PIDFILE_FD_ENV, value).map_err(PidfileError::Other)?
+            crate::upgrade::take_fd(PIDFILE_FD_ENV.name(), value).map_err(PidfileError::Other)?
         else {
             return Ok(None);
         };

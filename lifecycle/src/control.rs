@@ -58,7 +58,7 @@ const MAX_REQUEST: u64 = 256;
 
 /// The abstract socket name earlier versions listened on (the client's fallback).
 pub fn legacy_name(pid: u32) -> String {
-    format!("baton/control/{pid}")
+    format!("{}/control/{pid}", crate::env::identity().name)
 }
 
 /// The base directories baton keeps its runtime files in, best first, for the user `uid`:
@@ -66,6 +66,7 @@ pub fn legacy_name(pid: u32) -> String {
 /// `$XDG_RUNTIME_DIR/baton` when that is `uid`'s, `/run/user/<uid>/baton`,
 /// `/tmp/baton-<uid>`.
 fn bases(uid: u32, own: bool) -> Vec<PathBuf> {
+    let name = &crate::env::identity().name;
     let mut bases = Vec::new();
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
         // Several directories are separated by colons; the first is baton's.
@@ -77,18 +78,18 @@ fn bases(uid: u32, own: bool) -> Vec<PathBuf> {
         }
     }
     if uid == 0 {
-        bases.push(PathBuf::from("/run/baton"));
+        bases.push(Path::new("/run").join(name));
     } else {
         if own {
             if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-                bases.push(Path::new(&dir).join("baton"));
+                bases.push(Path::new(&dir).join(name));
             }
         }
-        bases.push(PathBuf::from(format!("/run/user/{uid}/baton")));
+        bases.push(PathBuf::from(format!("/run/user/{uid}/{name}")));
         // A systemd unit's RuntimeDirectory=baton, seen from a shell without the variable.
-        bases.push(PathBuf::from("/run/baton"));
+        bases.push(Path::new("/run").join(name));
     }
-    bases.push(PathBuf::from(format!("/tmp/baton-{uid}")));
+    bases.push(PathBuf::from(format!("/tmp/{name}-{uid}")));
     let mut unique = Vec::new();
     for b in bases {
         if !unique.contains(&b) {

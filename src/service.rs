@@ -1,0 +1,91 @@
+//! baton's workload for the lifecycle: the HTTP [`Server`] over the static files and the `/-/`
+//! endpoints, built once the sockets are taken and served again after a rollback.
+//!
+//! The lifecycle ([`baton_lifecycle::generation`]) owns everything process-level: the sockets,
+//! readiness, the upgrade, probation and rollback, the drain's bookkeeping. This module only
+//! tells it how to serve a set of listening sockets.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use baton_lifecycle::activation::Listener;
+use baton_lifecycle::generation::{self, StartInfo};
+use baton_lifecycle::workload::Workload;
+
+use crate::config::Config;
+use crate::http::{App, Info};
+use crate::metrics::Metrics;
+use crate::server::{self, Server};
+
+/// The static-file server of one generation.
+pub struct Service {
+    app: App,
+    metrics: Arc<Metrics>,
+    settings: server::Settings,
+}
+
+impl Service {
+    /// Opens the root and sets up the metrics for the generation `info` describes.
+    pub fn new(config: &Config, info: &StartInfo) -> anyhow::Result<Service> {
+        let metrics = Arc::new(Metrics::new(info.generation, info.started));
+        metrics.track(info.stats.clone());
+        let info = Arc::new(Info::current(info.generation, info.listeners.clone()));
+        let root = config.root.as_deref();
+        let app = App::new(info, metrics.clone(), root).with_context(|| {
+            let root = root.map(|r| r.display().to_string());
+            format!("cannot open the root {}", root.unwrap_or_default())
+        })?;
+        Ok(Service {
+            app,
+            metrics,
+            settings: server::Settings {
+                limits: config.limits,
+                idle_grace: config.shutdown.idle_grace,
+                access_log: config.access_log,
+            },
+        })
+    }
+}
+
+impl Workload for Service {
+    type Serving = Server;
+
+    fn serve(&mut self, listeners: Vec<Listener>) -> std::io::Result<Server> {
+        Server::new(
+            listeners,
+            self.app.clone(),
+            self.metrics.clone(),
+            self.settings,
+        )
+    }
+
+    fn open_connections(&self) -> u64 {
+        self.metrics.open_connections.get().max(0) as u64
+    }
+}
+
+/// What the lifecycle needs of baton's configuration.
+pub fn generation_settings(config: &Config) -> generation::Settings {
+    generation::Settings {
+        listeners: config.listeners.clone(),
+        exec: config.upgrade.exec.clone(),
+        upgrade_timeout: config.upgrade.timeout,
+        probation: config.upgrade.probation,
+        drain_timeout: config.shutdown.drain_timeout,
+        config: config.source.clone(),
+    }
+}
+
+/// What the keeper needs of baton's configuration.
+pub fn keeper_settings(config: &Config) -> baton_lifecycle::keeper::Settings {
+    baton_lifecycle::keeper::Settings {
+        exec: config.upgrade.exec.clone(),
+        pidfile: config.pidfile.clone(),
+        listeners: config.listeners.clone(),
+        log_level: config.log_level.clone(),
+        log_file: config.log_file.clone(),
+        startsecs: config.keeper.startsecs,
+        startretries: config.keeper.startretries,
+        drain_timeout: config.shutdown.drain_timeout,
+    }
+}
