@@ -73,6 +73,8 @@ pub fn generation_settings(config: &Config) -> generation::Settings {
         probation: config.upgrade.probation,
         drain_timeout: config.shutdown.drain_timeout,
         config: config.source.clone(),
+        signals: Default::default(),
+        control_socket: true,
     }
 }
 

@@ -221,6 +221,8 @@ pub enum Request {
     },
     Status(oneshot::Sender<Value>),
     Stop(oneshot::Sender<Value>),
+    /// From inside the process only: the base of every `STATUS=` line from now on.
+    SetStatus(String),
 }
 
 /// The control socket of this process: requests arrive on `requests`.
@@ -254,9 +256,17 @@ impl Control {
 
 /// Binds this process's control socket. Call inside the runtime. Never fails: without a
 /// socket (no usable directory) it logs a warning and the process serves without one.
-pub fn listen() -> Control {
+pub fn listen(enabled: bool) -> Control {
     let (tx, rx) = mpsc::channel(16);
     let clients = tokio_util::task::TaskTracker::new();
+    if !enabled {
+        return Control {
+            requests: rx,
+            clients,
+            path: None,
+            _idle: Some(tx),
+        };
+    }
     let listener = bind().and_then(|(listener, path)| {
         listener
             .set_nonblocking(true)

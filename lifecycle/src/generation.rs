@@ -35,18 +35,18 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::env::Var;
 use crate::activation::{self, ListenSpec, Listener};
 use crate::control::{self, Request};
 use crate::daemon::Readiness;
+use crate::env::Var;
 use crate::notify;
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
-use crate::signals::{Event, Signals};
-use crate::workload::{DrainReport, Serving, Stats, Workload};
+use crate::signals::{Event, SignalMap, Signals};
 use crate::upgrade::{
     self, Counts, HandedOver, Handshake, Predecessor, PredecessorEvent, Successor, SuccessorEvent,
     Upgrader,
 };
+use crate::workload::{DrainReport, Serving, Stats, Workload};
 
 /// The environment variable that carries the generation from one process to the next.
 pub const GENERATION_ENV: Var = Var::GENERATION;
@@ -66,6 +66,20 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The configuration file this generation runs with, for the start's log line.
     pub config: Option<std::path::PathBuf>,
+    /// Which signals stop, upgrade, and reopen the logs.
+    pub signals: SignalMap,
+    /// Whether to listen on a control socket (`<runtime dir>/control/<pid>`) for `reload`,
+    /// `status` and `stop` requests from the service's CLI.
+    pub control_socket: bool,
+}
+
+/// How a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped (a stop signal, a stop request, the service manager): the connections drained.
+    Stopped,
+    /// Handed over to the next generation, now the main process; the connections drained.
+    HandedOver { pid: i32, generation: u64 },
 }
 
 /// What a [`Workload`] is built from, once the sockets are taken and the runtime runs.
@@ -96,6 +110,8 @@ pub struct Process {
     pidfile: Option<Arc<Pidfile>>,
     /// The foreground process waiting for a daemon's start.
     readiness: Option<Readiness>,
+    /// Requests from inside the process ([`crate::Handle`]), as the control socket's.
+    requests: Option<tokio::sync::mpsc::UnboundedReceiver<Request>>,
 }
 
 /// Takes the sockets and the generation from the environment, cleans the environment, binds
@@ -147,6 +163,7 @@ pub fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<P
         counts,
         pidfile: pidfile.map(Arc::new),
         readiness: None,
+        requests: None,
     })
 }
 
@@ -189,6 +206,11 @@ impl Process {
         std::process::ExitCode::FAILURE
     }
 
+    /// Takes requests from inside the process too (a [`crate::Handle`]).
+    pub fn take_requests(&mut self, requests: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+        self.requests = Some(requests);
+    }
+
     /// Reports the start's outcome to a waiting foreground process (`--daemon`).
     pub fn report_to(&mut self, readiness: Readiness) {
         self.readiness = Some(readiness);
@@ -196,7 +218,7 @@ impl Process {
 
     /// Builds a multi-threaded runtime and serves until stopped or handed over. Returns once
     /// the drain is over.
-    pub fn run<W, F>(mut self, workload: F) -> anyhow::Result<()>
+    pub fn run<W, F>(mut self, workload: F) -> anyhow::Result<Exit>
     where
         W: Workload,
         F: FnOnce(&StartInfo) -> anyhow::Result<W>,
@@ -215,16 +237,37 @@ impl Process {
                 return Err(e);
             }
         };
-        runtime.block_on(self.serve(handshake, readiness, workload))
+        runtime.block_on(self.serve_with(handshake, readiness, workload))
     }
 
     /// Serves on the current tokio runtime, of any flavour, until stopped or handed over.
-    pub async fn serve<W, F>(
+    /// Returns once the drain is over.
+    pub async fn serve<W, F>(mut self, workload: F) -> anyhow::Result<Exit>
+    where
+        W: Workload,
+        F: FnOnce(&StartInfo) -> anyhow::Result<W>,
+    {
+        let handshake = self.handshake.take();
+        let readiness = self.readiness.take();
+        self.serve_with(handshake, readiness, workload).await
+    }
+
+    /// Gives up before serving: tells whoever waits (the old generation, the keeper, a
+    /// foreground process), without printing anything.
+    pub fn abandon(self, message: &str) {
+        report_failure(
+            self.handshake,
+            self.readiness,
+            &anyhow::anyhow!("{message}"),
+        );
+    }
+
+    async fn serve_with<W, F>(
         self,
         handshake: Option<Handshake>,
         readiness: Option<Readiness>,
         workload: F,
-    ) -> anyhow::Result<()>
+    ) -> anyhow::Result<Exit>
     where
         W: Workload,
         F: FnOnce(&StartInfo) -> anyhow::Result<W>,
@@ -237,8 +280,7 @@ impl Process {
             }
         };
         let end = generation.serve_until_end().await;
-        generation.finish(end).await;
-        Ok(())
+        Ok(generation.finish(end).await)
     }
 }
 
@@ -307,6 +349,7 @@ enum Action {
     },
     Upgrade(UpgradeRequest),
     Status(oneshot::Sender<Value>),
+    SetStatus(String),
     ReopenLogs,
     Started(Result<Box<Successor>, String>),
     SuccessorExited(String),
@@ -348,6 +391,8 @@ struct Generation<W: Workload> {
     /// `baton reload` requests forwarded to the successor after the handover.
     forwarded: Vec<JoinHandle<()>>,
     readiness: Option<Readiness>,
+    /// Requests from a [`crate::Handle`].
+    requests: Option<tokio::sync::mpsc::UnboundedReceiver<Request>>,
 }
 
 type StartError = (anyhow::Error, Option<Handshake>, Option<Readiness>);
@@ -405,8 +450,9 @@ impl<W: Workload> Generation<W> {
             stats: stats.clone(),
         };
         let parts = async {
-            let signals = Signals::install().context("cannot install signal handlers")?;
-            let control = control::listen();
+            let signals = Signals::install(&process.settings.signals)
+                .context("cannot install signal handlers")?;
+            let control = control::listen(process.settings.control_socket);
             let mut workload = workload(&info)?;
             let server = workload
                 .serve(process.listeners)
@@ -502,6 +548,7 @@ impl<W: Workload> Generation<W> {
             phase: Phase::Serving,
             forwarded: Vec::new(),
             readiness,
+            requests: process.requests,
         };
         if started.is_main {
             started.become_main();
@@ -541,8 +588,18 @@ impl<W: Workload> Generation<W> {
             control,
             phase,
             predecessor,
+            requests,
             ..
         } = self;
+        let from_handle = async {
+            match requests {
+                Some(r) => match r.recv().await {
+                    Some(request) => request,
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         let phase_event = async {
             match phase {
                 Phase::Serving => std::future::pending().await,
@@ -576,12 +633,16 @@ impl<W: Workload> Generation<W> {
                 Event::Upgrade(signal) => Action::Upgrade(UpgradeRequest { cause: signal, waiter: None }),
                 Event::ReopenLogs => Action::ReopenLogs,
             },
-            Some(request) = control.requests.recv() => match request {
+            request = async { tokio::select! {
+                Some(request) = control.requests.recv() => request,
+                request = from_handle => request,
+            } } => match request {
                 Request::Upgrade { reply, wait } => Action::Upgrade(UpgradeRequest {
                     cause: "baton reload",
                     waiter: Some(Waiter { reply, wait }),
                 }),
                 Request::Status(reply) => Action::Status(reply),
+                Request::SetStatus(status) => Action::SetStatus(status),
                 Request::Stop(reply) => {
                     // Under a keeper, `baton stop` waits for the keeper too.
                     let _ = reply.send(json!({"ok": true, "keeper_pid": crate::keeper::pid_from_env()}));
@@ -607,6 +668,12 @@ impl<W: Workload> Generation<W> {
             },
             Action::Status(reply) => {
                 let _ = reply.send(self.status_reply());
+            }
+            Action::SetStatus(status) => {
+                self.status = status;
+                if self.is_main && matches!(self.phase, Phase::Serving) {
+                    notify::status(&self.status);
+                }
             }
             Action::Upgrade(request) => return self.request_upgrade(request).await,
             Action::Started(Ok(successor)) => return self.begin_probation(*successor).await,
@@ -949,7 +1016,7 @@ impl<W: Workload> Generation<W> {
 
     /// After the loop: a stop takes a successor down with it; then this process stops
     /// accepting, forwards what the new main pid must see, drains, and reports.
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self, end: End) -> Exit {
         let generation = self.generation;
         let mut successor_to_stop = None;
         if let End::Stop { cause, .. } = &end {
@@ -1054,10 +1121,15 @@ impl<W: Workload> Generation<W> {
             }
         );
         let mut channel = None;
+        let mut exit = Exit::Stopped;
         if let End::HandedOver { to, forward } = end {
             for request in forward {
                 self.forward_upgrade(&to, request);
             }
+            exit = Exit::HandedOver {
+                pid: to.pid,
+                generation: to.generation,
+            };
             channel = Some(to.channel);
         }
         let report = self.drain(successor_to_stop, stop_requested).await;
@@ -1084,6 +1156,7 @@ impl<W: Workload> Generation<W> {
                 }
             }
         }
+        exit
     }
 
     /// An upgrade request that ended the probation goes on to the new main pid.

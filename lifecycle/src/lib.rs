@@ -1,6 +1,120 @@
-//! baton-lifecycle: zero-downtime upgrades for any Rust service.
+//! Zero-downtime upgrades for any Rust service, native to systemd and at home without it.
 //!
-//! (Crate documentation: see the façade below.)
+//! `baton-lifecycle` runs the life of a network service's process: it takes the listening
+//! sockets by name (from systemd's socket activation, the previous generation, or bound
+//! itself), tells the service manager when it is ready, and on `systemctl reload` (or SIGUSR2,
+//! or [`Handle::upgrade`]) starts the possibly new binary, hands it the very same sockets, waits
+//! until it serves, keeps it on probation (rolling back if it dies), makes it the unit's main
+//! process and drains its own connections. Without systemd it daemonizes, holds a locked
+//! pidfile, and runs a small keeper that restarts a crashed generation while clients wait in the
+//! listen backlog. It has no HTTP in it: the service plugs in as an accept loop (raw TCP, UDP,
+//! axum, tonic, hyper with the `hyper` feature).
+//!
+//! # Example: a TCP echo server that upgrades itself
+//!
+//! ```no_run
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let options = baton_lifecycle::Options::new("echo", env!("CARGO_PKG_VERSION"))
+//!         .listen("echo=127.0.0.1:7000".parse()?);
+//!     // SAFETY: first thing in main, no other thread exists.
+//!     let lifecycle = unsafe { baton_lifecycle::start(options) }?;
+//!     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//!     let exit = runtime.block_on(lifecycle.serve(|mut accept| async move {
+//!         let listener = accept.tcp("echo").expect("the echo listener");
+//!         loop {
+//!             let (stream, _) = tokio::select! {
+//!                 _ = accept.stopping() => return,
+//!                 accepted = listener.accept() => match accepted {
+//!                     Ok(accepted) => accepted,
+//!                     Err(_) => continue,
+//!                 },
+//!             };
+//!             let connection = accept.connection();
+//!             tokio::spawn(async move {
+//!                 let (read, mut write) = stream.into_split();
+//!                 let mut lines = BufReader::new(read).lines();
+//!                 loop {
+//!                     tokio::select! {
+//!                         // Finish the line in hand, then close: the drain waits for us.
+//!                         _ = connection.draining() => return,
+//!                         line = lines.next_line() => match line {
+//!                             Ok(Some(line)) => {
+//!                                 if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+//!                                     return;
+//!                                 }
+//!                             }
+//!                             _ => return,
+//!                         },
+//!                     }
+//!                 }
+//!             });
+//!         }
+//!     }))?;
+//!     eprintln!("echo: {exit:?}");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The complete program is `examples/echo.rs`; `examples/axum.rs` serves an axum router, with
+//! the `hyper` feature's [`hyper::serve_connection`].
+//!
+//! # Under systemd
+//!
+//! A socket unit holds the sockets (named with `FileDescriptorName=`, matched to the names of
+//! [`Options::listen`]); the service is `Type=notify`; `ExecReload=` must wait for the outcome,
+//! because `systemctl reload` on systemd 252 returns at once otherwise, so the service's own
+//! binary offers a client of the control socket (baton's `baton reload` is one, built on
+//! [`control::Client`]), or `kill -USR2 $MAINPID` when a reload need not wait:
+//!
+//! ```ini
+//! # echo.socket
+//! [Socket]
+//! ListenStream=127.0.0.1:7000
+//! FileDescriptorName=echo
+//!
+//! # echo.service
+//! [Service]
+//! Type=notify
+//! NotifyAccess=main
+//! ExecStart=/usr/bin/echo-server
+//! ExecReload=/bin/kill -USR2 $MAINPID
+//! KillMode=mixed
+//! RuntimeDirectory=echo
+//! FileDescriptorStoreMax=16
+//! ```
+//!
+//! The upgrade, as the service manager sees it: `RELOADING=1`, then `READY=1` once the new
+//! generation serves on probation, then `MAINPID=<new>` + `BARRIER=1` from the old process
+//! (the new one cannot announce itself under `NotifyAccess=main`, and is double-forked so that
+//! it is PID 1's child before it becomes the main pid), then `READY=1` from the new one. If the
+//! new binary fails before it serves, the old one sends `READY=1` with a `STATUS=` naming the
+//! reason and serves on; if it dies during the probation, the old one accepts again on its own
+//! copies of the sockets. The full protocol is in [`upgrade`] and [`generation`].
+//!
+//! # Without systemd
+//!
+//! With [`Options::daemon`] (or [`Options::keeper`], or as PID 1 of a container) [`start`] turns
+//! the process into the keeper ([`keeper`]): it holds the sockets and the pidfile, runs the
+//! service as its child with the same arguments, restarts it when it crashes, and plays
+//! systemd's part of the upgrade protocol; SIGUSR2 to the pid in the pidfile upgrades.
+//!
+//! # The environment contract
+//!
+//! [`start`] reads and removes `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET` is
+//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`env`]), honoured
+//! only when meant for this very process. It changes the environment and may fork: that is why
+//! it is `unsafe` and must run before any other thread exists.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 pub mod activation;
 pub mod control;
@@ -8,6 +122,8 @@ pub mod daemon;
 pub mod env;
 pub mod fdstore;
 pub mod generation;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 pub mod keeper;
 pub mod logging;
 pub mod manager;
@@ -16,3 +132,677 @@ pub mod pidfile;
 pub mod signals;
 pub mod upgrade;
 pub mod workload;
+
+pub use activation::{ListenAddress, ListenSpec};
+pub use generation::Exit;
+pub use signals::SignalMap;
+pub use workload::{DrainReport, Serving, Stats, Workload};
+
+use activation::{Listener, Socket};
+use control::Request;
+use env::Identity;
+use generation::{Process, StartInfo};
+use pidfile::Pidfile;
+
+/// How a service wants its lifecycle: its name, its listeners, and the knobs of the upgrade.
+#[derive(Debug, Clone)]
+pub struct Options {
+    identity: Identity,
+    settings: generation::Settings,
+    pidfile: Option<PathBuf>,
+    daemon: bool,
+    keeper: bool,
+    log: Option<(String, Option<PathBuf>)>,
+    startsecs: Duration,
+    startretries: u32,
+}
+
+impl Options {
+    /// A service called `name` (its journal identifier, runtime directory `/run/<name>`, and
+    /// environment prefix `<NAME>_`), at `version`, with no listener yet, a 30 s upgrade
+    /// timeout, a 10 s probation and a 30 s drain.
+    pub fn new(name: &str, version: &str) -> Options {
+        Options {
+            identity: Identity::new(name, version),
+            settings: generation::Settings {
+                listeners: Vec::new(),
+                exec: None,
+                upgrade_timeout: Duration::from_secs(30),
+                probation: Duration::from_secs(10),
+                drain_timeout: Duration::from_secs(30),
+                config: None,
+                signals: SignalMap::default(),
+                control_socket: true,
+            },
+            pidfile: None,
+            daemon: false,
+            keeper: false,
+            log: None,
+            startsecs: Duration::from_secs(1),
+            startretries: 3,
+        }
+    }
+
+    /// Adds a listener: the socket passed under its name, else bound to its address
+    /// (`NAME=IP:PORT`, `NAME=unix:/path`; see [`ListenSpec`]).
+    pub fn listen(mut self, spec: ListenSpec) -> Options {
+        self.settings.listeners.push(spec);
+        self
+    }
+
+    /// The prefix of the library's environment variables and journal fields (default: the
+    /// name in upper case).
+    pub fn env_prefix(mut self, prefix: &str) -> Options {
+        self.identity.env_prefix = prefix.to_owned();
+        self
+    }
+
+    /// A locked pidfile that refuses a second instance and names the main process.
+    pub fn pidfile(mut self, path: impl Into<PathBuf>) -> Options {
+        self.pidfile = Some(path.into());
+        self
+    }
+
+    /// Runs in the background (daemon(7)) under a keeper; implies a pidfile
+    /// ([`pidfile::default_path`] unless one is set).
+    pub fn daemon(mut self, daemon: bool) -> Options {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Runs under a keeper in the foreground (a container's PID 1 always does).
+    pub fn keeper(mut self, keeper: bool) -> Options {
+        self.keeper = keeper;
+        self
+    }
+
+    /// How long the new generation may take to serve before the upgrade is called off.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Options {
+        self.settings.upgrade_timeout = timeout;
+        self
+    }
+
+    /// How long the old generation stands by after the new one serves (zero: none).
+    pub fn probation(mut self, probation: Duration) -> Options {
+        self.settings.probation = probation;
+        self
+    }
+
+    /// How long a stopping or handing-over generation waits for its connections.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Options {
+        self.settings.drain_timeout = timeout;
+        self
+    }
+
+    /// The executable an upgrade starts (default: the one running).
+    pub fn exec(mut self, exe: impl Into<PathBuf>) -> Options {
+        self.settings.exec = Some(exe.into());
+        self
+    }
+
+    /// Which signals stop, upgrade, and reopen the logs.
+    pub fn signals(mut self, map: SignalMap) -> Options {
+        self.settings.signals = map;
+        self
+    }
+
+    /// Whether to listen on the control socket `<runtime dir>/control/<pid>` (default: yes).
+    pub fn control_socket(mut self, enabled: bool) -> Options {
+        self.settings.control_socket = enabled;
+        self
+    }
+
+    /// Sets up logging with `tracing`: to the journal with structured fields when stderr is
+    /// the journal, else to `file` or stderr. Without it, the service sets up its own
+    /// subscriber.
+    pub fn log(mut self, level: &str, file: Option<PathBuf>) -> Options {
+        self.log = Some((level.to_owned(), file));
+        self
+    }
+
+    /// The keeper's restart policy: a start succeeded once ready for `startsecs`; `startretries`
+    /// failed starts in a row are retried before it gives up.
+    pub fn restarts(mut self, startsecs: Duration, startretries: u32) -> Options {
+        self.startsecs = startsecs;
+        self.startretries = startretries;
+        self
+    }
+}
+
+/// Why the lifecycle could not start or serve. The messages are one line each, for an
+/// operator.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An inherited variable is malformed (a broken handshake fd, a bad generation number).
+    Environment(String),
+    /// The pidfile: locked by a running instance, or not writable.
+    Pidfile(pidfile::PidfileError),
+    /// The sockets: taking the passed ones, or binding the others.
+    Sockets(String),
+    /// Going to the background.
+    Daemon(std::io::Error),
+    /// Logging could not be set up.
+    Logging(String),
+    /// Serving failed (the workload, the runtime, the signal handlers).
+    Serve(String),
+    /// An upgrade asked for with [`Handle::upgrade`] failed or was rolled back.
+    Upgrade(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Environment(m)
+            | Error::Sockets(m)
+            | Error::Logging(m)
+            | Error::Serve(m)
+            | Error::Upgrade(m) => f.write_str(m),
+            Error::Pidfile(e) => write!(f, "{e}"),
+            Error::Daemon(e) => write!(f, "cannot daemonize: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Takes this process's place in the service: the inherited sockets and handshake, the
+/// pidfile, daemon mode. In keeper mode ([`Options::daemon`], [`Options::keeper`], a
+/// container's PID 1) it does not return: the process becomes the keeper and exits with the
+/// service.
+///
+/// # Safety
+/// Call it before any other thread exists (first thing in `main`, before building a tokio
+/// runtime): it changes the environment, may fork, and closes file descriptors.
+pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
+    env::set_identity(options.identity.clone());
+    upgrade::private_env_trusted();
+    if keeper::resuming() {
+        exit_with(keeper::resume());
+    }
+    // A new generation reports any failure to the old one, which relays it to whoever asked.
+    let mut handshake = upgrade::Handshake::take_from_env().map_err(Error::Environment)?;
+    let is_upgrade = handshake.is_some();
+    let keeper_pid = keeper::pid_from_env();
+    let mut keeper_report = keeper::take_report_fd().map_err(Error::Environment)?;
+    let mut fail_early = |e: Error| {
+        let message = e.to_string();
+        if let Some(h) = handshake.take() {
+            h.fail(&message);
+        }
+        if let Some(r) = keeper_report.take() {
+            r.fail(&message);
+        }
+        e
+    };
+    if !is_upgrade && keeper::wanted(options.daemon || options.keeper) {
+        exit_with(keeper::run(keeper_settings(&options), options.daemon));
+    }
+    let pidfile_path = options
+        .pidfile
+        .clone()
+        .or_else(|| options.daemon.then(pidfile::default_path));
+    let pidfile = match &pidfile_path {
+        Some(path) => match Pidfile::inherit(path) {
+            Err(e) => return Err(fail_early(Error::Pidfile(e))),
+            Ok(Some(inherited)) => Some(inherited),
+            Ok(None) if keeper_pid.is_some() || is_upgrade => None,
+            Ok(None) => Some(
+                Pidfile::acquire(path, options.pidfile.is_none())
+                    .map_err(|e| fail_early(Error::Pidfile(e)))?,
+            ),
+        },
+        None => None,
+    };
+    let mut process = generation::prepare(options.settings.clone(), pidfile)
+        .map_err(|e| fail_early(Error::Sockets(format!("{e:#}"))))?;
+    if let Some(h) = handshake.take() {
+        process.attach_handshake(h);
+    }
+    if let Some(r) = keeper_report.take() {
+        process.report_to(r);
+    }
+    let log_file = options.log.as_ref().and_then(|(_, file)| file.clone());
+    if options.daemon && !is_upgrade && keeper_pid.is_none() {
+        match daemon::daemonize(log_file.as_deref(), &process.fds()) {
+            Ok(readiness) => process.report_to(readiness),
+            Err(e) => return Err(Error::Daemon(e)),
+        }
+    }
+    if let Some(pidfile) = process.pidfile() {
+        if !process.is_upgrade() {
+            if let Err(e) = pidfile.write_pid(std::process::id()) {
+                let message = format!(
+                    "pidfile {}: cannot write the pid: {e}",
+                    pidfile.path().display()
+                );
+                process.abandon(&message);
+                return Err(Error::Environment(message));
+            }
+        }
+    }
+    if let Some((level, file)) = &options.log {
+        if let Err(e) = logging::init(level, file.as_deref()) {
+            process.abandon(&e);
+            return Err(Error::Logging(e));
+        }
+    }
+    upgrade::report_ignored_private_env();
+    if let Some(keeper) = keeper_pid {
+        keeper::watch(keeper);
+    }
+    let (requests, receiver) = mpsc::unbounded_channel();
+    process.take_requests(receiver);
+    Ok(Lifecycle {
+        process,
+        handle: Handle {
+            requests,
+            current: Arc::new(Mutex::new(Arc::new(Session::new()))),
+        },
+    })
+}
+
+fn keeper_settings(options: &Options) -> keeper::Settings {
+    let (log_level, log_file) = options.log.clone().unwrap_or(("info".to_owned(), None));
+    keeper::Settings {
+        exec: options.settings.exec.clone(),
+        pidfile: options.pidfile.clone(),
+        listeners: options.settings.listeners.clone(),
+        log_level,
+        log_file,
+        startsecs: options.startsecs,
+        startretries: options.startretries,
+        drain_timeout: options.settings.drain_timeout,
+    }
+}
+
+fn exit_with(code: std::process::ExitCode) -> ! {
+    std::process::exit(if code == std::process::ExitCode::SUCCESS {
+        0
+    } else {
+        1
+    })
+}
+
+/// This process's place in the service, from [`start`] until it serves.
+pub struct Lifecycle {
+    process: Process,
+    handle: Handle,
+}
+
+impl Lifecycle {
+    /// 1 for a fresh start, +1 per upgrade.
+    pub fn generation(&self) -> u64 {
+        self.process.generation
+    }
+
+    /// `NAME=ADDRESS` of every listener, in order.
+    pub fn listeners(&self) -> Vec<String> {
+        self.process
+            .listeners
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    /// A handle to request an upgrade or a stop, set the status, and count connections.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Gives up before serving: tells whoever waits for this start (the old generation, the
+    /// keeper, a foreground process) why, so an upgrade fails with `message`.
+    pub fn abandon(self, message: &str) {
+        self.process.abandon(message)
+    }
+
+    /// Serves with `accept` until stopped or handed over; works on any tokio runtime flavour.
+    ///
+    /// `accept` is called once the sockets may be accepted on (a new generation: once its
+    /// predecessor committed the handover), and again after a rollback. It gets the
+    /// listeners by name and returns the accept loop, which should return when
+    /// [`Accept::stopping`] fires; connections it spawns hold an [`Accept::connection`] so the
+    /// drain waits for them. `READY=1` follows the first call.
+    pub async fn serve<F, Fut>(self, accept: F) -> Result<Exit, Error>
+    where
+        F: FnMut(Accept) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.handle.clone();
+        self.run(move |_| {
+            Ok(AcceptLoops {
+                accept,
+                handle,
+                fresh: true,
+            })
+        })
+        .await
+    }
+
+    /// Serves with a [`Workload`] built once the sockets are taken (`build` gets what it
+    /// needs to know, such as the generation and the lifecycle's [`Stats`]).
+    pub async fn run<W, F>(self, build: F) -> Result<Exit, Error>
+    where
+        W: Workload,
+        F: FnOnce(&StartInfo) -> anyhow::Result<W>,
+    {
+        self.process
+            .serve(build)
+            .await
+            .map_err(|e| Error::Serve(format!("{e:#}")))
+    }
+}
+
+/// A cloneable handle on the running generation.
+#[derive(Clone)]
+pub struct Handle {
+    requests: mpsc::UnboundedSender<Request>,
+    /// The sessions of accepting: a rollback starts a new one.
+    current: Arc<Mutex<Arc<Session>>>,
+}
+
+/// What an upgrade asked with [`Handle::upgrade`] led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgraded {
+    pub pid: i32,
+    pub generation: u64,
+    /// Whether the new generation is the main process already (else it is on probation).
+    pub promoted: bool,
+}
+
+impl Handle {
+    /// Starts an upgrade (as SIGUSR2 does) and returns once the new generation serves, or
+    /// with the reason it failed. `wait`: only once its probation is over.
+    pub async fn upgrade(&self, wait: bool) -> Result<Upgraded, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Upgrade { reply, wait })?;
+        let answer = answer
+            .await
+            .map_err(|_| Error::Upgrade("the generation stopped before answering".into()))?;
+        if answer["ok"] == serde_json::Value::Bool(true) {
+            Ok(Upgraded {
+                pid: answer["pid"].as_i64().unwrap_or_default() as i32,
+                generation: answer["generation"].as_u64().unwrap_or_default(),
+                promoted: answer["promoted"].as_bool().unwrap_or(false),
+            })
+        } else {
+            Err(Error::Upgrade(
+                answer["error"]
+                    .as_str()
+                    .unwrap_or("upgrade failed")
+                    .to_owned(),
+            ))
+        }
+    }
+
+    /// Stops the generation gracefully (as SIGTERM does).
+    pub fn stop(&self) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.send(Request::Stop(reply));
+    }
+
+    /// The base of every `STATUS=` line from now on (systemctl status shows it).
+    pub fn set_status(&self, status: impl Into<String>) {
+        let _ = self.send(Request::SetStatus(status.into()));
+    }
+
+    /// The generation's state, as `<service> status` shows it (JSON).
+    pub async fn status(&self) -> Result<serde_json::Value, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Status(reply))?;
+        answer
+            .await
+            .map_err(|_| Error::Serve("the generation stopped before answering".into()))
+    }
+
+    /// Counts a connection of the accepting session until the guard is dropped: the drain
+    /// waits for it.
+    pub fn connection(&self) -> Connection {
+        Connection::new(self.session())
+    }
+
+    /// Cancelled when this generation stops accepting (a successor serves, or a stop began).
+    pub fn stopping(&self) -> CancellationToken {
+        self.session().accepting.clone()
+    }
+
+    fn session(&self) -> Arc<Session> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn send(&self, request: Request) -> Result<(), Error> {
+        self.requests
+            .send(request)
+            .map_err(|_| Error::Serve("the generation is not running".into()))
+    }
+}
+
+/// One period of accepting, with its connections: the first, and one per rollback.
+struct Session {
+    connections: AtomicUsize,
+    idle: Notify,
+    accepting: CancellationToken,
+    draining: CancellationToken,
+    closing: CancellationToken,
+}
+
+impl Session {
+    fn new() -> Session {
+        Session {
+            connections: AtomicUsize::new(0),
+            idle: Notify::new(),
+            accepting: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+        }
+    }
+}
+
+/// A connection counted for the drain (from [`Handle::connection`] or
+/// [`Accept::connection`]); dropping it ends it.
+pub struct Connection {
+    session: Arc<Session>,
+}
+
+impl Connection {
+    fn new(session: Arc<Session>) -> Connection {
+        session.connections.fetch_add(1, Ordering::SeqCst);
+        Connection { session }
+    }
+
+    /// Completes when the drain begins: finish the request in hand, then close.
+    pub async fn draining(&self) {
+        self.session.draining.cancelled().await
+    }
+
+    /// Completes at the drain's deadline: close now.
+    pub async fn closing(&self) {
+        self.session.closing.cancelled().await
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.session.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.session.idle.notify_waiters();
+        }
+    }
+}
+
+/// What an accept loop gets from [`Lifecycle::serve`]: the listeners and the session's
+/// bookkeeping.
+pub struct Accept {
+    listeners: Vec<Listener>,
+    handle: Handle,
+    session: Arc<Session>,
+}
+
+impl Accept {
+    /// Takes the TCP listener called `name` as a tokio listener.
+    pub fn tcp(&mut self, name: &str) -> std::io::Result<tokio::net::TcpListener> {
+        match self.take(name)? {
+            Socket::Tcp(l) => tokio::net::TcpListener::from_std(l),
+            _ => Err(not_a(name, "TCP")),
+        }
+    }
+
+    /// Takes the unix stream listener called `name` as a tokio listener.
+    pub fn unix(&mut self, name: &str) -> std::io::Result<tokio::net::UnixListener> {
+        match self.take(name)? {
+            Socket::Unix(l) => tokio::net::UnixListener::from_std(l),
+            #[allow(unreachable_patterns)]
+            _ => Err(not_a(name, "unix stream")),
+        }
+    }
+
+    /// Takes the listener called `name` as it is.
+    pub fn take(&mut self, name: &str) -> std::io::Result<Socket> {
+        let i = self
+            .listeners
+            .iter()
+            .position(|l| l.name == name)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no listener called {name} (give it to Options::listen)"),
+                )
+            })?;
+        Ok(self.listeners.remove(i).socket)
+    }
+
+    /// The remaining listeners.
+    pub fn listeners(&mut self) -> Vec<Listener> {
+        std::mem::take(&mut self.listeners)
+    }
+
+    /// Completes when this generation stops accepting: return from the accept loop.
+    pub async fn stopping(&self) {
+        self.session.accepting.cancelled().await
+    }
+
+    /// Counts a connection until the guard is dropped: the drain waits for it.
+    pub fn connection(&self) -> Connection {
+        Connection::new(self.session.clone())
+    }
+
+    /// The generation's handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+fn not_a(name: &str, kind: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("the listener {name} is not a {kind} socket"),
+    )
+}
+
+/// [`Lifecycle::serve`]'s workload: one accept loop per session.
+struct AcceptLoops<F> {
+    accept: F,
+    handle: Handle,
+    /// The first session is the one the handle was created with.
+    fresh: bool,
+}
+
+impl<F, Fut> Workload for AcceptLoops<F>
+where
+    F: FnMut(Accept) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    type Serving = AcceptSession;
+
+    fn serve(&mut self, listeners: Vec<Listener>) -> std::io::Result<AcceptSession> {
+        let mut current = self
+            .handle
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !std::mem::take(&mut self.fresh) {
+            *current = Arc::new(Session::new());
+        }
+        let session = current.clone();
+        drop(current);
+        let accept = Accept {
+            listeners,
+            handle: self.handle.clone(),
+            session: session.clone(),
+        };
+        Ok(AcceptSession {
+            session,
+            pending: Some(Box::pin((self.accept)(accept))),
+            task: None,
+        })
+    }
+
+    fn open_connections(&self) -> u64 {
+        self.handle.session().connections.load(Ordering::SeqCst) as u64
+    }
+}
+
+type AcceptFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One session of [`AcceptLoops`].
+struct AcceptSession {
+    session: Arc<Session>,
+    pending: Option<AcceptFuture>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long connections may take to close after [`Connection::closing`] before the accept
+/// loop is cut.
+const GRACE: Duration = Duration::from_secs(1);
+
+impl Serving for AcceptSession {
+    fn start_accepting(&mut self) {
+        if let Some(accept) = self.pending.take() {
+            self.task = Some(tokio::spawn(accept));
+        }
+    }
+
+    async fn stop_accepting(&mut self) {
+        // An accept loop that serves its connections itself (axum's or tonic's graceful
+        // shutdown) goes on until they are done; the drain waits for it.
+        self.pending = None;
+        self.session.accepting.cancel();
+    }
+
+    async fn drain(self, timeout: Duration) -> DrainReport {
+        let started = tokio::time::Instant::now();
+        let session = self.session;
+        let open_at_start = session.connections.load(Ordering::SeqCst);
+        session.draining.cancel();
+        let mut task = self.task;
+        let mut done = async || {
+            // A finished JoinHandle must not be polled again.
+            if let Some(task) = task.as_mut().filter(|t| !t.is_finished()) {
+                let _ = task.await;
+            }
+            loop {
+                let notified = session.idle.notified();
+                if session.connections.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let mut forced = 0;
+        if tokio::time::timeout(timeout, done()).await.is_err() {
+            forced = session.connections.load(Ordering::SeqCst) as u64;
+            session.closing.cancel();
+            let _ = tokio::time::timeout(GRACE, done()).await;
+            if let Some(task) = &task {
+                task.abort();
+            }
+        }
+        DrainReport {
+            open_at_start,
+            forced,
+            duration: started.elapsed(),
+        }
+    }
+}

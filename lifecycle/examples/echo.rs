@@ -1,0 +1,116 @@
+//! A TCP echo server with baton's lifecycle: every line a client sends comes back.
+//!
+//! ```text
+//! cargo run -p baton-lifecycle --example echo -- 127.0.0.1:7000
+//! kill -USR2 <pid>          # upgrade: a new process takes over, no connection is refused
+//! kill -TERM <pid>          # stop: open connections finish their line, then close
+//! ```
+//!
+//! Its address is the first argument (default 127.0.0.1:7000); under systemd a socket passed
+//! with `FileDescriptorName=echo` wins. `ECHO_PREFIX` (if set) is put before every echoed line,
+//! so that a test can tell generations apart across an upgrade.
+
+use std::process::ExitCode;
+
+use baton_lifecycle::{Exit, Options};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// How long a client may stay quiet once the drain began.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let address = std::env::args().nth(1).unwrap_or("127.0.0.1:7000".into());
+    let spec = match format!("echo={address}").parse() {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = Options::new("echo", env!("CARGO_PKG_VERSION"))
+        .listen(spec)
+        .probation(std::time::Duration::from_millis(500))
+        .log("info", None);
+    // SAFETY: first thing in main; no other thread exists.
+    let lifecycle = match unsafe { baton_lifecycle::start(options) } {
+        Ok(lifecycle) => lifecycle,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let prefix = std::env::var("ECHO_PREFIX").unwrap_or_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            lifecycle.abandon(&format!("cannot start the runtime: {e}"));
+            eprintln!("echo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(lifecycle.serve(move |mut accept| {
+        let prefix = prefix.clone();
+        async move {
+            let listener = match accept.tcp("echo") {
+                Ok(listener) => listener,
+                Err(e) => return eprintln!("echo: {e}"),
+            };
+            loop {
+                let stream = tokio::select! {
+                    _ = accept.stopping() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        // Out of fds or a client gone before the accept: go on.
+                        Err(_) => continue,
+                    },
+                };
+                let connection = accept.connection();
+                let prefix = prefix.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let mut draining = false;
+                    loop {
+                        // A quiet client is done once the drain began; `next_line` may be
+                        // cancelled without losing data.
+                        let read = async {
+                            match draining {
+                                false => Some(lines.next_line().await),
+                                true => tokio::time::timeout(QUIET, lines.next_line()).await.ok(),
+                            }
+                        };
+                        let line = tokio::select! {
+                            biased;
+                            // Past the deadline: close now.
+                            _ = connection.closing() => return,
+                            _ = connection.draining(), if !draining => {
+                                draining = true;
+                                continue;
+                            }
+                            line = read => match line {
+                                Some(line) => line,
+                                None => return,
+                            },
+                        };
+                        let Ok(Some(line)) = line else { return };
+                        let echoed = format!("{prefix}{line}\n");
+                        if write.write_all(echoed.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    }));
+    match served {
+        Ok(Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(Exit::HandedOver { .. }) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
