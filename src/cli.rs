@@ -370,7 +370,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Stop(args) => stop(args),
         Command::Help(args) => help(args.command.as_deref()),
-        Command::Generate(args) => match crate::manual::generate(&args.out) {
+        Command::Generate(args) => match crate::manual::generate(&Cli::command(), &args.out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => report(format!("cannot write into {}: {e}", args.out.display())),
         },
@@ -783,9 +783,94 @@ fn unit_main_pid(unit: &str) -> Result<Option<u32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KEYS;
+    use crate::manual::{files, public_command, render, GENERATED_DIR, REGENERATE};
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn page() -> String {
+        let mut page = Vec::new();
+        render(&Cli::command(), &mut page).unwrap();
+        String::from_utf8(page).unwrap()
+    }
+
+    #[test]
+    fn committed_files_are_fresh() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(GENERATED_DIR);
+        let files = files(&Cli::command()).unwrap();
+        for (name, contents) in &files {
+            let committed = std::fs::read(dir.join(name)).unwrap_or_default();
+            assert!(
+                committed == *contents,
+                "{GENERATED_DIR}/{name} is stale: regenerate it with `{REGENERATE}`"
+            );
+        }
+        let mut present: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        present.retain(|p| !files.iter().any(|(name, _)| name == p));
+        assert!(
+            present.is_empty(),
+            "{GENERATED_DIR} holds files baton generate does not write: {present:?}"
+        );
+    }
+
+    #[test]
+    fn the_page_lists_every_key_and_has_examples() {
+        let page = page();
+        let configuration = page
+            .split("\n.SH CONFIGURATION\n")
+            .nth(1)
+            .expect("a CONFIGURATION section");
+        let configuration = configuration.split("\n.SH ").next().unwrap();
+        for key in KEYS {
+            let term = format!("\\fB{}\\fR", key.path());
+            assert!(
+                configuration.contains(&term),
+                "{} is missing: {configuration}",
+                key.path()
+            );
+        }
+        assert!(page.contains("\n.SH EXAMPLES\n"));
+        assert!(page.contains("baton serve ."));
+        assert!(
+            !page.contains("generate"),
+            "the hidden command is in the page"
+        );
+    }
+
+    #[test]
+    fn completions_offer_no_hidden_command() {
+        for (name, contents) in files(&Cli::command()).unwrap().iter().skip(1) {
+            let text = String::from_utf8_lossy(contents);
+            assert!(
+                !text.contains("generate"),
+                "{name} offers the hidden generate command"
+            );
+            for visible in COMMANDS {
+                assert!(text.contains(visible), "{name} lacks {visible}");
+            }
+            // fish writes `-l root`, the others `--root`.
+            assert!(text.contains("root") && text.contains("timeout"), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_public_command_is_the_full_one_without_hidden_commands() {
+        let public = public_command(&Cli::command());
+        public.clone().debug_assert();
+        let full = Cli::command();
+        let visible: Vec<_> = full
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name())
+            .collect();
+        let names: Vec<_> = public.get_subcommands().map(|s| s.get_name()).collect();
+        assert_eq!(names, visible);
+        assert_eq!(names, COMMANDS, "COMMANDS lists the commands");
     }
 }
