@@ -121,7 +121,7 @@ pub fn render(cli: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
             if let Some(long) = arg.get_long() {
                 flag.push(bold(format!("--{long}")));
             }
-            if arg.get_action().takes_values() {
+            if takes_values(arg) {
                 if let Some(names) = arg.get_value_names() {
                     if !flag.is_empty() {
                         flag.push(roman(" "));
@@ -153,7 +153,7 @@ pub fn render(cli: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
                     .filter(|v| !v.is_hide_set())
                     .map(|v| v.get_name().to_owned())
                     .collect();
-                if arg.get_action().takes_values() && !values.is_empty() {
+                if takes_values(arg) && !values.is_empty() {
                     help.push_str(&format!(" [possible values: {}]", values.join(", ")));
                 }
                 roff.text([roman(help)]);
@@ -193,6 +193,12 @@ pub fn render(cli: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
     roff.text([roman("systemctl(1), systemd.socket(5), systemd.service(5), sd_notify(3), sd_listen_fds(3), logrotate(8)")]);
     roff.to_writer(w)?;
     man.render_version_section(w)
+}
+
+/// Whether the option takes a value: not a flag such as --access-log, whose action stores a
+/// value but which takes no argument (`num_args = 0`).
+fn takes_values(arg: &clap::Arg) -> bool {
+    arg.get_action().takes_values() && arg.get_num_args().is_none_or(|n| n.takes_values())
 }
 
 /// A configuration file for EXAMPLES (a unit test checks that it is valid).
