@@ -1273,6 +1273,53 @@ mod tests {
         assert_eq!(sections.len(), unique.len(), "config::KEYS mixes sections");
     }
 
+    /// The flags come from the same declaration as the keys: each flag is one key of
+    /// [`KEYS`], and the default its help names is that key's.
+    #[test]
+    fn every_flag_is_a_key_with_the_same_default() {
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("settings"));
+        let mut flagged = Vec::new();
+        let mut compared = 0;
+        for arg in command.get_arguments() {
+            // Field names are the keys' names, and unique across the sections.
+            let keys: Vec<&Key> = KEYS.iter().filter(|k| k.name == arg.get_id()).collect();
+            let [key] = keys[..] else {
+                panic!(
+                    "flag {} matches {} keys of config::KEYS",
+                    arg.get_id(),
+                    keys.len()
+                );
+            };
+            flagged.push(key.path());
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            if let (Some(shown), Some(default)) = (
+                help.split_once("[default: ")
+                    .and_then(|(_, rest)| rest.split_once(']'))
+                    .map(|(value, _)| value),
+                key.default,
+            ) {
+                assert_eq!(
+                    shown,
+                    default.trim_matches('"'),
+                    "--help of {} names another default than config::KEYS",
+                    key.path()
+                );
+                compared += 1;
+            }
+        }
+        let unflagged: Vec<String> = KEYS
+            .iter()
+            .map(Key::path)
+            .filter(|k| !flagged.contains(k))
+            .collect();
+        assert_eq!(unflagged, ["shutdown.idle_grace"], "keys without a flag");
+        assert!(
+            compared >= 10,
+            "only {compared} defaults found in the flags' help"
+        );
+    }
+
     #[test]
     fn the_key_table_defaults_and_examples_parse() {
         for key in KEYS {
