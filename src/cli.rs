@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{Config, ListenSpec, Overrides, DEFAULT_CONFIG_PATH};
+use crate::config::{parse_duration, Config, Settings, DEFAULT_CONFIG_PATH};
 use crate::control::{Client, ClientError, ProcessHandle};
 use crate::logging::Destination;
 use crate::pidfile::{self, Pidfile, Probe};
@@ -222,55 +222,6 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Listen on ADDR (IP:PORT, [IPv6]:PORT or unix:/path) under NAME [default name: http];
-    /// repeatable; replaces server.listen
-    #[arg(long = "listen", value_name = "[NAME=]ADDR")]
-    pub listen: Vec<ListenSpec>,
-
-    /// Serve static files from DIR instead of the embedded page (or give DIR without --root)
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
-
-    /// Log one line per request
-    #[arg(long)]
-    pub access_log: bool,
-
-    /// How long in-flight requests may take to finish on stop [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub drain_timeout: Option<Duration>,
-
-    /// Time a client has to send a complete request head [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub header_read_timeout: Option<Duration>,
-
-    /// Close keep-alive connections idle for this long [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub idle_timeout: Option<Duration>,
-
-    /// Close a connection whose client accepts no byte of its response for this long [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub send_timeout: Option<Duration>,
-
-    /// Most client connections open at once; more wait in the listen backlog [default: 10000]
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-
-    /// Log level or filter (error, warn, info, debug, trace); RUST_LOG wins [default: info]
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<String>,
-
-    /// The binary an upgrade starts [default: this executable, by the path it was started with]
-    #[arg(long, value_name = "PATH")]
-    pub exec: Option<PathBuf>,
-
-    /// How long a new process may take to become ready during an upgrade [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub upgrade_timeout: Option<Duration>,
-
-    /// After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub upgrade_probation: Option<Duration>,
-
     /// Run in the background (daemon(7)) under a keeper; returns once the first generation
     /// serves, or fails with its error
     #[arg(long)]
@@ -282,23 +233,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub keeper: bool,
 
-    /// Keeper: a start counts as successful once the generation has been ready this long [default: 1s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub startsecs: Option<Duration>,
-
-    /// Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]
-    #[arg(long, value_name = "N")]
-    pub startretries: Option<u32>,
-
-    /// Lock this pidfile for the process's life and write the pid into it; a second instance
-    /// is refused [default with --daemon: /run/baton/baton.pid for root,
-    /// $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
-    #[arg(long, value_name = "PATH")]
-    pub pidfile: Option<PathBuf>,
-
-    /// Append text logs to this file; SIGUSR1 reopens it (for logrotate)
-    #[arg(long, value_name = "PATH")]
-    pub log_file: Option<PathBuf>,
+    /// The flags that are settings of the file too, section by section.
+    #[command(flatten)]
+    pub settings: Settings,
 }
 
 #[derive(Debug, Args)]
@@ -313,14 +250,10 @@ pub struct CheckArgs {
     pub target: TargetArgs,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e}; write a duration like 30s, 500ms or 2m"))
-}
-
 impl ServeArgs {
     /// The directory to serve from the command line: DIR or --root, never both.
     fn root(&self) -> Result<Option<PathBuf>, String> {
-        match (&self.dir, &self.root) {
+        match (&self.dir, &self.settings.server.root) {
             (Some(dir), Some(root)) => Err(format!(
                 "serve: DIR ({}) and --root ({}) both name the directory to serve; give only one",
                 dir.display(),
@@ -330,25 +263,11 @@ impl ServeArgs {
         }
     }
 
-    fn overrides(&self, root: Option<PathBuf>) -> Overrides {
-        Overrides {
-            listeners: self.listen.clone(),
-            root,
-            access_log: self.access_log.then_some(true),
-            max_connections: self.max_connections,
-            header_read_timeout: self.header_read_timeout,
-            idle_timeout: self.idle_timeout,
-            send_timeout: self.send_timeout,
-            drain_timeout: self.drain_timeout,
-            log_level: self.log_level.clone(),
-            upgrade_exec: self.exec.clone(),
-            upgrade_timeout: self.upgrade_timeout,
-            upgrade_probation: self.upgrade_probation,
-            log_file: self.log_file.clone(),
-            pidfile: self.pidfile.clone(),
-            keeper_startsecs: self.startsecs,
-            keeper_startretries: self.startretries,
-        }
+    /// The settings the flags give, with DIR as --root.
+    fn flags(&self) -> Result<Settings, String> {
+        let mut settings = self.settings.clone();
+        settings.server.root = self.root()?;
+        Ok(settings)
     }
 }
 
@@ -374,7 +293,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Stop(args) => stop(args),
         Command::Help(args) => help(args.command.as_deref()),
-        Command::Generate(args) => match crate::manual::generate(&args.out) {
+        Command::Generate(args) => match crate::manual::generate(&Cli::command(), &args.out) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => report(format!("cannot write into {}: {e}", args.out.display())),
         },
@@ -408,8 +327,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         return crate::keeper::resume();
     }
     // Bad usage, as clap reports it: exit 2, before anything else happens.
-    let root = match args.root() {
-        Ok(root) => root,
+    let flags = match args.flags() {
+        Ok(flags) => flags,
         Err(e) => {
             report(e);
             return ExitCode::from(2);
@@ -438,7 +357,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         report(message)
     };
-    let config = match Config::load(args.config.as_deref(), &args.overrides(root)) {
+    let config = match Config::load(args.config.as_deref(), &flags) {
         Ok(config) => config,
         Err(errors) => return fail_early(errors.to_string()),
     };
@@ -701,7 +620,7 @@ fn stop(args: StopArgs) -> ExitCode {
 
 fn check(args: CheckArgs) -> ExitCode {
     let path = args.config.as_deref();
-    match Config::load(path, &Overrides::default()) {
+    match Config::load(path, &Settings::default()) {
         Ok(config) => {
             let source = match &config.source {
                 Some(p) => p.display().to_string(),
@@ -788,9 +707,94 @@ fn unit_main_pid(unit: &str) -> Result<Option<u32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KEYS;
+    use crate::manual::{files, public_command, render, GENERATED_DIR, REGENERATE};
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn page() -> String {
+        let mut page = Vec::new();
+        render(&Cli::command(), &mut page).unwrap();
+        String::from_utf8(page).unwrap()
+    }
+
+    #[test]
+    fn committed_files_are_fresh() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(GENERATED_DIR);
+        let files = files(&Cli::command()).unwrap();
+        for (name, contents) in &files {
+            let committed = std::fs::read(dir.join(name)).unwrap_or_default();
+            assert!(
+                committed == *contents,
+                "{GENERATED_DIR}/{name} is stale: regenerate it with `{REGENERATE}`"
+            );
+        }
+        let mut present: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        present.retain(|p| !files.iter().any(|(name, _)| name == p));
+        assert!(
+            present.is_empty(),
+            "{GENERATED_DIR} holds files baton generate does not write: {present:?}"
+        );
+    }
+
+    #[test]
+    fn the_page_lists_every_key_and_has_examples() {
+        let page = page();
+        let configuration = page
+            .split("\n.SH CONFIGURATION\n")
+            .nth(1)
+            .expect("a CONFIGURATION section");
+        let configuration = configuration.split("\n.SH ").next().unwrap();
+        for key in KEYS {
+            let term = format!("\\fB{}\\fR", key.path());
+            assert!(
+                configuration.contains(&term),
+                "{} is missing: {configuration}",
+                key.path()
+            );
+        }
+        assert!(page.contains("\n.SH EXAMPLES\n"));
+        assert!(page.contains("baton serve ."));
+        assert!(
+            !page.contains("generate"),
+            "the hidden command is in the page"
+        );
+    }
+
+    #[test]
+    fn completions_offer_no_hidden_command() {
+        for (name, contents) in files(&Cli::command()).unwrap().iter().skip(1) {
+            let text = String::from_utf8_lossy(contents);
+            assert!(
+                !text.contains("generate"),
+                "{name} offers the hidden generate command"
+            );
+            for visible in COMMANDS {
+                assert!(text.contains(visible), "{name} lacks {visible}");
+            }
+            // fish writes `-l root`, the others `--root`.
+            assert!(text.contains("root") && text.contains("timeout"), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_public_command_is_the_full_one_without_hidden_commands() {
+        let public = public_command(&Cli::command());
+        public.clone().debug_assert();
+        let full = Cli::command();
+        let visible: Vec<_> = full
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| s.get_name())
+            .collect();
+        let names: Vec<_> = public.get_subcommands().map(|s| s.get_name()).collect();
+        assert_eq!(names, visible);
+        assert_eq!(names, COMMANDS, "COMMANDS lists the commands");
     }
 }

@@ -5,6 +5,11 @@
 //! Every problem in a file is collected and reported at once ([`ConfigErrors`]), so that
 //! `baton check` can list them all; unknown keys are errors, not silently ignored.
 //!
+//! Each setting is declared once, in the `settings!` invocation below: its key, its type, its
+//! flag and the [`Config`] field it sets. The file and the flags are both read into
+//! [`Settings`] (every value optional) and laid over the defaults by the same
+//! [`Config::apply`].
+//!
 //! [`KEYS`] lists every key with its type, default and meaning: baton(8)'s CONFIGURATION
 //! section is rendered from it, and the tests check that the parser reads exactly those keys
 //! and that their defaults are [`Config::default`]'s. The file format, in short:
@@ -362,25 +367,271 @@ impl Default for Config {
     }
 }
 
-/// Settings given on the command line; each one that is set wins over the file.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub listeners: Vec<ListenSpec>,
-    pub root: Option<PathBuf>,
-    pub access_log: Option<bool>,
-    pub max_connections: Option<usize>,
-    pub header_read_timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
-    pub send_timeout: Option<Duration>,
-    pub drain_timeout: Option<Duration>,
-    pub log_level: Option<String>,
-    pub log_file: Option<PathBuf>,
-    pub pidfile: Option<PathBuf>,
-    pub upgrade_exec: Option<PathBuf>,
-    pub upgrade_timeout: Option<Duration>,
-    pub upgrade_probation: Option<Duration>,
-    pub keeper_startsecs: Option<Duration>,
-    pub keeper_startretries: Option<u32>,
+/// Declares every setting once: its file key (`[section]` and field name), its type, its
+/// command-line flag (the `#[arg]` attributes and doc comment, which are `--help`'s text; none
+/// with `#[arg(skip)]`) and the [`Config`] field it sets.
+///
+/// For each section it generates the public [`clap::Args`] struct of optional values
+/// (`ServerSettings`, ...), flattened into `baton serve` through [`Settings`], and a private
+/// twin that serde reads the section of the file into. The twin holds each value in the raw
+/// form TOML gives ([`FileValue::Raw`]), so that a type mismatch stays toml's own error (with
+/// line and column) while a bad value is checked afterwards with its key, all of them at once.
+macro_rules! settings {
+    ($(
+        $(#[$section_doc:meta])*
+        [$section:ident] $Settings:ident, $Section:ident {
+            $(
+                $(#[$attr:meta])*
+                $field:ident: $ty:ty => $($target:ident).+,
+            )*
+        }
+    )*) => {
+        $(
+            $(#[$section_doc])*
+            // The flags' doc comments are clap's help text, where `[IPv6]` and `[default: ...]`
+            // are meant literally, not as intra-doc links.
+            #[allow(rustdoc::broken_intra_doc_links)]
+            #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+            pub struct $Settings {
+                $(
+                    $(#[$attr])*
+                    pub $field: Option<$ty>,
+                )*
+            }
+
+            #[derive(Debug, Default, Deserialize)]
+            #[serde(default)]
+            struct $Section {
+                $($field: Option<<$ty as FileValue>::Raw>,)*
+            }
+
+            impl $Section {
+                fn check(self, errors: &mut Vec<String>) -> $Settings {
+                    $Settings {
+                        $($field: self.$field.and_then(|raw| {
+                            FileValue::from_file(
+                                raw,
+                                concat!(stringify!($section), ".", stringify!($field)),
+                                errors,
+                            )
+                        }),)*
+                    }
+                }
+            }
+
+            impl $Settings {
+                fn apply(&self, config: &mut Config) {
+                    $(if let Some(value) = &self.$field {
+                        // `into`: a setting of type T goes into a field of type T or Option<T>.
+                        config.$($target).+ = value.clone().into();
+                    })*
+                }
+            }
+        )*
+
+        /// Every setting of the file, each also a flag of `baton serve` except
+        /// `shutdown.idle_grace`; a set one wins over the layer below ([`Config::apply`]).
+        #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+        pub struct Settings {
+            $(
+                #[command(flatten)]
+                pub $section: $Settings,
+            )*
+        }
+
+        // The file's shape.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(default)]
+        struct FileConfig {
+            $($section: $Section,)*
+        }
+
+        impl FileConfig {
+            fn check(self, errors: &mut Vec<String>) -> Settings {
+                Settings {
+                    $($section: self.$section.check(errors),)*
+                }
+            }
+        }
+
+        impl Settings {
+            fn apply(&self, config: &mut Config) {
+                $(self.$section.apply(config);)*
+            }
+        }
+    };
+}
+
+settings! {
+    /// `[server]`: the listeners, what is served, the pidfile.
+    [server] ServerSettings, ServerSection {
+        /// Listen on ADDR (IP:PORT, [IPv6]:PORT or unix:/path) under NAME [default name: http];
+        /// repeatable; replaces server.listen
+        #[arg(long = "listen", value_name = "[NAME=]ADDR")]
+        listen: Vec<ListenSpec> => listeners,
+
+        /// Serve static files from DIR instead of the embedded page (or give DIR without --root)
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf => root,
+
+        /// Log one line per request
+        // A flag that is either given or unset: unlike `bool`, absent does not mean false.
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        access_log: bool => access_log,
+
+        /// Lock this pidfile for the process's life and write the pid into it; a second instance
+        /// is refused [default with --daemon: /run/baton/baton.pid for root,
+        /// $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
+        #[arg(long, value_name = "PATH")]
+        pidfile: PathBuf => pidfile,
+    }
+
+    /// `[limits]`: protection against slow or greedy clients.
+    [limits] LimitsSettings, LimitsSection {
+        /// Most client connections open at once; more wait in the listen backlog [default: 10000]
+        #[arg(long, value_name = "N")]
+        max_connections: usize => limits.max_connections,
+
+        /// Time a client has to send a complete request head [default: 10s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        header_read_timeout: Duration => limits.header_read_timeout,
+
+        /// Close keep-alive connections idle for this long [default: 60s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        idle_timeout: Duration => limits.idle_timeout,
+
+        /// Close a connection whose client accepts no byte of its response for this long [default: 60s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        send_timeout: Duration => limits.send_timeout,
+    }
+
+    /// `[shutdown]`: how a stopping process drains its connections.
+    [shutdown] ShutdownSettings, ShutdownSection {
+        /// How long in-flight requests may take to finish on stop [default: 30s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        drain_timeout: Duration => shutdown.drain_timeout,
+
+        #[arg(skip)]
+        idle_grace: Duration => shutdown.idle_grace,
+    }
+
+    /// `[log]`: what is logged, and where.
+    [log] LogSettings, LogSection {
+        /// Log level or filter (error, warn, info, debug, trace); RUST_LOG wins [default: info]
+        #[arg(long = "log-level", value_name = "LEVEL")]
+        level: String => log_level,
+
+        /// Append text logs to this file; SIGUSR1 reopens it (for logrotate)
+        #[arg(long = "log-file", value_name = "PATH")]
+        file: PathBuf => log_file,
+    }
+
+    /// `[upgrade]`: how a reload starts the next generation.
+    [upgrade] UpgradeSettings, UpgradeSection {
+        /// The binary an upgrade starts [default: this executable, by the path it was started with]
+        #[arg(long, value_name = "PATH")]
+        exec: PathBuf => upgrade.exec,
+
+        /// How long a new process may take to become ready during an upgrade [default: 60s]
+        #[arg(long = "upgrade-timeout", value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Duration => upgrade.timeout,
+
+        /// After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]
+        #[arg(long = "upgrade-probation", value_name = "DURATION", value_parser = parse_duration)]
+        probation: Duration => upgrade.probation,
+    }
+
+    /// `[keeper]`: how the keeper restarts generations, without systemd.
+    [keeper] KeeperSettings, KeeperSection {
+        /// Keeper: a start counts as successful once the generation has been ready this long [default: 1s]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        startsecs: Duration => keeper.startsecs,
+
+        /// Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]
+        #[arg(long, value_name = "N")]
+        startretries: u32 => keeper.startretries,
+    }
+}
+
+/// A duration on the command line.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; write a duration like 30s, 500ms or 2m"))
+}
+
+/// The type of a setting as the file holds it.
+trait FileValue: Sized {
+    /// What TOML gives: a mismatch of this type is toml's error; the rest is checked by
+    /// [`FileValue::from_file`], so that every bad value is reported, not only the first.
+    type Raw: serde::de::DeserializeOwned;
+
+    /// The value of `key`, or `None` with one line for each problem pushed to `errors`.
+    fn from_file(raw: Self::Raw, key: &str, errors: &mut Vec<String>) -> Option<Self>;
+}
+
+macro_rules! taken_as_given {
+    ($($ty:ty),*) => {$(
+        impl FileValue for $ty {
+            type Raw = $ty;
+            fn from_file(raw: $ty, _: &str, _: &mut Vec<String>) -> Option<$ty> {
+                Some(raw)
+            }
+        }
+    )*};
+}
+
+taken_as_given!(bool, String, PathBuf);
+
+impl FileValue for Vec<ListenSpec> {
+    type Raw = Vec<String>;
+    fn from_file(raw: Vec<String>, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+        let mut specs = Vec::new();
+        for (i, spec) in raw.iter().enumerate() {
+            match spec.parse() {
+                Ok(spec) => specs.push(spec),
+                Err(e) => errors.push(format!("{key}[{i}]: {e}")),
+            }
+        }
+        Some(specs)
+    }
+}
+
+impl FileValue for Duration {
+    type Raw = String;
+    fn from_file(raw: String, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+        humantime::parse_duration(&raw)
+            .map_err(|e| {
+                errors.push(format!(
+                    "{key}: '{raw}' is not a duration ({e}); write it like \"30s\" or \"500ms\""
+                ))
+            })
+            .ok()
+    }
+}
+
+// TOML integers are i64; the bounds are checked here, with the key, rather than by serde.
+impl FileValue for usize {
+    type Raw = i64;
+    fn from_file(raw: i64, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+        usize::try_from(raw)
+            .map_err(|_| errors.push(format!("{key}: {raw} is negative; use a positive number")))
+            .ok()
+    }
+}
+
+// Only keeper.startretries is a u32, hence the advice in the messages.
+impl FileValue for u32 {
+    type Raw = i64;
+    fn from_file(raw: i64, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+        u32::try_from(raw)
+            .map_err(|_| {
+                errors.push(if raw < 0 {
+                    format!("{key}: {raw} is negative; use 0 (never retry) or more")
+                } else {
+                    format!("{key}: {raw} is more than {MAX_START_RETRIES}; use a smaller number")
+                })
+            })
+            .ok()
+    }
 }
 
 /// Every problem found in a configuration, one line each.
@@ -407,66 +658,6 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
-
-// The file's shape. Leaves that need checking stay strings here, so that every bad value can
-// be reported with its key instead of stopping at the first.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct FileConfig {
-    server: ServerSection,
-    limits: LimitsSection,
-    shutdown: ShutdownSection,
-    log: LogSection,
-    upgrade: UpgradeSection,
-    keeper: KeeperSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct ServerSection {
-    listen: Option<Vec<String>>,
-    root: Option<PathBuf>,
-    access_log: Option<bool>,
-    pidfile: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct LimitsSection {
-    max_connections: Option<i64>,
-    header_read_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    send_timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct ShutdownSection {
-    drain_timeout: Option<String>,
-    idle_grace: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct LogSection {
-    level: Option<String>,
-    file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct KeeperSection {
-    startsecs: Option<String>,
-    startretries: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct UpgradeSection {
-    exec: Option<PathBuf>,
-    timeout: Option<String>,
-    probation: Option<String>,
-}
 
 enum ReadError {
     Io(std::io::Error),
@@ -509,8 +700,8 @@ fn read_regular(path: &Path) -> Result<String, ReadError> {
 impl Config {
     /// Loads the configuration the way `baton serve` does: `path` if given (it must exist),
     /// else [`DEFAULT_CONFIG_PATH`] when it exists, else the embedded defaults; then applies
-    /// `overrides` and checks the result.
-    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    /// `flags` and checks the result.
+    pub fn load(path: Option<&Path>, flags: &Settings) -> Result<Config, ConfigErrors> {
         let mut config = match path {
             Some(path) => Self::from_file(path)?,
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
@@ -518,7 +709,7 @@ impl Config {
             }
             None => Config::default(),
         };
-        config.apply(overrides);
+        config.apply(flags);
         config.validate()?;
         Ok(config)
     }
@@ -561,155 +752,21 @@ impl Config {
         })
         .map_err(|e| fail(vec![one_line(&e.to_string())]))?;
         let mut errors = unknown;
+        let settings = file.check(&mut errors);
+        if !errors.is_empty() {
+            return Err(fail(errors));
+        }
         let mut config = Config {
             source: source.map(Path::to_owned),
             ..Config::default()
         };
-
-        if let Some(listen) = file.server.listen {
-            config.listeners.clear();
-            for (i, spec) in listen.iter().enumerate() {
-                match spec.parse() {
-                    Ok(spec) => config.listeners.push(spec),
-                    Err(e) => errors.push(format!("server.listen[{i}]: {e}")),
-                }
-            }
-        }
-        config.root = file.server.root.or(config.root);
-        config.access_log = file.server.access_log.unwrap_or(config.access_log);
-        if let Some(n) = file.limits.max_connections {
-            match usize::try_from(n) {
-                Ok(n) => config.limits.max_connections = n,
-                Err(_) => errors.push(format!(
-                    "limits.max_connections: {n} is negative; use a positive number"
-                )),
-            }
-        }
-        let mut duration = |key: &str, value: Option<String>, slot: &mut Duration| {
-            if let Some(value) = value {
-                match humantime::parse_duration(&value) {
-                    Ok(d) => *slot = d,
-                    Err(e) => errors.push(format!(
-                        "{key}: '{value}' is not a duration ({e}); write it like \"30s\" or \"500ms\""
-                    )),
-                }
-            }
-        };
-        duration(
-            "limits.header_read_timeout",
-            file.limits.header_read_timeout,
-            &mut config.limits.header_read_timeout,
-        );
-        duration(
-            "limits.idle_timeout",
-            file.limits.idle_timeout,
-            &mut config.limits.idle_timeout,
-        );
-        duration(
-            "limits.send_timeout",
-            file.limits.send_timeout,
-            &mut config.limits.send_timeout,
-        );
-        duration(
-            "shutdown.drain_timeout",
-            file.shutdown.drain_timeout,
-            &mut config.shutdown.drain_timeout,
-        );
-        duration(
-            "shutdown.idle_grace",
-            file.shutdown.idle_grace,
-            &mut config.shutdown.idle_grace,
-        );
-        duration(
-            "upgrade.timeout",
-            file.upgrade.timeout,
-            &mut config.upgrade.timeout,
-        );
-        duration(
-            "upgrade.probation",
-            file.upgrade.probation,
-            &mut config.upgrade.probation,
-        );
-        duration(
-            "keeper.startsecs",
-            file.keeper.startsecs,
-            &mut config.keeper.startsecs,
-        );
-        if let Some(n) = file.keeper.startretries {
-            match u32::try_from(n) {
-                Ok(n) => config.keeper.startretries = n,
-                Err(_) if n < 0 => errors.push(format!(
-                    "keeper.startretries: {n} is negative; use 0 (never retry) or more"
-                )),
-                Err(_) => errors.push(format!(
-                    "keeper.startretries: {n} is more than {MAX_START_RETRIES}; use a smaller number"
-                )),
-            }
-        }
-        if let Some(level) = file.log.level {
-            config.log_level = level;
-        }
-        config.log_file = file.log.file;
-        config.pidfile = file.server.pidfile;
-        config.upgrade.exec = file.upgrade.exec;
-
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(errors))
-        }
+        config.apply(&settings);
+        Ok(config)
     }
 
-    /// Applies command-line overrides.
-    pub fn apply(&mut self, o: &Overrides) {
-        if !o.listeners.is_empty() {
-            self.listeners = o.listeners.clone();
-        }
-        if let Some(root) = &o.root {
-            self.root = Some(root.clone());
-        }
-        if let Some(v) = o.access_log {
-            self.access_log = v;
-        }
-        if let Some(v) = o.max_connections {
-            self.limits.max_connections = v;
-        }
-        if let Some(v) = o.header_read_timeout {
-            self.limits.header_read_timeout = v;
-        }
-        if let Some(v) = o.idle_timeout {
-            self.limits.idle_timeout = v;
-        }
-        if let Some(v) = o.send_timeout {
-            self.limits.send_timeout = v;
-        }
-        if let Some(v) = o.drain_timeout {
-            self.shutdown.drain_timeout = v;
-        }
-        if let Some(v) = &o.log_level {
-            self.log_level = v.clone();
-        }
-        if let Some(v) = &o.log_file {
-            self.log_file = Some(v.clone());
-        }
-        if let Some(v) = &o.pidfile {
-            self.pidfile = Some(v.clone());
-        }
-        if let Some(v) = &o.upgrade_exec {
-            self.upgrade.exec = Some(v.clone());
-        }
-        if let Some(v) = o.upgrade_timeout {
-            self.upgrade.timeout = v;
-        }
-        if let Some(v) = o.upgrade_probation {
-            self.upgrade.probation = v;
-        }
-        if let Some(v) = o.keeper_startsecs {
-            self.keeper.startsecs = v;
-        }
-        if let Some(v) = o.keeper_startretries {
-            self.keeper.startretries = v;
-        }
+    /// Lays `settings` over this configuration: each one that is set wins.
+    pub fn apply(&mut self, settings: &Settings) {
+        settings.apply(self);
     }
 
     /// Checks what the parser cannot: consistency and the filesystem.
@@ -901,10 +958,16 @@ mod tests {
         .unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.errors[0].contains("'a' is used twice"));
-        c.apply(&Overrides {
-            listeners: vec!["127.0.0.1:3".parse().unwrap()],
-            drain_timeout: Some(Duration::from_secs(2)),
-            ..Overrides::default()
+        c.apply(&Settings {
+            server: ServerSettings {
+                listen: Some(vec!["127.0.0.1:3".parse().unwrap()]),
+                ..ServerSettings::default()
+            },
+            shutdown: ShutdownSettings {
+                drain_timeout: Some(Duration::from_secs(2)),
+                ..ShutdownSettings::default()
+            },
+            ..Settings::default()
         });
         c.validate().unwrap();
         assert_eq!(c.listeners.len(), 1);
@@ -949,9 +1012,12 @@ mod tests {
             ["limits.send_timeout is 0: use a positive duration such as \"10s\""]
         );
         let mut c = Config::default();
-        c.apply(&Overrides {
-            send_timeout: Some(Duration::from_secs(2)),
-            ..Overrides::default()
+        c.apply(&Settings {
+            limits: LimitsSettings {
+                send_timeout: Some(Duration::from_secs(2)),
+                ..LimitsSettings::default()
+            },
+            ..Settings::default()
         });
         assert_eq!(c.limits.send_timeout, Duration::from_secs(2));
         let c = Config::from_toml_str("[limits]\nsend_timeout = \"2days\"\n", None).unwrap();
@@ -1130,6 +1196,53 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(sections.len(), unique.len(), "config::KEYS mixes sections");
+    }
+
+    /// The flags come from the same declaration as the keys: each flag is one key of
+    /// [`KEYS`], and the default its help names is that key's.
+    #[test]
+    fn every_flag_is_a_key_with_the_same_default() {
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("settings"));
+        let mut flagged = Vec::new();
+        let mut compared = 0;
+        for arg in command.get_arguments() {
+            // Field names are the keys' names, and unique across the sections.
+            let keys: Vec<&Key> = KEYS.iter().filter(|k| k.name == arg.get_id()).collect();
+            let [key] = keys[..] else {
+                panic!(
+                    "flag {} matches {} keys of config::KEYS",
+                    arg.get_id(),
+                    keys.len()
+                );
+            };
+            flagged.push(key.path());
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            if let (Some(shown), Some(default)) = (
+                help.split_once("[default: ")
+                    .and_then(|(_, rest)| rest.split_once(']'))
+                    .map(|(value, _)| value),
+                key.default,
+            ) {
+                assert_eq!(
+                    shown,
+                    default.trim_matches('"'),
+                    "--help of {} names another default than config::KEYS",
+                    key.path()
+                );
+                compared += 1;
+            }
+        }
+        let unflagged: Vec<String> = KEYS
+            .iter()
+            .map(Key::path)
+            .filter(|k| !flagged.contains(k))
+            .collect();
+        assert_eq!(unflagged, ["shutdown.idle_grace"], "keys without a flag");
+        assert!(
+            compared >= 10,
+            "only {compared} defaults found in the flags' help"
+        );
     }
 
     #[test]

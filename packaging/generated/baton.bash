@@ -129,7 +129,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__serve)
-            opts="-h -V --config --listen --root --access-log --drain-timeout --header-read-timeout --idle-timeout --send-timeout --max-connections --log-level --exec --upgrade-timeout --upgrade-probation --daemon --keeper --startsecs --startretries --pidfile --log-file --help --version"
+            opts="-h -V --config --daemon --keeper --listen --root --access-log --pidfile --max-connections --header-read-timeout --idle-timeout --send-timeout --drain-timeout --log-level --log-file --exec --upgrade-timeout --upgrade-probation --startsecs --startretries --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -147,7 +147,11 @@ _baton() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --drain-timeout)
+                --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-connections)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -163,11 +167,15 @@ _baton() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --max-connections)
+                --drain-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --log-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -188,14 +196,6 @@ _baton() {
                     return 0
                     ;;
                 --startretries)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --pidfile)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --log-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

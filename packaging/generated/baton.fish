@@ -35,22 +35,22 @@ complete -c baton -n "__fish_baton_needs_command" -f -a "help" -d 'Print the hel
 complete -c baton -n "__fish_baton_using_subcommand serve" -l config -d 'Configuration file [default: /etc/baton/baton.toml when it exists, else built-in defaults]' -r -F
 complete -c baton -n "__fish_baton_using_subcommand serve" -l listen -d 'Listen on ADDR (IP:PORT, [IPv6]:PORT or unix:/path) under NAME [default name: http]; repeatable; replaces server.listen' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l root -d 'Serve static files from DIR instead of the embedded page (or give DIR without --root)' -r -F
-complete -c baton -n "__fish_baton_using_subcommand serve" -l drain-timeout -d 'How long in-flight requests may take to finish on stop [default: 30s]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l pidfile -d 'Lock this pidfile for the process\'s life and write the pid into it; a second instance is refused [default with --daemon: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand serve" -l max-connections -d 'Most client connections open at once; more wait in the listen backlog [default: 10000]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l header-read-timeout -d 'Time a client has to send a complete request head [default: 10s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l idle-timeout -d 'Close keep-alive connections idle for this long [default: 60s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l send-timeout -d 'Close a connection whose client accepts no byte of its response for this long [default: 60s]' -r
-complete -c baton -n "__fish_baton_using_subcommand serve" -l max-connections -d 'Most client connections open at once; more wait in the listen backlog [default: 10000]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l drain-timeout -d 'How long in-flight requests may take to finish on stop [default: 30s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l log-level -d 'Log level or filter (error, warn, info, debug, trace); RUST_LOG wins [default: info]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l log-file -d 'Append text logs to this file; SIGUSR1 reopens it (for logrotate)' -r -F
 complete -c baton -n "__fish_baton_using_subcommand serve" -l exec -d 'The binary an upgrade starts [default: this executable, by the path it was started with]' -r -F
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-timeout -d 'How long a new process may take to become ready during an upgrade [default: 60s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-probation -d 'After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startsecs -d 'Keeper: a start counts as successful once the generation has been ready this long [default: 1s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startretries -d 'Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]' -r
-complete -c baton -n "__fish_baton_using_subcommand serve" -l pidfile -d 'Lock this pidfile for the process\'s life and write the pid into it; a second instance is refused [default with --daemon: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
-complete -c baton -n "__fish_baton_using_subcommand serve" -l log-file -d 'Append text logs to this file; SIGUSR1 reopens it (for logrotate)' -r -F
-complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Log one line per request'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l daemon -d 'Run in the background (daemon(7)) under a keeper; returns once the first generation serves, or fails with its error'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in the foreground under a keeper: a small process that holds the sockets and the pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)'
+complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Log one line per request'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand check" -l config -d 'Configuration file [default: /etc/baton/baton.toml]' -r -F
