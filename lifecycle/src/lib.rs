@@ -103,7 +103,7 @@
 //! # The environment contract
 //!
 //! [`start`] reads and removes `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET` is
-//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`env`]), honoured
+//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`mod@env`]), honoured
 //! only when meant for this very process. It changes the environment and may fork: that is why
 //! it is `unsafe` and must run before any other thread exists.
 
