@@ -65,8 +65,8 @@ fi
 say "cargo doc (no broken links, no warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 
-say "cargo test"
-cargo test --quiet 2>&1 | tee /tmp/baton-cargo-test.log
+say "cargo test --workspace --all-features"
+cargo test --workspace --all-features --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
 
 say "plain cargo deb in a fresh clone: the complete package (tests/package/fresh-clone.sh)"
