@@ -320,6 +320,7 @@ pub fn run(config: Settings, daemon: bool) -> ExitCode {
             let fd = match l.socket {
                 activation::Socket::Tcp(s) => OwnedFd::from(s),
                 activation::Socket::Unix(s) => OwnedFd::from(s),
+                activation::Socket::Udp(s) => OwnedFd::from(s),
             };
             (fd, name)
         })
