@@ -160,6 +160,18 @@ impl Shared {
     }
 }
 
+/// The error for a UDP listener: HTTP is served over stream sockets only (the configuration
+/// refuses one already, see [`crate::config::Config::validate`]).
+fn http_needs_a_stream(listener: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "listener {listener}: HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT \
+             or unix:/path), not a UDP one"
+        ),
+    )
+}
+
 impl Server {
     /// Takes over the listeners without accepting yet (a new generation must not accept before
     /// its predecessor commits the handoff). Must be called inside the tokio runtime.
@@ -193,6 +205,7 @@ impl Server {
                         listener.name,
                         Pending::Unix(tokio::net::UnixListener::from_std(l)?),
                     ),
+                    Socket::Udp(_) => return Err(http_needs_a_stream(&listener.name)),
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -863,4 +876,51 @@ fn bad_request(reason: &'static str) -> Response<axum::body::Body> {
     );
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    const REFUSED: &str = "HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT or \
+                           unix:/path), not a UDP one";
+
+    #[test]
+    fn the_configuration_refuses_a_udp_listener() {
+        let config = Config::from_toml_str(
+            "[server]\nlisten = [\"http=127.0.0.1:8080\", \"dns=udp:127.0.0.1:53\"]\n",
+            None,
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert_eq!(
+            err.errors,
+            [format!("listener dns=udp:127.0.0.1:53: {REFUSED}")]
+        );
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_udp_socket_is_an_invalid_input_for_the_server() {
+        let metrics = Arc::new(Metrics::new(1, std::time::SystemTime::now()));
+        let info = Arc::new(crate::http::Info::current(1, Vec::new()));
+        let app = App::new(info, metrics.clone(), None).unwrap();
+        let settings = Settings {
+            limits: Config::default().limits,
+            idle_grace: Duration::from_secs(1),
+            access_log: false,
+        };
+        let specs = [
+            "http=127.0.0.1:0".parse().unwrap(),
+            "dns=udp:127.0.0.1:0".parse().unwrap(),
+        ];
+        let listeners = crate::activation::resolve(&specs, Vec::new()).unwrap();
+        let Err(err) = Server::new(listeners, app, metrics, settings) else {
+            panic!("a UDP socket was taken for HTTP");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(err.to_string(), format!("listener dns: {REFUSED}"));
+    }
 }
