@@ -58,7 +58,7 @@
 //! ```
 //!
 //! The complete program is `examples/echo.rs`; `examples/axum.rs` serves an axum router, with
-//! the `hyper` feature's [`hyper::serve_connection`].
+//! the `hyper` feature's `hyper::serve_connection`.
 //!
 //! # Under systemd
 //!
@@ -184,7 +184,7 @@ impl Options {
     }
 
     /// Adds a listener: the socket passed under its name, else bound to its address
-    /// (`NAME=IP:PORT`, `NAME=unix:/path`; see [`ListenSpec`]).
+    /// (`NAME=IP:PORT` for TCP, `NAME=udp:IP:PORT`, `NAME=unix:/path`; see [`ListenSpec`]).
     pub fn listen(mut self, spec: ListenSpec) -> Options {
         self.settings.listeners.push(spec);
         self
@@ -649,11 +649,18 @@ impl Accept {
         }
     }
 
+    /// Takes the UDP socket called `name` as a tokio socket.
+    pub fn udp(&mut self, name: &str) -> std::io::Result<tokio::net::UdpSocket> {
+        match self.take(name)? {
+            Socket::Udp(s) => tokio::net::UdpSocket::from_std(s),
+            _ => Err(not_a(name, "UDP")),
+        }
+    }
+
     /// Takes the unix stream listener called `name` as a tokio listener.
     pub fn unix(&mut self, name: &str) -> std::io::Result<tokio::net::UnixListener> {
         match self.take(name)? {
             Socket::Unix(l) => tokio::net::UnixListener::from_std(l),
-            #[allow(unreachable_patterns)]
             _ => Err(not_a(name, "unix stream")),
         }
     }
