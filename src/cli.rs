@@ -489,10 +489,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let log_level = config.log_level.clone();
     // A new generation is a daemon already; under a keeper, the keeper is.
     let daemon = args.daemon && !is_upgrade && keeper_pid.is_none();
-    let mut process = match crate::lifecycle::prepare(crate::service::generation_settings(&config), pidfile) {
-        Ok(process) => process,
-        Err(e) => return fail_early(format!("{e:#}")),
-    };
+    let mut process =
+        match crate::lifecycle::prepare(crate::service::generation_settings(&config), pidfile) {
+            Ok(process) => process,
+            Err(e) => return fail_early(format!("{e:#}")),
+        };
     if let Some(h) = handshake.take() {
         process.attach_handshake(h);
     }

@@ -57,8 +57,8 @@ pub mod server;
 pub mod service;
 
 // The lifecycle, under the names baton's modules have always had.
+pub use baton_lifecycle::generation as lifecycle;
 pub use baton_lifecycle::{
     activation, control, daemon, fdstore, keeper, logging, manager, notify, pidfile, signals,
     upgrade,
 };
-pub use baton_lifecycle::generation as lifecycle;

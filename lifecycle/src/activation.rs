@@ -52,9 +52,9 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -69,14 +69,16 @@ use crate::fdstore;
 pub const SOCKET_UNITS_ENV: Var = Var::SOCKET_UNITS;
 
 /// The environment variables of the protocol; all are removed once read.
-static LISTEN_VARS: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| [
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    SOCKET_UNITS_ENV.name(),
-    "LISTEN_FDS_FIRST_FD",
-]);
+static LISTEN_VARS: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| {
+    [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PIDFDID",
+        SOCKET_UNITS_ENV.name(),
+        "LISTEN_FDS_FIRST_FD",
+    ]
+});
 
 /// The first fd of the protocol (`SD_LISTEN_FDS_START`), and the lowest `LISTEN_FDS_FIRST_FD`
 /// accepted: fds 0 to 2 are stdin, stdout and stderr.

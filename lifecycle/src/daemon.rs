@@ -108,11 +108,18 @@ fn wait_for_daemon(read: OwnedFd) -> i32 {
     match text.lines().next() {
         Some(line) if line.starts_with("ready ") => 0,
         Some(line) => {
-            eprintln!("{}: {}", crate::env::identity().name, line.strip_prefix("error ").unwrap_or(line));
+            eprintln!(
+                "{}: {}",
+                crate::env::identity().name,
+                line.strip_prefix("error ").unwrap_or(line)
+            );
             1
         }
         None => {
-            eprintln!("{}: the daemon exited during startup without a word; see its log file", crate::env::identity().name);
+            eprintln!(
+                "{}: the daemon exited during startup without a word; see its log file",
+                crate::env::identity().name
+            );
             1
         }
     }

@@ -169,7 +169,10 @@ mod tests {
     #[test]
     fn names_carry_the_prefix() {
         assert_eq!(Var::GENERATION.name(), "BATON_GENERATION");
-        assert_eq!(Var::UPGRADE_STARTED_USEC.name(), "BATON_UPGRADE_STARTED_USEC");
+        assert_eq!(
+            Var::UPGRADE_STARTED_USEC.name(),
+            "BATON_UPGRADE_STARTED_USEC"
+        );
         assert_eq!(Var::KEEPER_STATE.to_string(), "BATON_KEEPER_STATE");
     }
 }

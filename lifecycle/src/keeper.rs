@@ -52,9 +52,9 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::env::Var;
 use crate::activation;
 use crate::daemon::Readiness;
+use crate::env::Var;
 use crate::manager::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 
@@ -70,14 +70,16 @@ pub const STATE_ENV: Var = Var::KEEPER_STATE;
 /// Variables of the keeper's environment a generation must not inherit as they are, beyond
 /// those an upgrade keeps from the next generation ([`crate::upgrade::PRIVATE_ENV`]): the
 /// keeper's own, and the service manager's (the keeper is the generations' manager).
-static KEEPER_PRIVATE_ENV: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| [
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    KEEPER_PID_ENV.name(),
-    RESTARTS_ENV.name(),
-    REPORT_FD_ENV.name(),
-    STATE_ENV.name(),
-]);
+static KEEPER_PRIVATE_ENV: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| {
+    [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        KEEPER_PID_ENV.name(),
+        RESTARTS_ENV.name(),
+        REPORT_FD_ENV.name(),
+        STATE_ENV.name(),
+    ]
+});
 
 /// The signals the keeper takes through its signalfd (blocked otherwise).
 const SIGNALS: [Signal; 6] = [
@@ -1076,7 +1078,10 @@ impl Keeper {
             }
             let mut env: Vec<CString> = Vec::new();
             for (k, v) in std::env::vars_os() {
-                if k == STATE_ENV.name() || k == PIDFILE_FD_ENV.name() || k == crate::upgrade::FOR_PID_ENV.name() {
+                if k == STATE_ENV.name()
+                    || k == PIDFILE_FD_ENV.name()
+                    || k == crate::upgrade::FOR_PID_ENV.name()
+                {
                     continue;
                 }
                 env.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat())?);

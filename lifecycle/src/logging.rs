@@ -157,7 +157,10 @@ pub fn init(level: &str, log_file: Option<&Path>) -> Result<Destination, String>
             }
             // No journald socket (e.g. a container without journald): fall back to stderr,
             // which the journal stream still captures as plain text.
-            Err(e) => eprintln!("{}: journald is not reachable ({e}); logging to stderr", crate::env::identity().name),
+            Err(e) => eprintln!(
+                "{}: journald is not reachable ({e}); logging to stderr",
+                crate::env::identity().name
+            ),
         }
     }
     tracing_subscriber::registry()

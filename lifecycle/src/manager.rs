@@ -90,7 +90,9 @@ impl NotifySocket {
         let mut last = String::new();
         for base in bases() {
             // mkdtemp: a new directory, mode 0700, under a name nobody could have taken.
-            let dir = match nix::unistd::mkdtemp(&base.join(format!("{}-keeper.XXXXXX", crate::env::identity().name))) {
+            let dir = match nix::unistd::mkdtemp(
+                &base.join(format!("{}-keeper.XXXXXX", crate::env::identity().name)),
+            ) {
                 Ok(dir) => dir,
                 Err(e) => {
                     last = format!("{}: {e}", base.display());

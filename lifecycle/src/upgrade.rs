@@ -76,17 +76,19 @@ pub const FOR_PID_ENV: Var = Var::FOR_PID;
 
 /// baton's private variables: honoured only when meant for this very process
 /// ([`private_env_trusted`]).
-pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 9]> = std::sync::LazyLock::new(|| [
-    UPGRADE_FD_ENV.name(),
-    UPGRADE_STARTED_ENV.name(),
-    UPGRADES_ENV.name(),
-    crate::generation::GENERATION_ENV.name(),
-    crate::pidfile::PIDFILE_FD_ENV.name(),
-    crate::keeper::KEEPER_PID_ENV.name(),
-    crate::keeper::RESTARTS_ENV.name(),
-    crate::keeper::REPORT_FD_ENV.name(),
-    crate::keeper::STATE_ENV.name(),
-]);
+pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 9]> = std::sync::LazyLock::new(|| {
+    [
+        UPGRADE_FD_ENV.name(),
+        UPGRADE_STARTED_ENV.name(),
+        UPGRADES_ENV.name(),
+        crate::generation::GENERATION_ENV.name(),
+        crate::pidfile::PIDFILE_FD_ENV.name(),
+        crate::keeper::KEEPER_PID_ENV.name(),
+        crate::keeper::RESTARTS_ENV.name(),
+        crate::keeper::REPORT_FD_ENV.name(),
+        crate::keeper::STATE_ENV.name(),
+    ]
+});
 
 static TRUSTED: std::sync::OnceLock<(bool, Vec<String>)> = std::sync::OnceLock::new();
 
@@ -148,20 +150,22 @@ pub fn report_ignored_private_env() {
 }
 
 /// Variables of O's environment that N must not inherit as they are.
-pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 12]> = std::sync::LazyLock::new(|| [
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    crate::activation::SOCKET_UNITS_ENV.name(),
-    "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
-    crate::generation::GENERATION_ENV.name(),
-    UPGRADE_FD_ENV.name(),
-    UPGRADE_STARTED_ENV.name(),
-    UPGRADES_ENV.name(),
-    crate::pidfile::PIDFILE_FD_ENV.name(),
-    FOR_PID_ENV.name(),
-]);
+pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 12]> = std::sync::LazyLock::new(|| {
+    [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PIDFDID",
+        crate::activation::SOCKET_UNITS_ENV.name(),
+        "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
+        crate::generation::GENERATION_ENV.name(),
+        UPGRADE_FD_ENV.name(),
+        UPGRADE_STARTED_ENV.name(),
+        UPGRADES_ENV.name(),
+        crate::pidfile::PIDFILE_FD_ENV.name(),
+        FOR_PID_ENV.name(),
+    ]
+});
 
 /// The longest line either side of the handshake reads (a longer one breaks the handshake).
 pub const MAX_LINE: usize = 4096;

@@ -70,7 +70,9 @@ impl Stats {
     pub fn new(counts: Counts) -> Stats {
         let stats = Stats::default();
         stats.upgrades_ok.store(counts.ok, Ordering::Relaxed);
-        stats.upgrades_failed.store(counts.failed, Ordering::Relaxed);
+        stats
+            .upgrades_failed
+            .store(counts.failed, Ordering::Relaxed);
         stats
             .upgrades_rolled_back
             .store(counts.rolled_back, Ordering::Relaxed);
@@ -122,7 +124,8 @@ impl Stats {
     pub(crate) fn predecessor_drained(&self, took: Duration, forced: u64) {
         self.last_drain_seconds
             .store(took.as_secs_f64().to_bits(), Ordering::Relaxed);
-        self.drain_forced_closes.fetch_add(forced, Ordering::Relaxed);
+        self.drain_forced_closes
+            .fetch_add(forced, Ordering::Relaxed);
     }
 }
 
