@@ -35,18 +35,18 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::env::Var;
 use crate::activation::{self, ListenSpec, Listener};
 use crate::control::{self, Request};
 use crate::daemon::Readiness;
+use crate::env::Var;
 use crate::notify;
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 use crate::signals::{Event, Signals};
-use crate::workload::{DrainReport, Serving, Stats, Workload};
 use crate::upgrade::{
     self, Counts, HandedOver, Handshake, Predecessor, PredecessorEvent, Successor, SuccessorEvent,
     Upgrader,
 };
+use crate::workload::{DrainReport, Serving, Stats, Workload};
 
 /// The environment variable that carries the generation from one process to the next.
 pub const GENERATION_ENV: Var = Var::GENERATION;
@@ -617,7 +617,7 @@ impl<W: Workload> Generation<W> {
                 } = std::mem::replace(&mut self.phase, Phase::Serving)
                 {
                     let (pid, after) = (successor.pid, successor.serving_since.elapsed());
-                    successor.kill();
+                    successor.kill().await;
                     let reason = format!(
                         "pid {pid} {how} {:.1} s after it took over",
                         after.as_secs_f64()
@@ -683,8 +683,11 @@ impl<W: Workload> Generation<W> {
                 let counts = self.stats.upgrades();
                 let cancel = CancellationToken::new();
                 let token = cancel.clone();
-                let task =
-                    tokio::spawn(async move { upgrade::start(&upgrader, counts, &token).await });
+                let task = tokio::spawn(async move {
+                    upgrade::start(&upgrader, counts, &token)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
                 self.phase = Phase::Upgrading {
                     task,
                     waiters: request.waiter.into_iter().collect(),
@@ -813,6 +816,7 @@ impl<W: Workload> Generation<W> {
                 Some(End::HandedOver { to, forward })
             }
             Err(reason) => {
+                let reason = reason.to_string();
                 let end = self.roll_back(&reason, waiters);
                 for request in forward {
                     if let Some(waiter) = request.waiter {
