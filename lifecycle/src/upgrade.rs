@@ -690,7 +690,7 @@ impl Upgrader {
     }
 
     /// Double-forks N (see the module docs) and returns once O holds N's pidfd. Blocking (up
-    /// to [`STEP_TIMEOUT`] for the intermediate's answer): call it off the async workers, as
+    /// to `STEP_TIMEOUT`, 10 s, for the intermediate's answer): call it off the async workers, as
     /// [`start`] does.
     pub fn spawn(&self, started_usec: i128, counts: Counts) -> io::Result<Spawned> {
         self.prepare(started_usec, counts)?.launch()
@@ -960,7 +960,7 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for Spawned {
     /// Kills N unless it became the main pid. Waiting for its death blocks (up to
-    /// [`KILL_WAIT`]): on a runtime that goes to the blocking pool, never to the caller's
+    /// `KILL_WAIT`, 2 s): on a runtime that goes to the blocking pool, never to the caller's
     /// thread.
     fn drop(&mut self) {
         let Some(reap) = self.kill() else { return };
