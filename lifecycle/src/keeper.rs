@@ -9,7 +9,7 @@
 //! - owns the listening sockets (bound here, or taken from `LISTEN_FDS`) and the pidfile lock,
 //!   so that while no generation serves, new clients wait in the kernel's backlog instead of
 //!   being refused;
-//! - runs the serving generation (an ordinary `baton serve` process, [`crate::lifecycle`]) as its
+//! - runs the serving generation (an ordinary `baton serve` process, [`crate::generation`]) as its
 //!   child, handing it the sockets with `LISTEN_FDS`/`LISTEN_FDNAMES`/`LISTEN_PID`;
 //! - is its generations' service manager: it offers them a `NOTIFY_SOCKET` ([`crate::manager`])
 //!   and follows `READY=1`, `STATUS=`, `MAINPID=`, `BARRIER=1`, `STOPPING=1`, `RELOADING=1` with
