@@ -167,7 +167,8 @@ pub fn restarts_from_env() -> u64 {
 pub fn take_report_fd() -> Result<Option<Readiness>, String> {
     crate::upgrade::private_env_trusted();
     let value = std::env::var(REPORT_FD_ENV).ok();
-    Ok(crate::upgrade::take_fd(REPORT_FD_ENV.name(), value)?.map(Readiness::from_fd))
+    let fd = crate::upgrade::take_fd(REPORT_FD_ENV.name(), value).map_err(|e| e.to_string())?;
+    Ok(fd.map(Readiness::from_fd))
 }
 
 /// A generation's side: stops this process (SIGTERM to itself: drain, exit) if the keeper
