@@ -128,26 +128,6 @@ pub fn resuming() -> bool {
     crate::upgrade::private_env_trusted() && std::env::var_os(STATE_ENV).is_some()
 }
 
-/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
-/// this process's own: it re-executed itself, so the main generation it names is our child.
-pub(crate) fn legacy_state_is_ours() -> bool {
-    let Some(main) = std::env::var(STATE_ENV)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|state| state["main"][0].as_i64())
-    else {
-        return false;
-    };
-    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
-    std::fs::read_to_string(format!("/proc/{main}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-        == Some(std::process::id())
-}
-
 /// The keeper's pid, in a generation running under one.
 pub fn pid_from_env() -> Option<u32> {
     crate::upgrade::private_env_trusted();
@@ -995,7 +975,7 @@ impl Keeper {
             format!("LISTEN_FDNAMES={}", names.join(":")),
             format!("NOTIFY_SOCKET={}", self.notify.path.display()),
             format!("{KEEPER_PID_ENV}={}", std::process::id()),
-            format!("{}={generation}", crate::generation::GENERATION_ENV),
+            format!("{}={generation}", Var::GENERATION),
             format!("{RESTARTS_ENV}={}", self.restarts),
             format!("{REPORT_FD_ENV}={}", 3 + n),
         ] {

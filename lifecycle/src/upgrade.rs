@@ -85,12 +85,12 @@ pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 10]> = std::sync::LazyLock::
         STATE_FD_ENV.name(),
         UPGRADE_STARTED_ENV.name(),
         UPGRADES_ENV.name(),
-        crate::generation::GENERATION_ENV.name(),
-        crate::pidfile::PIDFILE_FD_ENV.name(),
-        crate::keeper::KEEPER_PID_ENV.name(),
-        crate::keeper::RESTARTS_ENV.name(),
-        crate::keeper::REPORT_FD_ENV.name(),
-        crate::keeper::STATE_ENV.name(),
+        Var::GENERATION.name(),
+        Var::PIDFILE_FD.name(),
+        Var::KEEPER_PID.name(),
+        Var::RESTARTS.name(),
+        Var::KEEPER_REPORT_FD.name(),
+        Var::KEEPER_STATE.name(),
     ]
 });
 
@@ -120,7 +120,7 @@ pub fn private_env_trusted() -> bool {
             };
             let trusted = match std::env::var_os(FOR_PID_ENV) {
                 Some(_) => names_us(FOR_PID_ENV.name()),
-                None => names_us("LISTEN_PID") || crate::keeper::legacy_state_is_ours(),
+                None => names_us("LISTEN_PID") || legacy_state_is_ours(),
             };
             // SAFETY (of the contract above): no other thread reads the environment yet.
             unsafe { std::env::remove_var(FOR_PID_ENV) };
@@ -137,6 +137,26 @@ pub fn private_env_trusted() -> bool {
             (trusted, ignored)
         })
         .0
+}
+
+/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
+/// this process's own: it re-executed itself, so the main generation it names is our child.
+fn legacy_state_is_ours() -> bool {
+    let Some(main) = std::env::var(Var::KEEPER_STATE.name())
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["main"][0].as_i64())
+    else {
+        return false;
+    };
+    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
+    std::fs::read_to_string(format!("/proc/{main}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        == Some(std::process::id())
 }
 
 /// Logs the private variables [`private_env_trusted`] ignored, if any. Call once logging works.
@@ -160,14 +180,14 @@ pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 13]> = std::sync::Lazy
         "LISTEN_FDS",
         "LISTEN_FDNAMES",
         "LISTEN_PIDFDID",
-        crate::activation::SOCKET_UNITS_ENV.name(),
+        Var::SOCKET_UNITS.name(),
         "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
-        crate::generation::GENERATION_ENV.name(),
+        Var::GENERATION.name(),
         UPGRADE_FD_ENV.name(),
         UPGRADE_STARTED_ENV.name(),
         UPGRADES_ENV.name(),
         STATE_FD_ENV.name(),
-        crate::pidfile::PIDFILE_FD_ENV.name(),
+        Var::PIDFILE_FD.name(),
         FOR_PID_ENV.name(),
     ]
 });
@@ -761,14 +781,7 @@ impl Upgrader {
                 .iter()
                 .map(|l| l.unit.as_deref().unwrap_or(""))
                 .collect();
-            env.push(
-                format!(
-                    "{}={}",
-                    crate::activation::SOCKET_UNITS_ENV,
-                    units.join("/")
-                )
-                .into_bytes(),
-            );
+            env.push(format!("{}={}", Var::SOCKET_UNITS, units.join("/")).into_bytes());
         }
         for (i, (_, var)) in self.extra.iter().enumerate() {
             env.push(format!("{var}={}", first + n_sockets + i).into_bytes());
@@ -778,14 +791,7 @@ impl Upgrader {
         if state_fd < channel_fd {
             env.push(format!("{STATE_FD_ENV}={state_fd}").into_bytes());
         }
-        env.push(
-            format!(
-                "{}={}",
-                crate::generation::GENERATION_ENV,
-                self.generation + 1
-            )
-            .into_bytes(),
-        );
+        env.push(format!("{}={}", Var::GENERATION, self.generation + 1).into_bytes());
         env.push(format!("{UPGRADE_FD_ENV}={channel_fd}").into_bytes());
         env.push(format!("{UPGRADE_STARTED_ENV}={started_usec}").into_bytes());
         env.push(format!("{UPGRADES_ENV}={}", counts.to_env()).into_bytes());
