@@ -117,12 +117,15 @@ pub struct Process {
 /// Takes the sockets and the generation from the environment, cleans the environment, binds
 /// what was not handed over, and records how to start a successor.
 ///
-/// `pidfile` is the locked pidfile, if any. Must run before any thread is started (it changes
-/// the environment).
-pub fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
+/// `pidfile` is the locked pidfile, if any.
+///
+/// # Safety
+/// Call it before any other thread exists: it changes the environment and takes fds.
+pub unsafe fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
     // Stray private variables (not meant for this process) are dropped first.
-    upgrade::private_env_trusted();
+    // SAFETY: this function's own contract (no other thread).
+    unsafe { crate::env::init() };
     let exe = match &settings.exec {
         Some(exe) => exe.clone(),
         None => upgrade::current_executable().context("cannot tell which executable runs")?,
