@@ -6,6 +6,9 @@
 //! kill -TERM <pid>          # stop: open connections finish their line, then close
 //! ```
 //!
+//! `echo reload PID` upgrades the echo server PID through its control socket and waits for the
+//! outcome, as `ExecReload=` must (see the unit files in the crate docs).
+//!
 //! Its address is the first argument (default 127.0.0.1:7000); under systemd a socket passed
 //! with `FileDescriptorName=echo` wins. `ECHO_PREFIX` (if set) is put before every echoed line,
 //! so that a test can tell generations apart across an upgrade.
@@ -20,6 +23,9 @@ const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let address = std::env::args().nth(1).unwrap_or("127.0.0.1:7000".into());
+    if address == "reload" {
+        return reload(std::env::args().nth(2));
+    }
     let spec = match format!("echo={address}").parse() {
         Ok(spec) => spec,
         Err(e) => {
@@ -108,6 +114,35 @@ fn main() -> ExitCode {
     match served {
         Ok(Exit::Stopped) => ExitCode::SUCCESS,
         Ok(Exit::HandedOver { .. }) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `echo reload PID`: asks PID for an upgrade and waits until the new generation serves.
+fn reload(pid: Option<String>) -> ExitCode {
+    let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
+        eprintln!("echo: reload needs the pid of the echo server: echo reload PID");
+        return ExitCode::from(2);
+    };
+    // Allows for the new generation's start and its probation.
+    let timeout = std::time::Duration::from_secs(60);
+    let answer = baton_lifecycle::control::Client::connect(pid)
+        .and_then(|mut client| client.request("upgrade wait", timeout));
+    match answer {
+        Ok(answer) if answer["ok"] == true => {
+            println!("echo: pid {pid} upgraded to pid {}", answer["pid"]);
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!(
+                "echo: upgrade failed: {}",
+                answer["error"].as_str().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("echo: {e}");
             ExitCode::FAILURE

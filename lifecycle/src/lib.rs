@@ -63,10 +63,12 @@
 //! # Under systemd
 //!
 //! A socket unit holds the sockets (named with `FileDescriptorName=`, matched to the names of
-//! [`Options::listen`]); the service is `Type=notify`; `ExecReload=` must wait for the outcome,
-//! because `systemctl reload` on systemd 252 returns at once otherwise, so the service's own
-//! binary offers a client of the control socket (baton's `baton reload` is one, built on
-//! [`control::Client`]), or `kill -USR2 $MAINPID` when a reload need not wait:
+//! [`Options::listen`]); the service is `Type=notify` with `NotifyAccess=main`. `ExecReload=`
+//! must wait for the upgrade's outcome, because `systemctl reload` on systemd 252 returns at
+//! once otherwise: the service's binary offers a client of the control socket for it (the echo
+//! example's `echo reload PID`, baton's `baton reload`, both a few lines on
+//! [`control::Client`]). `KillMode=control-group` stops a draining old generation with the
+//! unit; `FileDescriptorStoreMax=` keeps self-bound sockets across a crash ([`fdstore`]).
 //!
 //! ```ini
 //! # echo.socket
@@ -74,13 +76,21 @@
 //! ListenStream=127.0.0.1:7000
 //! FileDescriptorName=echo
 //!
+//! [Install]
+//! WantedBy=sockets.target
+//!
 //! # echo.service
+//! [Unit]
+//! Requires=echo.socket
+//! After=echo.socket
+//!
 //! [Service]
 //! Type=notify
 //! NotifyAccess=main
 //! ExecStart=/usr/bin/echo-server
-//! ExecReload=/bin/kill -USR2 $MAINPID
-//! KillMode=mixed
+//! ExecReload=/usr/bin/echo-server reload $MAINPID
+//! KillMode=control-group
+//! Restart=on-failure
 //! RuntimeDirectory=echo
 //! FileDescriptorStoreMax=16
 //! ```
@@ -102,10 +112,12 @@
 //!
 //! # The environment contract
 //!
-//! [`start`] reads and removes `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET` is
-//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`mod@env`]), honoured
-//! only when meant for this very process. It changes the environment and may fork: that is why
-//! it is `unsafe` and must run before any other thread exists.
+//! [`start`] takes (and removes from the environment) what the service manager or the previous
+//! process passed: `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES` ([`activation`]), and the
+//! library's own variables `<PREFIX>_*` ([`mod@env`]), honoured only when meant for this very
+//! process; `NOTIFY_SOCKET` stays for [`notify`]. Changing the environment, forking and taking
+//! fds are sound only while no other thread exists: that is why [`start`] (and the functions
+//! of the modules that do it, such as [`generation::prepare`]) are `unsafe`.
 
 use std::future::Future;
 use std::path::PathBuf;
