@@ -58,7 +58,8 @@
 //! ```
 //!
 //! The complete program is `examples/echo.rs`; `examples/axum.rs` serves an axum router, with
-//! the `hyper` feature's `hyper::serve_connection`.
+//! the `hyper` feature's `hyper::serve_connection`; `examples/tonic.rs` serves tonic's gRPC
+//! health service with `serve_with_incoming_shutdown`, its drain being tonic's own.
 //!
 //! # Under systemd
 //!
