@@ -281,7 +281,8 @@ pub fn listen(enabled: bool) -> Control {
         Err(e) => {
             tracing::warn!(
                 event = "control-unavailable",
-                "no control socket ({e}): `baton reload|status|stop` cannot reach this process; signals still work"
+                "no control socket ({e}): `{name} reload|status|stop` cannot reach this process; signals still work",
+                name = crate::env::identity().name
             );
             return Control {
                 requests: rx,
@@ -485,8 +486,9 @@ impl Client {
             )));
         }
         Err(ClientError::NotRunning(format!(
-            "no baton process with pid {pid} answers on a control socket (tried {}); is {pid} the pid of a running baton?",
-            tried.join(", ")
+            "no {name} process with pid {pid} answers on a control socket (tried {}); is {pid} the pid of a running {name}?",
+            tried.join(", "),
+            name = crate::env::identity().name
         )))
     }
 

@@ -143,7 +143,8 @@ pub fn on_main_pid<'a>(sockets: impl IntoIterator<Item = (BorrowedFd<'a>, &'a st
             event = "fdstore-stale",
             fd = fd,
             fd_name = %name,
-            "fd {fd} ('{name}', a listener baton bound earlier): {why}; {outcome}"
+            "fd {fd} ('{name}', a listener {} bound earlier): {why}; {outcome}",
+            crate::env::identity().name
         );
     }
     if !enabled {

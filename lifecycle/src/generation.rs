@@ -581,7 +581,7 @@ impl<W: Workload> Generation<W> {
                 request = from_handle => request,
             } } => match request {
                 Request::Upgrade { reply, wait } => Action::Upgrade(UpgradeRequest {
-                    cause: "baton reload",
+                    cause: control_causes().0,
                     waiter: Some(Waiter { reply, wait }),
                 }),
                 Request::Status(reply) => Action::Status(reply),
@@ -590,7 +590,7 @@ impl<W: Workload> Generation<W> {
                 Request::Stop(reply) => {
                     // Under a keeper, `baton stop` waits for the keeper too.
                     let _ = reply.send(json!({"ok": true, "keeper_pid": crate::keeper::pid_from_env()}));
-                    Action::Stop { cause: "baton stop", by_signal: true }
+                    Action::Stop { cause: control_causes().1, by_signal: true }
                 }
             },
             action = phase_event => action,
@@ -1313,6 +1313,17 @@ async fn accept_after_commit<S: Serving>(
     // service manager starts instead.
     committed.serving().await.map_err(|e| {
         anyhow::anyhow!("the old process went away right after the commit ({e}); stopping")
+    })
+}
+
+/// `<name> reload` and `<name> stop`: the causes the logs give for control-socket requests.
+fn control_causes() -> (&'static str, &'static str) {
+    static CAUSES: std::sync::OnceLock<(&str, &str)> = std::sync::OnceLock::new();
+    *CAUSES.get_or_init(|| {
+        let name = &crate::env::identity().name;
+        // Once per process: the causes are `&'static str` like the signals' names.
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        (leak(format!("{name} reload")), leak(format!("{name} stop")))
     })
 }
 

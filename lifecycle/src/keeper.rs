@@ -447,8 +447,9 @@ pub unsafe fn resume() -> ExitCode {
         event = "keeper-reexecuted",
         pid = std::process::id(),
         exe = %state.exe.display(),
-        "keeper re-executed in place from {} (baton {}); main pid {}",
+        "keeper re-executed in place from {} ({} {}); main pid {}",
         state.exe.display(),
+        crate::env::identity().name,
         crate::env::identity().version,
         main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
     );

@@ -73,7 +73,7 @@ fn bases() -> Vec<PathBuf> {
     }
     if nix::unistd::geteuid().is_root() {
         use std::os::unix::fs::DirBuilderExt;
-        let run = PathBuf::from("/run/baton");
+        let run = Path::new("/run").join(&crate::env::identity().name);
         let _ = std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)

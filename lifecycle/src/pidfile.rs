@@ -96,8 +96,10 @@ pub struct Pidfile {
 fn open_error(path: &Path, e: io::Error) -> PidfileError {
     let hint = match e.raw_os_error() {
         Some(libc::ELOOP) => {
-            "it is a symlink, which baton refuses to follow: remove it or choose another path"
-                .to_owned()
+            format!(
+                "it is a symlink, which {} refuses to follow: remove it or choose another path",
+                crate::env::identity().name
+            )
         }
         Some(libc::ENOENT) => format!(
             "its directory {} does not exist: create it or choose another --pidfile",
@@ -336,8 +338,9 @@ pub fn probe(path: &Path) -> Result<Probe, PidfileError> {
         }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             return Err(PidfileError::Denied(format!(
-                "pidfile {}: {e}: it is readable only by the user baton runs as; ask as that user or as root",
-                path.display()
+                "pidfile {}: {e}: it is readable only by the user {} runs as; ask as that user or as root",
+                path.display(),
+                crate::env::identity().name
             )))
         }
         Err(e) => return Err(open_error(path, e)),
