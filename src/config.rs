@@ -785,6 +785,11 @@ impl Config {
                     a.name
                 ));
             }
+            if let ListenAddress::Udp(_) = a.address {
+                errors.push(format!(
+                    "listener {a}: HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT or unix:/path), not a UDP one"
+                ));
+            }
         }
         if let Some(root) = &self.root {
             match std::fs::metadata(root) {

@@ -1,33 +1,31 @@
 //! baton: a systemd-native HTTP service that upgrades itself without dropping a connection.
 //!
-//! The binary `baton` is a thin wrapper around [`cli::main`]; everything it does is here, one
-//! module per concern of a service's life:
+//! The binary `baton` is a thin wrapper around [`cli::main`]. The process lifecycle (sockets,
+//! readiness, the upgrade with its probation and rollback, the drain, the pidfile, daemon mode
+//! and the keeper) is the crate [`baton_lifecycle`], which has no HTTP in it; its modules are
+//! re-exported here under their old names. This crate adds the HTTP service:
 //!
 //! | module         | concern                                   | protocol                    |
 //! |----------------|-------------------------------------------|-----------------------------|
-//! | [`config`]     | defaults, TOML file, flags                | TOML                        |
-//! | [`activation`] | listening sockets, handed over or bound   | sd_listen_fds(3)            |
-//! | [`notify`]     | readiness, status, stop, watchdog         | sd_notify(3)                |
-//! | [`fdstore`]    | self-bound listeners kept across a crash  | sd_notify(3) `FDSTORE=1`    |
-//! | [`logging`]    | journal or text                           | journald native protocol    |
-//! | [`signals`]    | SIGTERM/SIGINT, SIGUSR2/SIGHUP, SIGUSR1   | POSIX signals               |
+//! | [`config`]     | defaults, TOML file, flags (each defined once) | TOML                   |
+//! | [`service`]    | baton's [`baton_lifecycle::Workload`]: the server over the files |        |
 //! | [`server`]     | connections, limits, graceful drain       | HTTP/1.1 (hyper)            |
 //! | [`http`]       | the workload: files, `/-/` endpoints      | HTTP                        |
 //! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
-//! | [`upgrade`]    | re-exec, socket handoff, commit/rollback  | LISTEN_FDS + MAINPID + a handshake |
-//! | [`control`]    | `baton reload/status/stop` to a process   | JSON lines on a unix socket in the runtime directory |
-//! | [`daemon`]     | running in the background without systemd | daemon(7)                   |
-//! | [`pidfile`]    | single instance, the daemon's address     | flock(2) on a pidfile       |
-//! | [`keeper`]     | without systemd: sockets, restarts, PID 1 | sd_notify (receiving side) + LISTEN_FDS |
-//! | [`manager`]    | the keeper's NOTIFY_SOCKET                | sd_notify(3), SCM_CREDENTIALS |
-//! | [`lifecycle`]  | one process from start to exit            |                             |
 //! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
-//! | [`manual`]     | baton(8) and shell completions            | roff, generated from [`cli`] |
+//! | [`manual`]     | baton(8) and shell completions            | roff, generated from a `clap::Command` |
 //!
-//! Everything process-level (reading `LISTEN_*`, binding) happens in plain synchronous code
-//! before the tokio runtime or any thread exists; see [`lifecycle::prepare`].
+//! and from [`baton_lifecycle`]: [`activation`] (sd_listen_fds(3)), [`notify`] (sd_notify(3)),
+//! [`fdstore`], [`logging`] (journald), [`signals`], [`upgrade`] (re-exec, socket handoff,
+//! commit/rollback), [`control`] (`baton reload/status/stop`), [`daemon`], [`pidfile`],
+//! [`keeper`], [`manager`], and [`lifecycle`] (one process from start to exit, the crate's
+//! `generation` module).
 //!
-//! # Serving your own router with baton's lifecycle
+//! # Serving your own router with the lifecycle
+//!
+//! Any service gets the same lifecycle from [`baton_lifecycle`] directly: see its docs and
+//! its examples (`echo`, a raw TCP server, and `axum`). baton's own serve path is
+//! [`baton_lifecycle::generation::Process::run`] with [`service::Service`]:
 //!
 //! ```no_run
 //! use baton::config::Config;
@@ -36,8 +34,10 @@
 //!     let config = Config::load(None, &Default::default())?;
 //!     baton::logging::init(&config.log_level, None).map_err(anyhow::Error::msg)?;
 //!     // Before any thread: take the sockets systemd passed, or bind the configured ones.
-//!     let process = baton::lifecycle::prepare(config, None)?;
-//!     process.run()
+//!     let settings = baton::service::generation_settings(&config);
+//!     let process = baton::lifecycle::prepare(settings, None)?;
+//!     process.run(|info| baton::service::Service::new(&config, info))?;
+//!     Ok(())
 //! }
 //! ```
 

@@ -160,6 +160,18 @@ impl Shared {
     }
 }
 
+/// The error for a UDP listener: HTTP is served over stream sockets only (the configuration
+/// refuses one already, see [`crate::config::Config::validate`]).
+fn http_needs_a_stream(listener: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "listener {listener}: HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT \
+             or unix:/path), not a UDP one"
+        ),
+    )
+}
+
 impl Server {
     /// Takes over the listeners without accepting yet (a new generation must not accept before
     /// its predecessor commits the handoff). Must be called inside the tokio runtime.
@@ -193,6 +205,7 @@ impl Server {
                         listener.name,
                         Pending::Unix(tokio::net::UnixListener::from_std(l)?),
                     ),
+                    Socket::Udp(_) => return Err(http_needs_a_stream(&listener.name)),
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -486,33 +499,14 @@ impl Drop for Registered {
     }
 }
 
+/// Serves one connection: registers it (so that an accept loop can evict it when idle), runs
+/// hyper on it, and watches its deadlines until it ends.
 async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: Option<OwnedSemaphorePermit>)
 where
     I: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
 {
     shared.metrics.open_connections.inc();
-    let now = shared.now_ms();
-    let state = Arc::new(ConnState {
-        in_flight: AtomicU32::new(0),
-        awaiting_head_since: AtomicU64::new(now),
-        input_since_call: AtomicBool::new(false),
-        idle_since: AtomicU64::new(now),
-        write_blocked_since: AtomicU64::new(0),
-        write_blocked_queue: AtomicU64::new(0),
-        evict_requested: AtomicU64::new(0),
-        evict: Notify::new(),
-        fd: io.as_raw_fd(),
-    });
-    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    shared
-        .conns
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id, state.clone());
-    let _registered = Registered {
-        shared: shared.clone(),
-        id,
-    };
+    let (state, _registered) = register_connection(&shared, io.as_raw_fd());
     let io = TokioIo::new(TrackedIo {
         inner: io,
         state: state.clone(),
@@ -528,33 +522,140 @@ where
         .serve_connection(io, service);
     tokio::pin!(conn);
 
-    let limits = shared.settings.limits;
-    let header_ms = limits.header_read_timeout.as_millis() as u64;
-    let idle_ms = limits.idle_timeout.as_millis() as u64;
-    let send_ms = limits.send_timeout.as_millis() as u64;
-    // Phases change behind the watcher's back (the IO and the service update them, without
-    // waking it, which would cost every request a wakeup). A header, idle or send deadline that
-    // starts now is at least the shortest timeout away, so the watcher never sleeps longer.
-    let horizon = header_ms.min(idle_ms).min(send_ms);
-    let mut shutdown_sent = false;
-    let mut drain_close_at: Option<u64> = None;
+    let mut watch = Watch::new(&shared, &state);
     let sleep = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(sleep);
     loop {
         let now = shared.now_ms();
+        let due = watch.next_due(now);
+        sleep
+            .as_mut()
+            .reset(Instant::now() + Duration::from_millis(due.saturating_sub(now)));
+        let step = tokio::select! {
+            biased;
+            _ = shared.force_close.cancelled() => {
+                shared.forced.fetch_add(1, Ordering::SeqCst);
+                Step::Close
+            }
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error: {e}");
+                }
+                Step::Close
+            }
+            _ = state.evict.notified() => watch.on_evict(),
+            _ = shared.drain_started.cancelled(), if watch.drain_close_at.is_none() => {
+                watch.on_drain();
+                Step::Wait
+            }
+            _ = sleep.as_mut() => watch.on_deadline(),
+        };
+        match step {
+            Step::Close => break,
+            Step::Shutdown => {
+                // Closes the connection if it is idle; otherwise hyper finishes the current
+                // exchange and closes after it.
+                conn.as_mut().graceful_shutdown();
+                watch.shutdown_sent = true;
+            }
+            Step::Wait => {}
+        }
+    }
+    shared.metrics.open_connections.dec();
+}
+
+/// A new connection's state, entered in [`Shared::conns`] until the returned guard drops.
+fn register_connection(shared: &Arc<Shared>, fd: RawFd) -> (Arc<ConnState>, Registered) {
+    let now = shared.now_ms();
+    let state = Arc::new(ConnState {
+        in_flight: AtomicU32::new(0),
+        awaiting_head_since: AtomicU64::new(now),
+        input_since_call: AtomicBool::new(false),
+        idle_since: AtomicU64::new(now),
+        write_blocked_since: AtomicU64::new(0),
+        write_blocked_queue: AtomicU64::new(0),
+        evict_requested: AtomicU64::new(0),
+        evict: Notify::new(),
+        fd,
+    });
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    shared
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, state.clone());
+    let registered = Registered {
+        shared: shared.clone(),
+        id,
+    };
+    (state, registered)
+}
+
+/// What the connection's watcher does next.
+enum Step {
+    /// Close the connection now.
+    Close,
+    /// Ask hyper for a graceful shutdown (`Connection: close` on the next answer, or close
+    /// when idle).
+    Shutdown,
+    /// Go on watching.
+    Wait,
+}
+
+/// The deadlines of one connection: a request head within the header timeout, a response's
+/// bytes taken within the send timeout, an idle keep-alive connection closed after the idle
+/// timeout, and after a drain started, closed after the idle grace.
+struct Watch<'a> {
+    shared: &'a Shared,
+    state: &'a ConnState,
+    header_ms: u64,
+    idle_ms: u64,
+    send_ms: u64,
+    /// The longest the watcher sleeps (see [`Watch::next_due`]).
+    horizon: u64,
+    shutdown_sent: bool,
+    /// When a drain closes the connection (deferred while a head is in progress).
+    drain_close_at: Option<u64>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(shared: &'a Shared, state: &'a ConnState) -> Watch<'a> {
+        let limits = shared.settings.limits;
+        let header_ms = limits.header_read_timeout.as_millis() as u64;
+        let idle_ms = limits.idle_timeout.as_millis() as u64;
+        let send_ms = limits.send_timeout.as_millis() as u64;
+        Watch {
+            shared,
+            state,
+            header_ms,
+            idle_ms,
+            send_ms,
+            // Phases change behind the watcher's back (the IO and the service update them,
+            // without waking it, which would cost every request a wakeup). A header, idle or
+            // send deadline that starts now is at least the shortest timeout away, so the
+            // watcher never sleeps longer.
+            horizon: header_ms.min(idle_ms).min(send_ms),
+            shutdown_sent: false,
+            drain_close_at: None,
+        }
+    }
+
+    /// The next time (ms, as [`Shared::now_ms`]) a deadline may be due.
+    fn next_due(&self, now: u64) -> u64 {
+        let state = self.state;
         let awaiting = state.awaiting_head_since.load(Ordering::SeqCst);
         let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
-        let mut due = now.saturating_add(horizon);
+        let mut due = now.saturating_add(self.horizon);
         if awaiting != 0 {
-            due = due.min(awaiting.saturating_add(header_ms));
+            due = due.min(awaiting.saturating_add(self.header_ms));
         }
         let blocked = state.write_blocked_since.load(Ordering::SeqCst);
         if blocked != 0 {
-            due = due.min(blocked.saturating_add(send_ms));
+            due = due.min(blocked.saturating_add(self.send_ms));
         }
-        if !shutdown_sent {
+        if !self.shutdown_sent {
             // Deferred while a head is in progress (see below): no busy loop over a past time.
-            if let Some(at) = drain_close_at.filter(|_| awaiting == 0) {
+            if let Some(at) = self.drain_close_at.filter(|_| awaiting == 0) {
                 due = due.min(at);
             }
             if idle {
@@ -562,85 +663,88 @@ where
                     state
                         .idle_since
                         .load(Ordering::SeqCst)
-                        .saturating_add(idle_ms),
+                        .saturating_add(self.idle_ms),
                 );
             }
         }
-        sleep
-            .as_mut()
-            .reset(Instant::now() + Duration::from_millis(due.saturating_sub(now)));
-        tokio::select! {
-            biased;
-            _ = shared.force_close.cancelled() => {
-                shared.forced.fetch_add(1, Ordering::SeqCst);
-                break;
-            }
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error: {e}");
-                }
-                break;
-            }
-            _ = state.evict.notified() => {
-                // Checked again here, in the connection's own task: hyper cannot read or write
-                // in between. Bytes in the kernel's buffer are a request on its way.
-                if !shutdown_sent && state.is_idle() && unread_bytes(state.fd) == Some(0) {
-                    shared.metrics.idle_closed_for_room.inc();
-                    tracing::debug!("closing the longest-idle keep-alive connection to make room for a new client");
-                    conn.as_mut().graceful_shutdown();
-                    shutdown_sent = true;
-                } else if !shutdown_sent {
-                    // Busy after all: the accept loop picks another.
-                    state.evict_requested.store(0, Ordering::SeqCst);
-                }
-            }
-            _ = shared.drain_started.cancelled(), if drain_close_at.is_none() => {
-                drain_close_at = Some(shared.now_ms().saturating_add(shared.settings.idle_grace.as_millis() as u64));
-            }
-            _ = sleep.as_mut() => {
-                let now = shared.now_ms();
-                let awaiting = state.awaiting_head_since.load(Ordering::SeqCst);
-                if awaiting != 0 && now >= awaiting.saturating_add(header_ms) {
-                    tracing::debug!("closing a connection that sent no complete request head within {:?}", limits.header_read_timeout);
-                    break;
-                }
-                let blocked = state.write_blocked_since.load(Ordering::SeqCst);
-                if blocked != 0 && now >= blocked.saturating_add(send_ms) {
-                    let before = state.write_blocked_queue.load(Ordering::SeqCst);
-                    match unsent_bytes(state.fd) {
-                        // The client took bytes, just not enough to let a write through (the
-                        // kernel wakes a writer only once a third of the buffer is free).
-                        Some(queue) if queue < before => {
-                            state.write_blocked_since.store(now, Ordering::SeqCst);
-                            state.write_blocked_queue.store(queue, Ordering::SeqCst);
-                        }
-                        _ => {
-                            shared.metrics.send_timeouts.inc();
-                            tracing::info!(
-                                event = "send_timeout",
-                                "closing a connection whose client accepted no byte of its response for {}",
-                                humantime::format_duration(limits.send_timeout)
-                            );
-                            break;
-                        }
-                    }
-                    continue;
-                }
-                let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
-                let idle_expired = idle && now >= state.idle_since.load(Ordering::SeqCst).saturating_add(idle_ms);
-                // A connection in the middle of sending a head is not idle: its request gets an
-                // answer (with Connection: close); the header timeout still bounds it.
-                let drain_due = awaiting == 0 && drain_close_at.is_some_and(|at| now >= at);
-                if !shutdown_sent && (idle_expired || drain_due) {
-                    // Closes the connection if it is idle; otherwise hyper finishes the current
-                    // exchange and closes after it.
-                    conn.as_mut().graceful_shutdown();
-                    shutdown_sent = true;
-                }
-            }
-        }
+        due
     }
-    shared.metrics.open_connections.dec();
+
+    /// An accept loop asks this connection to make room.
+    fn on_evict(&mut self) -> Step {
+        let state = self.state;
+        // Checked again here, in the connection's own task: hyper cannot read or write
+        // in between. Bytes in the kernel's buffer are a request on its way.
+        if !self.shutdown_sent && state.is_idle() && unread_bytes(state.fd) == Some(0) {
+            self.shared.metrics.idle_closed_for_room.inc();
+            tracing::debug!(
+                "closing the longest-idle keep-alive connection to make room for a new client"
+            );
+            return Step::Shutdown;
+        }
+        if !self.shutdown_sent {
+            // Busy after all: the accept loop picks another.
+            state.evict_requested.store(0, Ordering::SeqCst);
+        }
+        Step::Wait
+    }
+
+    /// The drain started: the connection closes after the idle grace.
+    fn on_drain(&mut self) {
+        let grace = self.shared.settings.idle_grace.as_millis() as u64;
+        self.drain_close_at = Some(self.shared.now_ms().saturating_add(grace));
+    }
+
+    /// The sleep ended: whichever deadline passed.
+    fn on_deadline(&mut self) -> Step {
+        let (shared, state) = (self.shared, self.state);
+        let limits = shared.settings.limits;
+        let now = shared.now_ms();
+        let awaiting = state.awaiting_head_since.load(Ordering::SeqCst);
+        if awaiting != 0 && now >= awaiting.saturating_add(self.header_ms) {
+            tracing::debug!(
+                "closing a connection that sent no complete request head within {:?}",
+                limits.header_read_timeout
+            );
+            return Step::Close;
+        }
+        let blocked = state.write_blocked_since.load(Ordering::SeqCst);
+        if blocked != 0 && now >= blocked.saturating_add(self.send_ms) {
+            let before = state.write_blocked_queue.load(Ordering::SeqCst);
+            return match unsent_bytes(state.fd) {
+                // The client took bytes, just not enough to let a write through (the
+                // kernel wakes a writer only once a third of the buffer is free).
+                Some(queue) if queue < before => {
+                    state.write_blocked_since.store(now, Ordering::SeqCst);
+                    state.write_blocked_queue.store(queue, Ordering::SeqCst);
+                    Step::Wait
+                }
+                _ => {
+                    shared.metrics.send_timeouts.inc();
+                    tracing::info!(
+                        event = "send_timeout",
+                        "closing a connection whose client accepted no byte of its response for {}",
+                        humantime::format_duration(limits.send_timeout)
+                    );
+                    Step::Close
+                }
+            };
+        }
+        let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
+        let idle_expired = idle
+            && now
+                >= state
+                    .idle_since
+                    .load(Ordering::SeqCst)
+                    .saturating_add(self.idle_ms);
+        // A connection in the middle of sending a head is not idle: its request gets an
+        // answer (with Connection: close); the header timeout still bounds it.
+        let drain_due = awaiting == 0 && self.drain_close_at.is_some_and(|at| now >= at);
+        if !self.shutdown_sent && (idle_expired || drain_due) {
+            return Step::Shutdown;
+        }
+        Step::Wait
+    }
 }
 
 /// The socket of one connection, noting when a request head starts to arrive and when writes
@@ -863,4 +967,51 @@ fn bad_request(reason: &'static str) -> Response<axum::body::Body> {
     );
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    const REFUSED: &str = "HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT or \
+                           unix:/path), not a UDP one";
+
+    #[test]
+    fn the_configuration_refuses_a_udp_listener() {
+        let config = Config::from_toml_str(
+            "[server]\nlisten = [\"http=127.0.0.1:8080\", \"dns=udp:127.0.0.1:53\"]\n",
+            None,
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert_eq!(
+            err.errors,
+            [format!("listener dns=udp:127.0.0.1:53: {REFUSED}")]
+        );
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_udp_socket_is_an_invalid_input_for_the_server() {
+        let metrics = Arc::new(Metrics::new(1, std::time::SystemTime::now()));
+        let info = Arc::new(crate::http::Info::current(1, Vec::new()));
+        let app = App::new(info, metrics.clone(), None).unwrap();
+        let settings = Settings {
+            limits: Config::default().limits,
+            idle_grace: Duration::from_secs(1),
+            access_log: false,
+        };
+        let specs = [
+            "http=127.0.0.1:0".parse().unwrap(),
+            "dns=udp:127.0.0.1:0".parse().unwrap(),
+        ];
+        let listeners = crate::activation::resolve(&specs, Vec::new()).unwrap();
+        let Err(err) = Server::new(listeners, app, metrics, settings) else {
+            panic!("a UDP socket was taken for HTTP");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(err.to_string(), format!("listener dns: {REFUSED}"));
+    }
 }

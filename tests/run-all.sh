@@ -50,12 +50,12 @@ command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 command -v systemfd >/dev/null || cargo install --locked --quiet systemfd
 
 say "cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 
 # clippy fails on every rustc warning too; the builds below share its settings (no RUSTFLAGS),
 # so nothing is compiled twice.
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --quiet --all-targets -- -D warnings
+say "cargo clippy --workspace --all-targets --all-features -- -D warnings"
+cargo clippy --quiet --workspace --all-targets --all-features -- -D warnings
 
 if [ "${BATON_TESTS_UNTIL:-}" = lint ]; then
   say "stopping after the installs and lints (BATON_TESTS_UNTIL=lint)"
@@ -63,10 +63,10 @@ if [ "${BATON_TESTS_UNTIL:-}" = lint ]; then
 fi
 
 say "cargo doc (no broken links, no warnings)"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 
-say "cargo test"
-cargo test --quiet 2>&1 | tee /tmp/baton-cargo-test.log
+say "cargo test --workspace --all-features"
+cargo test --workspace --all-features --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
 
 # The library's own tests, with the hyper feature: lifecycle/tests/examples.rs runs the echo and

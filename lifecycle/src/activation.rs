@@ -20,8 +20,15 @@
 //!
 //! [`take_activated`] reads and removes the `LISTEN_*` variables; it changes the environment,
 //! so it must run before any thread is started. [`resolve`] then checks each fd (a listening
-//! stream socket of a family baton can serve), matches the fds to the configured listeners by
-//! name, and binds the configured listeners that were not handed over.
+//! stream socket, TCP or unix, or an unconnected UDP socket), matches the fds to the configured
+//! listeners by name, and binds the configured listeners that were not handed over.
+//!
+//! A listener is a stream listener (`IP:PORT`, `unix:/path`) or a UDP listener
+//! (`udp:IP:PORT`, [`Socket::Udp`], for a service such as DNS or QUIC). An fd matched to a
+//! listener of the other kind (a datagram socket for a stream listener, or the other way
+//! round) is an error for a socket unit's fd (`ListenStream=` versus `ListenDatagram=`) and
+//! stale for a stored one, which is then bound afresh; otherwise UDP sockets follow the same
+//! rules as the others below, and are handed over and stored like them.
 //!
 //! Matching rules (the same at a fresh start and at an upgrade, where the new generation reads
 //! its configuration afresh):
@@ -102,13 +109,28 @@ pub fn take_warnings() -> Vec<String> {
 
 /// The one-line warning for a listener whose configured address differs from the address of
 /// the socket a socket unit passes for it: baton cannot change that socket.
+///
+/// The unit setting named is `ListenDatagram=` for a UDP socket (`have` or `want` written
+/// `udp:ADDR`), else `ListenStream=`.
 pub fn unit_address_warning(listener: &str, unit: Option<&str>, have: &str, want: &str) -> String {
+    let setting = if have.starts_with(UDP_PREFIX) || want.starts_with(UDP_PREFIX) {
+        DATAGRAM_SETTING
+    } else {
+        STREAM_SETTING
+    };
     format!(
-        "listener {listener}: the address comes from {} (ListenStream=); change it there \
+        "listener {listener}: the address comes from {} ({setting}); change it there \
          (it listens on {have}, the configuration says {want}, which is not used)",
         unit.unwrap_or("its socket unit")
     )
 }
+
+/// How a UDP address starts in [`ListenSpec`] and in [`Socket::local_address`].
+const UDP_PREFIX: &str = "udp:";
+
+/// The socket unit settings for stream and datagram sockets, for messages.
+const STREAM_SETTING: &str = "ListenStream=";
+const DATAGRAM_SETTING: &str = "ListenDatagram=";
 
 /// The backlog for sockets baton binds itself (systemd's default for socket units is 4096;
 /// the kernel caps it at net.core.somaxconn).
@@ -151,19 +173,29 @@ impl Listener {
     }
 }
 
+/// A socket a listener serves: a listening TCP or unix stream socket, or a bound UDP socket.
 #[derive(Debug)]
 pub enum Socket {
     Tcp(std::net::TcpListener),
     Unix(StdUnixListener),
+    /// A bound, unconnected UDP socket (`udp:ADDR`), e.g. for DNS or QUIC: it has no
+    /// connections to accept, and is handed over like the others.
+    Udp(std::net::UdpSocket),
 }
 
 impl Socket {
+    /// Where the socket listens, as a [`ListenAddress`] is written: `127.0.0.1:8080`,
+    /// `unix:/path` or `udp:127.0.0.1:53`.
     pub fn local_address(&self) -> String {
         match self {
             Socket::Tcp(l) => l
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|e| format!("?({e})")),
+            Socket::Udp(s) => s
+                .local_addr()
+                .map(|a| format!("{UDP_PREFIX}{a}"))
+                .unwrap_or_else(|e| format!("{UDP_PREFIX}?({e})")),
             Socket::Unix(l) => match l.local_addr() {
                 Ok(a) => match a.as_pathname() {
                     Some(p) => format!("unix:{}", p.display()),
@@ -171,6 +203,14 @@ impl Socket {
                 },
                 Err(e) => format!("unix:?({e})"),
             },
+        }
+    }
+
+    /// The socket unit setting that makes such a socket, for messages.
+    fn unit_setting(&self) -> &'static str {
+        match self {
+            Socket::Tcp(_) | Socket::Unix(_) => STREAM_SETTING,
+            Socket::Udp(_) => DATAGRAM_SETTING,
         }
     }
 }
@@ -184,6 +224,7 @@ impl Listener {
             socket: match &self.socket {
                 Socket::Tcp(l) => Socket::Tcp(l.try_clone()?),
                 Socket::Unix(l) => Socket::Unix(l.try_clone()?),
+                Socket::Udp(s) => Socket::Udp(s.try_clone()?),
             },
             activated_fd: None,
             self_bound: self.self_bound,
@@ -197,6 +238,7 @@ impl AsFd for Listener {
         match &self.socket {
             Socket::Tcp(l) => l.as_fd(),
             Socket::Unix(l) => l.as_fd(),
+            Socket::Udp(s) => s.as_fd(),
         }
     }
 }
@@ -492,13 +534,19 @@ fn match_fds(
     for ActivatedFd { fd, name, unit } in unit {
         let raw = fd.as_raw_fd();
         match specs.iter().find(|s| s.name == name) {
-            Some(spec) => listeners.push(Listener {
-                name: spec.name.clone(),
-                socket: check_fd(fd, &name)?,
-                activated_fd: Some(raw),
-                self_bound: false,
-                unit,
-            }),
+            Some(spec) => {
+                let socket = check_fd(fd, &name)?;
+                if let Some(why) = kind_mismatch(&socket, spec, raw, &name) {
+                    return error(why);
+                }
+                listeners.push(Listener {
+                    name: spec.name.clone(),
+                    socket,
+                    activated_fd: Some(raw),
+                    self_bound: false,
+                    unit,
+                })
+            }
             None => unnamed.push((check_fd(fd, &name)?, raw, name, unit)),
         }
     }
@@ -524,14 +572,22 @@ fn match_fds(
                     return error(format!(
                         "socket activation: fd {raw} is named '{name}' but no listener has that name \
                          (configured: {}); add --listen {name}=ADDR or set FileDescriptorName= to one of them; \
-                         it listens on {}: to drop it, remove it from {} (ListenStream=)",
+                         it listens on {}: to drop it, remove it from {} ({})",
                         configured(),
                         socket.local_address(),
-                        unit.as_deref().unwrap_or("its socket unit")
+                        unit.as_deref().unwrap_or("its socket unit"),
+                        socket.unit_setting()
                     ))
                 }
             },
         };
+        let spec = specs
+            .iter()
+            .find(|s| s.name == target)
+            .expect("a configured listener");
+        if let Some(why) = kind_mismatch(&socket, spec, raw, &name) {
+            return error(why);
+        }
         listeners.push(Listener {
             name: target.to_owned(),
             socket,
@@ -633,11 +689,13 @@ fn match_fds(
                 "no listener '{listener}' is configured anymore (configured: {})",
                 configured()
             ),
-            Some(spec) => format!(
-                "listener '{listener}' is configured on {} now, not on {}",
-                spec.address,
-                socket.local_address()
-            ),
+            Some(spec) => kind_mismatch(&socket, spec, raw, &name).unwrap_or_else(|| {
+                format!(
+                    "listener '{listener}' is configured on {} now, not on {}",
+                    spec.address,
+                    socket.local_address()
+                )
+            }),
         };
         drop(socket);
         stale.push((name, raw, why));
@@ -655,7 +713,7 @@ fn match_fds(
 /// a socket across a rename.
 fn has_port(address: &ListenAddress) -> bool {
     match address {
-        ListenAddress::Tcp(a) => a.port() != 0,
+        ListenAddress::Tcp(a) | ListenAddress::Udp(a) => a.port() != 0,
         ListenAddress::Unix(_) => true,
     }
 }
@@ -668,6 +726,12 @@ pub fn address_is(have: &str, address: &ListenAddress) -> bool {
             have.ip() == want.ip() && (want.port() == 0 || have.port() == want.port())
         }),
         ListenAddress::Unix(want) => have.strip_prefix("unix:") == want.to_str(),
+        ListenAddress::Udp(want) => have
+            .strip_prefix(UDP_PREFIX)
+            .and_then(|have| have.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|have| {
+                have.ip() == want.ip() && (want.port() == 0 || have.port() == want.port())
+            }),
     }
 }
 
@@ -716,10 +780,15 @@ pub fn compare_with_running(
                 .any(|s| has_port(&s.address) && address_is(address, &s.address));
         if !kept {
             errors.push(format!(
-                "listener {listener}: its socket on {address} comes from {} (ListenStream=) and no \
+                "listener {listener}: its socket on {address} comes from {} ({}) and no \
                  listener is configured for it, so a reload would fail; remove it there, or keep \
                  the listener",
-                unit.unwrap_or("its socket unit")
+                unit.unwrap_or("its socket unit"),
+                if address.starts_with(UDP_PREFIX) {
+                    DATAGRAM_SETTING
+                } else {
+                    STREAM_SETTING
+                }
             ));
         }
     }
@@ -735,18 +804,53 @@ fn same_address(socket: &Socket, address: &ListenAddress) -> bool {
         (Socket::Unix(l), ListenAddress::Unix(want)) => l
             .local_addr()
             .is_ok_and(|have| have.as_pathname() == Some(want.as_path())),
+        (Socket::Udp(s), ListenAddress::Udp(want)) => s.local_addr().is_ok_and(|have| {
+            have.ip() == want.ip() && (want.port() == 0 || have.port() == want.port())
+        }),
         _ => false,
     }
 }
 
-/// Verifies that `fd` is a listening stream socket baton can serve HTTP on, and wraps it.
-fn check_fd(fd: OwnedFd, name: &str) -> Result<Socket, ActivationError> {
-    let raw = fd.as_raw_fd();
-    let what = if name.is_empty() {
+/// Why `socket`, the fd `raw` named `name`, cannot serve `spec` because one is a stream socket
+/// and the other a datagram one, if so: one line. (A TCP socket for a unix listener, or the
+/// other way round, is served with a warning about the address instead, as a socket unit's
+/// address cannot change here.)
+fn kind_mismatch(socket: &Socket, spec: &ListenSpec, raw: RawFd, name: &str) -> Option<String> {
+    let what = fd_label(raw, name);
+    match (socket, &spec.address) {
+        (Socket::Udp(_), ListenAddress::Udp(_))
+        | (Socket::Tcp(_) | Socket::Unix(_), ListenAddress::Tcp(_) | ListenAddress::Unix(_)) => {
+            None
+        }
+        (Socket::Udp(_), _) => Some(format!(
+            "{what} is a datagram (UDP) socket, not a stream socket, but listener {} ({}) takes \
+             a listening stream socket; pass one ({STREAM_SETTING}, not {DATAGRAM_SETTING})",
+            spec.name, spec.address
+        )),
+        (_, ListenAddress::Udp(_)) => Some(format!(
+            "{what} is a stream socket ({}), not a datagram socket, but listener {} ({}) takes a \
+             UDP socket; pass one ({DATAGRAM_SETTING}, not {STREAM_SETTING})",
+            socket.local_address(),
+            spec.name,
+            spec.address
+        )),
+    }
+}
+
+/// How messages name the fd `raw` named `name`.
+fn fd_label(raw: RawFd, name: &str) -> String {
+    if name.is_empty() {
         format!("socket activation: fd {raw}")
     } else {
         format!("socket activation: fd {raw} ('{name}')")
-    };
+    }
+}
+
+/// Verifies that `fd` is a socket a listener can serve: a listening stream socket (IPv4, IPv6
+/// or unix), or an unconnected IPv4 or IPv6 datagram (UDP) socket; and wraps it. Whether it
+/// fits the listener it is matched to is [`kind_mismatch`]'s question.
+fn check_fd(fd: OwnedFd, name: &str) -> Result<Socket, ActivationError> {
+    let what = fd_label(fd.as_raw_fd(), name);
     let stat = fstat(&fd).map_err(|e| ActivationError(format!("{what}: fstat failed: {e}")))?;
     let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
     if kind != SFlag::S_IFSOCK {
@@ -758,38 +862,66 @@ fn check_fd(fd: OwnedFd, name: &str) -> Result<Socket, ActivationError> {
             _ => "not a socket",
         };
         return error(format!(
-            "{what} is {is}, not a socket; pass listening stream sockets (ListenStream= in the socket unit)"
+            "{what} is {is}, not a socket; pass listening stream sockets ({STREAM_SETTING} in the \
+             socket unit), or UDP sockets ({DATAGRAM_SETTING}) for UDP listeners"
         ));
     }
     let ty = socket::getsockopt(&fd, sockopt::SockType)
         .map_err(|e| ActivationError(format!("{what}: cannot read its type: {e}")))?;
-    if ty != socket::SockType::Stream {
-        return error(format!(
-            "{what} is a {} socket, not a stream socket; baton serves HTTP over stream sockets (ListenStream=, not ListenDatagram=)",
-            match ty {
-                socket::SockType::Datagram => "datagram (UDP)",
-                socket::SockType::SeqPacket => "seqpacket",
-                _ => "non-stream",
-            }
-        ));
-    }
-    let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
-        .map_err(|e| ActivationError(format!("{what}: cannot read SO_ACCEPTCONN: {e}")))?;
-    if !listening {
-        return error(format!(
-            "{what} is a connected socket, not a listening one; use Accept=no in the socket unit"
-        ));
-    }
     let addr: SockaddrStorage = socket::getsockname(fd.as_raw_fd())
         .map_err(|e| ActivationError(format!("{what}: getsockname failed: {e}")))?;
+    let family = addr.family();
+    let inet = matches!(family, Some(AddressFamily::Inet | AddressFamily::Inet6));
+    match ty {
+        socket::SockType::Stream => {
+            let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
+                .map_err(|e| ActivationError(format!("{what}: cannot read SO_ACCEPTCONN: {e}")))?;
+            if !listening {
+                return error(format!(
+                    "{what} is a connected socket, not a listening one; use Accept=no in the socket unit"
+                ));
+            }
+        }
+        socket::SockType::Datagram if inet => {
+            // A connected UDP socket receives from one peer only: not a server's socket.
+            if socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok() {
+                return error(format!(
+                    "{what} is a connected datagram (UDP) socket; pass an unconnected one \
+                     ({DATAGRAM_SETTING} with Accept=no in the socket unit)"
+                ));
+            }
+        }
+        socket::SockType::Datagram => {
+            return error(format!(
+                "{what} is a {} datagram socket; datagram sockets are served for IPv4 and IPv6 \
+                 (udp:IP:PORT) only, stream sockets for IPv4, IPv6 and unix ({STREAM_SETTING})",
+                family.map_or("unknown".to_owned(), |f| format!("{f:?}"))
+            ));
+        }
+        _ => {
+            return error(format!(
+                "{what} is a {} socket, neither a stream nor a datagram socket; pass listening \
+                 stream sockets ({STREAM_SETTING}), or UDP sockets ({DATAGRAM_SETTING}) for UDP \
+                 listeners",
+                match ty {
+                    socket::SockType::SeqPacket => "seqpacket",
+                    socket::SockType::Raw => "raw",
+                    _ => "non-stream",
+                }
+            ));
+        }
+    }
     // tokio's from_std requires non-blocking sockets. O_NONBLOCK is on the open file
     // description, which an upgrade shares between two processes: both want it set.
     set_nonblocking(&fd).map_err(|e| ActivationError(format!("{what}: {e}")))?;
-    match addr.family() {
+    match family {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) if ty == socket::SockType::Datagram => {
+            Ok(Socket::Udp(fd.into()))
+        }
         Some(AddressFamily::Inet | AddressFamily::Inet6) => Ok(Socket::Tcp(fd.into())),
         Some(AddressFamily::Unix) => Ok(Socket::Unix(fd.into())),
         other => error(format!(
-            "{what} is a {} socket; baton serves IPv4, IPv6 and unix sockets",
+            "{what} is a {} socket; listeners take IPv4, IPv6 and unix sockets",
             other.map_or("unknown".to_owned(), |f| format!("{f:?}"))
         )),
     }
@@ -828,6 +960,20 @@ pub fn bind(address: &ListenAddress) -> io::Result<Socket> {
             s.listen(BACKLOG)?;
             s.set_nonblocking(true)?;
             Ok(Socket::Unix(StdUnixListener::from(OwnedFd::from(s))))
+        }
+        ListenAddress::Udp(addr) => {
+            // No SO_REUSEADDR, unlike TCP: a UDP socket leaves no TIME_WAIT behind for it to
+            // skip, and on Linux it would let a second process bind the very same port (when
+            // both set it) and take the datagrams, instead of failing with "address in use".
+            let s = S::new(Domain::for_address(*addr), Type::DGRAM, None)?;
+            if addr.is_ipv6() {
+                // As for TCP: udp:[::]:53 is IPv6 only; list udp:0.0.0.0:53 as well for both.
+                s.set_only_v6(true)?;
+            }
+            s.bind(&(*addr).into())
+                .map_err(|e| explain_bind(e, address))?;
+            s.set_nonblocking(true)?;
+            Ok(Socket::Udp(s.into()))
         }
     }
 }
@@ -879,10 +1025,14 @@ pub struct ListenSpec {
     pub address: ListenAddress,
 }
 
+/// Where a listener listens, written `IP:PORT` or `[IPv6]:PORT` (TCP), `unix:/path` (unix
+/// stream socket) or `udp:IP:PORT` / `udp:[IPv6]:PORT` (UDP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddress {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// A UDP socket (`udp:IP:PORT`), served as [`Socket::Udp`].
+    Udp(SocketAddr),
 }
 
 impl fmt::Display for ListenAddress {
@@ -890,6 +1040,7 @@ impl fmt::Display for ListenAddress {
         match self {
             ListenAddress::Tcp(addr) => write!(f, "{addr}"),
             ListenAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenAddress::Udp(addr) => write!(f, "{UDP_PREFIX}{addr}"),
         }
     }
 }
@@ -903,7 +1054,8 @@ impl fmt::Display for ListenSpec {
 impl FromStr for ListenSpec {
     type Err = String;
 
-    /// Parses `[NAME=]ADDR`.
+    /// Parses `[NAME=]ADDR`, ADDR being `IP:PORT`, `[IPv6]:PORT`, `unix:/path`, `udp:IP:PORT`
+    /// or `udp:[IPv6]:PORT`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, addr) = match s.split_once('=') {
             Some((name, addr)) => (name, addr),
@@ -922,6 +1074,12 @@ impl FromStr for ListenSpec {
                 ));
             }
             ListenAddress::Unix(PathBuf::from(path))
+        } else if let Some(udp) = addr.strip_prefix(UDP_PREFIX) {
+            ListenAddress::Udp(udp.parse().map_err(|_| {
+                format!(
+                    "'{addr}' is not a UDP address: use udp:IP:PORT or udp:[IPv6]:PORT, as in udp:127.0.0.1:53"
+                )
+            })?)
         } else {
             ListenAddress::Tcp(addr.parse().map_err(|_| {
                 format!("'{addr}' is not a listen address: use IP:PORT, [IPv6]:PORT or unix:/path")
@@ -1356,9 +1514,14 @@ mod tests {
             err.0.contains("is a character device, not a socket"),
             "{err}"
         );
-        let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
-        let err = check_fd(udp, "x").unwrap_err();
-        assert!(err.0.contains("datagram (UDP)"), "{err}");
+        let seqpacket =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+        let err = check_fd(OwnedFd::from(seqpacket), "x").unwrap_err();
+        assert!(
+            err.0
+                .contains("is a seqpacket socket, neither a stream nor a datagram socket"),
+            "{err}"
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let err = check_fd(OwnedFd::from(conn), "x").unwrap_err();
@@ -1389,5 +1552,334 @@ mod tests {
         drop(l);
         resolve(&specs[1..], vec![]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn udp_socket() -> (std::net::UdpSocket, String) {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap().to_string();
+        (s, addr)
+    }
+
+    fn udp_fd(name: &str) -> (ActivatedFd, String) {
+        let (s, addr) = udp_socket();
+        let fd = ActivatedFd {
+            fd: OwnedFd::from(s),
+            name: name.into(),
+            unit: None,
+        };
+        (fd, addr)
+    }
+
+    fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap()).contains(OFlag::O_NONBLOCK)
+    }
+
+    #[test]
+    fn udp_specs_parse_and_print() {
+        let s = spec("dns=udp:127.0.0.1:53");
+        assert_eq!(s.name, "dns");
+        assert_eq!(
+            s.address,
+            ListenAddress::Udp("127.0.0.1:53".parse().unwrap())
+        );
+        assert_eq!(s.to_string(), "dns=udp:127.0.0.1:53");
+        let s = spec("udp:[::1]:853");
+        assert_eq!(s.name, DEFAULT_LISTENER_NAME);
+        assert_eq!(s.address, ListenAddress::Udp("[::1]:853".parse().unwrap()));
+        assert_eq!(s.address.to_string(), "udp:[::1]:853");
+        for text in ["quic=udp:0.0.0.0:443", "q=udp:[::]:0", "http=127.0.0.1:80"] {
+            assert_eq!(spec(text).to_string(), text);
+            assert_eq!(spec(&spec(text).to_string()), spec(text));
+        }
+        // A TCP address and a UDP one on the same port are different addresses.
+        assert_ne!(spec("a=udp:127.0.0.1:53"), spec("a=127.0.0.1:53"));
+        for bad in [
+            "dns=udp:localhost:53",
+            "dns=udp:127.0.0.1",
+            "dns=udp:",
+            "udp:[::1]",
+            "dns=udp:unix:/run/x.sock",
+            "dns=udp:/run/x.sock",
+        ] {
+            let err = bad.parse::<ListenSpec>().unwrap_err();
+            let addr = bad.split_once('=').map_or(bad, |(_, a)| a);
+            assert_eq!(
+                err,
+                format!(
+                    "'{addr}' is not a UDP address: use udp:IP:PORT or udp:[IPv6]:PORT, as in udp:127.0.0.1:53"
+                )
+            );
+        }
+        // The other messages are as before.
+        assert_eq!(
+            "nonsense".parse::<ListenSpec>().unwrap_err(),
+            "'nonsense' is not a listen address: use IP:PORT, [IPv6]:PORT or unix:/path"
+        );
+        assert!("unix:relative"
+            .parse::<ListenSpec>()
+            .unwrap_err()
+            .contains("the path must be absolute"));
+        assert!("bad name=udp:127.0.0.1:53"
+            .parse::<ListenSpec>()
+            .unwrap_err()
+            .starts_with("listener name 'bad name' is not valid"));
+    }
+
+    #[test]
+    fn a_passed_udp_fd_serves_the_udp_listener_of_its_name() {
+        let (dns, dns_addr) = udp_fd("dns");
+        let (http, http_addr) = fd_on("http");
+        let dns_raw = dns.fd.as_raw_fd();
+        let specs = [
+            spec(&format!("http={http_addr}")),
+            spec(&format!("dns=udp:{dns_addr}")),
+        ];
+        let (l, stale) = match_fds(&specs, vec![dns, http]).unwrap();
+        assert!(stale.is_empty(), "{stale:?}");
+        let dns = l.iter().find(|l| l.name == "dns").unwrap();
+        assert!(matches!(dns.socket, Socket::Udp(_)), "{dns:?}");
+        assert_eq!(dns.activated_fd, Some(dns_raw));
+        assert!(!dns.self_bound);
+        assert_eq!(dns.handover_name(), "dns");
+        assert_eq!(dns.socket.local_address(), format!("udp:{dns_addr}"));
+        assert_eq!(
+            dns.to_string(),
+            format!("dns=udp:{dns_addr} (fd {dns_raw}, handed over)")
+        );
+        assert!(is_nonblocking(dns.as_fd()));
+        assert!(same_address(&dns.socket, &specs[1].address));
+        assert!(!same_address(
+            &dns.socket,
+            &spec(&format!("x={dns_addr}")).address
+        ));
+        // A copy for the upgrade is the same socket.
+        let copy = dns.try_clone().unwrap();
+        assert!(matches!(copy.socket, Socket::Udp(_)));
+        assert_eq!(copy.socket.local_address(), dns.socket.local_address());
+        assert!(copy.activated_fd.is_none());
+        let http = l.iter().find(|l| l.name == "http").unwrap();
+        assert!(matches!(http.socket, Socket::Tcp(_)));
+    }
+
+    #[test]
+    fn udp_fds_follow_the_same_matching_rules() {
+        // A single UDP listener takes an unnamed fd or the socket unit's default name.
+        for name in ["", "dns.socket"] {
+            let (fd, addr) = udp_fd(name);
+            let l = resolve(&[spec("dns=udp:127.0.0.1:0")], vec![fd]).unwrap();
+            assert_eq!(l.len(), 1);
+            assert_eq!(l[0].name, "dns");
+            assert_eq!(l[0].socket.local_address(), format!("udp:{addr}"));
+        }
+        // A socket unit's fd of another name serves the listener on its very address.
+        let (fd, addr) = udp_fd("old");
+        let specs = [spec(&format!("dns=udp:{addr}")), spec("http=127.0.0.1:0")];
+        let (l, _) = match_fds(&specs, vec![fd]).unwrap();
+        assert_eq!(l[0].name, "dns");
+        // A stored one serves its listener and stays self-bound...
+        let (fd, addr) = udp_fd("bound/dns");
+        let specs = [spec(&format!("dns=udp:{addr}"))];
+        let (l, stale) = match_fds(&specs, vec![fd]).unwrap();
+        assert!(stale.is_empty(), "{stale:?}");
+        assert!(l[0].self_bound && l[0].activated_fd.is_some());
+        assert_eq!(l[0].handover_name(), "bound/dns");
+        // ...follows its address to a renamed listener...
+        let (fd, addr) = udp_fd("bound/dns");
+        let (l, stale) = match_fds(&[spec(&format!("resolver=udp:{addr}"))], vec![fd]).unwrap();
+        assert_eq!(l[0].name, "resolver");
+        assert!(
+            stale[0].2.contains(&format!(
+                "its socket on udp:{addr} serves listener 'resolver' now"
+            )),
+            "{stale:?}"
+        );
+        // ...and is stale once its listener moved.
+        let (fd, addr) = udp_fd("bound/dns");
+        let (l, stale) = match_fds(&[spec("dns=udp:127.0.0.2:53")], vec![fd]).unwrap();
+        assert!(l.is_empty());
+        assert_eq!(
+            stale[0].2,
+            format!("listener 'dns' is configured on udp:127.0.0.2:53 now, not on udp:{addr}")
+        );
+        // An unknown name is an error that names the datagram setting.
+        let (fd, _) = udp_fd("other");
+        let err = match_fds(
+            &[spec("dns=udp:127.0.0.1:0"), spec("b=127.0.0.1:0")],
+            vec![fd],
+        )
+        .unwrap_err();
+        assert!(
+            err.0.contains("no listener has that name") && err.0.contains("(ListenDatagram=)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn udp_listeners_are_bound_when_not_passed() {
+        let l = resolve(&[spec("dns=udp:127.0.0.1:0")], vec![]).unwrap();
+        assert_eq!(l.len(), 1);
+        let Socket::Udp(socket) = &l[0].socket else {
+            panic!("{:?}", l[0])
+        };
+        assert!(l[0].self_bound && l[0].activated_fd.is_none());
+        assert_eq!(l[0].handover_name(), "bound/dns");
+        assert!(is_nonblocking(socket.as_fd()));
+        let addr = socket.local_addr().unwrap();
+        assert!(l[0]
+            .to_string()
+            .starts_with(&format!("dns=udp:{addr} (bound)")));
+        // It receives.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"ping", addr).unwrap();
+        let mut buf = [0; 8];
+        let mut got = None;
+        for _ in 0..200 {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    got = Some((buf[..n].to_vec(), from));
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, Some((b"ping".to_vec(), client.local_addr().unwrap())));
+        // No SO_REUSEADDR: a second socket on the same port is refused, as for TCP.
+        let err = bind(&ListenAddress::Udp(addr)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot bind udp:{addr}: ")),
+            "{err}"
+        );
+        // The same port over TCP is another socket.
+        let tcp = bind(&ListenAddress::Tcp(addr));
+        if let Ok(tcp) = tcp {
+            assert_eq!(tcp.local_address(), addr.to_string());
+        }
+    }
+
+    #[test]
+    fn a_datagram_fd_for_a_stream_listener_and_the_reverse_are_errors() {
+        // A socket unit's UDP fd for a TCP listener, by name or as the single listener.
+        for name in ["http", "", "baton.socket"] {
+            let (fd, _) = udp_fd(name);
+            let err = match_fds(&[spec("http=127.0.0.1:0")], vec![fd]).unwrap_err();
+            assert!(
+                err.0.contains("is a datagram (UDP) socket, not a stream socket, but listener http (127.0.0.1:0) takes a listening stream socket; pass one (ListenStream=, not ListenDatagram=)"),
+                "{err}"
+            );
+            assert!(!err.0.contains('\n'), "{err}");
+        }
+        // A TCP fd for a UDP listener.
+        for name in ["dns", ""] {
+            let (fd, addr) = fd_on(name);
+            let err = match_fds(&[spec("dns=udp:127.0.0.1:0")], vec![fd]).unwrap_err();
+            assert!(
+                err.0.contains(&format!("is a stream socket ({addr}), not a datagram socket, but listener dns (udp:127.0.0.1:0) takes a UDP socket; pass one (ListenDatagram=, not ListenStream=)")),
+                "{err}"
+            );
+            assert!(!err.0.contains('\n'), "{err}");
+        }
+        // An fd named like no listener is not taken for one of the other kind on its address.
+        let (fd, addr) = udp_fd("other");
+        let err = match_fds(
+            &[spec(&format!("a={addr}")), spec("b=127.0.0.1:0")],
+            vec![fd],
+        )
+        .unwrap_err();
+        assert!(err.0.contains("no listener has that name"), "{err}");
+    }
+
+    #[test]
+    fn a_stored_fd_of_the_other_kind_is_stale_and_bound_afresh() {
+        // A stored UDP socket for a listener that is TCP now.
+        let (fd, _) = udp_fd("bound/x");
+        let specs = [spec("x=127.0.0.1:0")];
+        let (l, stale) = match_fds(&specs, vec![fd]).unwrap();
+        assert!(l.is_empty());
+        assert_eq!(names(&stale), ["bound/x"]);
+        assert!(
+            stale[0]
+                .2
+                .contains("is a datagram (UDP) socket, not a stream socket"),
+            "{stale:?}"
+        );
+        // A stored TCP socket for a listener that is UDP now.
+        let (fd, _) = fd_on("bound/x");
+        let specs = [spec("x=udp:127.0.0.1:0")];
+        let (l, stale) = match_fds(&specs, vec![fd]).unwrap();
+        assert!(l.is_empty());
+        assert!(
+            stale[0].2.contains("is a stream socket") && stale[0].2.contains("takes a UDP socket"),
+            "{stale:?}"
+        );
+        let l = resolve(&specs, vec![]).unwrap();
+        assert!(matches!(l[0].socket, Socket::Udp(_)) && l[0].self_bound);
+    }
+
+    #[test]
+    fn datagram_sockets_other_than_unconnected_udp_are_refused() {
+        let (s, _) = udp_socket();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect(peer.local_addr().unwrap()).unwrap();
+        let err = check_fd(OwnedFd::from(s), "dns").unwrap_err();
+        assert!(
+            err.0
+                .contains("('dns') is a connected datagram (UDP) socket; pass an unconnected one"),
+            "{err}"
+        );
+        let (unix, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let err = check_fd(OwnedFd::from(unix), "dns").unwrap_err();
+        assert!(
+            err.0.contains("is a Unix datagram socket; datagram sockets are served for IPv4 and IPv6 (udp:IP:PORT) only"),
+            "{err}"
+        );
+        // An unconnected UDP socket is one.
+        let (s, addr) = udp_socket();
+        let socket = check_fd(OwnedFd::from(s), "dns").unwrap();
+        assert_eq!(socket.local_address(), format!("udp:{addr}"));
+    }
+
+    #[test]
+    fn udp_sockets_of_a_running_generation_are_compared_with_the_configuration() {
+        let sockets = vec![serde_json::json!({
+            "listener": "dns", "address": "udp:127.0.0.1:53", "self_bound": false, "unit": "dns.socket"
+        })];
+        let (w, e) = compare_with_running(&[spec("dns=udp:127.0.0.1:53")], &sockets);
+        assert!(w.is_empty() && e.is_empty(), "{w:?} {e:?}");
+        let (w, e) = compare_with_running(&[spec("dns=udp:127.0.0.1:0")], &sockets);
+        assert!(w.is_empty() && e.is_empty(), "{w:?} {e:?}");
+        let (w, e) = compare_with_running(&[spec("dns=udp:127.0.0.1:5353")], &sockets);
+        assert_eq!(
+            w,
+            ["listener dns: the address comes from dns.socket (ListenDatagram=); change it there \
+              (it listens on udp:127.0.0.1:53, the configuration says udp:127.0.0.1:5353, which is not used)"]
+        );
+        assert!(e.is_empty());
+        // TCP on the same port is not the same address.
+        let (w, _) = compare_with_running(&[spec("dns=127.0.0.1:53")], &sockets);
+        assert_eq!(w.len(), 1);
+        let (_, e) =
+            compare_with_running(&[spec("a=127.0.0.1:53"), spec("b=127.0.0.1:1")], &sockets);
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].contains("comes from dns.socket (ListenDatagram=)"),
+            "{e:?}"
+        );
+        assert!(address_is("udp:[::1]:53", &spec("x=udp:[::1]:53").address));
+        assert!(!address_is(
+            "127.0.0.1:53",
+            &spec("x=udp:127.0.0.1:53").address
+        ));
+        assert!(!address_is(
+            "udp:127.0.0.1:53",
+            &spec("x=127.0.0.1:53").address
+        ));
+        assert!(has_port(&spec("x=udp:127.0.0.1:53").address));
+        assert!(!has_port(&spec("x=udp:127.0.0.1:0").address));
     }
 }

@@ -223,6 +223,8 @@ pub enum Request {
     Stop(oneshot::Sender<Value>),
     /// From inside the process only: the base of every `STATUS=` line from now on.
     SetStatus(String),
+    /// From inside the process only: what an upgrade hands the next generation.
+    SetState(Vec<u8>),
 }
 
 /// The control socket of this process: requests arrive on `requests`.

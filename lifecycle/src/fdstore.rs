@@ -14,7 +14,7 @@
 //!
 //! A stored listener's fd name is [`PREFIX`] + the listener's name: `bound/extra` for the
 //! listener `extra`. The prefix tells a stored fd apart from a socket unit's fd (listener names
-//! cannot contain `/`, see [`crate::config`]), so at the next start ([`crate::activation`]):
+//! cannot contain `/`, see `ListenSpec`), so at the next start ([`crate::activation`]):
 //! - a `bound/NAME` fd serves the listener `NAME`, as a socket unit's fd would, unless a socket
 //!   unit's fd serves that listener too (then the stored one is stale);
 //! - a `bound/NAME` fd with no listener `NAME` in the configuration (the listener was removed)

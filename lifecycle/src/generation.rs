@@ -350,6 +350,7 @@ enum Action {
     Upgrade(UpgradeRequest),
     Status(oneshot::Sender<Value>),
     SetStatus(String),
+    SetState(Vec<u8>),
     ReopenLogs,
     Started(Result<Box<Successor>, String>),
     SuccessorExited(String),
@@ -643,6 +644,7 @@ impl<W: Workload> Generation<W> {
                 }),
                 Request::Status(reply) => Action::Status(reply),
                 Request::SetStatus(status) => Action::SetStatus(status),
+                Request::SetState(state) => Action::SetState(state),
                 Request::Stop(reply) => {
                     // Under a keeper, `baton stop` waits for the keeper too.
                     let _ = reply.send(json!({"ok": true, "keeper_pid": crate::keeper::pid_from_env()}));
@@ -669,6 +671,7 @@ impl<W: Workload> Generation<W> {
             Action::Status(reply) => {
                 let _ = reply.send(self.status_reply());
             }
+            Action::SetState(state) => self.upgrader.set_state(state),
             Action::SetStatus(status) => {
                 self.status = status;
                 if self.is_main && matches!(self.phase, Phase::Serving) {
@@ -684,7 +687,7 @@ impl<W: Workload> Generation<W> {
                 } = std::mem::replace(&mut self.phase, Phase::Serving)
                 {
                     let (pid, after) = (successor.pid, successor.serving_since.elapsed());
-                    successor.kill();
+                    successor.kill().await;
                     let reason = format!(
                         "pid {pid} {how} {:.1} s after it took over",
                         after.as_secs_f64()
@@ -750,8 +753,11 @@ impl<W: Workload> Generation<W> {
                 let counts = self.stats.upgrades();
                 let cancel = CancellationToken::new();
                 let token = cancel.clone();
-                let task =
-                    tokio::spawn(async move { upgrade::start(&upgrader, counts, &token).await });
+                let task = tokio::spawn(async move {
+                    upgrade::start(&upgrader, counts, &token)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
                 self.phase = Phase::Upgrading {
                     task,
                     waiters: request.waiter.into_iter().collect(),
@@ -880,6 +886,7 @@ impl<W: Workload> Generation<W> {
                 Some(End::HandedOver { to, forward })
             }
             Err(reason) => {
+                let reason = reason.to_string();
                 let end = self.roll_back(&reason, waiters);
                 for request in forward {
                     if let Some(waiter) = request.waiter {

@@ -9,7 +9,7 @@
 //! - owns the listening sockets (bound here, or taken from `LISTEN_FDS`) and the pidfile lock,
 //!   so that while no generation serves, new clients wait in the kernel's backlog instead of
 //!   being refused;
-//! - runs the serving generation (an ordinary `baton serve` process, [`crate::lifecycle`]) as its
+//! - runs the serving generation (an ordinary `baton serve` process, [`crate::generation`]) as its
 //!   child, handing it the sockets with `LISTEN_FDS`/`LISTEN_FDNAMES`/`LISTEN_PID`;
 //! - is its generations' service manager: it offers them a `NOTIFY_SOCKET` ([`crate::manager`])
 //!   and follows `READY=1`, `STATUS=`, `MAINPID=`, `BARRIER=1`, `STOPPING=1`, `RELOADING=1` with
@@ -128,26 +128,6 @@ pub fn resuming() -> bool {
     crate::upgrade::private_env_trusted() && std::env::var_os(STATE_ENV).is_some()
 }
 
-/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
-/// this process's own: it re-executed itself, so the main generation it names is our child.
-pub(crate) fn legacy_state_is_ours() -> bool {
-    let Some(main) = std::env::var(STATE_ENV)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|state| state["main"][0].as_i64())
-    else {
-        return false;
-    };
-    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
-    std::fs::read_to_string(format!("/proc/{main}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-        == Some(std::process::id())
-}
-
 /// The keeper's pid, in a generation running under one.
 pub fn pid_from_env() -> Option<u32> {
     crate::upgrade::private_env_trusted();
@@ -167,7 +147,8 @@ pub fn restarts_from_env() -> u64 {
 pub fn take_report_fd() -> Result<Option<Readiness>, String> {
     crate::upgrade::private_env_trusted();
     let value = std::env::var(REPORT_FD_ENV).ok();
-    Ok(crate::upgrade::take_fd(REPORT_FD_ENV.name(), value)?.map(Readiness::from_fd))
+    let fd = crate::upgrade::take_fd(REPORT_FD_ENV.name(), value).map_err(|e| e.to_string())?;
+    Ok(fd.map(Readiness::from_fd))
 }
 
 /// A generation's side: stops this process (SIGTERM to itself: drain, exit) if the keeper
@@ -320,6 +301,7 @@ pub fn run(config: Settings, daemon: bool) -> ExitCode {
             let fd = match l.socket {
                 activation::Socket::Tcp(s) => OwnedFd::from(s),
                 activation::Socket::Unix(s) => OwnedFd::from(s),
+                activation::Socket::Udp(s) => OwnedFd::from(s),
             };
             (fd, name)
         })
@@ -993,7 +975,7 @@ impl Keeper {
             format!("LISTEN_FDNAMES={}", names.join(":")),
             format!("NOTIFY_SOCKET={}", self.notify.path.display()),
             format!("{KEEPER_PID_ENV}={}", std::process::id()),
-            format!("{}={generation}", crate::generation::GENERATION_ENV),
+            format!("{}={generation}", Var::GENERATION),
             format!("{RESTARTS_ENV}={}", self.restarts),
             format!("{REPORT_FD_ENV}={}", 3 + n),
         ] {

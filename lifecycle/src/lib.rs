@@ -58,7 +58,7 @@
 //! ```
 //!
 //! The complete program is `examples/echo.rs`; `examples/axum.rs` serves an axum router, with
-//! the `hyper` feature's [`hyper::serve_connection`].
+//! the `hyper` feature's `hyper::serve_connection`.
 //!
 //! # Under systemd
 //!
@@ -103,7 +103,7 @@
 //! # The environment contract
 //!
 //! [`start`] reads and removes `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET` is
-//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`env`]), honoured
+//! kept for [`notify`], and the library's own variables are `<PREFIX>_*` ([`mod@env`]), honoured
 //! only when meant for this very process. It changes the environment and may fork: that is why
 //! it is `unsafe` and must run before any other thread exists.
 
@@ -184,7 +184,7 @@ impl Options {
     }
 
     /// Adds a listener: the socket passed under its name, else bound to its address
-    /// (`NAME=IP:PORT`, `NAME=unix:/path`; see [`ListenSpec`]).
+    /// (`NAME=IP:PORT` for TCP, `NAME=udp:IP:PORT`, `NAME=unix:/path`; see [`ListenSpec`]).
     pub fn listen(mut self, spec: ListenSpec) -> Options {
         self.settings.listeners.push(spec);
         self
@@ -321,7 +321,8 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
         exit_with(keeper::resume());
     }
     // A new generation reports any failure to the old one, which relays it to whoever asked.
-    let mut handshake = upgrade::Handshake::take_from_env().map_err(Error::Environment)?;
+    let mut handshake =
+        upgrade::Handshake::take_from_env().map_err(|e| Error::Environment(e.to_string()))?;
     let is_upgrade = handshake.is_some();
     let keeper_pid = keeper::pid_from_env();
     let mut keeper_report = keeper::take_report_fd().map_err(Error::Environment)?;
@@ -334,6 +335,10 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
             r.fail(&message);
         }
         e
+    };
+    let state = match upgrade::take_state_from_env() {
+        Ok(state) => state,
+        Err(e) => return Err(fail_early(Error::Environment(e.to_string()))),
     };
     if !is_upgrade && keeper::wanted(options.daemon || options.keeper) {
         exit_with(keeper::run(keeper_settings(&options), options.daemon));
@@ -395,6 +400,7 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
     process.take_requests(receiver);
     Ok(Lifecycle {
         process,
+        state,
         handle: Handle {
             requests,
             current: Arc::new(Mutex::new(Arc::new(Session::new()))),
@@ -427,6 +433,8 @@ fn exit_with(code: std::process::ExitCode) -> ! {
 /// This process's place in the service, from [`start`] until it serves.
 pub struct Lifecycle {
     process: Process,
+    /// What the previous generation handed over ([`Handle::set_handover_state`]).
+    state: Option<Vec<u8>>,
     handle: Handle,
 }
 
@@ -443,6 +451,12 @@ impl Lifecycle {
             .iter()
             .map(|l| l.to_string())
             .collect()
+    }
+
+    /// The state the previous generation handed over with [`Handle::set_handover_state`], if
+    /// this process was started by an upgrade and it set one.
+    pub fn state(&self) -> Option<&[u8]> {
+        self.state.as_deref()
     }
 
     /// A handle to request an upgrade or a stop, set the status, and count connections.
@@ -544,6 +558,13 @@ impl Handle {
     /// The base of every `STATUS=` line from now on (systemctl status shows it).
     pub fn set_status(&self, status: impl Into<String>) {
         let _ = self.send(Request::SetStatus(status.into()));
+    }
+
+    /// Bytes for the next generation (sessions, caches, counters), read there with
+    /// [`Lifecycle::state`]; passed in a sealed memfd at each upgrade, at most
+    /// [`upgrade::MAX_STATE`] bytes. Set it again whenever it changes.
+    pub fn set_handover_state(&self, state: Vec<u8>) {
+        let _ = self.send(Request::SetState(state));
     }
 
     /// The generation's state, as `<service> status` shows it (JSON).
@@ -649,11 +670,18 @@ impl Accept {
         }
     }
 
+    /// Takes the UDP socket called `name` as a tokio socket.
+    pub fn udp(&mut self, name: &str) -> std::io::Result<tokio::net::UdpSocket> {
+        match self.take(name)? {
+            Socket::Udp(s) => tokio::net::UdpSocket::from_std(s),
+            _ => Err(not_a(name, "UDP")),
+        }
+    }
+
     /// Takes the unix stream listener called `name` as a tokio listener.
     pub fn unix(&mut self, name: &str) -> std::io::Result<tokio::net::UnixListener> {
         match self.take(name)? {
             Socket::Unix(l) => tokio::net::UnixListener::from_std(l),
-            #[allow(unreachable_patterns)]
             _ => Err(not_a(name, "unix stream")),
         }
     }

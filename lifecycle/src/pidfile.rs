@@ -232,8 +232,8 @@ impl Pidfile {
     pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
         crate::upgrade::private_env_trusted();
         let value = std::env::var(PIDFILE_FD_ENV).ok();
-        let Some(fd) =
-            crate::upgrade::take_fd(PIDFILE_FD_ENV.name(), value).map_err(PidfileError::Other)?
+        let Some(fd) = crate::upgrade::take_fd(PIDFILE_FD_ENV.name(), value)
+            .map_err(|e| PidfileError::Other(e.to_string()))?
         else {
             return Ok(None);
         };

@@ -67,6 +67,9 @@ pub const UPGRADE_FD_ENV: Var = Var::UPGRADE_FD;
 pub const UPGRADE_STARTED_ENV: Var = Var::UPGRADE_STARTED_USEC;
 /// Upgrades counted so far by result, carried from generation to generation.
 pub const UPGRADES_ENV: Var = Var::UPGRADES;
+/// A sealed memfd with the state an old generation hands its successor
+/// ([`Upgrader::set_state`], [`take_state_from_env`]).
+pub const STATE_FD_ENV: Var = Var::STATE_FD;
 
 /// Names the pid that baton's private variables ([`PRIVATE_VARS`]) are meant for, as
 /// `LISTEN_PID` does for the `LISTEN_*` variables: whoever sets them (an old generation for its
@@ -76,17 +79,18 @@ pub const FOR_PID_ENV: Var = Var::FOR_PID;
 
 /// baton's private variables: honoured only when meant for this very process
 /// ([`private_env_trusted`]).
-pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 9]> = std::sync::LazyLock::new(|| {
+pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 10]> = std::sync::LazyLock::new(|| {
     [
         UPGRADE_FD_ENV.name(),
+        STATE_FD_ENV.name(),
         UPGRADE_STARTED_ENV.name(),
         UPGRADES_ENV.name(),
-        crate::generation::GENERATION_ENV.name(),
-        crate::pidfile::PIDFILE_FD_ENV.name(),
-        crate::keeper::KEEPER_PID_ENV.name(),
-        crate::keeper::RESTARTS_ENV.name(),
-        crate::keeper::REPORT_FD_ENV.name(),
-        crate::keeper::STATE_ENV.name(),
+        Var::GENERATION.name(),
+        Var::PIDFILE_FD.name(),
+        Var::KEEPER_PID.name(),
+        Var::RESTARTS.name(),
+        Var::KEEPER_REPORT_FD.name(),
+        Var::KEEPER_STATE.name(),
     ]
 });
 
@@ -116,7 +120,7 @@ pub fn private_env_trusted() -> bool {
             };
             let trusted = match std::env::var_os(FOR_PID_ENV) {
                 Some(_) => names_us(FOR_PID_ENV.name()),
-                None => names_us("LISTEN_PID") || crate::keeper::legacy_state_is_ours(),
+                None => names_us("LISTEN_PID") || legacy_state_is_ours(),
             };
             // SAFETY (of the contract above): no other thread reads the environment yet.
             unsafe { std::env::remove_var(FOR_PID_ENV) };
@@ -135,6 +139,26 @@ pub fn private_env_trusted() -> bool {
         .0
 }
 
+/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
+/// this process's own: it re-executed itself, so the main generation it names is our child.
+fn legacy_state_is_ours() -> bool {
+    let Some(main) = std::env::var(Var::KEEPER_STATE.name())
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["main"][0].as_i64())
+    else {
+        return false;
+    };
+    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
+    std::fs::read_to_string(format!("/proc/{main}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        == Some(std::process::id())
+}
+
 /// Logs the private variables [`private_env_trusted`] ignored, if any. Call once logging works.
 pub fn report_ignored_private_env() {
     if let Some((_, ignored)) = TRUSTED.get() {
@@ -150,19 +174,20 @@ pub fn report_ignored_private_env() {
 }
 
 /// Variables of O's environment that N must not inherit as they are.
-pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 12]> = std::sync::LazyLock::new(|| {
+pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 13]> = std::sync::LazyLock::new(|| {
     [
         "LISTEN_PID",
         "LISTEN_FDS",
         "LISTEN_FDNAMES",
         "LISTEN_PIDFDID",
-        crate::activation::SOCKET_UNITS_ENV.name(),
+        Var::SOCKET_UNITS.name(),
         "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
-        crate::generation::GENERATION_ENV.name(),
+        Var::GENERATION.name(),
         UPGRADE_FD_ENV.name(),
         UPGRADE_STARTED_ENV.name(),
         UPGRADES_ENV.name(),
-        crate::pidfile::PIDFILE_FD_ENV.name(),
+        STATE_FD_ENV.name(),
+        Var::PIDFILE_FD.name(),
         FOR_PID_ENV.name(),
     ]
 });
@@ -251,6 +276,291 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long O waits for systemd to process `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The words the intermediate and N's child write between fork and exec, where nothing may
+/// allocate: shared with [`NewToOld`] so that both spell them alike.
+const PID_WORD: &str = "pid ";
+const EXIT_WORD: &str = "exit ";
+const EXEC_ERROR_WORD: &str = "exec-error ";
+const FORK_FAILED_WORD: &str = "fork-failed ";
+
+/// A line N (or its intermediate) sends O on the handshake channel.
+///
+/// The wire format is a contract between generations (an old binary talks to a new one during
+/// an upgrade): one line each, the first word says what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewToOld {
+    /// `pid <n>`: the intermediate forked N.
+    Pid(i32),
+    /// `fork-failed <errno>`: the intermediate could not fork N.
+    ForkFailed(i32),
+    /// `exit <wait status>`: N died; its intermediate reaped it.
+    Exit(u32),
+    /// `exec-error <errno>`: N's `execve` failed.
+    ExecError(i32),
+    /// `error <text>`: N failed to start (one line).
+    Error(String),
+    /// `ready` or `ready {"warnings":[..]}`: N started and waits for `commit`. Anything after
+    /// `ready ` that is not such an object means no warnings (an older O reads only the first
+    /// word).
+    Ready { warnings: Vec<String> },
+    /// `serving`: N accepts since the commit.
+    Serving,
+    /// `promote`: N was asked for an upgrade itself and asks O to end the probation now.
+    Promote,
+}
+
+impl NewToOld {
+    /// The message in `line` (without its `\n`); `None` for anything else.
+    pub fn parse(line: &str) -> Option<NewToOld> {
+        let (word, rest) = match line.split_once(' ') {
+            Some((word, rest)) => (word, Some(rest)),
+            None => (line, None),
+        };
+        Some(match (word, rest) {
+            ("pid", Some(n)) => NewToOld::Pid(n.parse().ok()?),
+            ("fork-failed", Some(n)) => NewToOld::ForkFailed(n.parse().ok()?),
+            ("exit", Some(n)) => NewToOld::Exit(n.parse().ok()?),
+            ("exec-error", Some(n)) => NewToOld::ExecError(n.parse().ok()?),
+            ("error", message) => NewToOld::Error(message.unwrap_or("").to_owned()),
+            ("ready", extra) => NewToOld::Ready {
+                warnings: extra.map(ready_warnings).unwrap_or_default(),
+            },
+            ("serving", None) => NewToOld::Serving,
+            ("promote", None) => NewToOld::Promote,
+            _ => return None,
+        })
+    }
+
+    /// The line, with its `\n`.
+    pub fn to_line(&self) -> String {
+        format!("{self}\n")
+    }
+}
+
+impl std::fmt::Display for NewToOld {
+    /// The line without its `\n`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NewToOld::Pid(n) => write!(f, "{PID_WORD}{n}"),
+            NewToOld::ForkFailed(n) => write!(f, "{FORK_FAILED_WORD}{n}"),
+            NewToOld::Exit(n) => write!(f, "{EXIT_WORD}{n}"),
+            NewToOld::ExecError(n) => write!(f, "{EXEC_ERROR_WORD}{n}"),
+            NewToOld::Error(message) => write!(f, "error {message}"),
+            NewToOld::Ready { warnings } if warnings.is_empty() => f.write_str("ready"),
+            NewToOld::Ready { warnings } => {
+                write!(f, "ready {}", serde_json::json!({ "warnings": warnings }))
+            }
+            NewToOld::Serving => f.write_str("serving"),
+            NewToOld::Promote => f.write_str("promote"),
+        }
+    }
+}
+
+/// A line O sends N on the handshake channel (see [`NewToOld`] for the format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldToNew {
+    /// `commit`: N may accept.
+    Commit,
+    /// `main`: the probation is over, N is the main pid.
+    Main,
+    /// `stop`: the service stops during the probation.
+    Stop,
+    /// `drained <ms> <forced>`: O drained its connections in `duration` (whole milliseconds on
+    /// the wire), closing `forced` of them at its deadline. Further words are ignored (room
+    /// for a later version's additions).
+    Drained { duration: Duration, forced: u64 },
+}
+
+impl OldToNew {
+    /// The message in `line` (without its `\n`); `None` for anything else.
+    pub fn parse(line: &str) -> Option<OldToNew> {
+        let mut words = line.split(' ');
+        Some(match (words.next(), words.next(), words.next()) {
+            (Some("commit"), None, _) => OldToNew::Commit,
+            (Some("main"), None, _) => OldToNew::Main,
+            (Some("stop"), None, _) => OldToNew::Stop,
+            (Some("drained"), Some(ms), Some(forced)) => OldToNew::Drained {
+                duration: Duration::from_millis(ms.parse().ok()?),
+                forced: forced.parse().ok()?,
+            },
+            _ => return None,
+        })
+    }
+
+    /// The line, with its `\n`.
+    pub fn to_line(&self) -> String {
+        format!("{self}\n")
+    }
+}
+
+impl std::fmt::Display for OldToNew {
+    /// The line without its `\n`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OldToNew::Commit => f.write_str("commit"),
+            OldToNew::Main => f.write_str("main"),
+            OldToNew::Stop => f.write_str("stop"),
+            OldToNew::Drained { duration, forced } => {
+                write!(f, "drained {} {forced}", duration.as_millis())
+            }
+        }
+    }
+}
+
+/// Why an upgrade failed ([`start`], [`Successor::promote`]). Its `Display` is the one-line
+/// reason that O logs, puts in `STATUS=` and relays to whoever asked for the upgrade.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// A stop called the upgrade off before the commit.
+    CalledOff,
+    /// N could not be started (pipes, fork, the environment, the intermediate).
+    Spawn { exe: PathBuf, source: io::Error },
+    /// O's end of the handshake channel could not be set up, or taken back after the handover.
+    Channel(io::Error),
+    /// N was not ready within the upgrade timeout.
+    NotReady { pid: i32, timeout: Duration },
+    /// Reading N's first message failed.
+    HandshakeBroke { pid: i32, source: io::Error },
+    /// N exited before it was ready: how, when its intermediate said (`exit <status>`).
+    ExitedBeforeReady {
+        pid: i32,
+        exe: PathBuf,
+        how: Option<String>,
+    },
+    /// N's `execve` failed.
+    Exec { exe: PathBuf, source: io::Error },
+    /// N reported a failed start (`error <text>`).
+    StartFailed(String),
+    /// N said something else than `ready` (the line as it came).
+    Unexpected { pid: i32, line: String },
+    /// N did not answer `serving` to the commit: why.
+    NotConfirmed { pid: i32, reason: String },
+    /// The intermediate could not be reaped before the handover.
+    ReapIntermediate(io::Error),
+    /// N died while it was being made the main pid.
+    ExitedDuringHandover { pid: i32 },
+    /// The hand-over hook (the pidfile) failed.
+    RecordPid { pid: i32, source: io::Error },
+    /// `MAINPID=` could not be sent.
+    MainPid { pid: i32, source: io::Error },
+    /// N's pidfd could not be copied for the [`HandedOver`].
+    Pidfd { pid: i32, source: io::Error },
+}
+
+impl std::fmt::Display for UpgradeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpgradeError::CalledOff => f.write_str("called off: the process is stopping"),
+            UpgradeError::Spawn { exe, source } => {
+                write!(f, "cannot start {}: {source}", exe.display())
+            }
+            UpgradeError::Channel(e) => write!(f, "handshake channel: {e}"),
+            UpgradeError::NotReady { pid, timeout } => write!(
+                f,
+                "the new process (pid {pid}) was not ready within {}; killed it",
+                humantime::format_duration(*timeout)
+            ),
+            UpgradeError::HandshakeBroke { pid, source } => {
+                write!(f, "handshake with pid {pid} broke: {source}")
+            }
+            UpgradeError::ExitedBeforeReady { pid, exe, how } => {
+                let exe = exe.display();
+                write!(
+                    f,
+                    "the new process (pid {pid}, {exe}) exited before it was ready"
+                )?;
+                match how {
+                    Some(how) => write!(f, ": {how}"),
+                    None => Ok(()),
+                }
+            }
+            UpgradeError::Exec { exe, source } => {
+                write!(f, "cannot execute {}: {source}", exe.display())
+            }
+            UpgradeError::StartFailed(message) => {
+                write!(f, "the new process failed to start: {message}")
+            }
+            UpgradeError::Unexpected { pid, line } => {
+                write!(
+                    f,
+                    "the new process (pid {pid}) said {line:?} instead of ready"
+                )
+            }
+            UpgradeError::NotConfirmed { pid, reason } => write!(
+                f,
+                "the new process (pid {pid}) did not confirm that it serves: {reason}; killed it"
+            ),
+            UpgradeError::ReapIntermediate(e) => {
+                write!(f, "cannot reap the intermediate process: {e}")
+            }
+            UpgradeError::ExitedDuringHandover { pid } => {
+                write!(f, "pid {pid} exited during the handover")
+            }
+            UpgradeError::RecordPid { pid, source } => {
+                write!(f, "cannot record pid {pid}: {source}")
+            }
+            UpgradeError::MainPid { pid, source } => {
+                write!(f, "MAINPID={pid} was not sent: {source}")
+            }
+            UpgradeError::Pidfd { pid, source } => write!(f, "pidfd of {pid}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for UpgradeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpgradeError::Spawn { source, .. }
+            | UpgradeError::HandshakeBroke { source, .. }
+            | UpgradeError::Exec { source, .. }
+            | UpgradeError::RecordPid { source, .. }
+            | UpgradeError::MainPid { source, .. }
+            | UpgradeError::Pidfd { source, .. }
+            | UpgradeError::Channel(source)
+            | UpgradeError::ReapIntermediate(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Why something a previous generation handed over in the environment cannot be taken
+/// ([`Handshake::take_from_env`], [`take_state_from_env`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EnvError {
+    /// The variable does not name an open fd above stderr.
+    NotAnFd { var: String, value: String },
+    /// The state is larger than [`MAX_STATE`] (`max`).
+    StateTooLarge { var: String, size: u64, max: usize },
+    /// The state could not be read.
+    StateUnreadable { var: String, source: io::Error },
+}
+
+impl std::fmt::Display for EnvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvError::NotAnFd { var, value } => write!(f, "{var}={value:?} is not an open fd"),
+            EnvError::StateTooLarge { var, size, max } => write!(
+                f,
+                "the state handed over in {var} has {size} bytes or more; at most {max} are taken"
+            ),
+            EnvError::StateUnreadable { var, source } => {
+                write!(f, "cannot read the state handed over in {var}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EnvError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EnvError::StateUnreadable { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 /// What a process needs to start its successor, captured at start.
 #[derive(Debug)]
 pub struct Upgrader {
@@ -266,6 +576,27 @@ pub struct Upgrader {
     /// Further fds N inherits, each announced in an environment variable (the pidfile lock).
     extra: Vec<(OwnedFd, &'static str)>,
     pub timeout: Duration,
+    /// What the next generation gets in a memfd ([`Upgrader::set_state`]).
+    state: StateBlob,
+}
+
+/// The state to hand over, if set; shown by its length only.
+#[derive(Default)]
+struct StateBlob(std::sync::Mutex<Option<Vec<u8>>>);
+
+impl StateBlob {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for StateBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &*self.lock() {
+            Some(bytes) => write!(f, "StateBlob({} bytes)", bytes.len()),
+            None => f.write_str("StateBlob(none)"),
+        }
+    }
 }
 
 /// Upgrades counted by result.
@@ -325,7 +656,20 @@ impl Upgrader {
             sockets: Vec::new(),
             extra: Vec::new(),
             timeout,
+            state: StateBlob::default(),
         }
+    }
+
+    /// Sets the bytes the next generation gets ([`take_state_from_env`]), replacing what was
+    /// set before. They stay set after an upgrade failed, for the next attempt. More than
+    /// [`MAX_STATE`] bytes make the upgrade fail.
+    pub fn set_state(&self, bytes: Vec<u8>) {
+        *self.state.lock() = Some(bytes);
+    }
+
+    /// Hands no state over any more.
+    pub fn clear_state(&self) {
+        *self.state.lock() = None;
     }
 
     /// Keeps a copy of a listening socket to hand over (and to take back after a rollback).
@@ -365,17 +709,65 @@ impl Upgrader {
         self.extra.push((fd, env_var));
     }
 
-    /// Double-forks N (see the module docs) and returns once the intermediate is reaped, so N
-    /// is no longer our descendant. Blocking; call it off the async workers.
+    /// Double-forks N (see the module docs) and returns once O holds N's pidfd. Blocking (up
+    /// to `STEP_TIMEOUT`, 10 s, for the intermediate's answer): call it off the async workers, as
+    /// [`start`] does.
     pub fn spawn(&self, started_usec: i128, counts: Counts) -> io::Result<Spawned> {
-        let (parent_end, child_end) = StdUnixStream::pair()?; // both CLOEXEC
-        let n_sockets = self.sockets.len();
-        let mut fds: Vec<RawFd> = self.sockets.iter().map(|l| l.as_fd().as_raw_fd()).collect();
-        fds.extend(self.extra.iter().map(|(fd, _)| fd.as_raw_fd()));
-        fds.push(child_end.as_raw_fd());
-        let first = 3;
-        let channel_fd = first + fds.len() as RawFd - 1;
+        self.prepare(started_usec, counts)?.launch()
+    }
 
+    /// Everything the double fork needs, made here so that it can run on another thread: the
+    /// channel, copies of the fds to hand over, the state's memfd, N's environment and the
+    /// exec plan.
+    fn prepare(&self, started_usec: i128, counts: Counts) -> io::Result<Launch> {
+        let (parent_end, child_end) = StdUnixStream::pair()?; // both CLOEXEC
+        let state = self.state_memfd()?;
+        // N gets them at 3.. in this order; the channel comes last.
+        let mut handed = self
+            .sockets
+            .iter()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .chain(self.extra.iter().map(|(fd, _)| fd.try_clone()))
+            .collect::<io::Result<Vec<OwnedFd>>>()?;
+        handed.extend(state);
+        let mut fds: Vec<RawFd> = handed.iter().map(AsRawFd::as_raw_fd).collect();
+        fds.push(child_end.as_raw_fd());
+        let env = self.successor_env(started_usec, counts, fds.len());
+        let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+        Ok(Launch {
+            exec,
+            parent_end,
+            child_end,
+            _handed: handed,
+        })
+    }
+
+    /// The state to hand over, in a sealed memfd, if one was set.
+    fn state_memfd(&self) -> io::Result<Option<OwnedFd>> {
+        let state = self.state.lock();
+        let Some(bytes) = state.as_deref() else {
+            return Ok(None);
+        };
+        if bytes.len() > MAX_STATE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the state to hand over has {} bytes; at most {MAX_STATE}",
+                    bytes.len()
+                ),
+            ));
+        }
+        sealed_memfd(bytes).map(Some)
+    }
+
+    /// N's environment: this process's own without the private variables ([`PRIVATE_ENV`]),
+    /// plus what announces the `n_fds` fds N gets at 3.. (the sockets, the extra fds, the
+    /// state if any, the channel last), its generation and the counts. `LISTEN_PID` and
+    /// `BATON_FOR_PID` are N's to fill in ([`ExecPlan`]).
+    fn successor_env(&self, started_usec: i128, counts: Counts, n_fds: usize) -> Vec<Vec<u8>> {
+        let first = 3;
+        let n_sockets = self.sockets.len();
+        let channel_fd = first + n_fds - 1;
         let mut env: Vec<Vec<u8>> = std::env::vars_os()
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
@@ -389,95 +781,52 @@ impl Upgrader {
                 .iter()
                 .map(|l| l.unit.as_deref().unwrap_or(""))
                 .collect();
-            env.push(
-                format!(
-                    "{}={}",
-                    crate::activation::SOCKET_UNITS_ENV,
-                    units.join("/")
-                )
-                .into_bytes(),
-            );
+            env.push(format!("{}={}", Var::SOCKET_UNITS, units.join("/")).into_bytes());
         }
         for (i, (_, var)) in self.extra.iter().enumerate() {
-            env.push(format!("{var}={}", first as usize + n_sockets + i).into_bytes());
+            env.push(format!("{var}={}", first + n_sockets + i).into_bytes());
         }
-        env.push(
-            format!(
-                "{}={}",
-                crate::generation::GENERATION_ENV,
-                self.generation + 1
-            )
-            .into_bytes(),
-        );
+        // The state's memfd, if any, sits between the extra fds and the channel.
+        let state_fd = first + n_sockets + self.extra.len();
+        if state_fd < channel_fd {
+            env.push(format!("{STATE_FD_ENV}={state_fd}").into_bytes());
+        }
+        env.push(format!("{}={}", Var::GENERATION, self.generation + 1).into_bytes());
         env.push(format!("{UPGRADE_FD_ENV}={channel_fd}").into_bytes());
         env.push(format!("{UPGRADE_STARTED_ENV}={started_usec}").into_bytes());
         env.push(format!("{UPGRADES_ENV}={}", counts.to_env()).into_bytes());
-        let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+        env
+    }
+}
+
+/// N, ready to be double-forked ([`Upgrader::spawn`]); it owns all it needs, so that
+/// [`start`] can run it on the blocking pool.
+struct Launch {
+    exec: ExecPlan,
+    parent_end: StdUnixStream,
+    child_end: StdUnixStream,
+    /// Copies of the fds that `exec` hands to N: open until the fork is done.
+    _handed: Vec<OwnedFd>,
+}
+
+impl Launch {
+    /// The double fork, then the intermediate's `pid <n>`; O opens N's pidfd and tells the
+    /// intermediate so.
+    fn launch(self) -> io::Result<Spawned> {
         // The intermediate waits for EOF on this pipe before it exits: until then a dead N stays
         // its unreaped zombie, so N's pid cannot be recycled before O holds a pidfd for it.
         let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-
-        // No signal handler may run in the children: tokio's would report the signal to this
-        // process through the pipe they share. Block everything around the fork; N resets the
-        // handlers before it unblocks.
-        let all = nix::sys::signal::SigSet::all();
-        let mut previous = nix::sys::signal::SigSet::empty();
-        nix::sys::signal::pthread_sigmask(
-            nix::sys::signal::SigmaskHow::SIG_SETMASK,
-            Some(&all),
-            Some(&mut previous),
-        )?;
-        // SAFETY: see ExecPlan::fork_and_exec.
-        let forked = unsafe {
-            exec.fork_and_exec(
-                child_end.as_raw_fd(),
-                go_read.as_raw_fd(),
-                go_write.as_raw_fd(),
-            )
-        };
-        nix::sys::signal::pthread_sigmask(
-            nix::sys::signal::SigmaskHow::SIG_SETMASK,
-            Some(&previous),
-            None,
-        )?;
+        let forked = self.fork_intermediate(&go_read, &go_write);
         let intermediate = Intermediate {
             pid: forked?,
             go: Some(go_write),
         };
-        drop((child_end, go_read));
-        parent_end.set_read_timeout(Some(STEP_TIMEOUT))?;
-        let mut reader = BufReader::new(parent_end);
-        // The intermediate's `pid <n>` and N's first message (`exec-error`, `error`, even
-        // `ready`) race: take them in either order. N sends one line before it needs an answer.
-        let mut early = None;
-        let pid = loop {
-            let mut line = String::new();
-            read_bounded_line(&mut reader, &mut line)?;
-            let line = line.trim_end();
-            match line.strip_prefix("pid ").map(str::parse::<i32>) {
-                Some(Ok(pid)) if pid > 0 => break pid,
-                _ if !line.is_empty() && early.is_none() => early = Some(line.to_owned()),
-                _ => {
-                    return Err(io::Error::other(format!(
-                        "the intermediate process could not fork N: {line:?}"
-                    )))
-                }
-            }
-        };
-        // N writes whole lines in one write each: what the reader holds beyond the pid line is
-        // a message of N's, e.g. its exec error.
-        if early.is_none() {
-            early = String::from_utf8_lossy(reader.buffer())
-                .lines()
-                .next()
-                .map(str::to_owned);
-        }
+        drop((self.child_end, go_read, self._handed));
+        let (pid, early, channel) = read_successor_pid(self.parent_end)?;
         // From now on N is killed through a pidfd, which cannot hit a recycled pid: N stays
         // the intermediate's child (a zombie at worst) until the intermediate is released.
         let pidfd = ProcessHandle::open(pid as u32)?;
         intermediate.holds_pidfd()?;
-        let channel = reader.into_inner();
-        channel.set_read_timeout(None)?;
         Ok(Spawned {
             pid,
             pidfd,
@@ -485,8 +834,66 @@ impl Upgrader {
             channel,
             early,
             promoted: false,
+            killed: false,
         })
     }
+
+    /// Forks the intermediate with every signal blocked: no signal handler may run in the
+    /// children (tokio's would report the signal to this process through the pipe they
+    /// share). N resets the handlers before it unblocks.
+    fn fork_intermediate(&self, go_read: &OwnedFd, go_write: &OwnedFd) -> io::Result<libc::pid_t> {
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+        let mut previous = SigSet::empty();
+        pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut previous),
+        )?;
+        // SAFETY: see ExecPlan::fork_and_exec; every signal is blocked.
+        let forked = unsafe {
+            self.exec.fork_and_exec(
+                self.child_end.as_raw_fd(),
+                go_read.as_raw_fd(),
+                go_write.as_raw_fd(),
+            )
+        };
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&previous), None)?;
+        forked
+    }
+}
+
+/// Reads the intermediate's `pid <n>` (within [`STEP_TIMEOUT`]) and N's first message if it
+/// came before or with it: the two race, and N sends one line before it needs an answer.
+/// Returns the channel in blocking mode without a timeout.
+fn read_successor_pid(channel: StdUnixStream) -> io::Result<(i32, Option<String>, StdUnixStream)> {
+    channel.set_read_timeout(Some(STEP_TIMEOUT))?;
+    let mut reader = BufReader::new(channel);
+    let mut early = None;
+    let pid = loop {
+        let mut line = String::new();
+        read_bounded_line(&mut reader, &mut line)?;
+        let line = line.trim_end();
+        match NewToOld::parse(line) {
+            Some(NewToOld::Pid(pid)) if pid > 0 => break pid,
+            _ if !line.is_empty() && early.is_none() => early = Some(line.to_owned()),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "the intermediate process could not fork N: {line:?}"
+                )))
+            }
+        }
+    };
+    // N writes whole lines in one write each: what the reader holds beyond the pid line is
+    // a message of N's, e.g. its exec error.
+    if early.is_none() {
+        early = String::from_utf8_lossy(reader.buffer())
+            .lines()
+            .next()
+            .map(str::to_owned);
+    }
+    let channel = reader.into_inner();
+    channel.set_read_timeout(None)?;
+    Ok((pid, early, channel))
 }
 
 /// The middle process of the double fork. It stays N's parent until it is released (EOF on
@@ -548,30 +955,36 @@ pub struct Spawned {
     channel: StdUnixStream,
     /// A message from N that came before its pid.
     early: Option<String>,
+    /// N is the main pid: nothing to kill.
     promoted: bool,
+    /// N was killed already (`Spawned::kill`).
+    killed: bool,
 }
 
 /// How long a killed N may take to die before its intermediate is released all the same.
 const KILL_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for Spawned {
+    /// Kills N unless it became the main pid. Waiting for its death blocks (up to
+    /// `KILL_WAIT`, 2 s): on a runtime that goes to the blocking pool, never to the caller's
+    /// thread.
     fn drop(&mut self) {
-        if self.promoted {
-            return;
-        }
-        // Waiting for N's death blocks: off the async workers when on them.
-        let in_workers = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if in_workers {
-            tokio::task::block_in_place(|| self.kill_and_reap());
-        } else {
-            self.kill_and_reap();
+        let Some(reap) = self.kill() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || reap.run())),
+            Err(_) => reap.run(),
         }
     }
 }
 
 impl Spawned {
-    fn kill_and_reap(&mut self) {
+    /// Kills N with its process group, unless it became the main pid or was killed already;
+    /// returns what is left to do, the reap (blocking).
+    fn kill(&mut self) -> Option<Reap> {
+        if self.promoted || self.killed {
+            return None;
+        }
+        self.killed = true;
         // N runs in a process group of its own: whatever it started goes with it, and none of
         // it keeps a copy of the listening sockets. The group cannot be a recycled one: N's
         // pid stays reserved while N is the intermediate's unreaped child or the group has
@@ -579,11 +992,29 @@ impl Spawned {
         // SAFETY: plain syscall.
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         self.pidfd.kill();
+        Some(Reap {
+            pidfd: self.pidfd.try_clone_fd().ok().map(ProcessHandle::from),
+            intermediate: self.intermediate.take(),
+        })
+    }
+}
+
+/// What is left after N was killed: waiting for its death, and reaping its intermediate.
+struct Reap {
+    pidfd: Option<ProcessHandle>,
+    intermediate: Option<Intermediate>,
+}
+
+impl Reap {
+    /// Blocks up to [`KILL_WAIT`] plus the intermediate's exit.
+    fn run(self) {
         // The intermediate reaps N once it is dead (and says how); a N that takes longer to die
         // is left to the reaper: releasing the intermediate (EOF on its pipe) ends its wait,
         // and then it is reaped here.
-        let _ = self.pidfd.wait_exit(KILL_WAIT);
-        drop(self.intermediate.take());
+        if let Some(pidfd) = &self.pidfd {
+            let _ = pidfd.wait_exit(KILL_WAIT);
+        }
+        drop(self.intermediate);
     }
 }
 
@@ -612,7 +1043,12 @@ impl Drop for ExecPlan {
     }
 }
 
-/// The most fds N can be handed (sockets, the pidfile, the channel).
+// SAFETY: the raw pointers point into allocations the plan owns alone (its CStrings, its
+// environment and the two slots) and that live as long as it does; nothing else refers to
+// them, so the plan may move to another thread (the blocking pool) with them.
+unsafe impl Send for ExecPlan {}
+
+/// The most fds N can be handed (sockets, the pidfile, the state, the channel).
 const MAX_FDS: usize = 64;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -709,11 +1145,11 @@ impl ExecPlan {
                 }
                 let mut buf = [0u8; 32];
                 let n = if pid > 0 {
-                    let mut n = copy(&mut buf, 0, b"pid ");
+                    let mut n = copy(&mut buf, 0, PID_WORD.as_bytes());
                     n += write_decimal(&mut buf[n..], pid as u64);
                     n
                 } else {
-                    let mut n = copy(&mut buf, 0, b"fork-failed ");
+                    let mut n = copy(&mut buf, 0, FORK_FAILED_WORD.as_bytes());
                     n += write_decimal(&mut buf[n..], *libc::__errno_location() as u64);
                     n
                 };
@@ -768,7 +1204,7 @@ impl ExecPlan {
                 let mut status = 0;
                 if libc::waitpid(pid, &mut status, 0) == pid {
                     let mut buf = [0u8; 32];
-                    let mut n = copy(&mut buf, 0, b"exit ");
+                    let mut n = copy(&mut buf, 0, EXIT_WORD.as_bytes());
                     n += write_decimal(&mut buf[n..], status as u32 as u64);
                     buf[n] = b'\n';
                     libc::write(channel, buf.as_ptr().cast(), n + 1);
@@ -797,7 +1233,7 @@ impl ExecPlan {
         let fail = |channel: RawFd| -> ! {
             let errno = *libc::__errno_location();
             let mut buf = [0u8; 32];
-            let mut len = copy(&mut buf, 0, b"exec-error ");
+            let mut len = copy(&mut buf, 0, EXEC_ERROR_WORD.as_bytes());
             len += write_decimal(&mut buf[len..], errno as u64);
             buf[len] = b'\n';
             libc::write(channel, buf.as_ptr().cast(), len + 1);
@@ -943,7 +1379,8 @@ pub struct HandedOver {
 }
 
 /// Runs steps 1 to 5 (see the module docs) for O: starts N and waits until it serves. On
-/// error N is gone and the message says why, in one line; O never stopped accepting.
+/// error N is gone and the error says why, in one line; O never stopped accepting. Works on
+/// any runtime flavour: what blocks runs on the blocking pool.
 ///
 /// `cancel` calls the upgrade off (a stop) until the `commit`. Past the commit N may have
 /// accepted connections, so the upgrade then goes on until N serves (or fails), and the caller
@@ -952,8 +1389,7 @@ pub async fn start(
     upgrader: &Upgrader,
     counts: Counts,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<Successor, String> {
-    const CALLED_OFF: &str = "called off: the process is stopping";
+) -> Result<Successor, UpgradeError> {
     let started = Instant::now();
     let started_usec = monotonic_usec();
     let next = upgrader.generation + 1;
@@ -961,9 +1397,7 @@ pub async fn start(
         "upgrading: starting generation {next} from {}",
         upgrader.exe.display()
     ));
-    // The fork blocks briefly; keep it off the workers.
-    let spawned = tokio::task::block_in_place(|| upgrader.spawn(started_usec, counts))
-        .map_err(|e| format!("cannot start {}: {e}", upgrader.exe.display()))?;
+    let spawned = spawn_successor(upgrader, started_usec, counts).await?;
     let pid = spawned.pid;
     tracing::info!(
         event = "upgrade-spawned",
@@ -971,123 +1405,12 @@ pub async fn start(
         new_pid = pid,
         "started generation {next} as pid {pid}; waiting until it is ready"
     );
-
-    let channel = spawned
-        .channel
-        .try_clone()
-        .and_then(|c| {
-            c.set_nonblocking(true)?;
-            tokio::net::UnixStream::from_std(c)
-        })
-        .map_err(|e| format!("handshake channel: {e}"))?;
-    let (read, mut write) = channel.into_split();
-    let mut lines = BoundedLines::new(read);
-    // N's exit ends every wait, even when something else keeps the channel open.
-    let mut exit_watch = spawned
-        .pidfd
-        .try_clone_fd()
-        .ok()
-        // SAFETY: the AsyncFd owns its copy of the pidfd, which stays open and unchanged
-        // while registered.
-        .and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok());
-
-    let first = match spawned.early.clone() {
-        Some(line) => Ok(Ok(Some(line))),
-        None => {
-            tokio::time::timeout(upgrader.timeout, async {
-                tokio::select! {
-                    _ = cancel.cancelled() => Err(io::Error::other(CALLED_OFF)),
-                    line = lines.next_line() => line,
-                    _ = exited(&mut exit_watch) => Ok(last_words(&mut lines).await),
-                }
-            })
-            .await
-        }
-    };
-    let exe = upgrader.exe.display();
-    let warnings: Vec<String>;
-    match first {
-        Err(_) => {
-            return Err(format!(
-                "the new process (pid {pid}) was not ready within {}; killed it",
-                humantime::format_duration(upgrader.timeout)
-            ))
-        }
-        Ok(Err(_)) if cancel.is_cancelled() => return Err(CALLED_OFF.to_owned()),
-        Ok(Err(e)) => return Err(format!("handshake with pid {pid} broke: {e}")),
-        Ok(Ok(None)) => {
-            return Err(format!(
-                "the new process (pid {pid}, {exe}) exited before it was ready"
-            ))
-        }
-        Ok(Ok(Some(line))) => match line.split_once(' ').unwrap_or((line.as_str(), "")) {
-            ("ready", extra) => warnings = ready_warnings(extra),
-            ("exec-error", errno) => {
-                let e = io::Error::from_raw_os_error(errno.parse().unwrap_or(0));
-                return Err(format!("cannot execute {exe}: {e}"));
-            }
-            ("error", message) => {
-                return Err(format!("the new process failed to start: {message}"))
-            }
-            ("exit", status) => {
-                return Err(format!(
-                    "the new process (pid {pid}, {exe}) exited before it was ready: {}",
-                    describe_exit(pid, status)
-                ))
-            }
-            _ => {
-                return Err(format!(
-                    "the new process (pid {pid}) said {line:?} instead of ready"
-                ))
-            }
-        },
-    }
+    let mut channel = OldEnd::open(&spawned)?;
+    let warnings = channel.wait_ready(&spawned, upgrader, cancel).await?;
     if cancel.is_cancelled() {
-        return Err(CALLED_OFF.to_owned());
+        return Err(UpgradeError::CalledOff);
     }
-
-    // The commit: N accepts from now on, next to O, and says so. Not cancellable: N may hold
-    // connections as soon as it read the line.
-    let confirmation = async {
-        write.write_all(b"commit\n").await?;
-        // A line N wrote before it exited counts: look at the channel first.
-        let answer = tokio::select! {
-            // What N said comes first, even if it died right after saying it.
-            biased;
-            line = tokio::time::timeout(STEP_TIMEOUT, lines.next_line()) => Some(line),
-            _ = exited(&mut exit_watch) => None,
-        };
-        match answer {
-            Some(Ok(Ok(Some(line)))) if line == "serving" => Ok(()),
-            Some(Ok(Ok(Some(line)))) if line.starts_with("exit ") => Err(io::Error::other(
-                format!("it {}", describe_exit(pid, &line[5..])),
-            )),
-            Some(Ok(Ok(other))) => Err(io::Error::other(format!(
-                "it said {other:?} instead of serving"
-            ))),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(_)) => Err(io::Error::other(format!(
-                "no answer within {STEP_TIMEOUT:?}"
-            ))),
-            None => match last_words(&mut lines).await {
-                // It served, then died: the probation that follows sees the death and rolls back.
-                Some(line) if line == "serving" => Ok(()),
-                words => {
-                    let how = words
-                        .as_deref()
-                        .and_then(|w| w.strip_prefix("exit "))
-                        .map(|status| describe_exit(pid, status))
-                        .unwrap_or_else(|| "exited".to_owned());
-                    Err(io::Error::other(format!("it {how}")))
-                }
-            },
-        }
-    };
-    if let Err(e) = confirmation.await {
-        return Err(format!(
-            "the new process (pid {pid}) did not confirm that it serves: {e}; killed it"
-        ));
-    }
+    channel.commit(pid).await?;
     Ok(Successor {
         pid,
         generation: next,
@@ -1095,11 +1418,165 @@ pub async fn start(
         serving_since: Instant::now(),
         warnings,
         spawned,
-        lines,
-        write,
-        exit_watch,
+        lines: channel.lines,
+        write: channel.write,
+        exit_watch: channel.exit_watch,
         channel_closed: false,
     })
+}
+
+/// Step 2: the double fork ([`Upgrader::spawn`]), on the blocking pool.
+async fn spawn_successor(
+    upgrader: &Upgrader,
+    started_usec: i128,
+    counts: Counts,
+) -> Result<Spawned, UpgradeError> {
+    let cannot_start = |source| UpgradeError::Spawn {
+        exe: upgrader.exe.clone(),
+        source,
+    };
+    let launch = upgrader
+        .prepare(started_usec, counts)
+        .map_err(cannot_start)?;
+    tokio::task::spawn_blocking(move || launch.launch())
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        .map_err(cannot_start)
+}
+
+/// O's end of the handshake channel while N starts, and a watch on N's exit.
+struct OldEnd {
+    lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    /// N's exit ends every wait, even when something else keeps the channel open.
+    exit_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+}
+
+impl OldEnd {
+    fn open(spawned: &Spawned) -> Result<OldEnd, UpgradeError> {
+        let channel = spawned
+            .channel
+            .try_clone()
+            .and_then(|c| {
+                c.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(c)
+            })
+            .map_err(UpgradeError::Channel)?;
+        let (read, write) = channel.into_split();
+        let exit_watch = spawned
+            .pidfd
+            .try_clone_fd()
+            .ok()
+            // SAFETY: the AsyncFd owns its copy of the pidfd, which stays open and unchanged
+            // while registered.
+            .and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok());
+        Ok(OldEnd {
+            lines: BoundedLines::new(read),
+            write,
+            exit_watch,
+        })
+    }
+
+    /// Step 3: N's first message (one that came with its pid counts) within the upgrade
+    /// timeout: `ready` gives N's warnings; anything else fails the upgrade.
+    async fn wait_ready(
+        &mut self,
+        spawned: &Spawned,
+        upgrader: &Upgrader,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Vec<String>, UpgradeError> {
+        let pid = spawned.pid;
+        let first =
+            match spawned.early.clone() {
+                Some(line) => Ok(Ok(Some(line))),
+                None => tokio::time::timeout(upgrader.timeout, async {
+                    tokio::select! {
+                        _ = cancel.cancelled() => Err(io::Error::other("called off")),
+                        line = self.lines.next_line() => line,
+                        _ = exited(&mut self.exit_watch) => Ok(last_words(&mut self.lines).await),
+                    }
+                })
+                .await,
+            };
+        let exe = || upgrader.exe.clone();
+        match first {
+            Err(_) => Err(UpgradeError::NotReady {
+                pid,
+                timeout: upgrader.timeout,
+            }),
+            Ok(Err(_)) if cancel.is_cancelled() => Err(UpgradeError::CalledOff),
+            Ok(Err(source)) => Err(UpgradeError::HandshakeBroke { pid, source }),
+            Ok(Ok(None)) => Err(UpgradeError::ExitedBeforeReady {
+                pid,
+                exe: exe(),
+                how: None,
+            }),
+            Ok(Ok(Some(line))) => match NewToOld::parse(&line) {
+                Some(NewToOld::Ready { warnings }) => Ok(warnings),
+                Some(NewToOld::ExecError(errno)) => Err(UpgradeError::Exec {
+                    exe: exe(),
+                    source: io::Error::from_raw_os_error(errno),
+                }),
+                Some(NewToOld::Error(message)) => Err(UpgradeError::StartFailed(message)),
+                Some(NewToOld::Exit(status)) => Err(UpgradeError::ExitedBeforeReady {
+                    pid,
+                    exe: exe(),
+                    how: Some(describe_exit(pid, status)),
+                }),
+                _ => Err(UpgradeError::Unexpected { pid, line }),
+            },
+        }
+    }
+
+    /// Step 4: `commit`, and N's `serving` within [`STEP_TIMEOUT`]. Not cancellable: N may
+    /// hold connections as soon as it read the line.
+    async fn commit(&mut self, pid: i32) -> Result<(), UpgradeError> {
+        self.confirm_serving(pid)
+            .await
+            .map_err(|e| UpgradeError::NotConfirmed {
+                pid,
+                reason: e.to_string(),
+            })
+    }
+
+    async fn confirm_serving(&mut self, pid: i32) -> io::Result<()> {
+        self.write
+            .write_all(OldToNew::Commit.to_line().as_bytes())
+            .await?;
+        // A line N wrote before it exited counts: look at the channel first.
+        let answer = tokio::select! {
+            // What N said comes first, even if it died right after saying it.
+            biased;
+            line = tokio::time::timeout(STEP_TIMEOUT, self.lines.next_line()) => Some(line),
+            _ = exited(&mut self.exit_watch) => None,
+        };
+        let said = |line: &Option<String>| line.as_deref().and_then(NewToOld::parse);
+        match answer {
+            Some(Ok(Ok(line))) => match said(&line) {
+                Some(NewToOld::Serving) => Ok(()),
+                Some(NewToOld::Exit(status)) => Err(io::Error::other(format!(
+                    "it {}",
+                    describe_exit(pid, status)
+                ))),
+                _ => Err(io::Error::other(format!(
+                    "it said {line:?} instead of serving"
+                ))),
+            },
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(io::Error::other(format!(
+                "no answer within {STEP_TIMEOUT:?}"
+            ))),
+            None => match said(&last_words(&mut self.lines).await) {
+                // It served, then died: the probation that follows sees the death and rolls back.
+                Some(NewToOld::Serving) => Ok(()),
+                Some(NewToOld::Exit(status)) => Err(io::Error::other(format!(
+                    "it {}",
+                    describe_exit(pid, status)
+                ))),
+                _ => Err(io::Error::other("it exited")),
+            },
+        }
+    }
 }
 
 /// The warnings N sent with `ready`: `ready {"warnings":[...]}` (a plain `ready` has none; an
@@ -1137,12 +1614,9 @@ async fn last_words(lines: &mut BoundedLines<tokio::net::unix::OwnedReadHalf>) -
 
 /// "killed by SIGSEGV" or "exited with status 3", from a wait status as the intermediate
 /// reports it.
-fn describe_exit(pid: i32, status: &str) -> String {
+fn describe_exit(pid: i32, status: u32) -> String {
     use nix::sys::wait::WaitStatus;
-    let raw = match status.trim().parse::<u32>() {
-        Ok(raw) => raw as i32,
-        Err(_) => return format!("exited ({status:?})"),
-    };
+    let raw = status as i32;
     match WaitStatus::from_raw(nix::unistd::Pid::from_raw(pid), raw) {
         Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
         Ok(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {}", signal.as_str()),
@@ -1158,10 +1632,8 @@ impl Successor {
                 line = self.lines.next_line(), if !self.channel_closed => line,
                 _ = exited(&mut self.exit_watch) => {
                     let how = loop {
-                        match last_words(&mut self.lines).await {
-                            Some(line) if line.starts_with("exit ") => {
-                                break describe_exit(self.pid, &line[5..])
-                            }
+                        match last_words(&mut self.lines).await.as_deref().map(NewToOld::parse) {
+                            Some(Some(NewToOld::Exit(status))) => break describe_exit(self.pid, status),
                             Some(_) => continue,
                             None => break "exited".to_owned(),
                         }
@@ -1170,11 +1642,13 @@ impl Successor {
                 }
             };
             match line {
-                Ok(Some(line)) if line == "promote" => return SuccessorEvent::AsksPromotion,
-                Ok(Some(line)) if line.starts_with("exit ") => {
-                    return SuccessorEvent::Exited(describe_exit(self.pid, &line[5..]))
-                }
-                Ok(Some(_)) => continue,
+                Ok(Some(line)) => match NewToOld::parse(&line) {
+                    Some(NewToOld::Promote) => return SuccessorEvent::AsksPromotion,
+                    Some(NewToOld::Exit(status)) => {
+                        return SuccessorEvent::Exited(describe_exit(self.pid, status))
+                    }
+                    _ => continue,
+                },
                 // N and its intermediate closed the channel: wait for N's exit itself.
                 Ok(None) | Err(_) => {
                     self.channel_closed = true;
@@ -1189,79 +1663,108 @@ impl Successor {
     /// Step 6: makes N the main pid. Releases the intermediate (so N is PID 1's or the
     /// subreaper's child), runs `hand_over_hook` (the pidfile names N), sends `MAINPID=N` and a
     /// `BARRIER=1`, silences this process towards the service manager and tells N `main`.
+    /// The hook runs on the calling task: keep it short.
     ///
     /// An error comes before `MAINPID=` went out: N is killed (dropped) and O may take over
-    /// again. After `MAINPID=` there is no way back.
+    /// again. After `MAINPID=` there is no way back (dropping the future then no longer kills
+    /// N).
     pub async fn promote(
         mut self,
         hand_over_hook: impl FnOnce(i32) -> io::Result<()>,
-    ) -> Result<HandedOver, String> {
+    ) -> Result<HandedOver, UpgradeError> {
         let pid = self.pid;
-        // Releasing the intermediate and the barrier (up to 5 s) block: off the workers.
-        tokio::task::block_in_place(|| {
-            if let Some(intermediate) = self.spawned.intermediate.take() {
-                intermediate
-                    .release_and_reap()
-                    .map_err(|e| format!("cannot reap the intermediate process: {e}"))?;
-            }
-            // N may have died just now, unseen by its released parent: it is not too late.
-            if self
-                .spawned
-                .pidfd
-                .wait_exit(Duration::ZERO)
-                .unwrap_or(false)
-            {
-                return Err(format!("pid {pid} exited during the handover"));
-            }
-            hand_over_hook(pid).map_err(|e| format!("cannot record pid {pid}: {e}"))?;
-            // Under NotifyAccess=main only O may name the new main pid, and systemd must have
-            // processed it before O exits, or it would consider the unit dead and kill N too.
-            notify::main_pid(pid as u32).map_err(|e| format!("MAINPID={pid} was not sent: {e}"))?;
-            // The point of no return: MAINPID= is out. Without the barrier's answer it is
-            // unknown whether systemd took it; going on is the lesser risk (killing N would
-            // leave a main pid that may be dead), so a silent barrier is logged, not a reason
-            // to roll back.
-            if let Err(e) = notify::barrier(BARRIER_TIMEOUT) {
-                tracing::warn!(
-                    event = "barrier-unconfirmed",
-                    new_pid = pid,
-                    "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
-                );
-            }
-            // N died between the check above and the manager's processing of MAINPID=: the
-            // manager refuses a dead pid, so this process is still the main pid and must take
-            // over again rather than drain and exit 0 with nothing serving.
-            if self
-                .spawned
-                .pidfd
-                .wait_exit(Duration::ZERO)
-                .unwrap_or(false)
-            {
-                return Err(format!("pid {pid} exited during the handover"));
-            }
-            Ok(())
-        })?;
-        self.spawned.promoted = true;
+        self.release_intermediate().await?;
+        self.ensure_alive()?;
+        hand_over_hook(pid).map_err(|source| UpgradeError::RecordPid { pid, source })?;
+        self.name_main_pid().await?;
         notify::hand_over();
-        // N sends READY=1 on this line; if it is gone by now, it is the service manager's to
-        // see (the main pid exited).
-        if let Err(e) = self.write.write_all(b"main\n").await {
+        self.tell_main().await;
+        self.into_handed_over()
+    }
+
+    /// Releases and reaps the intermediate, so that N is PID 1's (or the nearest subreaper's)
+    /// child before it is named the main pid. The reap waits: on the blocking pool.
+    async fn release_intermediate(&mut self) -> Result<(), UpgradeError> {
+        let Some(intermediate) = self.spawned.intermediate.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || intermediate.release_and_reap())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
+            .map_err(UpgradeError::ReapIntermediate)
+    }
+
+    /// N may have died just now, unseen by its released parent: it is not too late.
+    fn ensure_alive(&self) -> Result<(), UpgradeError> {
+        if self
+            .spawned
+            .pidfd
+            .wait_exit(Duration::ZERO)
+            .unwrap_or(false)
+        {
+            return Err(UpgradeError::ExitedDuringHandover { pid: self.pid });
+        }
+        Ok(())
+    }
+
+    /// `MAINPID=N`, then `BARRIER=1` (on the blocking pool: up to [`BARRIER_TIMEOUT`]).
+    async fn name_main_pid(&mut self) -> Result<(), UpgradeError> {
+        let pid = self.pid;
+        // Under NotifyAccess=main only O may name the new main pid, and systemd must have
+        // processed it before O exits, or it would consider the unit dead and kill N too.
+        notify::main_pid(pid as u32).map_err(|source| UpgradeError::MainPid { pid, source })?;
+        // The point of no return: MAINPID= is out. Dropped from here on, the future leaves N.
+        self.spawned.promoted = true;
+        // Without the barrier's answer it is unknown whether systemd took it; going on is the
+        // lesser risk (killing N would leave a main pid that may be dead), so a silent barrier
+        // is logged, not a reason to roll back.
+        let barrier = tokio::task::spawn_blocking(|| notify::barrier(BARRIER_TIMEOUT))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        if let Err(e) = barrier {
+            tracing::warn!(
+                event = "barrier-unconfirmed",
+                new_pid = pid,
+                "systemd did not confirm MAINPID={pid} within {BARRIER_TIMEOUT:?} ({e}); handing over all the same"
+            );
+        }
+        // N died between the check before and the manager's processing of MAINPID=: the
+        // manager refuses a dead pid, so this process is still the main pid and must take
+        // over again rather than drain and exit 0 with nothing serving.
+        if let Err(e) = self.ensure_alive() {
+            self.spawned.promoted = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `main` to N, which sends `READY=1` on it; if N is gone by now, it is the service
+    /// manager's to see (the main pid exited).
+    async fn tell_main(&mut self) {
+        let pid = self.pid;
+        let line = OldToNew::Main.to_line();
+        if let Err(e) = self.write.write_all(line.as_bytes()).await {
             tracing::warn!(
                 new_pid = pid,
                 "cannot tell pid {pid} that it is the main pid: {e}"
             );
         }
+    }
+
+    /// What O keeps of N after the handover.
+    fn into_handed_over(self) -> Result<HandedOver, UpgradeError> {
+        let pid = self.pid;
         let handle = self
             .spawned
             .pidfd
             .try_clone_fd()
             .map(ProcessHandle::from)
-            .map_err(|e| format!("pidfd of {pid}: {e}"))?;
+            .map_err(|source| UpgradeError::Pidfd { pid, source })?;
         let channel = self
             .lines
             .into_inner()
             .reunite(self.write)
-            .map_err(|e| format!("handshake channel: {e}"))?;
+            .map_err(|e| UpgradeError::Channel(io::Error::other(e)))?;
         Ok(HandedOver {
             pid,
             generation: self.generation,
@@ -1274,15 +1777,19 @@ impl Successor {
     /// Stops N gracefully (a stop during the probation): `stop` on the channel, then up to
     /// `timeout` for N to drain and exit; what is left then is killed.
     pub async fn stop(mut self, timeout: Duration) {
-        if self.write.write_all(b"stop\n").await.is_ok() {
+        let line = OldToNew::Stop.to_line();
+        if self.write.write_all(line.as_bytes()).await.is_ok() {
             let _ = tokio::time::timeout(timeout, exited(&mut self.exit_watch)).await;
         }
-        tokio::task::block_in_place(move || drop(self));
+        self.kill().await;
     }
 
-    /// Kills N and what it started, and reaps it (through its intermediate).
-    pub fn kill(self) {
-        tokio::task::block_in_place(move || drop(self));
+    /// Kills N and what it started, and reaps it (through its intermediate; the wait runs on
+    /// the blocking pool).
+    pub async fn kill(mut self) {
+        if let Some(reap) = self.spawned.kill() {
+            let _ = tokio::task::spawn_blocking(move || reap.run()).await;
+        }
     }
 }
 
@@ -1300,15 +1807,19 @@ fn monotonic_usec() -> i128 {
 /// # Safety contract
 /// Changes the environment: call it before any other thread exists. The fd must have been
 /// handed to this process alone (it becomes an `OwnedFd`).
-pub(crate) fn take_fd(var: &str, value: Option<String>) -> Result<Option<OwnedFd>, String> {
+pub(crate) fn take_fd(var: &str, value: Option<String>) -> Result<Option<OwnedFd>, EnvError> {
     // SAFETY (of the contract above): no other thread reads the environment yet.
     unsafe { std::env::remove_var(var) };
     let Some(value) = value else { return Ok(None) };
     let fd: RawFd = value
         .parse()
         .ok()
+        // SAFETY: F_GETFD only asks whether the fd is open.
         .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-        .ok_or_else(|| format!("{var}={value:?} is not an open fd"))?;
+        .ok_or_else(|| EnvError::NotAnFd {
+            var: var.to_owned(),
+            value,
+        })?;
     // SAFETY: the fd is open and, per the contract, ours alone.
     unsafe {
         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
@@ -1334,7 +1845,8 @@ pub struct Committed {
 impl Committed {
     /// Tells O that N accepts now. From then on O stands by on probation.
     pub async fn serving(mut self) -> io::Result<Predecessor> {
-        self.channel.write_all(b"serving\n").await?;
+        let line = NewToOld::Serving.to_line();
+        self.channel.write_all(line.as_bytes()).await?;
         let (read, write) = self.channel.into_split();
         Ok(Predecessor {
             lines: BoundedLines::new(read),
@@ -1370,19 +1882,13 @@ impl Predecessor {
                 Ok(Some(line)) => line,
                 Ok(None) | Err(_) => return PredecessorEvent::Gone,
             };
-            let mut words = line.split(' ');
-            match (words.next(), words.next(), words.next()) {
-                (Some("main"), None, _) => return PredecessorEvent::Main,
-                (Some("stop"), None, _) => return PredecessorEvent::Stop,
-                (Some("drained"), Some(ms), Some(forced)) => {
-                    if let (Ok(ms), Ok(forced)) = (ms.parse::<u64>(), forced.parse::<u64>()) {
-                        return PredecessorEvent::Drained {
-                            duration: Duration::from_millis(ms),
-                            forced,
-                        };
-                    }
+            match OldToNew::parse(&line) {
+                Some(OldToNew::Main) => return PredecessorEvent::Main,
+                Some(OldToNew::Stop) => return PredecessorEvent::Stop,
+                Some(OldToNew::Drained { duration, forced }) => {
+                    return PredecessorEvent::Drained { duration, forced }
                 }
-                _ => {}
+                Some(OldToNew::Commit) | None => {}
             }
             tracing::debug!("ignored {line:?} from the previous generation");
         }
@@ -1390,13 +1896,85 @@ impl Predecessor {
 
     /// Asks O to end the probation now (N was asked for an upgrade itself).
     pub async fn ask_promotion(&mut self) -> io::Result<()> {
-        self.write.write_all(b"promote\n").await
+        let line = NewToOld::Promote.to_line();
+        self.write.write_all(line.as_bytes()).await
     }
+}
+
+/// The most state bytes [`take_state_from_env`] takes (and [`Upgrader::spawn`] hands over).
+pub const MAX_STATE: usize = 64 << 20;
+
+/// N's side of [`Upgrader::set_state`]: the bytes the previous generation handed over in a
+/// memfd announced in `BATON_STATE_FD`, if any. Removes the variable and closes the fd. Like
+/// the other private variables it is honoured only when meant for this process
+/// ([`private_env_trusted`]); more than [`MAX_STATE`] bytes are refused.
+///
+/// # Safety contract
+/// Changes the environment: call it before any other thread exists.
+pub fn take_state_from_env() -> Result<Option<Vec<u8>>, EnvError> {
+    private_env_trusted();
+    let Some(fd) = take_fd(STATE_FD_ENV.name(), STATE_FD_ENV.get())? else {
+        return Ok(None);
+    };
+    read_state(fd, STATE_FD_ENV.name(), MAX_STATE).map(Some)
+}
+
+/// Reads at most `max` bytes from the start of the state memfd (where O left its offset).
+fn read_state(fd: OwnedFd, var: &str, max: usize) -> Result<Vec<u8>, EnvError> {
+    use std::io::Read;
+    let file = std::fs::File::from(fd);
+    let too_large = |size| EnvError::StateTooLarge {
+        var: var.to_owned(),
+        size,
+        max,
+    };
+    let unreadable = |source| EnvError::StateUnreadable {
+        var: var.to_owned(),
+        source,
+    };
+    let size = file.metadata().map_err(unreadable)?.len();
+    if size > max as u64 {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    (&file)
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() > max {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// A sealed memfd holding `bytes`, its offset at the start: what N reads in
+/// [`take_state_from_env`].
+fn sealed_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use std::io::{Seek, SeekFrom};
+    let fd = memfd_create(
+        "baton-state",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SEAL
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE,
+        ),
+    )?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file.into())
 }
 
 /// O's report of its drain to N, as [`Predecessor::next`] reads it.
 pub fn drained_line(duration: Duration, forced: u64) -> String {
-    format!("drained {} {forced}\n", duration.as_millis())
+    OldToNew::Drained { duration, forced }.to_line()
 }
 
 impl Handshake {
@@ -1404,7 +1982,7 @@ impl Handshake {
     ///
     /// # Safety contract
     /// Changes the environment: call it before any other thread exists.
-    pub fn take_from_env() -> Result<Option<Handshake>, String> {
+    pub fn take_from_env() -> Result<Option<Handshake>, EnvError> {
         private_env_trusted();
         let fd = std::env::var(UPGRADE_FD_ENV).ok();
         let started = std::env::var(UPGRADE_STARTED_ENV).ok();
@@ -1436,7 +2014,7 @@ impl Handshake {
             message.truncate(end);
             message.push_str(" [...]");
         }
-        let line = format!("error {message}\n");
+        let line = NewToOld::Error(message).to_line();
         let _ = self.channel.write_all(line.as_bytes());
     }
 
@@ -1445,22 +2023,16 @@ impl Handshake {
     pub async fn ready(self, warnings: &[String]) -> io::Result<Committed> {
         self.channel.set_nonblocking(true)?;
         let mut channel = tokio::net::UnixStream::from_std(self.channel)?;
-        let line = if warnings.is_empty() {
-            "ready\n".to_owned()
-        } else {
-            format!("ready {}\n", serde_json::json!({ "warnings": warnings }))
+        let ready = NewToOld::Ready {
+            warnings: warnings.to_vec(),
         };
-        channel.write_all(line.as_bytes()).await?;
+        channel.write_all(ready.to_line().as_bytes()).await?;
         let mut lines = BoundedLines::new(&mut channel);
-        let line = lines
-            .next_line()
-            .await?
-            .map(|l| l + "\n")
-            .unwrap_or_default();
-        if line != "commit\n" {
+        let line = lines.next_line().await?;
+        if line.as_deref().and_then(OldToNew::parse) != Some(OldToNew::Commit) {
             return Err(io::Error::other(format!(
                 "the old process ended the handshake ({:?})",
-                line.trim_end()
+                line.as_deref().unwrap_or_default().trim_end()
             )));
         }
         let handoff = self.started_usec.map(|start| {
@@ -1498,6 +2070,274 @@ mod tests {
         let input = "p".repeat(MAX_LINE + 1);
         let mut reader = std::io::BufReader::new(input.as_bytes());
         assert!(read_bounded_line(&mut reader, &mut String::new()).is_err());
+    }
+
+    #[test]
+    fn messages_round_trip_and_junk_is_refused() {
+        let from_new = [
+            (NewToOld::Pid(4194304), "pid 4194304"),
+            (NewToOld::ForkFailed(11), "fork-failed 11"),
+            (NewToOld::Exit(9), "exit 9"),
+            (NewToOld::ExecError(2), "exec-error 2"),
+            (NewToOld::Error("no config: x".into()), "error no config: x"),
+            (NewToOld::Error(String::new()), "error "),
+            (NewToOld::Ready { warnings: vec![] }, "ready"),
+            (
+                NewToOld::Ready {
+                    warnings: vec!["a \"b\"".into(), "c".into()],
+                },
+                r#"ready {"warnings":["a \"b\"","c"]}"#,
+            ),
+            (NewToOld::Serving, "serving"),
+            (NewToOld::Promote, "promote"),
+        ];
+        for (message, line) in from_new {
+            assert_eq!(message.to_string(), line);
+            assert_eq!(message.to_line(), format!("{line}\n"));
+            assert_eq!(NewToOld::parse(line), Some(message), "{line:?}");
+        }
+        // What older and newer peers may send and is read all the same.
+        assert_eq!(
+            NewToOld::parse("error"),
+            Some(NewToOld::Error(String::new()))
+        );
+        assert_eq!(
+            NewToOld::parse("ready {\"later\":1}"),
+            Some(NewToOld::Ready { warnings: vec![] })
+        );
+        for junk in [
+            "",
+            "pid",
+            "pid x",
+            "pid 1 2",
+            "exit",
+            "exit -1",
+            "exec-error",
+            "exec-error e",
+            "serving now",
+            "Serving",
+            "promote ",
+            "readyx",
+            "commit",
+            "hello",
+        ] {
+            assert_eq!(NewToOld::parse(junk), None, "{junk:?}");
+        }
+
+        let from_old = [
+            (OldToNew::Commit, "commit"),
+            (OldToNew::Main, "main"),
+            (OldToNew::Stop, "stop"),
+            (
+                OldToNew::Drained {
+                    duration: Duration::from_millis(1500),
+                    forced: 3,
+                },
+                "drained 1500 3",
+            ),
+        ];
+        for (message, line) in from_old {
+            assert_eq!(message.to_string(), line);
+            assert_eq!(message.to_line(), format!("{line}\n"));
+            assert_eq!(OldToNew::parse(line), Some(message), "{line:?}");
+        }
+        assert_eq!(
+            drained_line(Duration::from_millis(7), 0),
+            "drained 7 0\n",
+            "the drain report keeps its format"
+        );
+        assert_eq!(
+            OldToNew::parse("drained 7 0 later"),
+            Some(OldToNew::Drained {
+                duration: Duration::from_millis(7),
+                forced: 0
+            })
+        );
+        for junk in [
+            "",
+            "commit now",
+            "main ",
+            "stop x",
+            "drained",
+            "drained 1",
+            "drained x 1",
+            "drained 1 -1",
+            "ready",
+            "MAIN",
+        ] {
+            assert_eq!(OldToNew::parse(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn the_words_written_without_allocation_parse() {
+        let mut buf = [0u8; 32];
+        for (word, expected) in [
+            (PID_WORD, NewToOld::Pid(77)),
+            (EXIT_WORD, NewToOld::Exit(77)),
+            (EXEC_ERROR_WORD, NewToOld::ExecError(77)),
+            (FORK_FAILED_WORD, NewToOld::ForkFailed(77)),
+        ] {
+            let mut n = copy(&mut buf, 0, word.as_bytes());
+            n += write_decimal(&mut buf[n..], 77);
+            let line = std::str::from_utf8(&buf[..n]).unwrap();
+            assert_eq!(NewToOld::parse(line), Some(expected));
+        }
+    }
+
+    #[test]
+    fn state_goes_through_a_sealed_memfd() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let fd = sealed_memfd(&bytes).unwrap();
+        let copy = fd.try_clone().unwrap();
+        // Sealed: nobody changes it on its way.
+        assert!(nix::unistd::write(&copy, b"x").is_err());
+        assert_eq!(read_state(fd, "STATE", MAX_STATE).unwrap(), bytes);
+        let empty = sealed_memfd(b"").unwrap();
+        assert_eq!(read_state(empty, "STATE", MAX_STATE).unwrap(), b"");
+        let e = read_state(sealed_memfd(b"12345").unwrap(), "STATE", 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the state handed over in STATE has 5 bytes or more; at most 4 are taken"
+        );
+    }
+
+    #[test]
+    fn errors_print_the_reasons_as_before() {
+        let e = UpgradeError::ExitedBeforeReady {
+            pid: 12,
+            exe: PathBuf::from("/usr/bin/baton"),
+            how: None,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the new process (pid 12, /usr/bin/baton) exited before it was ready"
+        );
+        let e = UpgradeError::NotReady {
+            pid: 12,
+            timeout: Duration::from_secs(90),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the new process (pid 12) was not ready within 1m 30s; killed it"
+        );
+        let e = EnvError::NotAnFd {
+            var: "BATON_UPGRADE_FD".into(),
+            value: "x".into(),
+        };
+        assert_eq!(e.to_string(), "BATON_UPGRADE_FD=\"x\" is not an open fd");
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Whether `pid` is gone (reaped), waiting up to 10 s.
+    fn gone(pid: i32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH)
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn start_fails_fast_on_a_current_thread_runtime() {
+        let upgrader = Upgrader::new(
+            PathBuf::from("/nonexistent/baton-upgrade-test"),
+            1,
+            Duration::from_secs(30),
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let began = Instant::now();
+        let e = current_thread()
+            .block_on(start(&upgrader, Counts::default(), &cancel))
+            .err()
+            .expect("no such executable");
+        assert!(matches!(e, UpgradeError::Exec { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "cannot execute /nonexistent/baton-upgrade-test: No such file or directory (os error 2)"
+        );
+        assert!(began.elapsed() < Duration::from_secs(10));
+    }
+
+    /// This very test binary as N, running only [`successor_generation`].
+    fn test_binary_upgrader() -> Upgrader {
+        let mut upgrader =
+            Upgrader::new(std::env::current_exe().unwrap(), 1, Duration::from_secs(30));
+        upgrader.args = [
+            "upgrade::tests::successor_generation",
+            "--exact",
+            "--test-threads=1",
+            "-q",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        upgrader
+    }
+
+    /// N for the tests below: takes the state, says `ready` with it as its warning, serves,
+    /// and exits when O says `main` or `stop`, or goes. Without a handshake (a plain test
+    /// run) it does nothing.
+    #[test]
+    fn successor_generation() {
+        if std::env::var_os(UPGRADE_FD_ENV).is_none() {
+            return;
+        }
+        let state = take_state_from_env().unwrap();
+        let handshake = Handshake::take_from_env().unwrap().unwrap();
+        current_thread().block_on(async {
+            let warning = match state {
+                Some(bytes) => format!("state: {}", String::from_utf8_lossy(&bytes)),
+                None => "no state".to_owned(),
+            };
+            let committed = handshake.ready(&[warning]).await.unwrap();
+            let mut predecessor = committed.serving().await.unwrap();
+            loop {
+                if let PredecessorEvent::Main | PredecessorEvent::Stop | PredecessorEvent::Gone =
+                    predecessor.next().await
+                {
+                    std::process::exit(0);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_successor_gets_the_state_and_is_killed_on_a_current_thread_runtime() {
+        let upgrader = test_binary_upgrader();
+        upgrader.set_state(b"generation one was here".to_vec());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let pid = current_thread().block_on(async {
+            let successor = start(&upgrader, Counts::default(), &cancel).await.unwrap();
+            assert_eq!(successor.warnings, ["state: generation one was here"]);
+            assert_eq!(successor.generation, 2);
+            let pid = successor.pid;
+            successor.kill().await;
+            pid
+        });
+        assert!(gone(pid), "pid {pid} still there after the kill");
+
+        // Without a state, and dropped rather than killed.
+        upgrader.clear_state();
+        let runtime = current_thread();
+        let pid = runtime.block_on(async {
+            let successor = start(&upgrader, Counts::default(), &cancel).await.unwrap();
+            assert_eq!(successor.warnings, ["no state"]);
+            successor.pid
+            // dropped here, inside the runtime
+        });
+        drop(runtime);
+        assert!(gone(pid), "pid {pid} still there after the drop");
     }
 
     #[test]
