@@ -65,15 +65,10 @@ fi
 say "cargo doc (no broken links, no warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 
+# With the library's: lifecycle/tests/examples.rs runs its echo and axum examples as real processes.
 say "cargo test --workspace --all-features"
 cargo test --workspace --all-features --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
-
-# The library's own tests, with the hyper feature: lifecycle/tests/examples.rs runs the echo and
-# axum examples as real processes and upgrades them.
-say "cargo test -p baton-lifecycle --all-features"
-cargo test --quiet -p baton-lifecycle --all-features 2>&1 | tee /tmp/baton-lifecycle-test.log
-grep -q '^test result: ok' /tmp/baton-lifecycle-test.log || die "cargo test -p baton-lifecycle ran no test"
 
 # The library has no HTTP and no CLI unless asked: none of these in its default dependencies.
 say "baton-lifecycle's default dependencies: no HTTP, no CLI, no config format, no metrics"
