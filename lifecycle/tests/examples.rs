@@ -320,6 +320,8 @@ impl Example {
         let status = reaper::wait_exit(old, TIMEOUT)
             .unwrap_or_else(|| panic!("old pid {old} did not exit:\n{}", self.stderr.text()));
         assert!(status.success(), "old pid {old}: {status:?}");
+        // Orphaned by the double fork, adopted by the subreaper (systemd's part).
+        assert!(descends_from_us(new), "pid {new} is not ours");
         new
     }
 
@@ -361,12 +363,39 @@ impl Example {
 
 impl Drop for Example {
     fn drop(&mut self) {
+        // Only our own descendants: a pid reaped by the double fork's intermediate process, not
+        // here, may be another process's by now.
         for pid in self.pids() {
-            if reaper::status(pid).is_none() {
+            if reaper::status(pid).is_none() && descends_from_us(pid) {
                 kill(pid, Signal::SIGKILL);
             }
         }
     }
+}
+
+/// Whether `pid` is a live descendant of the test process.
+fn descends_from_us(mut pid: u32) -> bool {
+    let me = std::process::id();
+    for _ in 0..8 {
+        // `pid (comm) state ppid ...`; comm may hold anything, up to the last `)`.
+        let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = stat.rsplit_once(')')?.1.to_owned();
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            })
+        else {
+            return false;
+        };
+        if ppid == me {
+            return true;
+        }
+        if ppid <= 1 {
+            return false;
+        }
+        pid = ppid;
+    }
+    false
 }
 
 /// A client thread that runs one exchange after another, each on a fresh connection, counting
