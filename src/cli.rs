@@ -10,7 +10,7 @@
 // `[default: ...]` are meant literally, not as intra-doc links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,8 +19,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::config::{parse_duration, Config, Settings, DEFAULT_CONFIG_PATH};
 use crate::control::{Client, ClientError, ProcessHandle};
 use crate::logging::Destination;
-use crate::pidfile::{self, Pidfile, Probe};
-use crate::upgrade::Handshake;
+use crate::pidfile::Probe;
 
 /// `baton status` when nothing runs (LSB).
 pub const EXIT_NOT_RUNNING: u8 = 3;
@@ -281,10 +280,7 @@ fn report(error: impl std::fmt::Display) -> ExitCode {
 
 /// Runs the command line; `main` is only this.
 pub fn main() -> ExitCode {
-    baton_lifecycle::env::set_identity(baton_lifecycle::env::Identity::new(
-        "baton",
-        crate::VERSION,
-    ));
+    baton_lifecycle::env::set_identity(crate::service::identity());
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
@@ -318,14 +314,6 @@ fn help(command: Option<&str>) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    // Before anything reads them: baton's private variables count only when meant for this
-    // very process (a stray value must not make a plain start wait for a commit, or write its
-    // pid into an unrelated file).
-    crate::upgrade::private_env_trusted();
-    // A keeper that re-executed itself goes on with the state it passed.
-    if crate::keeper::resuming() {
-        return crate::keeper::resume();
-    }
     // Bad usage, as clap reports it: exit 2, before anything else happens.
     let flags = match args.flags() {
         Ok(flags) => flags,
@@ -334,127 +322,70 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // First of all: a new generation reports any failure to the old one, which relays it to
-    // whoever asked for the upgrade.
-    let mut handshake = match Handshake::take_from_env() {
-        Ok(handshake) => handshake,
-        Err(e) => return report(e),
-    };
-    let is_upgrade = handshake.is_some();
-    // A generation started by a keeper reports a failed start to it, and leaves the pidfile
-    // and daemonizing to it.
-    let keeper_pid = crate::keeper::pid_from_env();
-    let mut keeper_report = match crate::keeper::take_report_fd() {
-        Ok(r) => r,
-        Err(e) => return report(e),
-    };
-    let mut fail_early = |message: String| {
-        if let Some(h) = handshake.take() {
-            h.fail(&message);
+    let mut loaded = None;
+    let configure = || {
+        let config = Config::load(args.config.as_deref(), &flags).map_err(|e| e.to_string())?;
+        if args.daemon {
+            check_daemon_paths(&args, &config)?;
         }
-        if let Some(r) = keeper_report.take() {
-            r.fail(&message);
-        }
-        report(message)
+        let options = crate::service::options(&config, args.daemon, args.keeper);
+        loaded = Some(config);
+        Ok(options)
     };
-    let config = match Config::load(args.config.as_deref(), &flags) {
-        Ok(config) => config,
-        Err(errors) => return fail_early(errors.to_string()),
+    // SAFETY: the CLI runs single-threaded until here; nothing has started a thread.
+    let started = unsafe { baton_lifecycle::start_with(crate::service::identity(), configure) };
+    let (lifecycle, config) = match (started, loaded) {
+        (Ok(lifecycle), Some(config)) => (lifecycle, config),
+        (Err(e), _) => return report(e),
+        (Ok(_), None) => return report("the configuration was not loaded; this is a bug"),
     };
-    // A daemon runs in /, and so does every later generation, which reads the same arguments.
-    if args.daemon {
-        let relative = [
-            ("--config", args.config.as_deref()),
-            ("server.root (--root or DIR)", config.root.as_deref()),
-        ]
-        .into_iter()
-        .find_map(|(what, path)| {
-            path.filter(|p| p.is_relative())
-                .map(|p| (what, p.to_owned()))
-        });
-        if let Some((what, path)) = relative {
-            return fail_early(format!(
-                "{what} {} is a relative path, but a daemon runs in /: give the full path",
-                path.display()
-            ));
+    let destination = lifecycle.log_destination();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("baton-worker")
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let message = format!("cannot start the async runtime: {e}");
+            lifecycle.abandon(&message);
+            return report(message);
         }
-    }
-    // Without a service manager, a keeper runs the generations (crate::keeper).
-    if !is_upgrade && crate::keeper::wanted(args.daemon || args.keeper) {
-        return crate::keeper::run(crate::service::keeper_settings(&config), args.daemon);
-    }
-    // The pidfile: inherited, already locked, by a new generation; locked anew by a first one;
-    // the keeper's alone under a keeper.
-    let pidfile_path = config
-        .pidfile
-        .clone()
-        .or_else(|| args.daemon.then(pidfile::default_path));
-    let pidfile = match (
-        Pidfile::inherit(pidfile_path.as_deref().unwrap_or(Path::new(""))),
-        &pidfile_path,
-    ) {
-        (Err(e), _) => return fail_early(e.to_string()),
-        (Ok(Some(inherited)), _) => Some(inherited),
-        (Ok(None), _) if keeper_pid.is_some() => None,
-        (Ok(None), Some(path)) if !is_upgrade => {
-            match Pidfile::acquire(path, config.pidfile.is_none()) {
-                Ok(p) => Some(p),
-                Err(e) => return fail_early(e.to_string()),
-            }
-        }
-        (Ok(None), _) => None,
     };
-    let log_file = config.log_file.clone();
-    let log_level = config.log_level.clone();
-    // A new generation is a daemon already; under a keeper, the keeper is.
-    let daemon = args.daemon && !is_upgrade && keeper_pid.is_none();
-    let mut process =
-        match crate::lifecycle::prepare(crate::service::generation_settings(&config), pidfile) {
-            Ok(process) => process,
-            Err(e) => return fail_early(format!("{e:#}")),
-        };
-    if let Some(h) = handshake.take() {
-        process.attach_handshake(h);
-    }
-    if let Some(r) = keeper_report.take() {
-        process.report_to(r);
-    }
-    if daemon {
-        match crate::daemon::daemonize(log_file.as_deref(), &process.fds()) {
-            Ok(readiness) => process.report_to(readiness),
-            Err(e) => return report(format!("cannot daemonize: {e}")),
-        }
-    }
-    if let Some(pidfile) = process.pidfile() {
-        if !process.is_upgrade() {
-            if let Err(e) = pidfile.write_pid(std::process::id()) {
-                let message = format!(
-                    "pidfile {}: cannot write the pid: {e}",
-                    pidfile.path().display()
-                );
-                return process.fail(&message);
-            }
-        }
-    }
-    let destination = match crate::logging::init(&log_level, log_file.as_deref()) {
-        Ok(destination) => destination,
-        Err(e) => return process.fail(&e),
-    };
-    crate::upgrade::report_ignored_private_env();
-    if let Some(keeper) = keeper_pid {
-        crate::keeper::watch(keeper);
-    }
-    match process.run(|info| crate::service::Service::new(&config, info)) {
+    let served =
+        runtime.block_on(lifecycle.run(|info| crate::service::Service::new(&config, info)));
+    match served {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => match destination {
             // One line per failure: a structured event in the journal or the log file, or a
             // plain line on stderr.
-            Destination::Journal | Destination::File => {
-                tracing::error!(event = "failed", "{e:#}");
+            Some(Destination::Journal | Destination::File) => {
+                tracing::error!(event = "failed", "{e}");
                 ExitCode::FAILURE
             }
-            Destination::Stderr => report(format!("{e:#}")),
+            _ => report(e),
         },
+    }
+}
+
+/// A daemon runs in /, and so does every later generation, which reads the same arguments:
+/// relative paths would name other files there.
+fn check_daemon_paths(args: &ServeArgs, config: &Config) -> Result<(), String> {
+    let relative = [
+        ("--config", args.config.as_deref()),
+        ("server.root (--root or DIR)", config.root.as_deref()),
+    ]
+    .into_iter()
+    .find_map(|(what, path)| {
+        path.filter(|p| p.is_relative())
+            .map(|p| (what, p.to_owned()))
+    });
+    match relative {
+        Some((what, path)) => Err(format!(
+            "{what} {} is a relative path, but a daemon runs in /: give the full path",
+            path.display()
+        )),
+        None => Ok(()),
     }
 }
 

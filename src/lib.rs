@@ -35,7 +35,8 @@
 //!     baton::logging::init(&config.log_level, None).map_err(anyhow::Error::msg)?;
 //!     // Before any thread: take the sockets systemd passed, or bind the configured ones.
 //!     let settings = baton::service::generation_settings(&config);
-//!     let process = baton::lifecycle::prepare(settings, None)?;
+//!     // SAFETY: no other thread exists yet.
+//!     let process = unsafe { baton::lifecycle::prepare(settings, None) }?;
 //!     process.run(|info| baton::service::Service::new(&config, info))?;
 //!     Ok(())
 //! }

@@ -78,6 +78,37 @@ pub fn generation_settings(config: &Config) -> generation::Settings {
     }
 }
 
+/// baton, at this build's version ([`crate::VERSION`]).
+pub fn identity() -> baton_lifecycle::Identity {
+    baton_lifecycle::Identity::new("baton", crate::VERSION)
+}
+
+/// The lifecycle's options for `baton serve` with `config` (`--daemon`, `--keeper`).
+pub fn options(config: &Config, daemon: bool, keeper: bool) -> baton_lifecycle::Options {
+    let settings = generation_settings(config);
+    let mut options = baton_lifecycle::Options::new("baton", crate::VERSION)
+        .upgrade_timeout(settings.upgrade_timeout)
+        .probation(settings.probation)
+        .drain_timeout(settings.drain_timeout)
+        .daemon(daemon)
+        .keeper(keeper)
+        .log(&config.log_level, config.log_file.clone())
+        .restarts(config.keeper.startsecs, config.keeper.startretries);
+    for listener in settings.listeners {
+        options = options.listen(listener);
+    }
+    if let Some(exe) = settings.exec {
+        options = options.exec(exe);
+    }
+    if let Some(path) = &config.pidfile {
+        options = options.pidfile(path);
+    }
+    if let Some(source) = settings.config {
+        options = options.config_file(source);
+    }
+    options
+}
+
 /// What the keeper needs of baton's configuration.
 pub fn keeper_settings(config: &Config) -> baton_lifecycle::keeper::Settings {
     baton_lifecycle::keeper::Settings {

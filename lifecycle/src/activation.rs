@@ -379,9 +379,9 @@ fn intake(env: &ListenEnv, my_pid: u32) -> Result<Intake, ActivationError> {
 /// [`listenfd`], once baton's rules have accepted the variables; each is checked to be open
 /// and marked close-on-exec (baton hands sockets to its children explicitly).
 ///
-/// # Safety contract
+/// # Safety
 /// Changes the environment: call it before any other thread exists.
-pub fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
+pub unsafe fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
     let units = std::env::var(SOCKET_UNITS_ENV).unwrap_or_default();
     let mut units = units.split('/').map(str::to_owned);
     let decided = intake(&ListenEnv::from_env(), std::process::id());

@@ -39,7 +39,11 @@ impl Readiness {
 /// Detaches into the background. Returns in the daemon; the foreground process exits with the
 /// daemon's outcome instead of returning. `keep` are fds the daemon needs (sockets, the
 /// pidfile); `log_file` receives stdout and stderr.
-pub fn daemonize(log_file: Option<&Path>, keep: &[RawFd]) -> io::Result<Readiness> {
+///
+/// # Safety
+/// Call it before any other thread exists: it forks (only the calling thread survives) and
+/// closes every fd but `keep` and stdio.
+pub unsafe fn daemonize(log_file: Option<&Path>, keep: &[RawFd]) -> io::Result<Readiness> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // Open what can fail before forking, so that the error is the foreground's to print.
     let null = File::options().read(true).write(true).open("/dev/null")?;

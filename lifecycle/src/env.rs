@@ -9,12 +9,16 @@
 //! for baton), so two services built on this crate never read each other's.
 //!
 //! Private variables are honoured only when [`Var::FOR_PID`] names this very process
-//! ([`crate::upgrade::private_env_trusted`]): a stray value inherited by a plain launch (an
-//! operator's shell, a child of a generation) is ignored and removed.
+//! ([`private_env_trusted`]): a stray value inherited by a plain launch (an operator's shell, a
+//! child of a generation) is ignored, and removed by [`init`].
 //!
-//! This module depends on nothing else of the crate: every other module takes its names here.
+//! This module depends on nothing else of the crate: every other module takes its names, its
+//! trust decision and its inherited fds ([`take_fd`]) here.
 
-use std::sync::OnceLock;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use std::sync::{LazyLock, OnceLock};
 
 /// Who the service is: its name (the journal's `SYSLOG_IDENTIFIER`, the runtime directory
 /// `/run/<name>`, the control socket's name), its version (logs, `status`), and the prefix of
@@ -153,6 +157,203 @@ impl PartialEq<Var> for String {
 impl std::fmt::Display for Var {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The private variables: honoured only when meant for this very process
+/// ([`private_env_trusted`]).
+pub static PRIVATE_VARS: LazyLock<[&str; 10]> = LazyLock::new(|| {
+    [
+        Var::UPGRADE_FD.name(),
+        Var::STATE_FD.name(),
+        Var::UPGRADE_STARTED_USEC.name(),
+        Var::UPGRADES.name(),
+        Var::GENERATION.name(),
+        Var::PIDFILE_FD.name(),
+        Var::KEEPER_PID.name(),
+        Var::RESTARTS.name(),
+        Var::KEEPER_REPORT_FD.name(),
+        Var::KEEPER_STATE.name(),
+    ]
+});
+
+/// Variables of an old generation's environment that the new one must not inherit as they are
+/// (the upgrade sets its own values).
+pub static NOT_INHERITED: LazyLock<[&str; 13]> = LazyLock::new(|| {
+    [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PIDFDID",
+        Var::SOCKET_UNITS.name(),
+        "WATCHDOG_PID", // names the old pid; without it the watchdog applies to whoever reads it
+        Var::GENERATION.name(),
+        Var::UPGRADE_FD.name(),
+        Var::UPGRADE_STARTED_USEC.name(),
+        Var::UPGRADES.name(),
+        Var::STATE_FD.name(),
+        Var::PIDFILE_FD.name(),
+        Var::FOR_PID.name(),
+    ]
+});
+
+/// The trust decision, and the stray variables [`init`] removed.
+static TRUSTED: OnceLock<(bool, Vec<String>)> = OnceLock::new();
+
+/// Whether the private variables ([`PRIVATE_VARS`]) are meant for this process. They are when
+/// `<PREFIX>_FOR_PID` is this process's pid; without it (set by builds before it existed) when
+/// `LISTEN_PID` is, as an upgrade and the keeper always set it, or, for the keeper's own
+/// re-exec, when its state names a child of this process as the main pid.
+///
+/// Before [`init`] this only reads the environment; after it, it returns [`init`]'s answer.
+pub fn private_env_trusted() -> bool {
+    match TRUSTED.get() {
+        Some((trusted, _)) => *trusted,
+        None => decide(),
+    }
+}
+
+fn decide() -> bool {
+    let pid = std::process::id();
+    let names_us = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            == Some(pid)
+    };
+    match std::env::var_os(Var::FOR_PID) {
+        Some(_) => names_us(Var::FOR_PID.name()),
+        None => names_us("LISTEN_PID") || legacy_state_is_ours(),
+    }
+}
+
+/// Decides once whether the private variables are meant for this process
+/// ([`private_env_trusted`]), removes `<PREFIX>_FOR_PID`, and removes the private variables
+/// when they are not (stray values inherited by a plain launch); [`report_ignored_private_env`]
+/// logs them once logging works. Later calls do nothing.
+///
+/// # Safety
+/// Changes the environment: call it before any other thread exists.
+pub unsafe fn init() -> bool {
+    TRUSTED
+        .get_or_init(|| {
+            let trusted = decide();
+            // SAFETY: the caller promises that no other thread exists.
+            unsafe { std::env::remove_var(Var::FOR_PID) };
+            let mut ignored = Vec::new();
+            if !trusted {
+                for var in *PRIVATE_VARS {
+                    if let Some(value) = std::env::var_os(var) {
+                        ignored.push(format!("{var}={}", value.to_string_lossy()));
+                        // SAFETY: as above.
+                        unsafe { std::env::remove_var(var) };
+                    }
+                }
+            }
+            (trusted, ignored)
+        })
+        .0
+}
+
+/// Whether a keeper state without `<PREFIX>_FOR_PID` (from a keeper binary before it existed)
+/// is this process's own: it re-executed itself, so the main generation it names is our child.
+fn legacy_state_is_ours() -> bool {
+    let Some(main) = std::env::var(Var::KEEPER_STATE)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|state| state["main"][0].as_i64())
+    else {
+        return false;
+    };
+    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
+    std::fs::read_to_string(format!("/proc/{main}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        == Some(std::process::id())
+}
+
+/// Logs the private variables [`init`] ignored, if any. Call once logging works.
+pub fn report_ignored_private_env() {
+    if let Some((_, ignored)) = TRUSTED.get() {
+        if !ignored.is_empty() {
+            tracing::info!(
+                event = "private-env-ignored",
+                "ignored {} (not meant for this process, pid {}: {} does not name it)",
+                ignored.join(" "),
+                std::process::id(),
+                Var::FOR_PID
+            );
+        }
+    }
+}
+
+/// Takes the fd a previous process announced in the private variable `var`, if it is meant for
+/// this process: removes the variable, checks that it names an open fd above stdio, and marks
+/// it FD_CLOEXEC so that nothing this process starts inherits it.
+///
+/// # Safety
+/// Changes the environment: call it before any other thread exists. The fd must have been
+/// handed to this process alone (it becomes an `OwnedFd`).
+pub unsafe fn take_fd(var: Var) -> Result<Option<OwnedFd>, EnvError> {
+    // SAFETY: the caller promises that no other thread exists.
+    let trusted = unsafe { init() };
+    let value = std::env::var(var).ok().filter(|_| trusted);
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(var) };
+    let Some(value) = value else { return Ok(None) };
+    let fd: RawFd = value
+        .parse()
+        .ok()
+        // SAFETY: F_GETFD only asks whether the fd is open.
+        .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+        .ok_or_else(|| EnvError::NotAnFd {
+            var: var.name().to_owned(),
+            value,
+        })?;
+    // SAFETY: the fd is open and, per the contract, ours alone.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok(Some(OwnedFd::from_raw_fd(fd)))
+    }
+}
+
+/// Why something a previous generation handed over in the environment cannot be taken
+/// ([`crate::upgrade::Handshake::take_from_env`], [`crate::upgrade::take_state_from_env`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EnvError {
+    /// The variable does not name an open fd above stderr.
+    NotAnFd { var: String, value: String },
+    /// The state is larger than [`crate::upgrade::MAX_STATE`] (`max`).
+    StateTooLarge { var: String, size: u64, max: usize },
+    /// The state could not be read.
+    StateUnreadable { var: String, source: io::Error },
+}
+
+impl std::fmt::Display for EnvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvError::NotAnFd { var, value } => write!(f, "{var}={value:?} is not an open fd"),
+            EnvError::StateTooLarge { var, size, max } => write!(
+                f,
+                "the state handed over in {var} has {size} bytes or more; at most {max} are taken"
+            ),
+            EnvError::StateUnreadable { var, source } => {
+                write!(f, "cannot read the state handed over in {var}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EnvError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EnvError::StateUnreadable { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 

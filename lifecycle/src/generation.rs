@@ -117,12 +117,15 @@ pub struct Process {
 /// Takes the sockets and the generation from the environment, cleans the environment, binds
 /// what was not handed over, and records how to start a successor.
 ///
-/// `pidfile` is the locked pidfile, if any. Must run before any thread is started (it changes
-/// the environment).
-pub fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
+/// `pidfile` is the locked pidfile, if any.
+///
+/// # Safety
+/// Call it before any other thread exists: it changes the environment and takes fds.
+pub unsafe fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::Result<Process> {
     let started = SystemTime::now();
     // Stray private variables (not meant for this process) are dropped first.
-    upgrade::private_env_trusted();
+    // SAFETY: this function's own contract (no other thread).
+    unsafe { crate::env::init() };
     let exe = match &settings.exec {
         Some(exe) => exe.clone(),
         None => upgrade::current_executable().context("cannot tell which executable runs")?,
@@ -411,43 +414,15 @@ impl<W: Workload> Generation<W> {
         F: FnOnce(&StartInfo) -> anyhow::Result<W>,
     {
         let generation = process.generation;
-        tracing::info!(
-            event = "start",
-            generation,
-            version = %crate::env::identity().version,
-            config = process
-                .settings
-                .config
-                .as_ref()
-                .map(|p| p.display().to_string()),
-            "{} {} starting: generation {generation}, pid {}",
-            crate::env::identity().name,
-            crate::env::identity().version,
-            std::process::id()
-        );
-        let listener_names: Vec<String> = process.listeners.iter().map(|l| l.to_string()).collect();
-        let sockets: Vec<Value> = process
-            .listeners
-            .iter()
-            .map(|l| {
-                json!({
-                    "listener": l.name,
-                    "address": l.socket.local_address(),
-                    "self_bound": l.self_bound,
-                    "unit": l.unit,
-                })
-            })
-            .collect();
-        let listening: Vec<(String, String, Option<i32>)> = process
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.socket.local_address(), l.activated_fd))
-            .collect();
+        log_start(&process);
+        let names: Vec<String> = process.listeners.iter().map(|l| l.to_string()).collect();
+        let sockets = describe_sockets(&process.listeners);
+        let listening = listening_lines(&process.listeners);
         let stats = Arc::new(Stats::new(process.counts));
         let info = StartInfo {
             generation,
             started: process.started,
-            listeners: listener_names.clone(),
+            listeners: names.clone(),
             stats: stats.clone(),
         };
         let parts = async {
@@ -465,15 +440,8 @@ impl<W: Workload> Generation<W> {
             Ok(parts) => parts,
             Err(e) => return Err((e, handshake, readiness)),
         };
-        for ((name, address, fd), description) in listening.iter().zip(&listener_names) {
-            tracing::info!(
-                event = "listening",
-                generation,
-                listener = %name,
-                address = %address,
-                fd = fd,
-                "listening on {description}"
-            );
+        for line in listening {
+            line.log(generation);
         }
         // What the start found about the sockets (e.g. a socket unit's address that differs from
         // the configuration): logged here, and told to whoever asked for this upgrade.
@@ -481,52 +449,26 @@ impl<W: Workload> Generation<W> {
         for warning in &warnings {
             tracing::warn!(event = "listener-warning", generation, "{warning}");
         }
+        let predecessor = match handshake {
+            Some(handshake) => {
+                let accepted =
+                    accept_after_commit(handshake, &warnings, &mut signals, &mut server, &stats);
+                match accepted.await {
+                    Ok(predecessor) => Some(predecessor),
+                    Err(e) => return Err((e, None, readiness)),
+                }
+            }
+            None => {
+                server.start_accepting();
+                None
+            }
+        };
         let status = format!(
             "serving generation {generation} (pid {}) on {}",
             std::process::id(),
-            listener_names.join(", ")
+            names.join(", ")
         );
-
-        // A new generation waits for its predecessor's commit before it accepts: until then
-        // it may still be called off.
-        let mut predecessor = None;
-        if let Some(handshake) = handshake {
-            let committed = tokio::select! {
-                // A commit that arrived is taken even if a stop arrived too: O goes on with
-                // the upgrade and stops this process gracefully if it is stopping.
-                biased;
-                committed = handshake.ready(&warnings) => committed.context("the upgrade was called off by the old process"),
-                _ = next_stop(&mut signals) => Err(anyhow::anyhow!("stopped before the old process handed over")),
-            };
-            let committed = match committed {
-                Ok(committed) => committed,
-                Err(e) => return Err((e, None, readiness)),
-            };
-            if let Some(took) = committed.handoff {
-                stats.handed_over(took);
-            }
-            server.start_accepting();
-            // Only now may `baton reload` return: this process accepts.
-            match committed.serving().await {
-                Ok(link) => predecessor = Some(link),
-                // The old process is gone: this one never became the main pid, and must not
-                // go on as a stray next to whatever the service manager starts instead.
-                Err(e) => {
-                    let e = anyhow::anyhow!(
-                        "the old process went away right after the commit ({e}); stopping"
-                    );
-                    return Err((e, None, readiness));
-                }
-            }
-        } else {
-            server.start_accepting();
-        }
-        tracing::info!(
-            event = "ready",
-            generation,
-            listeners = %listener_names.join(", "),
-            "{status}"
-        );
+        tracing::info!(event = "ready", generation, listeners = %names.join(", "), "{status}");
         let mut started = Generation {
             generation,
             started: process.started,
@@ -1024,42 +966,10 @@ impl<W: Workload> Generation<W> {
     /// After the loop: a stop takes a successor down with it; then this process stops
     /// accepting, forwards what the new main pid must see, drains, and reports.
     async fn finish(mut self, end: End) -> Exit {
-        let generation = self.generation;
-        let mut successor_to_stop = None;
-        if let End::Stop { cause, .. } = &end {
-            match std::mem::replace(&mut self.phase, Phase::Serving) {
-                Phase::Serving => {}
-                Phase::Upgrading {
-                    task,
-                    waiters,
-                    cancel,
-                } => {
-                    cancel.cancel();
-                    let outcome = task
-                        .await
-                        .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")));
-                    match outcome {
-                        Ok(successor) => successor_to_stop = Some(successor),
-                        Err(reason) => tracing::warn!(
-                            event = "upgrade-aborted",
-                            generation,
-                            "{cause}: upgrade aborted ({reason}); the new process was killed"
-                        ),
-                    }
-                    for waiter in waiters {
-                        let _ = waiter.reply.send(json!({"ok": false, "error": format!("{cause}: the upgrade was aborted")}));
-                    }
-                }
-                Phase::Probation {
-                    successor, waiters, ..
-                } => {
-                    successor_to_stop = Some(*successor);
-                    for waiter in waiters {
-                        let _ = waiter.reply.send(json!({"ok": false, "error": format!("{cause}: the service stopped during the probation")}));
-                    }
-                }
-            }
-        }
+        let successor_to_stop = match &end {
+            End::Stop { cause, .. } => self.call_off_upgrade(cause).await,
+            End::HandedOver { .. } => None,
+        };
         for request in std::mem::take(&mut self.deferred) {
             if let Some(waiter) = request.waiter {
                 let _ = waiter
@@ -1067,18 +977,91 @@ impl<W: Workload> Generation<W> {
                     .send(json!({"ok": false, "error": "the process is stopping"}));
             }
         }
-        let drain_timeout = self.drain_timeout;
+        self.announce_end(&end, successor_to_stop.as_ref());
+        self.stop_accepting().await;
+        // This process's copies of the sockets go with its accept loops: a copy left open would
+        // queue new clients where nobody accepts them anymore. (After a handover the new main
+        // pid holds its own.)
+        match Arc::get_mut(&mut self.upgrader) {
+            Some(upgrader) => upgrader.close_sockets(),
+            None => tracing::warn!(
+                "the upgrader is still shared; its copies of the sockets stay open until exit"
+            ),
+        }
+        let (exit, channel, stop_requested) = match end {
+            End::Stop { by_signal, .. } => (Exit::Stopped, None, by_signal),
+            End::HandedOver { to, forward } => {
+                for request in forward {
+                    self.forward_upgrade(&to, request);
+                }
+                let exit = Exit::HandedOver {
+                    pid: to.pid,
+                    generation: to.generation,
+                };
+                (exit, Some(to.channel), false)
+            }
+        };
+        let report = self.drain(successor_to_stop, stop_requested).await;
+        self.report_drain(report, channel).await;
+        exit
+    }
+
+    /// A stop ends the upgrade under way: it is called off before the commit, and a successor
+    /// that serves already (or is on probation) is returned, to be stopped with this process.
+    async fn call_off_upgrade(&mut self, cause: &str) -> Option<Successor> {
+        match std::mem::replace(&mut self.phase, Phase::Serving) {
+            Phase::Serving => None,
+            Phase::Upgrading {
+                task,
+                waiters,
+                cancel,
+            } => {
+                cancel.cancel();
+                let outcome = task
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the upgrade task failed: {e}")));
+                for waiter in waiters {
+                    let _ = waiter.reply.send(
+                        json!({"ok": false, "error": format!("{cause}: the upgrade was aborted")}),
+                    );
+                }
+                match outcome {
+                    Ok(successor) => Some(successor),
+                    Err(reason) => {
+                        tracing::warn!(
+                            event = "upgrade-aborted",
+                            generation = self.generation,
+                            "{cause}: upgrade aborted ({reason}); the new process was killed"
+                        );
+                        None
+                    }
+                }
+            }
+            Phase::Probation {
+                successor, waiters, ..
+            } => {
+                for waiter in waiters {
+                    let _ = waiter.reply.send(json!({"ok": false, "error": format!("{cause}: the service stopped during the probation")}));
+                }
+                Some(*successor)
+            }
+        }
+    }
+
+    /// `STOPPING=1` (as the main pid) and the log lines of a stop or a handover.
+    fn announce_end(&self, end: &End, successor_to_stop: Option<&Successor>) {
+        let generation = self.generation;
+        let drain_timeout = humantime::format_duration(self.drain_timeout);
         let open_connections = self.workload.open_connections();
-        match &end {
+        match end {
             End::Stop { cause, .. } => {
                 // On probation this process is not the main pid: the manager would drop it.
                 if self.is_main {
                     notify::stopping(&format!(
-                        "stopping: draining connections (up to {})",
-                        humantime::format_duration(drain_timeout)
+                        "stopping: draining connections (up to {drain_timeout})"
                     ));
                 }
-                if let Some(s) = &successor_to_stop {
+                if let Some(s) = successor_to_stop {
                     tracing::info!(
                         generation,
                         new_pid = s.pid,
@@ -1092,8 +1075,7 @@ impl<W: Workload> Generation<W> {
                     generation,
                     signal = *cause,
                     open_connections,
-                    "{cause}: stopping; draining connections for up to {}",
-                    humantime::format_duration(drain_timeout)
+                    "{cause}: stopping; draining connections for up to {drain_timeout}"
                 );
             }
             End::HandedOver { to: h, .. } => tracing::info!(
@@ -1103,46 +1085,20 @@ impl<W: Workload> Generation<W> {
                 new_generation = h.generation,
                 handoff_ms = h.took.as_millis() as u64,
                 open_connections,
-                "handed over to generation {} (pid {}) in {:?}; draining connections for up to {}",
+                "handed over to generation {} (pid {}) in {:?}; draining connections for up to {drain_timeout}",
                 h.generation,
                 h.pid,
-                h.took,
-                humantime::format_duration(drain_timeout)
+                h.took
             ),
         }
-        self.stop_accepting().await;
-        // This process's copies of the sockets go with its accept loops: a copy left open would
-        // queue new clients where nobody accepts them anymore. (After a handover the new main
-        // pid holds its own.)
-        match Arc::get_mut(&mut self.upgrader) {
-            Some(upgrader) => upgrader.close_sockets(),
-            None => tracing::warn!(
-                "the upgrader is still shared; its copies of the sockets stay open until exit"
-            ),
-        }
-        let stop_requested = matches!(
-            end,
-            End::Stop {
-                by_signal: true,
-                ..
-            }
-        );
-        let mut channel = None;
-        let mut exit = Exit::Stopped;
-        if let End::HandedOver { to, forward } = end {
-            for request in forward {
-                self.forward_upgrade(&to, request);
-            }
-            exit = Exit::HandedOver {
-                pid: to.pid,
-                generation: to.generation,
-            };
-            channel = Some(to.channel);
-        }
-        let report = self.drain(successor_to_stop, stop_requested).await;
+    }
+
+    /// Logs the drain; tells the successor how it went, or, after a clean stop, removes the
+    /// pidfile (after a handover it is the successor's).
+    async fn report_drain(&self, report: DrainReport, channel: Option<tokio::net::UnixStream>) {
         tracing::info!(
             event = "drained",
-            generation,
+            generation = self.generation,
             open_at_start = report.open_at_start,
             forced = report.forced,
             drain_ms = report.duration.as_millis() as u64,
@@ -1156,14 +1112,12 @@ impl<W: Workload> Generation<W> {
                 let line = upgrade::drained_line(report.duration, report.forced);
                 let _ = channel.write_all(line.as_bytes()).await;
             }
-            // The pidfile goes with a clean stop; after a handover it is the successor's.
             None => {
                 if let Some(pidfile) = &self.pidfile {
                     pidfile.remove();
                 }
             }
         }
-        exit
     }
 
     /// An upgrade request that ended the probation goes on to the new main pid.
@@ -1268,6 +1222,98 @@ impl<W: Workload> Generation<W> {
             }
         }
     }
+}
+
+fn log_start(process: &Process) {
+    let identity = crate::env::identity();
+    let generation = process.generation;
+    tracing::info!(
+        event = "start",
+        generation,
+        version = %identity.version,
+        config = process.settings.config.as_ref().map(|p| p.display().to_string()),
+        "{} {} starting: generation {generation}, pid {}",
+        identity.name,
+        identity.version,
+        std::process::id()
+    );
+}
+
+/// The listening sockets as `status` shows them.
+fn describe_sockets(listeners: &[Listener]) -> Vec<Value> {
+    listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "listener": l.name,
+                "address": l.socket.local_address(),
+                "self_bound": l.self_bound,
+                "unit": l.unit,
+            })
+        })
+        .collect()
+}
+
+/// One `listening on ...` log line, taken before the sockets go to the workload.
+struct ListeningLine {
+    name: String,
+    address: String,
+    fd: Option<i32>,
+    description: String,
+}
+
+impl ListeningLine {
+    fn log(&self, generation: u64) {
+        tracing::info!(
+            event = "listening",
+            generation,
+            listener = %self.name,
+            address = %self.address,
+            fd = self.fd,
+            "listening on {}",
+            self.description
+        );
+    }
+}
+
+fn listening_lines(listeners: &[Listener]) -> Vec<ListeningLine> {
+    listeners
+        .iter()
+        .map(|l| ListeningLine {
+            name: l.name.clone(),
+            address: l.socket.local_address(),
+            fd: l.activated_fd,
+            description: l.to_string(),
+        })
+        .collect()
+}
+
+/// A new generation: says `ready`, waits for its predecessor's commit (until then it may still
+/// be called off), starts accepting, and tells the predecessor it serves.
+async fn accept_after_commit<S: Serving>(
+    handshake: Handshake,
+    warnings: &[String],
+    signals: &mut Signals,
+    server: &mut S,
+    stats: &Stats,
+) -> anyhow::Result<Predecessor> {
+    let committed = tokio::select! {
+        // A commit that arrived is taken even if a stop arrived too: O goes on with the
+        // upgrade and stops this process gracefully if it is stopping.
+        biased;
+        committed = handshake.ready(warnings) => committed.context("the upgrade was called off by the old process")?,
+        _ = next_stop(signals) => anyhow::bail!("stopped before the old process handed over"),
+    };
+    if let Some(took) = committed.handoff {
+        stats.handed_over(took);
+    }
+    server.start_accepting();
+    // Only now may `baton reload` return: this process accepts. If the old process is gone,
+    // this one never became the main pid, and must not go on as a stray next to whatever the
+    // service manager starts instead.
+    committed.serving().await.map_err(|e| {
+        anyhow::anyhow!("the old process went away right after the commit ({e}); stopping")
+    })
 }
 
 /// The answer to `baton reload` once the new generation serves.

@@ -68,7 +68,7 @@ pub const REPORT_FD_ENV: Var = Var::KEEPER_REPORT_FD;
 pub const STATE_ENV: Var = Var::KEEPER_STATE;
 
 /// Variables of the keeper's environment a generation must not inherit as they are, beyond
-/// those an upgrade keeps from the next generation ([`crate::upgrade::PRIVATE_ENV`]): the
+/// those an upgrade keeps from the next generation ([`crate::env::NOT_INHERITED`]): the
 /// keeper's own, and the service manager's (the keeper is the generations' manager).
 static KEEPER_PRIVATE_ENV: std::sync::LazyLock<[&str; 6]> = std::sync::LazyLock::new(|| {
     [
@@ -116,8 +116,9 @@ pub struct Settings {
 /// of a pid namespace; never under a service manager (`NOTIFY_SOCKET`), and never in a
 /// generation (which has a keeper already).
 pub fn wanted(asked: bool) -> bool {
-    crate::upgrade::private_env_trusted();
-    if crate::notify::enabled() || std::env::var_os(KEEPER_PID_ENV).is_some() {
+    let in_generation =
+        std::env::var_os(KEEPER_PID_ENV).is_some() && crate::env::private_env_trusted();
+    if crate::notify::enabled() || in_generation {
         return false;
     }
     asked || nix::unistd::getpid().as_raw() == 1
@@ -125,12 +126,14 @@ pub fn wanted(asked: bool) -> bool {
 
 /// Whether this process is a keeper that just re-executed itself.
 pub fn resuming() -> bool {
-    crate::upgrade::private_env_trusted() && std::env::var_os(STATE_ENV).is_some()
+    crate::env::private_env_trusted() && std::env::var_os(STATE_ENV).is_some()
 }
 
 /// The keeper's pid, in a generation running under one.
 pub fn pid_from_env() -> Option<u32> {
-    crate::upgrade::private_env_trusted();
+    if !crate::env::private_env_trusted() {
+        return None;
+    }
     std::env::var(KEEPER_PID_ENV).ok()?.parse().ok()
 }
 
@@ -138,16 +141,19 @@ pub fn pid_from_env() -> Option<u32> {
 pub fn restarts_from_env() -> u64 {
     std::env::var(RESTARTS_ENV)
         .ok()
+        .filter(|_| crate::env::private_env_trusted())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
 /// A generation's side: takes the report pipe the keeper passed, as the [`Readiness`] a daemon
-/// would report to. Call before any thread exists (it changes the environment).
-pub fn take_report_fd() -> Result<Option<Readiness>, String> {
-    crate::upgrade::private_env_trusted();
-    let value = std::env::var(REPORT_FD_ENV).ok();
-    let fd = crate::upgrade::take_fd(REPORT_FD_ENV.name(), value).map_err(|e| e.to_string())?;
+/// would report to.
+///
+/// # Safety
+/// Changes the environment: call it before any other thread exists.
+pub unsafe fn take_report_fd() -> Result<Option<Readiness>, String> {
+    // SAFETY: the caller promises that no other thread exists.
+    let fd = unsafe { crate::env::take_fd(REPORT_FD_ENV) }.map_err(|e| e.to_string())?;
     Ok(fd.map(Readiness::from_fd))
 }
 
@@ -262,8 +268,11 @@ struct Keeper {
 }
 
 /// Runs `baton serve` as a keeper: takes the pidfile and the sockets, daemonizes if asked,
-/// and supervises generations until the service stops. Must run before any thread exists.
-pub fn run(config: Settings, daemon: bool) -> ExitCode {
+/// and supervises generations until the service stops.
+///
+/// # Safety
+/// Call it before any other thread exists: it changes the environment, forks and closes fds.
+pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
     let fail = |message: String| {
         eprintln!("{}: {message}", crate::env::identity().name);
         ExitCode::FAILURE
@@ -324,7 +333,7 @@ pub fn run(config: Settings, daemon: bool) -> ExitCode {
     if let Err(e) = crate::logging::init(&config.log_level, config.log_file.as_deref()) {
         return report_fail(readiness, e);
     }
-    crate::upgrade::report_ignored_private_env();
+    crate::env::report_ignored_private_env();
     let notify = match NotifySocket::create() {
         Ok(n) => n,
         Err(e) => return report_fail(readiness, e),
@@ -378,9 +387,11 @@ pub fn run(config: Settings, daemon: bool) -> ExitCode {
     keeper.run()
 }
 
-/// Goes on as the keeper after its own re-exec (after an upgrade). Must run before any thread
-/// exists.
-pub fn resume() -> ExitCode {
+/// Goes on as the keeper after its own re-exec (after an upgrade).
+///
+/// # Safety
+/// Call it before any other thread exists: it changes the environment and takes fds.
+pub unsafe fn resume() -> ExitCode {
     let text = std::env::var(STATE_ENV).unwrap_or_default();
     // SAFETY: no other thread exists yet.
     unsafe { std::env::remove_var(STATE_ENV) };
@@ -405,7 +416,8 @@ pub fn resume() -> ExitCode {
         .collect();
     let notify = NotifySocket::from_fd(own(state.notify_fd), state.notify_dir.clone());
     let pidfile = match &state.pidfile {
-        Some(path) => match Pidfile::inherit(path) {
+        // SAFETY: this function's own contract (no other thread).
+        Some(path) => match unsafe { Pidfile::inherit(path) } {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("keeper: the pidfile did not survive the re-exec: {e}");
@@ -960,7 +972,7 @@ impl Keeper {
         let n = self.listeners.len();
         let mut env: Vec<CString> = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if crate::upgrade::PRIVATE_ENV
+            if crate::env::NOT_INHERITED
                 .iter()
                 .chain(KEEPER_PRIVATE_ENV.iter())
                 .any(|p| k == *p)

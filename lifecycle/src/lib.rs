@@ -140,7 +140,7 @@ pub use workload::{DrainReport, Serving, Stats, Workload};
 
 use activation::{Listener, Socket};
 use control::Request;
-use env::Identity;
+pub use env::Identity;
 use generation::{Process, StartInfo};
 use pidfile::Pidfile;
 
@@ -234,6 +234,12 @@ impl Options {
         self
     }
 
+    /// The configuration file the service runs with, for the start's log line.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Options {
+        self.settings.config = Some(path.into());
+        self
+    }
+
     /// The executable an upgrade starts (default: the one running).
     pub fn exec(mut self, exe: impl Into<PathBuf>) -> Options {
         self.settings.exec = Some(exe.into());
@@ -276,6 +282,8 @@ impl Options {
 pub enum Error {
     /// An inherited variable is malformed (a broken handshake fd, a bad generation number).
     Environment(String),
+    /// The service's configuration, as [`start_with`]'s `configure` reported it.
+    Config(String),
     /// The pidfile: locked by a running instance, or not writable.
     Pidfile(pidfile::PidfileError),
     /// The sockets: taking the passed ones, or binding the others.
@@ -294,6 +302,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Environment(m)
+            | Error::Config(m)
             | Error::Sockets(m)
             | Error::Logging(m)
             | Error::Serve(m)
@@ -315,17 +324,37 @@ impl std::error::Error for Error {}
 /// Call it before any other thread exists (first thing in `main`, before building a tokio
 /// runtime): it changes the environment, may fork, and closes file descriptors.
 pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
-    env::set_identity(options.identity.clone());
-    upgrade::private_env_trusted();
+    let identity = options.identity.clone();
+    // SAFETY: this function's own contract.
+    unsafe { start_with(identity, || Ok(options)) }
+}
+
+/// [`start`] for a service whose options come from a configuration that may fail to load:
+/// `configure` runs once the process knows whether it is a new generation, so that its error
+/// fails the upgrade with that message (the old generation serves on) instead of going
+/// unnoticed. `identity` (the service's name and version) is needed before that, to read the
+/// environment; it wins over the one in the options.
+///
+/// # Safety
+/// As for [`start`]: before any other thread exists.
+pub unsafe fn start_with<F>(identity: Identity, configure: F) -> Result<Lifecycle, Error>
+where
+    F: FnOnce() -> Result<Options, String>,
+{
+    env::set_identity(identity);
+    // SAFETY (of this function's contract): no other thread exists, for all calls below.
+    unsafe { env::init() };
     if keeper::resuming() {
-        exit_with(keeper::resume());
+        exit_with(unsafe { keeper::resume() });
     }
     // A new generation reports any failure to the old one, which relays it to whoever asked.
-    let mut handshake =
-        upgrade::Handshake::take_from_env().map_err(|e| Error::Environment(e.to_string()))?;
+    let mut handshake = unsafe { upgrade::Handshake::take_from_env() }
+        .map_err(|e| Error::Environment(e.to_string()))?;
     let is_upgrade = handshake.is_some();
+    // A generation started by a keeper reports a failed start to it, and leaves the pidfile
+    // and daemonizing to it.
     let keeper_pid = keeper::pid_from_env();
-    let mut keeper_report = keeper::take_report_fd().map_err(Error::Environment)?;
+    let mut keeper_report = unsafe { keeper::take_report_fd() }.map_err(Error::Environment)?;
     let mut fail_early = |e: Error| {
         let message = e.to_string();
         if let Some(h) = handshake.take() {
@@ -336,30 +365,30 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
         }
         e
     };
-    let state = match upgrade::take_state_from_env() {
-        Ok(state) => state,
-        Err(e) => return Err(fail_early(Error::Environment(e.to_string()))),
-    };
+    let options = configure().map_err(|e| fail_early(Error::Config(e)))?;
+    let state = unsafe { upgrade::take_state_from_env() }
+        .map_err(|e| fail_early(Error::Environment(e.to_string())))?;
     if !is_upgrade && keeper::wanted(options.daemon || options.keeper) {
-        exit_with(keeper::run(keeper_settings(&options), options.daemon));
+        exit_with(unsafe { keeper::run(keeper_settings(&options), options.daemon) });
     }
+    // The pidfile: inherited, already locked, by a new generation; locked anew by a first one;
+    // the keeper's alone under a keeper.
     let pidfile_path = options
         .pidfile
         .clone()
         .or_else(|| options.daemon.then(pidfile::default_path));
-    let pidfile = match &pidfile_path {
-        Some(path) => match Pidfile::inherit(path) {
-            Err(e) => return Err(fail_early(Error::Pidfile(e))),
-            Ok(Some(inherited)) => Some(inherited),
-            Ok(None) if keeper_pid.is_some() || is_upgrade => None,
-            Ok(None) => Some(
-                Pidfile::acquire(path, options.pidfile.is_none())
-                    .map_err(|e| fail_early(Error::Pidfile(e)))?,
-            ),
-        },
-        None => None,
+    let inherited = unsafe { Pidfile::inherit(pidfile_path.as_deref().unwrap_or("".as_ref())) }
+        .map_err(|e| fail_early(Error::Pidfile(e)))?;
+    let pidfile = match (inherited, &pidfile_path) {
+        (Some(inherited), _) => Some(inherited),
+        (None, _) if keeper_pid.is_some() => None,
+        (None, Some(path)) if !is_upgrade => Some(
+            Pidfile::acquire(path, options.pidfile.is_none())
+                .map_err(|e| fail_early(Error::Pidfile(e)))?,
+        ),
+        (None, _) => None,
     };
-    let mut process = generation::prepare(options.settings.clone(), pidfile)
+    let mut process = unsafe { generation::prepare(options.settings.clone(), pidfile) }
         .map_err(|e| fail_early(Error::Sockets(format!("{e:#}"))))?;
     if let Some(h) = handshake.take() {
         process.attach_handshake(h);
@@ -368,8 +397,9 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
         process.report_to(r);
     }
     let log_file = options.log.as_ref().and_then(|(_, file)| file.clone());
+    // A new generation is a daemon already; under a keeper, the keeper is.
     if options.daemon && !is_upgrade && keeper_pid.is_none() {
-        match daemon::daemonize(log_file.as_deref(), &process.fds()) {
+        match unsafe { daemon::daemonize(log_file.as_deref(), &process.fds()) } {
             Ok(readiness) => process.report_to(readiness),
             Err(e) => return Err(Error::Daemon(e)),
         }
@@ -386,13 +416,17 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
             }
         }
     }
+    let mut destination = None;
     if let Some((level, file)) = &options.log {
-        if let Err(e) = logging::init(level, file.as_deref()) {
-            process.abandon(&e);
-            return Err(Error::Logging(e));
+        match logging::init(level, file.as_deref()) {
+            Ok(d) => destination = Some(d),
+            Err(e) => {
+                process.abandon(&e);
+                return Err(Error::Logging(e));
+            }
         }
     }
-    upgrade::report_ignored_private_env();
+    env::report_ignored_private_env();
     if let Some(keeper) = keeper_pid {
         keeper::watch(keeper);
     }
@@ -401,6 +435,7 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
     Ok(Lifecycle {
         process,
         state,
+        destination,
         handle: Handle {
             requests,
             current: Arc::new(Mutex::new(Arc::new(Session::new()))),
@@ -435,6 +470,8 @@ pub struct Lifecycle {
     process: Process,
     /// What the previous generation handed over ([`Handle::set_handover_state`]).
     state: Option<Vec<u8>>,
+    /// Where [`Options::log`] sends the logs, if it was set.
+    destination: Option<logging::Destination>,
     handle: Handle,
 }
 
@@ -457,6 +494,12 @@ impl Lifecycle {
     /// this process was started by an upgrade and it set one.
     pub fn state(&self) -> Option<&[u8]> {
         self.state.as_deref()
+    }
+
+    /// Where the logs go, when [`Options::log`] set them up: a service reports its own last
+    /// error there (the journal, a file) or on stderr.
+    pub fn log_destination(&self) -> Option<logging::Destination> {
+        self.destination
     }
 
     /// A handle to request an upgrade or a stop, set the status, and count connections.

@@ -228,11 +228,13 @@ impl Pidfile {
     }
 
     /// Takes over the locked pidfile passed by the previous generation, if any, and removes the
-    /// variable. Call before any thread exists (it changes the environment).
-    pub fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
-        crate::upgrade::private_env_trusted();
-        let value = std::env::var(PIDFILE_FD_ENV).ok();
-        let Some(fd) = crate::upgrade::take_fd(PIDFILE_FD_ENV.name(), value)
+    /// variable.
+    ///
+    /// # Safety
+    /// Changes the environment: call it before any other thread exists.
+    pub unsafe fn inherit(path: &Path) -> Result<Option<Pidfile>, PidfileError> {
+        // SAFETY: the caller promises that no other thread exists.
+        let Some(fd) = unsafe { crate::env::take_fd(PIDFILE_FD_ENV) }
             .map_err(|e| PidfileError::Other(e.to_string()))?
         else {
             return Ok(None);

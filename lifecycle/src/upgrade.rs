@@ -49,7 +49,7 @@
 use crate::env::Var;
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -71,126 +71,8 @@ pub const UPGRADES_ENV: Var = Var::UPGRADES;
 /// ([`Upgrader::set_state`], [`take_state_from_env`]).
 pub const STATE_FD_ENV: Var = Var::STATE_FD;
 
-/// Names the pid that baton's private variables ([`PRIVATE_VARS`]) are meant for, as
-/// `LISTEN_PID` does for the `LISTEN_*` variables: whoever sets them (an old generation for its
-/// successor, the keeper for a generation or for its own re-exec) sets this too, to the pid of
-/// the process that will read them.
+/// Names the pid that the private variables are meant for ([`crate::env`]).
 pub const FOR_PID_ENV: Var = Var::FOR_PID;
-
-/// baton's private variables: honoured only when meant for this very process
-/// ([`private_env_trusted`]).
-pub static PRIVATE_VARS: std::sync::LazyLock<[&str; 10]> = std::sync::LazyLock::new(|| {
-    [
-        UPGRADE_FD_ENV.name(),
-        STATE_FD_ENV.name(),
-        UPGRADE_STARTED_ENV.name(),
-        UPGRADES_ENV.name(),
-        Var::GENERATION.name(),
-        Var::PIDFILE_FD.name(),
-        Var::KEEPER_PID.name(),
-        Var::RESTARTS.name(),
-        Var::KEEPER_REPORT_FD.name(),
-        Var::KEEPER_STATE.name(),
-    ]
-});
-
-static TRUSTED: std::sync::OnceLock<(bool, Vec<String>)> = std::sync::OnceLock::new();
-
-/// Whether baton's private variables ([`PRIVATE_VARS`]) are meant for this process. They are
-/// when `BATON_FOR_PID` is this process's pid; without `BATON_FOR_PID` (set by baton builds
-/// before it existed) when `LISTEN_PID` is, as an upgrade and the keeper always set it, or, for
-/// the keeper's own re-exec, when the state names a child of this process as the main pid.
-/// Otherwise (stray values inherited by a plain launch) they are removed from the environment
-/// and ignored; [`report_ignored_private_env`] logs them once logging works.
-///
-/// The first call decides (and removes `BATON_FOR_PID`); later calls return the same answer.
-///
-/// # Safety contract
-/// The first call changes the environment: make it before any other thread exists (every
-/// reader of the variables calls it, and `baton serve` calls it first thing).
-pub fn private_env_trusted() -> bool {
-    TRUSTED
-        .get_or_init(|| {
-            let pid = std::process::id();
-            let names_us = |var: &str| {
-                std::env::var(var)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u32>().ok())
-                    == Some(pid)
-            };
-            let trusted = match std::env::var_os(FOR_PID_ENV) {
-                Some(_) => names_us(FOR_PID_ENV.name()),
-                None => names_us("LISTEN_PID") || legacy_state_is_ours(),
-            };
-            // SAFETY (of the contract above): no other thread reads the environment yet.
-            unsafe { std::env::remove_var(FOR_PID_ENV) };
-            let mut ignored = Vec::new();
-            if !trusted {
-                for var in *PRIVATE_VARS {
-                    if let Some(value) = std::env::var_os(var) {
-                        ignored.push(format!("{var}={}", value.to_string_lossy()));
-                        // SAFETY: as above.
-                        unsafe { std::env::remove_var(var) };
-                    }
-                }
-            }
-            (trusted, ignored)
-        })
-        .0
-}
-
-/// Whether a keeper state without `BATON_FOR_PID` (from a keeper binary before it existed) is
-/// this process's own: it re-executed itself, so the main generation it names is our child.
-fn legacy_state_is_ours() -> bool {
-    let Some(main) = std::env::var(Var::KEEPER_STATE.name())
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|state| state["main"][0].as_i64())
-    else {
-        return false;
-    };
-    // The parent pid is the fourth field of /proc/PID/stat, after the command in parentheses.
-    std::fs::read_to_string(format!("/proc/{main}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-        == Some(std::process::id())
-}
-
-/// Logs the private variables [`private_env_trusted`] ignored, if any. Call once logging works.
-pub fn report_ignored_private_env() {
-    if let Some((_, ignored)) = TRUSTED.get() {
-        if !ignored.is_empty() {
-            tracing::info!(
-                event = "private-env-ignored",
-                "ignored {} (not meant for this process, pid {}: {FOR_PID_ENV} does not name it)",
-                ignored.join(" "),
-                std::process::id()
-            );
-        }
-    }
-}
-
-/// Variables of O's environment that N must not inherit as they are.
-pub(crate) static PRIVATE_ENV: std::sync::LazyLock<[&str; 13]> = std::sync::LazyLock::new(|| {
-    [
-        "LISTEN_PID",
-        "LISTEN_FDS",
-        "LISTEN_FDNAMES",
-        "LISTEN_PIDFDID",
-        Var::SOCKET_UNITS.name(),
-        "WATCHDOG_PID", // names O; without it the watchdog applies to whichever pid reads it
-        Var::GENERATION.name(),
-        UPGRADE_FD_ENV.name(),
-        UPGRADE_STARTED_ENV.name(),
-        UPGRADES_ENV.name(),
-        STATE_FD_ENV.name(),
-        Var::PIDFILE_FD.name(),
-        FOR_PID_ENV.name(),
-    ]
-});
 
 /// The longest line either side of the handshake reads (a longer one breaks the handshake).
 pub const MAX_LINE: usize = 4096;
@@ -524,42 +406,7 @@ impl std::error::Error for UpgradeError {
     }
 }
 
-/// Why something a previous generation handed over in the environment cannot be taken
-/// ([`Handshake::take_from_env`], [`take_state_from_env`]).
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum EnvError {
-    /// The variable does not name an open fd above stderr.
-    NotAnFd { var: String, value: String },
-    /// The state is larger than [`MAX_STATE`] (`max`).
-    StateTooLarge { var: String, size: u64, max: usize },
-    /// The state could not be read.
-    StateUnreadable { var: String, source: io::Error },
-}
-
-impl std::fmt::Display for EnvError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EnvError::NotAnFd { var, value } => write!(f, "{var}={value:?} is not an open fd"),
-            EnvError::StateTooLarge { var, size, max } => write!(
-                f,
-                "the state handed over in {var} has {size} bytes or more; at most {max} are taken"
-            ),
-            EnvError::StateUnreadable { var, source } => {
-                write!(f, "cannot read the state handed over in {var}: {source}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for EnvError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            EnvError::StateUnreadable { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
+pub use crate::env::EnvError;
 
 /// What a process needs to start its successor, captured at start.
 #[derive(Debug)]
@@ -613,9 +460,9 @@ pub struct Counts {
 impl Counts {
     /// From `BATON_UPGRADES=ok:failed:rolled_back`; zero when absent or malformed.
     pub fn from_env() -> Counts {
-        private_env_trusted();
         std::env::var(UPGRADES_ENV)
             .ok()
+            .filter(|_| crate::env::private_env_trusted())
             .and_then(|v| Counts::parse(&v))
             .unwrap_or_default()
     }
@@ -760,7 +607,8 @@ impl Upgrader {
         sealed_memfd(bytes).map(Some)
     }
 
-    /// N's environment: this process's own without the private variables ([`PRIVATE_ENV`]),
+    /// N's environment: this process's own without the private variables
+    /// ([`crate::env::NOT_INHERITED`]),
     /// plus what announces the `n_fds` fds N gets at 3.. (the sockets, the extra fds, the
     /// state if any, the channel last), its generation and the counts. `LISTEN_PID` and
     /// `BATON_FOR_PID` are N's to fill in ([`ExecPlan`]).
@@ -769,7 +617,7 @@ impl Upgrader {
         let n_sockets = self.sockets.len();
         let channel_fd = first + n_fds - 1;
         let mut env: Vec<Vec<u8>> = std::env::vars_os()
-            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
+            .filter(|(k, _)| !crate::env::NOT_INHERITED.iter().any(|p| OsStr::new(p) == k))
             .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
             .collect();
         let names: Vec<String> = self.sockets.iter().map(Listener::handover_name).collect();
@@ -1800,33 +1648,6 @@ fn monotonic_usec() -> i128 {
     }
 }
 
-/// Takes the fd a previous generation announced in the environment variable `var`: removes
-/// the variable, checks that `value` names an open fd above stdio, and marks it FD_CLOEXEC so
-/// that nothing this process starts inherits it.
-///
-/// # Safety contract
-/// Changes the environment: call it before any other thread exists. The fd must have been
-/// handed to this process alone (it becomes an `OwnedFd`).
-pub(crate) fn take_fd(var: &str, value: Option<String>) -> Result<Option<OwnedFd>, EnvError> {
-    // SAFETY (of the contract above): no other thread reads the environment yet.
-    unsafe { std::env::remove_var(var) };
-    let Some(value) = value else { return Ok(None) };
-    let fd: RawFd = value
-        .parse()
-        .ok()
-        // SAFETY: F_GETFD only asks whether the fd is open.
-        .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-        .ok_or_else(|| EnvError::NotAnFd {
-            var: var.to_owned(),
-            value,
-        })?;
-    // SAFETY: the fd is open and, per the contract, ours alone.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        Ok(Some(OwnedFd::from_raw_fd(fd)))
-    }
-}
-
 /// N's side of the channel.
 pub struct Handshake {
     channel: StdUnixStream,
@@ -1907,13 +1728,13 @@ pub const MAX_STATE: usize = 64 << 20;
 /// N's side of [`Upgrader::set_state`]: the bytes the previous generation handed over in a
 /// memfd announced in `BATON_STATE_FD`, if any. Removes the variable and closes the fd. Like
 /// the other private variables it is honoured only when meant for this process
-/// ([`private_env_trusted`]); more than [`MAX_STATE`] bytes are refused.
+/// ([`crate::env::private_env_trusted`]); more than [`MAX_STATE`] bytes are refused.
 ///
-/// # Safety contract
+/// # Safety
 /// Changes the environment: call it before any other thread exists.
-pub fn take_state_from_env() -> Result<Option<Vec<u8>>, EnvError> {
-    private_env_trusted();
-    let Some(fd) = take_fd(STATE_FD_ENV.name(), STATE_FD_ENV.get())? else {
+pub unsafe fn take_state_from_env() -> Result<Option<Vec<u8>>, EnvError> {
+    // SAFETY: the caller promises that no other thread exists.
+    let Some(fd) = (unsafe { crate::env::take_fd(STATE_FD_ENV) })? else {
         return Ok(None);
     };
     read_state(fd, STATE_FD_ENV.name(), MAX_STATE).map(Some)
@@ -1980,15 +1801,16 @@ pub fn drained_line(duration: Duration, forced: u64) -> String {
 impl Handshake {
     /// Takes the channel announced in `BATON_UPGRADE_FD`, if any, and removes the variables.
     ///
-    /// # Safety contract
+    /// # Safety
     /// Changes the environment: call it before any other thread exists.
-    pub fn take_from_env() -> Result<Option<Handshake>, EnvError> {
-        private_env_trusted();
-        let fd = std::env::var(UPGRADE_FD_ENV).ok();
-        let started = std::env::var(UPGRADE_STARTED_ENV).ok();
-        // SAFETY (of the contract above): no other thread reads the environment yet.
+    pub unsafe fn take_from_env() -> Result<Option<Handshake>, EnvError> {
+        // SAFETY: the caller promises that no other thread exists.
+        let trusted = unsafe { crate::env::init() };
+        let started = std::env::var(UPGRADE_STARTED_ENV).ok().filter(|_| trusted);
+        // SAFETY: as above.
         unsafe { std::env::remove_var(UPGRADE_STARTED_ENV) };
-        let Some(fd) = take_fd(UPGRADE_FD_ENV.name(), fd)? else {
+        // SAFETY: as above; the fd was handed to this process alone.
+        let Some(fd) = (unsafe { crate::env::take_fd(UPGRADE_FD_ENV) })? else {
             return Ok(None);
         };
         let channel = StdUnixStream::from(fd);
@@ -2293,8 +2115,11 @@ mod tests {
         if std::env::var_os(UPGRADE_FD_ENV).is_none() {
             return;
         }
-        let state = take_state_from_env().unwrap();
-        let handshake = Handshake::take_from_env().unwrap().unwrap();
+        // SAFETY: this process runs this one test (`--test-threads=1`) and has started no
+        // thread of its own yet.
+        let state = unsafe { take_state_from_env() }.unwrap();
+        // SAFETY: as above.
+        let handshake = unsafe { Handshake::take_from_env() }.unwrap().unwrap();
         current_thread().block_on(async {
             let warning = match state {
                 Some(bytes) => format!("state: {}", String::from_utf8_lossy(&bytes)),

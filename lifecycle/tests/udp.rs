@@ -30,9 +30,9 @@ fn child() {
         return;
     };
     let specs: Vec<ListenSpec> = specs.split(' ').map(|s| s.parse().unwrap()).collect();
-    // take_activated changes the environment: the harness's main thread only waits for this
-    // one test (--test-threads=1), and reads no variable meanwhile.
-    let fds = activation::take_activated().unwrap();
+    // SAFETY: take_activated changes the environment: the harness's main thread only waits
+    // for this one test (--test-threads=1), and reads no variable meanwhile.
+    let fds = unsafe { activation::take_activated() }.unwrap();
     let listeners = activation::resolve(&specs, fds).unwrap();
     for warning in activation::take_warnings() {
         println!("WARNING {warning}");
