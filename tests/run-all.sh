@@ -65,9 +65,20 @@ fi
 say "cargo doc (no broken links, no warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 
+# With the library's: lifecycle/tests/examples.rs runs its echo and axum examples as real processes.
 say "cargo test --workspace --all-features"
 cargo test --workspace --all-features --quiet 2>&1 | tee /tmp/baton-cargo-test.log
 grep -q '^test result: ok' /tmp/baton-cargo-test.log || die "cargo test ran no test"
+
+# The library has no HTTP and no CLI unless asked: none of these in its default dependencies.
+say "baton-lifecycle's default dependencies: no HTTP, no CLI, no config format, no metrics"
+lifecycle_deps=$(cargo tree -p baton-lifecycle -e normal --prefix none)
+for crate in axum hyper tower-http clap toml prometheus-client; do
+  if grep -q "^$crate v" <<<"$lifecycle_deps"; then
+    die "baton-lifecycle depends on $crate with its default features (cargo tree -p baton-lifecycle -e normal -i $crate)"
+  fi
+done
+echo "baton-lifecycle: none of axum, hyper, tower-http, clap, toml, prometheus-client"
 
 say "plain cargo deb in a fresh clone: the complete package (tests/package/fresh-clone.sh)"
 bash tests/package/fresh-clone.sh

@@ -1,6 +1,7 @@
 //! Serving one connection with any hyper service, drained the way clients expect: HTTP/1
 //! answers the request in hand with `Connection: close` and closes, HTTP/2 sends GOAWAY and
-//! finishes the streams in flight (hyper's graceful shutdown); at the drain's deadline the
+//! finishes the streams in flight (hyper's graceful shutdown); an idle connection first gets
+//! [`IDLE_GRACE`] to begin a request, which may be on its way; at the drain's deadline the
 //! connection is cut. Needs the `hyper` feature.
 //!
 //! ```no_run
@@ -22,11 +23,18 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
 use crate::Connection;
 
@@ -49,15 +57,84 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let activity = Arc::new(Activity::default());
+    let service = Tracked {
+        inner: service,
+        activity: activity.clone(),
+    };
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {
         result = served.as_mut() => return result,
-        _ = connection.draining() => served.as_mut().graceful_shutdown(),
+        _ = connection.draining() => {}
     }
+    // An idle connection may have a request on its way: a fresh connection's first, accepted
+    // just before the drain, or the next one on a keep-alive connection. Shut down at once,
+    // and hyper closes it unanswered (before it even read the request, the HTTP version is not
+    // known yet); so it gets a grace to begin one, which is then answered before the
+    // connection closes.
+    let started = activity.started.notified();
+    tokio::pin!(started);
+    started.as_mut().enable();
+    if activity.in_flight.load(Ordering::SeqCst) == 0 {
+        tokio::select! {
+            result = served.as_mut() => return result,
+            _ = connection.closing() => return Ok(()),
+            _ = started => {}
+            _ = tokio::time::sleep(IDLE_GRACE) => {}
+        }
+    }
+    served.as_mut().graceful_shutdown();
     tokio::select! {
         result = served => result,
         _ = connection.closing() => Ok(()),
+    }
+}
+
+/// How long an idle connection may take to begin a request once the drain began.
+pub const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a connection is doing: requests in the service, and a signal when one begins.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    started: Notify,
+}
+
+/// The service, counting the requests in flight.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R> Service<R> for Tracked<S>
+where
+    S: Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.activity.started.notify_waiters();
+        let done = InFlight(self.activity.clone());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(done);
+            response
+        })
+    }
+}
+
+/// One request in the service; dropped when its response is ready (or it was cancelled).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
