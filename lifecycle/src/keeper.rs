@@ -273,35 +273,84 @@ struct Keeper {
 /// # Safety
 /// Call it before any other thread exists: it changes the environment, forks and closes fds.
 pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
-    let fail = |message: String| {
-        eprintln!("{}: {message}", crate::env::identity().name);
-        ExitCode::FAILURE
+    // SAFETY: this function's own contract (no other thread).
+    let held = match unsafe { take_exe_pidfile_listeners(&config, daemon) } {
+        Ok(held) => held,
+        Err(message) => return fail(&message),
     };
+    let (exe, pidfile, listeners) = held;
+    let mut readiness = None;
+    if daemon && nix::unistd::getpid().as_raw() != 1 {
+        // SAFETY: as above.
+        match unsafe { daemonize(&config, &listeners, pidfile.as_ref()) } {
+            Ok(r) => readiness = Some(r),
+            Err(message) => return fail(&message),
+        }
+    }
+    let (notify, signals) = match become_manager(&config) {
+        Ok(manager) => manager,
+        Err(message) => {
+            if let Some(r) = readiness {
+                r.fail(&message);
+            }
+            return fail(&message);
+        }
+    };
+    log_start(&listeners, &notify);
+    let held = Held {
+        exe,
+        listeners,
+        pidfile,
+        notify,
+        signals,
+    };
+    Keeper::started(&config, held, readiness).run()
+}
+
+/// What the keeper holds for the whole service's life (and through its re-exec).
+struct Held {
+    exe: PathBuf,
+    listeners: Vec<(OwnedFd, String)>,
+    pidfile: Option<Pidfile>,
+    notify: NotifySocket,
+    signals: SignalFd,
+}
+
+/// A start that failed before the keeper logs: said on stderr.
+fn fail(message: &str) -> ExitCode {
+    eprintln!("{}: {message}", crate::env::identity().name);
+    ExitCode::FAILURE
+}
+
+/// The first step of [`run`]: which executable the generations run, the pidfile's lock, then
+/// the sockets.
+///
+/// # Safety
+/// As [`run`]: takes the activated fds out of the environment.
+unsafe fn take_exe_pidfile_listeners(
+    config: &Settings,
+    daemon: bool,
+) -> Result<(PathBuf, Option<Pidfile>, Vec<(OwnedFd, String)>), String> {
     let exe = match &config.exec {
         Some(exe) => exe.clone(),
-        None => match crate::upgrade::current_executable() {
-            Ok(exe) => exe,
-            Err(e) => return fail(format!("cannot tell which executable runs: {e}")),
-        },
+        None => crate::upgrade::current_executable()
+            .map_err(|e| format!("cannot tell which executable runs: {e}"))?,
     };
     let pidfile_path = config
         .pidfile
         .clone()
         .or_else(|| daemon.then(crate::pidfile::default_path));
     let pidfile = match &pidfile_path {
-        Some(path) => match Pidfile::acquire(path, config.pidfile.is_none()) {
-            Ok(p) => Some(p),
-            Err(e) => return fail(e.to_string()),
-        },
+        Some(path) => {
+            Some(Pidfile::acquire(path, config.pidfile.is_none()).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
-    let listeners = match activation::take_activated()
+    // SAFETY: the caller promises that no other thread exists.
+    let listeners = unsafe { activation::take_activated() }
         .and_then(|fds| activation::resolve(&config.listeners, fds))
-    {
-        Ok(listeners) => listeners,
-        Err(e) => return fail(e.to_string()),
-    };
-    let listeners: Vec<(OwnedFd, String)> = listeners
+        .map_err(|e| e.to_string())?;
+    let listeners = listeners
         .into_iter()
         .map(|l| {
             // Self-bound sockets carry their `bound/` name, as in systemd's fd store: a
@@ -315,39 +364,40 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
             (fd, name)
         })
         .collect();
-    let mut readiness = None;
-    if daemon && nix::unistd::getpid().as_raw() != 1 {
-        let mut keep: Vec<RawFd> = listeners.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        keep.extend(pidfile.as_ref().map(|p| p.fd()));
-        match crate::daemon::daemonize(config.log_file.as_deref(), &keep) {
-            Ok(r) => readiness = Some(r),
-            Err(e) => return fail(format!("cannot daemonize: {e}")),
-        }
-    }
-    let report_fail = |readiness: Option<Readiness>, message: String| {
-        if let Some(r) = readiness {
-            r.fail(&message);
-        }
-        fail(message)
-    };
-    if let Err(e) = crate::logging::init(&config.log_level, config.log_file.as_deref()) {
-        return report_fail(readiness, e);
-    }
+    Ok((exe, pidfile, listeners))
+}
+
+/// `--daemon`: the foreground process waits for the first generation's readiness, the keeper
+/// goes on in the background with its sockets and the pidfile's lock.
+///
+/// # Safety
+/// As [`run`]: forks.
+unsafe fn daemonize(
+    config: &Settings,
+    listeners: &[(OwnedFd, String)],
+    pidfile: Option<&Pidfile>,
+) -> Result<Readiness, String> {
+    let mut keep: Vec<RawFd> = listeners.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    keep.extend(pidfile.map(|p| p.fd()));
+    // SAFETY: the caller promises that no other thread exists.
+    unsafe { crate::daemon::daemonize(config.log_file.as_deref(), &keep) }
+        .map_err(|e| format!("cannot daemonize: {e}"))
+}
+
+/// Becomes the generations' service manager: the keeper's log, its notify socket, its
+/// signalfd, and the child subreaper bit (so that an upgrade's double fork re-parents the new
+/// generation here).
+fn become_manager(config: &Settings) -> Result<(NotifySocket, SignalFd), String> {
+    crate::logging::init(&config.log_level, config.log_file.as_deref())?;
     crate::env::report_ignored_private_env();
-    let notify = match NotifySocket::create() {
-        Ok(n) => n,
-        Err(e) => return report_fail(readiness, e),
-    };
-    let signals = match block_signals() {
-        Ok(s) => s,
-        Err(e) => return report_fail(readiness, e),
-    };
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        return report_fail(
-            readiness,
-            format!("cannot become the child subreaper (PR_SET_CHILD_SUBREAPER): {e}"),
-        );
-    }
+    let notify = NotifySocket::create()?;
+    let signals = block_signals()?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| format!("cannot become the child subreaper (PR_SET_CHILD_SUBREAPER): {e}"))?;
+    Ok((notify, signals))
+}
+
+fn log_start(listeners: &[(OwnedFd, String)], notify: &NotifySocket) {
     let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
     tracing::info!(
         event = "keeper-start",
@@ -361,30 +411,6 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
         listeners.len(),
         notify.path.display()
     );
-    let mut keeper = Keeper {
-        exe,
-        args: std::env::args_os().skip(1).collect(),
-        listeners,
-        notify,
-        pidfile,
-        signals,
-        log_level: config.log_level.clone(),
-        log_file: config.log_file.clone(),
-        startsecs: config.startsecs,
-        startretries: config.startretries,
-        drain_timeout: config.drain_timeout,
-        main: None,
-        former: Vec::new(),
-        generation: 0,
-        restarts: 0,
-        failures: 0,
-        restart_at: Some(Instant::now()),
-        stopping: None,
-        gave_up: None,
-        readiness,
-        reexec_pending: false,
-    };
-    keeper.run()
 }
 
 /// Goes on as the keeper after its own re-exec (after an upgrade).
@@ -392,17 +418,47 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
 /// # Safety
 /// Call it before any other thread exists: it changes the environment and takes fds.
 pub unsafe fn resume() -> ExitCode {
-    let text = std::env::var(STATE_ENV).unwrap_or_default();
-    // SAFETY: no other thread exists yet.
-    unsafe { std::env::remove_var(STATE_ENV) };
-    let state: State = match serde_json::from_str(&text) {
-        Ok(s) => s,
+    // SAFETY: this function's own contract (no other thread).
+    let state = match unsafe { take_state() } {
+        Ok(state) => state,
         Err(e) => {
             eprintln!("{}: keeper: cannot read the state of the previous keeper image ({e}); this is a bug", crate::env::identity().name);
             return ExitCode::FAILURE;
         }
     };
     let _ = crate::logging::init(&state.log_level, state.log_file.as_deref());
+    // SAFETY: as above.
+    let held = match unsafe { take_back(&state) } {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!("keeper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let mut keeper = Keeper::resumed(state, held);
+    keeper.log_resumed();
+    keeper.run()
+}
+
+/// What the previous keeper image left in [`STATE_ENV`], taken out of the environment.
+///
+/// # Safety
+/// As [`resume`]: changes the environment.
+unsafe fn take_state() -> serde_json::Result<State> {
+    let text = std::env::var(STATE_ENV).unwrap_or_default();
+    // SAFETY: the caller promises that no other thread exists.
+    unsafe { std::env::remove_var(STATE_ENV) };
+    serde_json::from_str(&text)
+}
+
+/// Takes back what the keeper held before its re-exec: the sockets, the notify socket and the
+/// pidfile (their fds survived execve), and a new signalfd. Only the signalfd can fail the
+/// resumption; a pidfile that is gone is said and done without.
+///
+/// # Safety
+/// As [`resume`]: owns the fds named in `state`, once.
+unsafe fn take_back(state: &State) -> Result<Held, String> {
     // SAFETY: these fds were handed to this image alone by the previous one (same process),
     // which cleared their FD_CLOEXEC for this; each is owned once, here.
     let own = |fd: RawFd| unsafe {
@@ -426,57 +482,13 @@ pub unsafe fn resume() -> ExitCode {
         },
         None => None,
     };
-    let signals = match block_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("keeper: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let _ = nix::sys::prctl::set_child_subreaper(true);
-    let now = Instant::now();
-    let main = state.main.map(|(pid, generation, ready_ms)| Generation {
-        pid,
-        generation,
-        ready_at: ready_ms.map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
-        stopping: false,
-        report: None,
-        error: None,
-    });
-    tracing::info!(
-        event = "keeper-reexecuted",
-        pid = std::process::id(),
-        exe = %state.exe.display(),
-        "keeper re-executed in place from {} (baton {}); main pid {}",
-        state.exe.display(),
-        crate::env::identity().version,
-        main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
-    );
-    let restart_at = main.is_none().then_some(now);
-    let mut keeper = Keeper {
-        exe: state.exe,
-        args: state.args.into_iter().map(OsString::from).collect(),
+    Ok(Held {
+        exe: state.exe.clone(),
         listeners,
-        notify,
         pidfile,
-        signals,
-        log_level: state.log_level,
-        log_file: state.log_file,
-        startsecs: Duration::from_millis(state.startsecs_ms),
-        startretries: state.startretries,
-        drain_timeout: Duration::from_millis(state.drain_timeout_ms),
-        main,
-        former: state.former,
-        generation: state.generation,
-        restarts: state.restarts,
-        failures: state.failures,
-        restart_at,
-        stopping: state.stopping.then_some(now),
-        gave_up: None,
-        readiness: None,
-        reexec_pending: false,
-    };
-    keeper.run()
+        notify,
+        signals: block_signals()?,
+    })
 }
 
 /// Blocks the keeper's signals (they are read from the signalfd instead; blocked signals are
@@ -530,6 +542,84 @@ fn set_cloexec(fd: RawFd, on: bool) {
 }
 
 impl Keeper {
+    /// A new service's keeper: no generation yet, the first one to start at once.
+    fn started(config: &Settings, held: Held, readiness: Option<Readiness>) -> Keeper {
+        Keeper {
+            exe: held.exe,
+            args: std::env::args_os().skip(1).collect(),
+            listeners: held.listeners,
+            notify: held.notify,
+            pidfile: held.pidfile,
+            signals: held.signals,
+            log_level: config.log_level.clone(),
+            log_file: config.log_file.clone(),
+            startsecs: config.startsecs,
+            startretries: config.startretries,
+            drain_timeout: config.drain_timeout,
+            main: None,
+            former: Vec::new(),
+            generation: 0,
+            restarts: 0,
+            failures: 0,
+            restart_at: Some(Instant::now()),
+            stopping: None,
+            gave_up: None,
+            readiness,
+            reexec_pending: false,
+        }
+    }
+
+    /// The keeper as it was before its re-exec ([`Keeper::state`]); a main generation that
+    /// was ready keeps how long it has served, and none means a start is due now.
+    fn resumed(state: State, held: Held) -> Keeper {
+        let now = Instant::now();
+        let main = state.main.map(|(pid, generation, ready_ms)| Generation {
+            pid,
+            generation,
+            ready_at: ready_ms.map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
+            stopping: false,
+            report: None,
+            error: None,
+        });
+        Keeper {
+            exe: held.exe,
+            args: state.args.into_iter().map(OsString::from).collect(),
+            listeners: held.listeners,
+            notify: held.notify,
+            pidfile: held.pidfile,
+            signals: held.signals,
+            log_level: state.log_level,
+            log_file: state.log_file,
+            startsecs: Duration::from_millis(state.startsecs_ms),
+            startretries: state.startretries,
+            drain_timeout: Duration::from_millis(state.drain_timeout_ms),
+            restart_at: main.is_none().then_some(now),
+            main,
+            former: state.former,
+            generation: state.generation,
+            restarts: state.restarts,
+            failures: state.failures,
+            stopping: state.stopping.then_some(now),
+            gave_up: None,
+            readiness: None,
+            reexec_pending: false,
+        }
+    }
+
+    fn log_resumed(&self) {
+        tracing::info!(
+            event = "keeper-reexecuted",
+            pid = std::process::id(),
+            exe = %self.exe.display(),
+            "keeper re-executed in place from {} (baton {}); main pid {}",
+            self.exe.display(),
+            crate::env::identity().version,
+            self.main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
+        );
+    }
+
+    /// The keeper's loop: reap, give up or stop when it is time, re-exec after an upgrade,
+    /// (re)start a generation when one is due, else wait for what comes.
     fn run(&mut self) -> ExitCode {
         loop {
             let children = self.reap();
