@@ -199,6 +199,14 @@ struct Generation {
 }
 
 impl Generation {
+    /// `: <what it reported>`, or nothing, to end a line about its exit.
+    fn error_suffix(&self) -> String {
+        self.error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    }
+
     /// Reads what the generation reported; called when it exited, so all of it is there.
     fn read_report(&mut self) {
         let Some(mut pipe) = self.report.take() else {
@@ -734,7 +742,7 @@ impl Keeper {
         if message.is_lone_barrier() {
             return;
         }
-        let Some(main) = self.main.as_mut().filter(|m| m.pid == message.pid) else {
+        let Some(main) = self.main.as_ref().filter(|m| m.pid == message.pid) else {
             tracing::debug!(
                 sender = message.pid,
                 "notification from pid {}, which is not the main pid: ignored ({:?})",
@@ -753,6 +761,14 @@ impl Keeper {
                 message.fds
             );
         }
+        self.follow_main_state(&message);
+        if let Some(new) = message.get("MAINPID") {
+            self.switch_main(new);
+        }
+    }
+
+    /// `STATUS=`, `STOPPING=1`, `RELOADING=1` and `READY=1` from the main generation.
+    fn follow_main_state(&mut self, message: &Message) {
         let Some(main) = self.main.as_mut() else {
             return;
         };
@@ -771,23 +787,29 @@ impl Keeper {
             );
         }
         if message.has("READY=1") && main.ready_at.is_none() {
-            main.ready_at = Some(Instant::now());
-            // It started: nothing more comes on its report pipe.
-            main.report = None;
-            let (pid, generation) = (main.pid, main.generation);
-            self.record_pid(Some(pid));
-            tracing::info!(
-                event = "keeper-ready",
-                pid,
-                generation,
-                "generation {generation} (pid {pid}) serves"
-            );
-            if let Some(r) = self.readiness.take() {
-                r.ready();
-            }
+            self.main_ready();
         }
-        if let Some(new) = message.get("MAINPID") {
-            self.switch_main(new);
+    }
+
+    /// The main generation serves: the pidfile names it, and a waiting `--daemon` foreground
+    /// process exits 0.
+    fn main_ready(&mut self) {
+        let Some(main) = self.main.as_mut() else {
+            return;
+        };
+        main.ready_at = Some(Instant::now());
+        // It started: nothing more comes on its report pipe.
+        main.report = None;
+        let (pid, generation) = (main.pid, main.generation);
+        self.record_pid(Some(pid));
+        tracing::info!(
+            event = "keeper-ready",
+            pid,
+            generation,
+            "generation {generation} (pid {pid}) serves"
+        );
+        if let Some(r) = self.readiness.take() {
+            r.ready();
         }
     }
 
@@ -925,53 +947,70 @@ impl Keeper {
         }
     }
 
+    /// The main generation exited: the service stops (it was asked to, or the generation said
+    /// so), or the generation is restarted (at once after a good run; after a failed start with
+    /// a growing delay, until the keeper gives up).
     fn main_exited(&mut self, mut main: Generation, status: &WaitStatus) {
         main.read_report();
         let how = describe(status);
-        let (pid, generation) = (main.pid, main.generation);
         self.record_pid(None);
         let clean = matches!(status, WaitStatus::Exited(_, 0));
         if self.stopping.is_some() || main.stopping || clean {
-            tracing::info!(
-                event = "keeper-generation-exited",
-                pid,
-                generation,
-                "generation {generation} (pid {pid}) {how}; the service stops"
-            );
-            if let Some(r) = self.readiness.take() {
-                r.fail(&format!(
-                    "the service stopped during its start: pid {pid} {how}"
-                ));
-            }
-            self.stopping.get_or_insert_with(Instant::now);
-            return;
+            return self.service_stops(&main, &how);
         }
-        let error = main
-            .error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
         let served = main.ready_at.map(|t| t.elapsed());
-        if served.is_some_and(|d| d >= self.startsecs) {
-            self.failures = 0;
-            self.restart_at = Some(Instant::now());
-            tracing::warn!(
-                event = "keeper-restart",
-                pid,
-                generation,
-                status = %how,
-                "generation {generation} (pid {pid}) {how}{error} after serving for {}; restarting it",
-                secs(served.unwrap_or_default())
-            );
-            return;
+        match served {
+            Some(served) if served >= self.startsecs => {
+                self.restart_after_serving(&main, &how, served)
+            }
+            _ => self.start_failed(&main, &how, served),
         }
+    }
+
+    fn service_stops(&mut self, main: &Generation, how: &str) {
+        let (pid, generation) = (main.pid, main.generation);
+        tracing::info!(
+            event = "keeper-generation-exited",
+            pid,
+            generation,
+            "generation {generation} (pid {pid}) {how}; the service stops"
+        );
+        if let Some(r) = self.readiness.take() {
+            r.fail(&format!(
+                "the service stopped during its start: pid {pid} {how}"
+            ));
+        }
+        self.stopping.get_or_insert_with(Instant::now);
+    }
+
+    /// A generation that had served for `keeper.startsecs` started well: the count of failed
+    /// starts begins again, and the restart is at once.
+    fn restart_after_serving(&mut self, main: &Generation, how: &str, served: Duration) {
+        let (pid, generation) = (main.pid, main.generation);
+        self.failures = 0;
+        self.restart_at = Some(Instant::now());
+        tracing::warn!(
+            event = "keeper-restart",
+            pid,
+            generation,
+            status = %how,
+            "generation {generation} (pid {pid}) {how}{} after serving for {}; restarting it",
+            main.error_suffix(),
+            secs(served)
+        );
+    }
+
+    /// A failed start (the generation had not served for `keeper.startsecs`): retried after
+    /// 1 s, 2 s, ... until `keeper.startretries`; the first start of `--daemon` is not retried,
+    /// as its foreground process waits to say why.
+    fn start_failed(&mut self, main: &Generation, how: &str, served: Option<Duration>) {
+        let (pid, generation, error) = (main.pid, main.generation, main.error_suffix());
         self.failures += 1;
         let when = match served {
             Some(d) => format!("{} after it became ready", secs(d)),
             None => "before it was ready".to_owned(),
         };
         if let Some(r) = self.readiness.take() {
-            // A foreground `--daemon` waits: the first start failed, say why now.
             let reason = main
                 .error
                 .clone()
