@@ -57,6 +57,7 @@ use crate::daemon::Readiness;
 use crate::env::Var;
 use crate::manager::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
+use crate::upgrade::exec::{inherited_env, ExecPlan};
 
 /// Set in every generation's environment: the keeper's pid.
 pub const KEEPER_PID_ENV: Var = Var::KEEPER_PID;
@@ -1088,28 +1089,40 @@ impl Keeper {
         }
     }
 
+    /// Forks a generation with the sockets at 3.. and its report pipe after them; returns its
+    /// pid and the pipe's read end.
     fn spawn(&self, generation: u64) -> io::Result<(i32, std::fs::File)> {
-        let cstr = |b: &[u8]| {
-            CString::new(b)
-                .map_err(|_| io::Error::other("NUL byte in an argument or the environment"))
-        };
-        let path = cstr(self.exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
-        for a in &self.args {
-            argv.push(cstr(a.as_bytes())?);
-        }
-        let n = self.listeners.len();
-        let mut env: Vec<CString> = Vec::new();
-        for (k, v) in std::env::vars_os() {
-            if crate::env::NOT_INHERITED
-                .iter()
-                .chain(KEEPER_PRIVATE_ENV.iter())
-                .any(|p| k == *p)
-            {
-                continue;
+        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .collect();
+        fds.push(report_write.as_raw_fd());
+        let env = self.generation_env(generation);
+        let mut plan = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+        // SAFETY: the keeper is single-threaded (no runtime, no helper threads), so the child
+        // may run any code until it execs; it runs ExecPlan::exec, which is safe even without.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(report_write);
+                Ok((child.as_raw(), std::fs::File::from(report_read)))
             }
-            env.push(cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);
+            nix::unistd::ForkResult::Child => self.exec_generation(&mut plan),
         }
+    }
+
+    /// A generation's environment: the keeper's own without what is private to it, plus what
+    /// announces its fds (the sockets, then the report pipe), its notify socket, generation and
+    /// restarts. `LISTEN_PID` and `BATON_FOR_PID` are filled in after the fork ([`ExecPlan`]).
+    fn generation_env(&self, generation: u64) -> Vec<Vec<u8>> {
+        let except: Vec<&str> = crate::env::NOT_INHERITED
+            .iter()
+            .chain(KEEPER_PRIVATE_ENV.iter())
+            .copied()
+            .collect();
+        let mut env = inherited_env(&except);
+        let n = self.listeners.len();
         let names: Vec<&str> = self.listeners.iter().map(|(_, n)| n.as_str()).collect();
         for var in [
             format!("LISTEN_FDS={n}"),
@@ -1120,39 +1133,98 @@ impl Keeper {
             format!("{RESTARTS_ENV}={}", self.restarts),
             format!("{REPORT_FD_ENV}={}", 3 + n),
         ] {
-            env.push(cstr(var.as_bytes())?);
+            env.push(var.into_bytes());
         }
-        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let mut fds: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|(fd, _)| fd.as_raw_fd())
-            .collect();
-        fds.push(report_write.as_raw_fd());
-        // SAFETY: the keeper is single-threaded (no runtime, no helper threads), so the child
-        // may run any code until it execs.
-        match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Parent { child } => {
-                drop(report_write);
-                Ok((child.as_raw(), std::fs::File::from(report_read)))
-            }
-            nix::unistd::ForkResult::Child => {
-                let report = 3 + n as RawFd;
-                let error = exec_generation(&path, &argv, env, &fds);
-                let line = format!("error cannot execute {}: {error}\n", self.exe.display());
-                // SAFETY: plain writes and _exit in the child.
-                unsafe {
-                    libc::write(report, line.as_ptr().cast(), line.len());
-                    libc::_exit(127)
-                }
-            }
+        env
+    }
+
+    /// The child's side of [`Keeper::spawn`]: [`ExecPlan::exec`]; a failure is reported as
+    /// `error <text>` on the report pipe, as a generation reports a failed start.
+    fn exec_generation(&self, plan: &mut ExecPlan) -> ! {
+        // SAFETY: in the child, between fork and exec.
+        let failed = unsafe { plan.exec() };
+        let error = io::Error::from_raw_os_error(failed.errno);
+        let line = format!("error cannot execute {}: {error}\n", self.exe.display());
+        // SAFETY: plain writes and _exit in the child.
+        unsafe {
+            libc::write(failed.report_fd, line.as_ptr().cast(), line.len());
+            libc::_exit(127)
         }
     }
 
     /// Re-executes the keeper in place (same pid, same children), so that after an upgrade no
     /// process runs the old binary. On failure the keeper goes on as it is.
     fn reexec(&mut self) {
-        let state = State {
+        let kept: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .chain([self.notify.socket.as_raw_fd()])
+            .chain(self.pidfile.as_ref().map(|p| p.fd()))
+            .collect();
+        let e = self.exec_self(&kept).unwrap_or_else(|e| e);
+        for fd in &kept {
+            set_cloexec(*fd, true);
+        }
+        tracing::error!(
+            event = "keeper-reexec-failed",
+            "cannot re-execute the keeper from {}: {e}; the keeper goes on with the binary it runs",
+            self.exe.display()
+        );
+    }
+
+    /// execve of the keeper's executable with its state in [`STATE_ENV`] and the `kept` fds
+    /// open across it. Returns only on failure: the error, whether from execve or before it.
+    fn exec_self(&self, kept: &[RawFd]) -> io::Result<io::Error> {
+        let json = serde_json::to_string(&self.state()).map_err(io::Error::other)?;
+        let path = CString::new(self.exe.as_os_str().as_bytes())?;
+        let mut argv = vec![path.clone()];
+        for a in &self.args {
+            argv.push(CString::new(a.as_bytes())?);
+        }
+        let env = self.reexec_env(&json)?;
+        tracing::info!(
+            event = "keeper-reexec",
+            exe = %self.exe.display(),
+            "re-executing the keeper from {} so that no process runs the old binary",
+            self.exe.display()
+        );
+        for fd in kept {
+            set_cloexec(*fd, false);
+        }
+        // The signal mask (all keeper signals blocked) and pending signals survive execve:
+        // nothing that arrives meanwhile is lost.
+        let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
+        Ok(io::Error::from(e))
+    }
+
+    /// The keeper's environment for its next image: its own, with the state, the pidfile's fd
+    /// and `BATON_FOR_PID` (this very process reads them after execve) set anew.
+    fn reexec_env(&self, state_json: &str) -> io::Result<Vec<CString>> {
+        let except = [
+            STATE_ENV.name(),
+            PIDFILE_FD_ENV.name(),
+            crate::upgrade::FOR_PID_ENV.name(),
+        ];
+        let mut env = inherited_env(&except)
+            .into_iter()
+            .map(CString::new)
+            .collect::<Result<Vec<CString>, _>>()?;
+        env.push(CString::new(format!("{STATE_ENV}={state_json}"))?);
+        env.push(CString::new(format!(
+            "{}={}",
+            crate::upgrade::FOR_PID_ENV,
+            std::process::id()
+        ))?);
+        if let Some(p) = &self.pidfile {
+            env.push(CString::new(format!("{PIDFILE_FD_ENV}={}", p.fd()))?);
+        }
+        Ok(env)
+    }
+
+    /// What survives the re-exec ([`Keeper::resumed`] reads it back).
+    fn state(&self) -> State {
+        State {
             exe: self.exe.clone(),
             args: self
                 .args
@@ -1184,64 +1256,7 @@ impl Keeper {
             restarts: self.restarts,
             failures: self.failures,
             stopping: self.stopping.is_some(),
-        };
-        let kept: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|(fd, _)| fd.as_raw_fd())
-            .chain([self.notify.socket.as_raw_fd()])
-            .chain(self.pidfile.as_ref().map(|p| p.fd()))
-            .collect();
-        let error = (|| -> io::Result<io::Error> {
-            let json = serde_json::to_string(&state).map_err(io::Error::other)?;
-            let path = CString::new(self.exe.as_os_str().as_bytes())?;
-            let mut argv = vec![path.clone()];
-            for a in &self.args {
-                argv.push(CString::new(a.as_bytes())?);
-            }
-            let mut env: Vec<CString> = Vec::new();
-            for (k, v) in std::env::vars_os() {
-                if k == STATE_ENV.name()
-                    || k == PIDFILE_FD_ENV.name()
-                    || k == crate::upgrade::FOR_PID_ENV.name()
-                {
-                    continue;
-                }
-                env.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat())?);
-            }
-            env.push(CString::new(format!("{STATE_ENV}={json}"))?);
-            // The same process reads them after execve.
-            env.push(CString::new(format!(
-                "{}={}",
-                crate::upgrade::FOR_PID_ENV,
-                std::process::id()
-            ))?);
-            if let Some(p) = &self.pidfile {
-                env.push(CString::new(format!("{PIDFILE_FD_ENV}={}", p.fd()))?);
-            }
-            tracing::info!(
-                event = "keeper-reexec",
-                exe = %self.exe.display(),
-                "re-executing the keeper from {} so that no process runs the old binary",
-                self.exe.display()
-            );
-            for fd in &kept {
-                set_cloexec(*fd, false);
-            }
-            // The signal mask (all keeper signals blocked) and pending signals survive execve:
-            // nothing that arrives meanwhile is lost.
-            let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
-            Ok(io::Error::from(e))
-        })();
-        for fd in &kept {
-            set_cloexec(*fd, true);
         }
-        let e = error.unwrap_or_else(|e| e);
-        tracing::error!(
-            event = "keeper-reexec-failed",
-            "cannot re-execute the keeper from {}: {e}; the keeper goes on with the binary it runs",
-            self.exe.display()
-        );
     }
 
     /// Ends the keeper: sockets closed, pidfile removed, notify socket removed.
@@ -1268,50 +1283,6 @@ impl Keeper {
         self.notify.remove();
         code
     }
-}
-
-/// The child's side of [`Keeper::spawn`]: fds into place, a clean signal state, `LISTEN_PID`,
-/// exec. Returns only on failure.
-fn exec_generation(
-    path: &CString,
-    argv: &[CString],
-    mut env: Vec<CString>,
-    fds: &[RawFd],
-) -> io::Error {
-    let n = fds.len() as RawFd;
-    // Move every fd above the target range first, then down into 3.. (dup2 clears FD_CLOEXEC
-    // on the copy).
-    let mut high = Vec::with_capacity(fds.len());
-    for fd in fds {
-        // SAFETY: fcntl/dup2/close_range on fds of this (child) process.
-        let h = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n) };
-        if h < 0 {
-            return io::Error::last_os_error();
-        }
-        high.push(h);
-    }
-    for (i, h) in high.iter().enumerate() {
-        // SAFETY: as above.
-        if unsafe { libc::dup2(*h, 3 + i as RawFd) } < 0 {
-            return io::Error::last_os_error();
-        }
-    }
-    // Nothing else of the keeper's (pidfile, notify socket, signalfd) goes to a generation.
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0) };
-    // Its own process group: a terminal's ^C reaches the keeper alone, which forwards it once.
-    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    // SAFETY: resetting a disposition the keeper inherited from Rust's runtime (SIGPIPE is
-    // ignored there, and exec would keep that).
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let _ = SigSet::empty().thread_set_mask();
-    for var in ["LISTEN_PID", crate::upgrade::FOR_PID_ENV.name()] {
-        match CString::new(format!("{var}={}", std::process::id())) {
-            Ok(v) => env.push(v),
-            Err(e) => return io::Error::other(e),
-        }
-    }
-    io::Error::from(nix::unistd::execve(path, argv, &env).unwrap_err())
 }
 
 #[cfg(test)]
