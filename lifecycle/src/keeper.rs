@@ -316,10 +316,13 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
     Keeper::started(&config, held, readiness).run()
 }
 
+/// The listening sockets, each with the name it is handed over by.
+type Listeners = Vec<(OwnedFd, String)>;
+
 /// What the keeper holds for the whole service's life (and through its re-exec).
 struct Held {
     exe: PathBuf,
-    listeners: Vec<(OwnedFd, String)>,
+    listeners: Listeners,
     pidfile: Option<Pidfile>,
     notify: NotifySocket,
     signals: SignalFd,
@@ -339,7 +342,7 @@ fn fail(message: &str) -> ExitCode {
 unsafe fn take_exe_pidfile_listeners(
     config: &Settings,
     daemon: bool,
-) -> Result<(PathBuf, Option<Pidfile>, Vec<(OwnedFd, String)>), String> {
+) -> Result<(PathBuf, Option<Pidfile>, Listeners), String> {
     let exe = match &config.exec {
         Some(exe) => exe.clone(),
         None => crate::upgrade::current_executable()
