@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::activation;
 use crate::daemon::Readiness;
 use crate::env::Var;
+use crate::exec::{inherited_env, ExecPlan};
 use crate::manager::{Message, NotifySocket};
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 
@@ -199,6 +200,14 @@ struct Generation {
 }
 
 impl Generation {
+    /// `: <what it reported>`, or nothing, to end a line about its exit.
+    fn error_suffix(&self) -> String {
+        self.error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    }
+
     /// Reads what the generation reported; called when it exited, so all of it is there.
     fn read_report(&mut self) {
         let Some(mut pipe) = self.report.take() else {
@@ -273,35 +282,87 @@ struct Keeper {
 /// # Safety
 /// Call it before any other thread exists: it changes the environment, forks and closes fds.
 pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
-    let fail = |message: String| {
-        eprintln!("{}: {message}", crate::env::identity().name);
-        ExitCode::FAILURE
+    // SAFETY: this function's own contract (no other thread).
+    let held = match unsafe { take_exe_pidfile_listeners(&config, daemon) } {
+        Ok(held) => held,
+        Err(message) => return fail(&message),
     };
+    let (exe, pidfile, listeners) = held;
+    let mut readiness = None;
+    if daemon && nix::unistd::getpid().as_raw() != 1 {
+        // SAFETY: as above.
+        match unsafe { daemonize(&config, &listeners, pidfile.as_ref()) } {
+            Ok(r) => readiness = Some(r),
+            Err(message) => return fail(&message),
+        }
+    }
+    let (notify, signals) = match become_manager(&config) {
+        Ok(manager) => manager,
+        Err(message) => {
+            if let Some(r) = readiness {
+                r.fail(&message);
+            }
+            return fail(&message);
+        }
+    };
+    log_start(&listeners, &notify);
+    let held = Held {
+        exe,
+        listeners,
+        pidfile,
+        notify,
+        signals,
+    };
+    Keeper::started(&config, held, readiness).run()
+}
+
+/// The listening sockets, each with the name it is handed over by.
+type Listeners = Vec<(OwnedFd, String)>;
+
+/// What the keeper holds for the whole service's life (and through its re-exec).
+struct Held {
+    exe: PathBuf,
+    listeners: Listeners,
+    pidfile: Option<Pidfile>,
+    notify: NotifySocket,
+    signals: SignalFd,
+}
+
+/// A start that failed before the keeper logs: said on stderr.
+fn fail(message: &str) -> ExitCode {
+    eprintln!("{}: {message}", crate::env::identity().name);
+    ExitCode::FAILURE
+}
+
+/// The first step of [`run`]: which executable the generations run, the pidfile's lock, then
+/// the sockets.
+///
+/// # Safety
+/// As [`run`]: takes the activated fds out of the environment.
+unsafe fn take_exe_pidfile_listeners(
+    config: &Settings,
+    daemon: bool,
+) -> Result<(PathBuf, Option<Pidfile>, Listeners), String> {
     let exe = match &config.exec {
         Some(exe) => exe.clone(),
-        None => match crate::upgrade::current_executable() {
-            Ok(exe) => exe,
-            Err(e) => return fail(format!("cannot tell which executable runs: {e}")),
-        },
+        None => crate::upgrade::current_executable()
+            .map_err(|e| format!("cannot tell which executable runs: {e}"))?,
     };
     let pidfile_path = config
         .pidfile
         .clone()
         .or_else(|| daemon.then(crate::pidfile::default_path));
     let pidfile = match &pidfile_path {
-        Some(path) => match Pidfile::acquire(path, config.pidfile.is_none()) {
-            Ok(p) => Some(p),
-            Err(e) => return fail(e.to_string()),
-        },
+        Some(path) => {
+            Some(Pidfile::acquire(path, config.pidfile.is_none()).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
-    let listeners = match activation::take_activated()
+    // SAFETY: the caller promises that no other thread exists.
+    let listeners = unsafe { activation::take_activated() }
         .and_then(|fds| activation::resolve(&config.listeners, fds))
-    {
-        Ok(listeners) => listeners,
-        Err(e) => return fail(e.to_string()),
-    };
-    let listeners: Vec<(OwnedFd, String)> = listeners
+        .map_err(|e| e.to_string())?;
+    let listeners = listeners
         .into_iter()
         .map(|l| {
             // Self-bound sockets carry their `bound/` name, as in systemd's fd store: a
@@ -315,39 +376,40 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
             (fd, name)
         })
         .collect();
-    let mut readiness = None;
-    if daemon && nix::unistd::getpid().as_raw() != 1 {
-        let mut keep: Vec<RawFd> = listeners.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        keep.extend(pidfile.as_ref().map(|p| p.fd()));
-        match crate::daemon::daemonize(config.log_file.as_deref(), &keep) {
-            Ok(r) => readiness = Some(r),
-            Err(e) => return fail(format!("cannot daemonize: {e}")),
-        }
-    }
-    let report_fail = |readiness: Option<Readiness>, message: String| {
-        if let Some(r) = readiness {
-            r.fail(&message);
-        }
-        fail(message)
-    };
-    if let Err(e) = crate::logging::init(&config.log_level, config.log_file.as_deref()) {
-        return report_fail(readiness, e);
-    }
+    Ok((exe, pidfile, listeners))
+}
+
+/// `--daemon`: the foreground process waits for the first generation's readiness, the keeper
+/// goes on in the background with its sockets and the pidfile's lock.
+///
+/// # Safety
+/// As [`run`]: forks.
+unsafe fn daemonize(
+    config: &Settings,
+    listeners: &[(OwnedFd, String)],
+    pidfile: Option<&Pidfile>,
+) -> Result<Readiness, String> {
+    let mut keep: Vec<RawFd> = listeners.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    keep.extend(pidfile.map(|p| p.fd()));
+    // SAFETY: the caller promises that no other thread exists.
+    unsafe { crate::daemon::daemonize(config.log_file.as_deref(), &keep) }
+        .map_err(|e| format!("cannot daemonize: {e}"))
+}
+
+/// Becomes the generations' service manager: the keeper's log, its notify socket, its
+/// signalfd, and the child subreaper bit (so that an upgrade's double fork re-parents the new
+/// generation here).
+fn become_manager(config: &Settings) -> Result<(NotifySocket, SignalFd), String> {
+    crate::logging::init(&config.log_level, config.log_file.as_deref())?;
     crate::env::report_ignored_private_env();
-    let notify = match NotifySocket::create() {
-        Ok(n) => n,
-        Err(e) => return report_fail(readiness, e),
-    };
-    let signals = match block_signals() {
-        Ok(s) => s,
-        Err(e) => return report_fail(readiness, e),
-    };
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        return report_fail(
-            readiness,
-            format!("cannot become the child subreaper (PR_SET_CHILD_SUBREAPER): {e}"),
-        );
-    }
+    let notify = NotifySocket::create()?;
+    let signals = block_signals()?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| format!("cannot become the child subreaper (PR_SET_CHILD_SUBREAPER): {e}"))?;
+    Ok((notify, signals))
+}
+
+fn log_start(listeners: &[(OwnedFd, String)], notify: &NotifySocket) {
     let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
     tracing::info!(
         event = "keeper-start",
@@ -361,30 +423,6 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
         listeners.len(),
         notify.path.display()
     );
-    let mut keeper = Keeper {
-        exe,
-        args: std::env::args_os().skip(1).collect(),
-        listeners,
-        notify,
-        pidfile,
-        signals,
-        log_level: config.log_level.clone(),
-        log_file: config.log_file.clone(),
-        startsecs: config.startsecs,
-        startretries: config.startretries,
-        drain_timeout: config.drain_timeout,
-        main: None,
-        former: Vec::new(),
-        generation: 0,
-        restarts: 0,
-        failures: 0,
-        restart_at: Some(Instant::now()),
-        stopping: None,
-        gave_up: None,
-        readiness,
-        reexec_pending: false,
-    };
-    keeper.run()
 }
 
 /// Goes on as the keeper after its own re-exec (after an upgrade).
@@ -392,17 +430,47 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
 /// # Safety
 /// Call it before any other thread exists: it changes the environment and takes fds.
 pub unsafe fn resume() -> ExitCode {
-    let text = std::env::var(STATE_ENV).unwrap_or_default();
-    // SAFETY: no other thread exists yet.
-    unsafe { std::env::remove_var(STATE_ENV) };
-    let state: State = match serde_json::from_str(&text) {
-        Ok(s) => s,
+    // SAFETY: this function's own contract (no other thread).
+    let state = match unsafe { take_state() } {
+        Ok(state) => state,
         Err(e) => {
             eprintln!("{}: keeper: cannot read the state of the previous keeper image ({e}); this is a bug", crate::env::identity().name);
             return ExitCode::FAILURE;
         }
     };
     let _ = crate::logging::init(&state.log_level, state.log_file.as_deref());
+    // SAFETY: as above.
+    let held = match unsafe { take_back(&state) } {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!("keeper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let mut keeper = Keeper::resumed(state, held);
+    keeper.log_resumed();
+    keeper.run()
+}
+
+/// What the previous keeper image left in [`STATE_ENV`], taken out of the environment.
+///
+/// # Safety
+/// As [`resume`]: changes the environment.
+unsafe fn take_state() -> serde_json::Result<State> {
+    let text = std::env::var(STATE_ENV).unwrap_or_default();
+    // SAFETY: the caller promises that no other thread exists.
+    unsafe { std::env::remove_var(STATE_ENV) };
+    serde_json::from_str(&text)
+}
+
+/// Takes back what the keeper held before its re-exec: the sockets, the notify socket and the
+/// pidfile (their fds survived execve), and a new signalfd. Only the signalfd can fail the
+/// resumption; a pidfile that is gone is said and done without.
+///
+/// # Safety
+/// As [`resume`]: owns the fds named in `state`, once.
+unsafe fn take_back(state: &State) -> Result<Held, String> {
     // SAFETY: these fds were handed to this image alone by the previous one (same process),
     // which cleared their FD_CLOEXEC for this; each is owned once, here.
     let own = |fd: RawFd| unsafe {
@@ -426,58 +494,13 @@ pub unsafe fn resume() -> ExitCode {
         },
         None => None,
     };
-    let signals = match block_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("keeper: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let _ = nix::sys::prctl::set_child_subreaper(true);
-    let now = Instant::now();
-    let main = state.main.map(|(pid, generation, ready_ms)| Generation {
-        pid,
-        generation,
-        ready_at: ready_ms.map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
-        stopping: false,
-        report: None,
-        error: None,
-    });
-    tracing::info!(
-        event = "keeper-reexecuted",
-        pid = std::process::id(),
-        exe = %state.exe.display(),
-        "keeper re-executed in place from {} ({} {}); main pid {}",
-        state.exe.display(),
-        crate::env::identity().name,
-        crate::env::identity().version,
-        main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
-    );
-    let restart_at = main.is_none().then_some(now);
-    let mut keeper = Keeper {
-        exe: state.exe,
-        args: state.args.into_iter().map(OsString::from).collect(),
+    Ok(Held {
+        exe: state.exe.clone(),
         listeners,
-        notify,
         pidfile,
-        signals,
-        log_level: state.log_level,
-        log_file: state.log_file,
-        startsecs: Duration::from_millis(state.startsecs_ms),
-        startretries: state.startretries,
-        drain_timeout: Duration::from_millis(state.drain_timeout_ms),
-        main,
-        former: state.former,
-        generation: state.generation,
-        restarts: state.restarts,
-        failures: state.failures,
-        restart_at,
-        stopping: state.stopping.then_some(now),
-        gave_up: None,
-        readiness: None,
-        reexec_pending: false,
-    };
-    keeper.run()
+        notify,
+        signals: block_signals()?,
+    })
 }
 
 /// Blocks the keeper's signals (they are read from the signalfd instead; blocked signals are
@@ -531,6 +554,85 @@ fn set_cloexec(fd: RawFd, on: bool) {
 }
 
 impl Keeper {
+    /// A new service's keeper: no generation yet, the first one to start at once.
+    fn started(config: &Settings, held: Held, readiness: Option<Readiness>) -> Keeper {
+        Keeper {
+            exe: held.exe,
+            args: std::env::args_os().skip(1).collect(),
+            listeners: held.listeners,
+            notify: held.notify,
+            pidfile: held.pidfile,
+            signals: held.signals,
+            log_level: config.log_level.clone(),
+            log_file: config.log_file.clone(),
+            startsecs: config.startsecs,
+            startretries: config.startretries,
+            drain_timeout: config.drain_timeout,
+            main: None,
+            former: Vec::new(),
+            generation: 0,
+            restarts: 0,
+            failures: 0,
+            restart_at: Some(Instant::now()),
+            stopping: None,
+            gave_up: None,
+            readiness,
+            reexec_pending: false,
+        }
+    }
+
+    /// The keeper as it was before its re-exec ([`Keeper::state`]); a main generation that
+    /// was ready keeps how long it has served, and none means a start is due now.
+    fn resumed(state: State, held: Held) -> Keeper {
+        let now = Instant::now();
+        let main = state.main.map(|(pid, generation, ready_ms)| Generation {
+            pid,
+            generation,
+            ready_at: ready_ms.map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
+            stopping: false,
+            report: None,
+            error: None,
+        });
+        Keeper {
+            exe: held.exe,
+            args: state.args.into_iter().map(OsString::from).collect(),
+            listeners: held.listeners,
+            notify: held.notify,
+            pidfile: held.pidfile,
+            signals: held.signals,
+            log_level: state.log_level,
+            log_file: state.log_file,
+            startsecs: Duration::from_millis(state.startsecs_ms),
+            startretries: state.startretries,
+            drain_timeout: Duration::from_millis(state.drain_timeout_ms),
+            restart_at: main.is_none().then_some(now),
+            main,
+            former: state.former,
+            generation: state.generation,
+            restarts: state.restarts,
+            failures: state.failures,
+            stopping: state.stopping.then_some(now),
+            gave_up: None,
+            readiness: None,
+            reexec_pending: false,
+        }
+    }
+
+    fn log_resumed(&self) {
+        tracing::info!(
+            event = "keeper-reexecuted",
+            pid = std::process::id(),
+            exe = %self.exe.display(),
+            "keeper re-executed in place from {} ({} {}); main pid {}",
+            self.exe.display(),
+            crate::env::identity().name,
+            crate::env::identity().version,
+            self.main.as_ref().map_or("none".to_owned(), |m| m.pid.to_string())
+        );
+    }
+
+    /// The keeper's loop: reap, give up or stop when it is time, re-exec after an upgrade,
+    /// (re)start a generation when one is due, else wait for what comes.
     fn run(&mut self) -> ExitCode {
         loop {
             let children = self.reap();
@@ -645,7 +747,7 @@ impl Keeper {
         if message.is_lone_barrier() {
             return;
         }
-        let Some(main) = self.main.as_mut().filter(|m| m.pid == message.pid) else {
+        let Some(main) = self.main.as_ref().filter(|m| m.pid == message.pid) else {
             tracing::debug!(
                 sender = message.pid,
                 "notification from pid {}, which is not the main pid: ignored ({:?})",
@@ -664,6 +766,14 @@ impl Keeper {
                 message.fds
             );
         }
+        self.follow_main_state(&message);
+        if let Some(new) = message.get("MAINPID") {
+            self.switch_main(new);
+        }
+    }
+
+    /// `STATUS=`, `STOPPING=1`, `RELOADING=1` and `READY=1` from the main generation.
+    fn follow_main_state(&mut self, message: &Message) {
         let Some(main) = self.main.as_mut() else {
             return;
         };
@@ -682,23 +792,29 @@ impl Keeper {
             );
         }
         if message.has("READY=1") && main.ready_at.is_none() {
-            main.ready_at = Some(Instant::now());
-            // It started: nothing more comes on its report pipe.
-            main.report = None;
-            let (pid, generation) = (main.pid, main.generation);
-            self.record_pid(Some(pid));
-            tracing::info!(
-                event = "keeper-ready",
-                pid,
-                generation,
-                "generation {generation} (pid {pid}) serves"
-            );
-            if let Some(r) = self.readiness.take() {
-                r.ready();
-            }
+            self.main_ready();
         }
-        if let Some(new) = message.get("MAINPID") {
-            self.switch_main(new);
+    }
+
+    /// The main generation serves: the pidfile names it, and a waiting `--daemon` foreground
+    /// process exits 0.
+    fn main_ready(&mut self) {
+        let Some(main) = self.main.as_mut() else {
+            return;
+        };
+        main.ready_at = Some(Instant::now());
+        // It started: nothing more comes on its report pipe.
+        main.report = None;
+        let (pid, generation) = (main.pid, main.generation);
+        self.record_pid(Some(pid));
+        tracing::info!(
+            event = "keeper-ready",
+            pid,
+            generation,
+            "generation {generation} (pid {pid}) serves"
+        );
+        if let Some(r) = self.readiness.take() {
+            r.ready();
         }
     }
 
@@ -836,53 +952,70 @@ impl Keeper {
         }
     }
 
+    /// The main generation exited: the service stops (it was asked to, or the generation said
+    /// so), or the generation is restarted (at once after a good run; after a failed start with
+    /// a growing delay, until the keeper gives up).
     fn main_exited(&mut self, mut main: Generation, status: &WaitStatus) {
         main.read_report();
         let how = describe(status);
-        let (pid, generation) = (main.pid, main.generation);
         self.record_pid(None);
         let clean = matches!(status, WaitStatus::Exited(_, 0));
         if self.stopping.is_some() || main.stopping || clean {
-            tracing::info!(
-                event = "keeper-generation-exited",
-                pid,
-                generation,
-                "generation {generation} (pid {pid}) {how}; the service stops"
-            );
-            if let Some(r) = self.readiness.take() {
-                r.fail(&format!(
-                    "the service stopped during its start: pid {pid} {how}"
-                ));
-            }
-            self.stopping.get_or_insert_with(Instant::now);
-            return;
+            return self.service_stops(&main, &how);
         }
-        let error = main
-            .error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
         let served = main.ready_at.map(|t| t.elapsed());
-        if served.is_some_and(|d| d >= self.startsecs) {
-            self.failures = 0;
-            self.restart_at = Some(Instant::now());
-            tracing::warn!(
-                event = "keeper-restart",
-                pid,
-                generation,
-                status = %how,
-                "generation {generation} (pid {pid}) {how}{error} after serving for {}; restarting it",
-                secs(served.unwrap_or_default())
-            );
-            return;
+        match served {
+            Some(served) if served >= self.startsecs => {
+                self.restart_after_serving(&main, &how, served)
+            }
+            _ => self.start_failed(&main, &how, served),
         }
+    }
+
+    fn service_stops(&mut self, main: &Generation, how: &str) {
+        let (pid, generation) = (main.pid, main.generation);
+        tracing::info!(
+            event = "keeper-generation-exited",
+            pid,
+            generation,
+            "generation {generation} (pid {pid}) {how}; the service stops"
+        );
+        if let Some(r) = self.readiness.take() {
+            r.fail(&format!(
+                "the service stopped during its start: pid {pid} {how}"
+            ));
+        }
+        self.stopping.get_or_insert_with(Instant::now);
+    }
+
+    /// A generation that had served for `keeper.startsecs` started well: the count of failed
+    /// starts begins again, and the restart is at once.
+    fn restart_after_serving(&mut self, main: &Generation, how: &str, served: Duration) {
+        let (pid, generation) = (main.pid, main.generation);
+        self.failures = 0;
+        self.restart_at = Some(Instant::now());
+        tracing::warn!(
+            event = "keeper-restart",
+            pid,
+            generation,
+            status = %how,
+            "generation {generation} (pid {pid}) {how}{} after serving for {}; restarting it",
+            main.error_suffix(),
+            secs(served)
+        );
+    }
+
+    /// A failed start (the generation had not served for `keeper.startsecs`): retried after
+    /// 1 s, 2 s, ... until `keeper.startretries`; the first start of `--daemon` is not retried,
+    /// as its foreground process waits to say why.
+    fn start_failed(&mut self, main: &Generation, how: &str, served: Option<Duration>) {
+        let (pid, generation, error) = (main.pid, main.generation, main.error_suffix());
         self.failures += 1;
         let when = match served {
             Some(d) => format!("{} after it became ready", secs(d)),
             None => "before it was ready".to_owned(),
         };
         if let Some(r) = self.readiness.take() {
-            // A foreground `--daemon` waits: the first start failed, say why now.
             let reason = main
                 .error
                 .clone()
@@ -960,28 +1093,40 @@ impl Keeper {
         }
     }
 
+    /// Forks a generation with the sockets at 3.. and its report pipe after them; returns its
+    /// pid and the pipe's read end.
     fn spawn(&self, generation: u64) -> io::Result<(i32, std::fs::File)> {
-        let cstr = |b: &[u8]| {
-            CString::new(b)
-                .map_err(|_| io::Error::other("NUL byte in an argument or the environment"))
-        };
-        let path = cstr(self.exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
-        for a in &self.args {
-            argv.push(cstr(a.as_bytes())?);
-        }
-        let n = self.listeners.len();
-        let mut env: Vec<CString> = Vec::new();
-        for (k, v) in std::env::vars_os() {
-            if crate::env::NOT_INHERITED
-                .iter()
-                .chain(KEEPER_PRIVATE_ENV.iter())
-                .any(|p| k == *p)
-            {
-                continue;
+        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .collect();
+        fds.push(report_write.as_raw_fd());
+        let env = self.generation_env(generation);
+        let mut plan = ExecPlan::new(&self.exe, &self.args, env, fds)?;
+        // SAFETY: the keeper is single-threaded (no runtime, no helper threads), so the child
+        // may run any code until it execs; it runs ExecPlan::exec, which is safe even without.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(report_write);
+                Ok((child.as_raw(), std::fs::File::from(report_read)))
             }
-            env.push(cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);
+            nix::unistd::ForkResult::Child => self.exec_generation(&mut plan),
         }
+    }
+
+    /// A generation's environment: the keeper's own without what is private to it, plus what
+    /// announces its fds (the sockets, then the report pipe), its notify socket, generation and
+    /// restarts. `LISTEN_PID` and `BATON_FOR_PID` are filled in after the fork ([`ExecPlan`]).
+    fn generation_env(&self, generation: u64) -> Vec<Vec<u8>> {
+        let except: Vec<&str> = crate::env::NOT_INHERITED
+            .iter()
+            .chain(KEEPER_PRIVATE_ENV.iter())
+            .copied()
+            .collect();
+        let mut env = inherited_env(&except);
+        let n = self.listeners.len();
         let names: Vec<&str> = self.listeners.iter().map(|(_, n)| n.as_str()).collect();
         for var in [
             format!("LISTEN_FDS={n}"),
@@ -992,39 +1137,98 @@ impl Keeper {
             format!("{RESTARTS_ENV}={}", self.restarts),
             format!("{REPORT_FD_ENV}={}", 3 + n),
         ] {
-            env.push(cstr(var.as_bytes())?);
+            env.push(var.into_bytes());
         }
-        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let mut fds: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|(fd, _)| fd.as_raw_fd())
-            .collect();
-        fds.push(report_write.as_raw_fd());
-        // SAFETY: the keeper is single-threaded (no runtime, no helper threads), so the child
-        // may run any code until it execs.
-        match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Parent { child } => {
-                drop(report_write);
-                Ok((child.as_raw(), std::fs::File::from(report_read)))
-            }
-            nix::unistd::ForkResult::Child => {
-                let report = 3 + n as RawFd;
-                let error = exec_generation(&path, &argv, env, &fds);
-                let line = format!("error cannot execute {}: {error}\n", self.exe.display());
-                // SAFETY: plain writes and _exit in the child.
-                unsafe {
-                    libc::write(report, line.as_ptr().cast(), line.len());
-                    libc::_exit(127)
-                }
-            }
+        env
+    }
+
+    /// The child's side of [`Keeper::spawn`]: [`ExecPlan::exec`]; a failure is reported as
+    /// `error <text>` on the report pipe, as a generation reports a failed start.
+    fn exec_generation(&self, plan: &mut ExecPlan) -> ! {
+        // SAFETY: in the child, between fork and exec.
+        let failed = unsafe { plan.exec() };
+        let error = io::Error::from_raw_os_error(failed.errno);
+        let line = format!("error cannot execute {}: {error}\n", self.exe.display());
+        // SAFETY: plain writes and _exit in the child.
+        unsafe {
+            libc::write(failed.report_fd, line.as_ptr().cast(), line.len());
+            libc::_exit(127)
         }
     }
 
     /// Re-executes the keeper in place (same pid, same children), so that after an upgrade no
     /// process runs the old binary. On failure the keeper goes on as it is.
     fn reexec(&mut self) {
-        let state = State {
+        let kept: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .chain([self.notify.socket.as_raw_fd()])
+            .chain(self.pidfile.as_ref().map(|p| p.fd()))
+            .collect();
+        let e = self.exec_self(&kept).unwrap_or_else(|e| e);
+        for fd in &kept {
+            set_cloexec(*fd, true);
+        }
+        tracing::error!(
+            event = "keeper-reexec-failed",
+            "cannot re-execute the keeper from {}: {e}; the keeper goes on with the binary it runs",
+            self.exe.display()
+        );
+    }
+
+    /// execve of the keeper's executable with its state in [`STATE_ENV`] and the `kept` fds
+    /// open across it. Returns only on failure: the error, whether from execve or before it.
+    fn exec_self(&self, kept: &[RawFd]) -> io::Result<io::Error> {
+        let json = serde_json::to_string(&self.state()).map_err(io::Error::other)?;
+        let path = CString::new(self.exe.as_os_str().as_bytes())?;
+        let mut argv = vec![path.clone()];
+        for a in &self.args {
+            argv.push(CString::new(a.as_bytes())?);
+        }
+        let env = self.reexec_env(&json)?;
+        tracing::info!(
+            event = "keeper-reexec",
+            exe = %self.exe.display(),
+            "re-executing the keeper from {} so that no process runs the old binary",
+            self.exe.display()
+        );
+        for fd in kept {
+            set_cloexec(*fd, false);
+        }
+        // The signal mask (all keeper signals blocked) and pending signals survive execve:
+        // nothing that arrives meanwhile is lost.
+        let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
+        Ok(io::Error::from(e))
+    }
+
+    /// The keeper's environment for its next image: its own, with the state, the pidfile's fd
+    /// and `BATON_FOR_PID` (this very process reads them after execve) set anew.
+    fn reexec_env(&self, state_json: &str) -> io::Result<Vec<CString>> {
+        let except = [
+            STATE_ENV.name(),
+            PIDFILE_FD_ENV.name(),
+            crate::upgrade::FOR_PID_ENV.name(),
+        ];
+        let mut env = inherited_env(&except)
+            .into_iter()
+            .map(CString::new)
+            .collect::<Result<Vec<CString>, _>>()?;
+        env.push(CString::new(format!("{STATE_ENV}={state_json}"))?);
+        env.push(CString::new(format!(
+            "{}={}",
+            crate::upgrade::FOR_PID_ENV,
+            std::process::id()
+        ))?);
+        if let Some(p) = &self.pidfile {
+            env.push(CString::new(format!("{PIDFILE_FD_ENV}={}", p.fd()))?);
+        }
+        Ok(env)
+    }
+
+    /// What survives the re-exec ([`Keeper::resumed`] reads it back).
+    fn state(&self) -> State {
+        State {
             exe: self.exe.clone(),
             args: self
                 .args
@@ -1056,64 +1260,7 @@ impl Keeper {
             restarts: self.restarts,
             failures: self.failures,
             stopping: self.stopping.is_some(),
-        };
-        let kept: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|(fd, _)| fd.as_raw_fd())
-            .chain([self.notify.socket.as_raw_fd()])
-            .chain(self.pidfile.as_ref().map(|p| p.fd()))
-            .collect();
-        let error = (|| -> io::Result<io::Error> {
-            let json = serde_json::to_string(&state).map_err(io::Error::other)?;
-            let path = CString::new(self.exe.as_os_str().as_bytes())?;
-            let mut argv = vec![path.clone()];
-            for a in &self.args {
-                argv.push(CString::new(a.as_bytes())?);
-            }
-            let mut env: Vec<CString> = Vec::new();
-            for (k, v) in std::env::vars_os() {
-                if k == STATE_ENV.name()
-                    || k == PIDFILE_FD_ENV.name()
-                    || k == crate::upgrade::FOR_PID_ENV.name()
-                {
-                    continue;
-                }
-                env.push(CString::new([k.as_bytes(), b"=", v.as_bytes()].concat())?);
-            }
-            env.push(CString::new(format!("{STATE_ENV}={json}"))?);
-            // The same process reads them after execve.
-            env.push(CString::new(format!(
-                "{}={}",
-                crate::upgrade::FOR_PID_ENV,
-                std::process::id()
-            ))?);
-            if let Some(p) = &self.pidfile {
-                env.push(CString::new(format!("{PIDFILE_FD_ENV}={}", p.fd()))?);
-            }
-            tracing::info!(
-                event = "keeper-reexec",
-                exe = %self.exe.display(),
-                "re-executing the keeper from {} so that no process runs the old binary",
-                self.exe.display()
-            );
-            for fd in &kept {
-                set_cloexec(*fd, false);
-            }
-            // The signal mask (all keeper signals blocked) and pending signals survive execve:
-            // nothing that arrives meanwhile is lost.
-            let e = nix::unistd::execve(&path, &argv, &env).unwrap_err();
-            Ok(io::Error::from(e))
-        })();
-        for fd in &kept {
-            set_cloexec(*fd, true);
         }
-        let e = error.unwrap_or_else(|e| e);
-        tracing::error!(
-            event = "keeper-reexec-failed",
-            "cannot re-execute the keeper from {}: {e}; the keeper goes on with the binary it runs",
-            self.exe.display()
-        );
     }
 
     /// Ends the keeper: sockets closed, pidfile removed, notify socket removed.
@@ -1140,50 +1287,6 @@ impl Keeper {
         self.notify.remove();
         code
     }
-}
-
-/// The child's side of [`Keeper::spawn`]: fds into place, a clean signal state, `LISTEN_PID`,
-/// exec. Returns only on failure.
-fn exec_generation(
-    path: &CString,
-    argv: &[CString],
-    mut env: Vec<CString>,
-    fds: &[RawFd],
-) -> io::Error {
-    let n = fds.len() as RawFd;
-    // Move every fd above the target range first, then down into 3.. (dup2 clears FD_CLOEXEC
-    // on the copy).
-    let mut high = Vec::with_capacity(fds.len());
-    for fd in fds {
-        // SAFETY: fcntl/dup2/close_range on fds of this (child) process.
-        let h = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n) };
-        if h < 0 {
-            return io::Error::last_os_error();
-        }
-        high.push(h);
-    }
-    for (i, h) in high.iter().enumerate() {
-        // SAFETY: as above.
-        if unsafe { libc::dup2(*h, 3 + i as RawFd) } < 0 {
-            return io::Error::last_os_error();
-        }
-    }
-    // Nothing else of the keeper's (pidfile, notify socket, signalfd) goes to a generation.
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0) };
-    // Its own process group: a terminal's ^C reaches the keeper alone, which forwards it once.
-    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    // SAFETY: resetting a disposition the keeper inherited from Rust's runtime (SIGPIPE is
-    // ignored there, and exec would keep that).
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let _ = SigSet::empty().thread_set_mask();
-    for var in ["LISTEN_PID", crate::upgrade::FOR_PID_ENV.name()] {
-        match CString::new(format!("{var}={}", std::process::id())) {
-            Ok(v) => env.push(v),
-            Err(e) => return io::Error::other(e),
-        }
-    }
-    io::Error::from(nix::unistd::execve(path, argv, &env).unwrap_err())
 }
 
 #[cfg(test)]

@@ -133,6 +133,7 @@ pub mod activation;
 pub mod control;
 pub mod daemon;
 pub mod env;
+mod exec;
 pub mod fdstore;
 pub mod generation;
 #[cfg(feature = "hyper")]

@@ -47,18 +47,19 @@
 //! path that does not reach `MAINPID=` (timeout, error, SIGTERM, rollback, a dropped task).
 
 use crate::env::Var;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
 use crate::activation::Listener;
 use crate::control::ProcessHandle;
+use crate::exec::{write_decimal, ExecPlan};
 use crate::notify;
 
 /// The environment variable that carries N's end of the handshake channel.
@@ -579,6 +580,12 @@ impl Upgrader {
         handed.extend(state);
         let mut fds: Vec<RawFd> = handed.iter().map(AsRawFd::as_raw_fd).collect();
         fds.push(child_end.as_raw_fd());
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
+            ));
+        }
         let env = self.successor_env(started_usec, counts, fds.len());
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
         Ok(Launch {
@@ -616,10 +623,7 @@ impl Upgrader {
         let first = 3;
         let n_sockets = self.sockets.len();
         let channel_fd = first + n_fds - 1;
-        let mut env: Vec<Vec<u8>> = std::env::vars_os()
-            .filter(|(k, _)| !crate::env::NOT_INHERITED.iter().any(|p| OsStr::new(p) == k))
-            .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
-            .collect();
+        let mut env = crate::exec::inherited_env(&*crate::env::NOT_INHERITED);
         let names: Vec<String> = self.sockets.iter().map(Listener::handover_name).collect();
         env.push(format!("LISTEN_FDS={n_sockets}").into_bytes());
         env.push(format!("LISTEN_FDNAMES={}", names.join(":")).into_bytes());
@@ -660,7 +664,7 @@ struct Launch {
 impl Launch {
     /// The double fork, then the intermediate's `pid <n>`; O opens N's pidfd and tells the
     /// intermediate so.
-    fn launch(self) -> io::Result<Spawned> {
+    fn launch(mut self) -> io::Result<Spawned> {
         // The intermediate waits for EOF on this pipe before it exits: until then a dead N stays
         // its unreaped zombie, so N's pid cannot be recycled before O holds a pidfd for it.
         let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -689,7 +693,11 @@ impl Launch {
     /// Forks the intermediate with every signal blocked: no signal handler may run in the
     /// children (tokio's would report the signal to this process through the pipe they
     /// share). N resets the handlers before it unblocks.
-    fn fork_intermediate(&self, go_read: &OwnedFd, go_write: &OwnedFd) -> io::Result<libc::pid_t> {
+    fn fork_intermediate(
+        &mut self,
+        go_read: &OwnedFd,
+        go_write: &OwnedFd,
+    ) -> io::Result<libc::pid_t> {
         use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
         let mut previous = SigSet::empty();
         pthread_sigmask(
@@ -697,9 +705,10 @@ impl Launch {
             Some(&SigSet::all()),
             Some(&mut previous),
         )?;
-        // SAFETY: see ExecPlan::fork_and_exec; every signal is blocked.
+        // SAFETY: see fork_and_exec; every signal is blocked.
         let forked = unsafe {
-            self.exec.fork_and_exec(
+            fork_and_exec(
+                &mut self.exec,
                 self.child_end.as_raw_fd(),
                 go_read.as_raw_fd(),
                 go_write.as_raw_fd(),
@@ -866,285 +875,120 @@ impl Reap {
     }
 }
 
-/// Everything `execve` needs, allocated before the fork: between fork and exec in a threaded
-/// process only async-signal-safe calls are allowed, so nothing may allocate there.
-struct ExecPlan {
-    path: CString,
-    _argv: Vec<CString>,
-    argv_ptrs: Vec<*const libc::c_char>,
-    _env: Vec<Vec<u8>>,
-    envp: Vec<*const libc::c_char>,
-    /// `LISTEN_PID=` followed by room for the digits: a leaked box (freed in Drop) that only
-    /// raw pointers touch, because N writes its pid into it after the fork.
-    listen_pid: *mut [u8],
-    /// `BATON_FOR_PID=` and room for the digits, likewise.
-    for_pid: *mut [u8],
-    fds: Vec<RawFd>,
-}
-
-impl Drop for ExecPlan {
-    fn drop(&mut self) {
-        // SAFETY: allocated by Box::into_raw in ExecPlan::new and freed only here.
-        drop(unsafe { Box::from_raw(self.listen_pid) });
-        // SAFETY: likewise.
-        drop(unsafe { Box::from_raw(self.for_pid) });
-    }
-}
-
-// SAFETY: the raw pointers point into allocations the plan owns alone (its CStrings, its
-// environment and the two slots) and that live as long as it does; nothing else refers to
-// them, so the plan may move to another thread (the blocking pool) with them.
-unsafe impl Send for ExecPlan {}
-
 /// The most fds N can be handed (sockets, the pidfile, the state, the channel).
 const MAX_FDS: usize = 64;
 
-const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
-const FOR_PID_PREFIX: &[u8] = b"BATON_FOR_PID=";
-/// Room for any pid's digits; the byte after them stays NUL.
-const LISTEN_PID_DIGITS: usize = 20;
-
-impl ExecPlan {
-    fn new(
-        exe: &Path,
-        args: &[OsString],
-        env: Vec<Vec<u8>>,
-        fds: Vec<RawFd>,
-    ) -> io::Result<ExecPlan> {
-        let cstr = |b: &[u8]| {
-            CString::new(b).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "NUL byte in an argument or the environment",
-                )
-            })
-        };
-        let path = cstr(exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
-        for a in args {
-            argv.push(cstr(a.as_bytes())?);
-        }
-        let argv_ptrs = argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain([std::ptr::null()])
-            .collect();
-        let env: Vec<Vec<u8>> = env
-            .into_iter()
-            .map(|mut e| {
-                e.push(0);
-                e
-            })
-            .collect();
-        if env.iter().any(|e| e[..e.len() - 1].contains(&0)) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "NUL byte in the environment",
-            ));
-        }
-        if fds.len() > MAX_FDS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
-            ));
-        }
-        let slot = |prefix: &[u8]| {
-            let mut slot = prefix.to_vec();
-            slot.resize(prefix.len() + LISTEN_PID_DIGITS + 1, 0);
-            Box::into_raw(slot.into_boxed_slice())
-        };
-        let listen_pid = slot(LISTEN_PID_PREFIX);
-        let for_pid = slot(FOR_PID_PREFIX);
-        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
-        envp.push(listen_pid.cast::<libc::c_char>().cast_const());
-        envp.push(for_pid.cast::<libc::c_char>().cast_const());
-        envp.push(std::ptr::null());
-        Ok(ExecPlan {
-            path,
-            _argv: argv,
-            argv_ptrs,
-            _env: env,
-            envp,
-            listen_pid,
-            for_pid,
-            fds,
-        })
-    }
-
-    /// Forks the intermediate, which forks N, reports `pid <N>` on `channel`, waits for EOF on
-    /// `go` and exits. Returns the intermediate's pid.
-    ///
-    /// # Safety
-    /// The children run only async-signal-safe code (fork, fcntl, dup2, close, read, sigprocmask,
-    /// sigaction, getpid, write, execve, _exit) on memory prepared before the fork. Call it with
-    /// every signal blocked.
-    unsafe fn fork_and_exec(
-        &self,
-        channel: RawFd,
-        go: RawFd,
-        go_write: RawFd,
-    ) -> io::Result<libc::pid_t> {
-        match libc::fork() {
-            -1 => Err(io::Error::last_os_error()),
-            0 => {
-                let pid = libc::fork();
-                if pid == 0 {
-                    self.exec_in_child(channel);
-                }
-                let mut buf = [0u8; 32];
-                let n = if pid > 0 {
-                    let mut n = copy(&mut buf, 0, PID_WORD.as_bytes());
-                    n += write_decimal(&mut buf[n..], pid as u64);
-                    n
-                } else {
-                    let mut n = copy(&mut buf, 0, FORK_FAILED_WORD.as_bytes());
-                    n += write_decimal(&mut buf[n..], *libc::__errno_location() as u64);
-                    n
-                };
-                buf[n] = b'\n';
-                libc::write(channel, buf.as_ptr().cast(), n + 1);
-                if pid > 0 {
-                    // This process's own copy of the write end must go first, or no EOF would
-                    // come; N's copy goes at its exec. Every other fd of O goes too (client
-                    // connections among them), so that a connection O closes during the
-                    // probation really ends.
-                    libc::close(go_write);
-                    close_all_but(channel, go);
-                    Self::stay_parent(pid, channel, go);
-                }
-                libc::_exit(if pid > 0 { 0 } else { 1 });
+/// Forks the intermediate, which forks N, reports `pid <N>` on `channel`, waits for EOF on
+/// `go` and exits. Returns the intermediate's pid.
+///
+/// # Safety
+/// The children run only async-signal-safe code (fork, fcntl, dup2, close, read, sigprocmask,
+/// sigaction, getpid, write, execve, _exit) on memory prepared before the fork. Call it with
+/// every signal blocked.
+unsafe fn fork_and_exec(
+    exec: &mut ExecPlan,
+    channel: RawFd,
+    go: RawFd,
+    go_write: RawFd,
+) -> io::Result<libc::pid_t> {
+    match libc::fork() {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            let pid = libc::fork();
+            if pid == 0 {
+                exec_successor(exec);
             }
-            intermediate => Ok(intermediate),
+            if pid > 0 {
+                write_line(channel, PID_WORD, pid as u64);
+                // This process's own copy of the write end must go first, or no EOF would
+                // come; N's copy goes at its exec. Every other fd of O goes too (client
+                // connections among them), so that a connection O closes during the
+                // probation really ends.
+                libc::close(go_write);
+                close_all_but(channel, go);
+                stay_parent(pid, channel, go);
+                libc::_exit(0);
+            }
+            write_line(channel, FORK_FAILED_WORD, *libc::__errno_location() as u64);
+            libc::_exit(1);
+        }
+        intermediate => Ok(intermediate),
+    }
+}
+
+/// The intermediate after the fork of N: stays N's parent until O releases it (EOF on
+/// `go`: O closed its end, or died) or N dies. Once O holds N's pidfd (a byte on `go`), it
+/// reaps N when N dies and reports its wait status as `exit <status>` on `channel`, so
+/// that O can say how N ended.
+///
+/// # Safety
+/// Async-signal-safe calls only (poll, waitpid, write, raw syscalls); see fork_and_exec.
+unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
+    // Without pidfd_open (Linux < 5.3) N's end is not watched: it is reaped at release.
+    let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
+    let mut fds = [
+        // Not watched (a negative fd) until O holds its own pidfd.
+        libc::pollfd {
+            fd: -1,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: go,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
+            if *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            let mut status = 0;
+            if libc::waitpid(pid, &mut status, 0) == pid {
+                write_line(channel, EXIT_WORD, status as u32 as u64);
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            let mut byte = 0u8;
+            let n = libc::read(go, (&mut byte as *mut u8).cast(), 1);
+            if n == 1 {
+                fds[0].fd = pidfd;
+                continue;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            return;
         }
     }
+}
 
-    /// The intermediate after the fork of N: stays N's parent until O releases it (EOF on
-    /// `go`: O closed its end, or died) or N dies. Once O holds N's pidfd (a byte on `go`), it
-    /// reaps N when N dies and reports its wait status as `exit <status>` on `channel`, so
-    /// that O can say how N ended.
-    ///
-    /// # Safety
-    /// Async-signal-safe calls only (poll, waitpid, write, raw syscalls); see fork_and_exec.
-    unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
-        // Without pidfd_open (Linux < 5.3) N's end is not watched: it is reaped at release.
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
-        let mut fds = [
-            // Not watched (a negative fd) until O holds its own pidfd.
-            libc::pollfd {
-                fd: -1,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: go,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
-                if *libc::__errno_location() == libc::EINTR {
-                    continue;
-                }
-                return;
-            }
-            if fds[0].revents != 0 {
-                let mut status = 0;
-                if libc::waitpid(pid, &mut status, 0) == pid {
-                    let mut buf = [0u8; 32];
-                    let mut n = copy(&mut buf, 0, EXIT_WORD.as_bytes());
-                    n += write_decimal(&mut buf[n..], status as u32 as u64);
-                    buf[n] = b'\n';
-                    libc::write(channel, buf.as_ptr().cast(), n + 1);
-                }
-                return;
-            }
-            if fds[1].revents != 0 {
-                let mut byte = 0u8;
-                let n = libc::read(go, (&mut byte as *mut u8).cast(), 1);
-                if n == 1 {
-                    fds[0].fd = pidfd;
-                    continue;
-                }
-                if n < 0 && *libc::__errno_location() == libc::EINTR {
-                    continue;
-                }
-                return;
-            }
-        }
-    }
+/// N, between fork and exec: [`ExecPlan::exec`] (signals are blocked, see
+/// `Launch::fork_intermediate`). Never returns; a failure is reported as `exec-error <errno>` on
+/// the channel, the last of the handed fds (at its original number if the fds were not placed
+/// yet).
+///
+/// # Safety
+/// In N only, as [`ExecPlan::exec`].
+unsafe fn exec_successor(exec: &mut ExecPlan) -> ! {
+    let failed = exec.exec();
+    write_line(failed.report_fd, EXEC_ERROR_WORD, failed.errno as u64);
+    libc::_exit(127);
+}
 
-    /// In N, before exec: fds into place, clean signal state, `LISTEN_PID`, exec. Never
-    /// returns; a failure is reported as `exec-error <errno>` on `channel` (its original fd,
-    /// open until exec).
-    unsafe fn exec_in_child(&self, channel: RawFd) -> ! {
-        let fail = |channel: RawFd| -> ! {
-            let errno = *libc::__errno_location();
-            let mut buf = [0u8; 32];
-            let mut len = copy(&mut buf, 0, EXEC_ERROR_WORD.as_bytes());
-            len += write_decimal(&mut buf[len..], errno as u64);
-            buf[len] = b'\n';
-            libc::write(channel, buf.as_ptr().cast(), len + 1);
-            libc::_exit(127);
-        };
-        let n = self.fds.len() as RawFd;
-        // Move every fd above the target range first, then down into 3.. (dup2 clears
-        // FD_CLOEXEC on the copy; the sources keep theirs and vanish at exec).
-        let mut high = [0 as RawFd; MAX_FDS];
-        for (i, fd) in self.fds.iter().enumerate() {
-            high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
-            if high[i] < 0 {
-                fail(channel);
-            }
-        }
-        for (i, fd) in high.iter().take(self.fds.len()).enumerate() {
-            if libc::dup2(*fd, 3 + i as RawFd) < 0 {
-                fail(channel);
-            }
-        }
-        // From here on the channel is the last of the handed fds. Everything above them goes:
-        // fds this process inherited without FD_CLOEXEC (from whatever started the first
-        // generation) must not travel on from generation to generation. close_range(2) is a
-        // plain syscall; on kernels without it (< 5.9) the stray fds stay, as before.
-        let channel = 3 + n - 1;
-        libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0);
-        // Signals are blocked (see spawn). Put back the default action of every signal this
-        // process handles or ignores (Rust ignores SIGPIPE, and exec would keep that), so that a
-        // signal pending now cannot run O's handler here, then unblock.
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        for signal in [
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGHUP,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGPIPE,
-        ] {
-            libc::sigaction(signal, &dfl, std::ptr::null_mut());
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        // A process group of its own, so that killing N after a failure kills whatever it
-        // started too (no child of a failed N keeps the listening sockets).
-        libc::setpgid(0, 0);
-        // Our own (copy-on-write) copy of the environment: writing the digits in place
-        // allocates nothing. The slot lies within the allocation: prefix, then
-        // LISTEN_PID_DIGITS + 1 bytes, the last of which stays NUL.
-        let pid = libc::getpid() as u64;
-        let slot = self.listen_pid.cast::<u8>().add(LISTEN_PID_PREFIX.len());
-        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
-        // The same for the marker of baton's private variables.
-        let slot = self.for_pid.cast::<u8>().add(FOR_PID_PREFIX.len());
-        write_decimal(std::slice::from_raw_parts_mut(slot, LISTEN_PID_DIGITS), pid);
-        libc::execve(
-            self.path.as_ptr(),
-            self.argv_ptrs.as_ptr(),
-            self.envp.as_ptr(),
-        );
-        fail(channel);
-    }
+/// Writes `<word><n>\n` on `fd` (the words end in a space): async-signal-safe, no allocation.
+fn write_line(fd: RawFd, word: &str, n: u64) {
+    let mut buf = [0u8; 32];
+    let mut len = copy(&mut buf, 0, word.as_bytes());
+    len += write_decimal(&mut buf[len..], n);
+    buf[len] = b'\n';
+    // SAFETY: a plain write of a buffer on the stack.
+    unsafe { libc::write(fd, buf.as_ptr().cast(), len + 1) };
 }
 
 /// Closes every fd above stderr but `a` and `b`: plain close_range(2) calls, async-signal-safe.
@@ -1165,23 +1009,6 @@ fn close_all_but(a: RawFd, b: RawFd) {
 fn copy(buf: &mut [u8], at: usize, s: &[u8]) -> usize {
     buf[at..at + s.len()].copy_from_slice(s);
     s.len()
-}
-
-/// Writes `n` in decimal at the start of `buf`; returns the number of digits. No allocation.
-fn write_decimal(buf: &mut [u8], mut n: u64) -> usize {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let digits = &tmp[i..];
-    buf[..digits.len()].copy_from_slice(digits);
-    digits.len()
 }
 
 /// N once it serves, while O is still the main pid: on probation. Dropping it kills N (and
