@@ -25,7 +25,7 @@ pub(crate) struct ExecPlan {
     /// `LISTEN_PID=` followed by room for the digits: a leaked box (freed in Drop) that only
     /// raw pointers touch, because the child writes its pid into it after the fork.
     listen_pid: *mut [u8],
-    /// `BATON_FOR_PID=` and room for the digits, likewise.
+    /// `<PREFIX>_FOR_PID=` and room for the digits, likewise.
     for_pid: *mut [u8],
     /// The fds the new process gets at 3.., in this order.
     fds: Vec<RawFd>,
@@ -46,7 +46,6 @@ impl Drop for ExecPlan {
 unsafe impl Send for ExecPlan {}
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
-const FOR_PID_PREFIX: &[u8] = b"BATON_FOR_PID=";
 /// Room for any pid's digits; the byte after them stays NUL.
 const PID_DIGITS: usize = 20;
 
@@ -61,7 +60,7 @@ pub(crate) struct ExecFailed {
 
 impl ExecPlan {
     /// `exe` with `args` (`argv[0]` is `exe`), `env` (`NAME=value` each) and then `LISTEN_PID`
-    /// and `BATON_FOR_PID` (the child's pid, filled in after the fork), `fds` at 3.. in order.
+    /// and `<PREFIX>_FOR_PID` (the child's pid, filled in after the fork), `fds` at 3.. in order.
     pub(crate) fn new(
         exe: &Path,
         args: &[OsString],
@@ -88,7 +87,8 @@ impl ExecPlan {
             Box::into_raw(slot.into_boxed_slice())
         };
         let listen_pid = slot(LISTEN_PID_PREFIX);
-        let for_pid = slot(FOR_PID_PREFIX);
+        // `<PREFIX>_FOR_PID=`: the service's own name for it (crate::env).
+        let for_pid = slot(format!("{}=", crate::env::Var::FOR_PID).as_bytes());
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr().cast()).collect();
         envp.push(listen_pid.cast::<libc::c_char>().cast_const());
         envp.push(for_pid.cast::<libc::c_char>().cast_const());
@@ -106,7 +106,7 @@ impl ExecPlan {
     }
 
     /// In the child, after the fork: the fds into place ([`place_fds`]), a clean signal state,
-    /// a process group of its own, `LISTEN_PID` and `BATON_FOR_PID`, execve. Returns only on
+    /// a process group of its own, `LISTEN_PID` and `<PREFIX>_FOR_PID`, execve. Returns only on
     /// failure.
     ///
     /// # Safety
@@ -131,11 +131,9 @@ impl ExecPlan {
         // allocates nothing. Each slot lies within its allocation: prefix, then PID_DIGITS + 1
         // bytes, the last of which stays NUL.
         let pid = libc::getpid() as u64;
-        for (slot, prefix) in [
-            (self.listen_pid, LISTEN_PID_PREFIX),
-            (self.for_pid, FOR_PID_PREFIX),
-        ] {
-            let digits = slot.cast::<u8>().add(prefix.len());
+        for slot in [self.listen_pid, self.for_pid] {
+            // The prefix is what precedes the room for the digits and the final NUL.
+            let digits = slot.cast::<u8>().add(slot.len() - PID_DIGITS - 1);
             write_decimal(std::slice::from_raw_parts_mut(digits, PID_DIGITS), pid);
         }
         libc::execve(
@@ -181,24 +179,22 @@ pub(crate) unsafe fn place_fds(fds: &mut [RawFd]) -> Result<(), i32> {
     Ok(())
 }
 
-/// Puts back the default action of every signal a baton process handles or ignores (Rust
-/// ignores SIGPIPE, and exec would keep that), then unblocks all. Forked with signals blocked,
-/// the child thus never runs its parent's handlers (tokio's would report the signal to the
-/// parent through the pipe they share). Async-signal-safe.
+/// One more than the highest signal number on Linux (_NSIG: 64 signals, real-time included).
+const SIGNALS: libc::c_int = 65;
+
+/// Puts back the default action of every signal (the parent may handle any, and Rust ignores
+/// SIGPIPE, which exec would keep), then unblocks all. Forked with signals blocked, the child
+/// thus never runs its parent's handlers (tokio's would report the signal to the parent
+/// through the pipe they share). Async-signal-safe.
 fn reset_signals() {
     // SAFETY: sigaction and sigprocmask on a zeroed (valid: SIG_DFL, empty mask, no flags)
     // struct and an emptied set; plain syscalls.
     unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for signal in [
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGHUP,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGPIPE,
-        ] {
+        // Every signal: a service may handle any (its signal map, its own handlers). SIGKILL,
+        // SIGSTOP and the ones the C library reserves refuse with EINVAL, which is fine.
+        for signal in 1..SIGNALS {
             libc::sigaction(signal, &dfl, std::ptr::null_mut());
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -525,6 +525,23 @@ fn ten_upgrades_of_echo_under_a_fresh_connection_per_line_lose_no_echo() {
         ok + failures.len() as u64
     );
     assert!(ok >= 250, "too few echoes to mean anything: {ok}");
+    // The private variables the old generation set for the new one carry the service's own
+    // prefix: ECHO_FOR_PID names the new pid, and nothing is called BATON_. (/proc/PID/environ
+    // is the environment the process was started with, before it took the variables.)
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(
+        vars.contains(&format!("ECHO_FOR_PID={pid}")),
+        "generation 11 (pid {pid}) was not started with ECHO_FOR_PID={pid}: {vars:?}"
+    );
+    let baton: Vec<&String> = vars.iter().filter(|v| v.starts_with("BATON_")).collect();
+    assert!(
+        baton.is_empty(),
+        "baton's variables in echo's environment: {baton:?}"
+    );
     pids.sort();
     pids.dedup();
     assert_eq!(pids.len(), 11, "eleven generations, each its own pid");
