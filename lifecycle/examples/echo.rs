@@ -127,6 +127,11 @@ fn reload(pid: Option<String>) -> ExitCode {
         eprintln!("echo: reload needs the pid of the echo server: echo reload PID");
         return ExitCode::from(2);
     };
+    // The control socket is in echo's runtime directory: say who we are before looking.
+    baton_lifecycle::env::set_identity(baton_lifecycle::Identity::new(
+        "echo",
+        env!("CARGO_PKG_VERSION"),
+    ));
     // Allows for the new generation's start and its probation.
     let timeout = std::time::Duration::from_secs(60);
     let answer = baton_lifecycle::control::Client::connect(pid)

@@ -411,7 +411,8 @@ fn owner(pid: u32) -> Option<u32> {
 impl Client {
     /// Finds the control socket of `pid` (see the module docs: the runtime directories of
     /// its user, then the abstract name of earlier versions) and checks that `pid` listens on
-    /// it.
+    /// it. The directories are the service's: set its identity first
+    /// ([`crate::env::set_identity`]) when this process has not called [`crate::start`].
     pub fn connect(pid: u32) -> Result<Client, ClientError> {
         let me = nix::unistd::geteuid().as_raw();
         let uid = owner(pid).unwrap_or(me);

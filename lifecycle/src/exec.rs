@@ -116,34 +116,37 @@ impl ExecPlan {
     /// process may call it. Signals should be blocked when the child is forked (see
     /// [`reset_signals`]).
     pub(crate) unsafe fn exec(&mut self) -> ExecFailed {
-        let last = self.fds.last().copied().unwrap_or(-1);
-        if let Err(errno) = place_fds(&mut self.fds) {
-            return ExecFailed {
-                errno,
-                report_fd: last,
-            };
-        }
-        reset_signals();
-        // A process group of its own: a terminal's ^C reaches the keeper alone (which forwards
-        // it once), and killing a failed N kills whatever it started too.
-        libc::setpgid(0, 0);
-        // Our own (copy-on-write) copy of the environment: writing the digits in place
-        // allocates nothing. Each slot lies within its allocation: prefix, then PID_DIGITS + 1
-        // bytes, the last of which stays NUL.
-        let pid = libc::getpid() as u64;
-        for slot in [self.listen_pid, self.for_pid] {
-            // The prefix is what precedes the room for the digits and the final NUL.
-            let digits = slot.cast::<u8>().add(slot.len() - PID_DIGITS - 1);
-            write_decimal(std::slice::from_raw_parts_mut(digits, PID_DIGITS), pid);
-        }
-        libc::execve(
-            self.path.as_ptr(),
-            self.argv_ptrs.as_ptr(),
-            self.envp.as_ptr(),
-        );
-        ExecFailed {
-            errno: errno(),
-            report_fd: 2 + self.fds.len() as RawFd,
+        // SAFETY: this function's contract: in a child between fork and exec, async-signal-safe calls only.
+        unsafe {
+            let last = self.fds.last().copied().unwrap_or(-1);
+            if let Err(errno) = place_fds(&mut self.fds) {
+                return ExecFailed {
+                    errno,
+                    report_fd: last,
+                };
+            }
+            reset_signals();
+            // A process group of its own: a terminal's ^C reaches the keeper alone (which forwards
+            // it once), and killing a failed N kills whatever it started too.
+            libc::setpgid(0, 0);
+            // Our own (copy-on-write) copy of the environment: writing the digits in place
+            // allocates nothing. Each slot lies within its allocation: prefix, then PID_DIGITS + 1
+            // bytes, the last of which stays NUL.
+            let pid = libc::getpid() as u64;
+            for slot in [self.listen_pid, self.for_pid] {
+                // The prefix is what precedes the room for the digits and the final NUL.
+                let digits = slot.cast::<u8>().add(slot.len() - PID_DIGITS - 1);
+                write_decimal(std::slice::from_raw_parts_mut(digits, PID_DIGITS), pid);
+            }
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp.as_ptr(),
+            );
+            ExecFailed {
+                errno: errno(),
+                report_fd: 2 + self.fds.len() as RawFd,
+            }
         }
     }
 }
@@ -160,23 +163,26 @@ impl ExecPlan {
 /// Takes over the fd table: every fd at 3.. that is not in `fds` may be replaced or closed.
 /// Call it in a child between fork and exec.
 pub(crate) unsafe fn place_fds(fds: &mut [RawFd]) -> Result<(), i32> {
-    let n = fds.len() as RawFd;
-    // Move every fd above the target range first, so that placing one cannot overwrite another
-    // still to be placed, then down into 3.. (dup2 clears FD_CLOEXEC on the copy; the copies
-    // above keep theirs).
-    for fd in fds.iter_mut() {
-        *fd = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
-        if *fd < 0 {
-            return Err(errno());
+    // SAFETY: this function's contract: in a child between fork and exec, which owns its fd table.
+    unsafe {
+        let n = fds.len() as RawFd;
+        // Move every fd above the target range first, so that placing one cannot overwrite another
+        // still to be placed, then down into 3.. (dup2 clears FD_CLOEXEC on the copy; the copies
+        // above keep theirs).
+        for fd in fds.iter_mut() {
+            *fd = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+            if *fd < 0 {
+                return Err(errno());
+            }
         }
-    }
-    for (i, fd) in fds.iter().enumerate() {
-        if libc::dup2(*fd, 3 + i as RawFd) < 0 {
-            return Err(errno());
+        for (i, fd) in fds.iter().enumerate() {
+            if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                return Err(errno());
+            }
         }
+        libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0);
+        Ok(())
     }
-    libc::syscall(libc::SYS_close_range, 3 + n, libc::c_uint::MAX, 0);
-    Ok(())
 }
 
 /// One more than the highest signal number on Linux (_NSIG: 64 signals, real-time included).

@@ -112,6 +112,8 @@ pub struct Process {
     readiness: Option<Readiness>,
     /// Requests from inside the process ([`crate::Handle`]), as the control socket's.
     requests: Option<tokio::sync::mpsc::UnboundedReceiver<Request>>,
+    /// Cancelled when the generation stops for good (a stop, or the handover).
+    shutdown: CancellationToken,
 }
 
 /// Takes the sockets and the generation from the environment, cleans the environment, binds
@@ -141,7 +143,8 @@ pub unsafe fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::R
         // SAFETY: no thread exists yet (see above).
         unsafe { std::env::remove_var(var) };
     }
-    let activated = activation::take_activated()?;
+    // SAFETY: this function's contract (no other thread).
+    let activated = unsafe { activation::take_activated() }?;
     let listeners = activation::resolve(&settings.listeners, activated)?;
     let mut upgrader = Upgrader::new(exe, generation, settings.upgrade_timeout);
     for listener in &listeners {
@@ -167,6 +170,7 @@ pub unsafe fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::R
         pidfile: pidfile.map(Arc::new),
         readiness: None,
         requests: None,
+        shutdown: CancellationToken::new(),
     })
 }
 
@@ -212,6 +216,12 @@ impl Process {
     /// Takes requests from inside the process too (a [`crate::Handle`]).
     pub fn take_requests(&mut self, requests: tokio::sync::mpsc::UnboundedReceiver<Request>) {
         self.requests = Some(requests);
+    }
+
+    /// A token cancelled when this generation stops for good: a stop began, or it handed over
+    /// (not when it stops accepting for a probation it may still roll back).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// Reports the start's outcome to a waiting foreground process (`--daemon`).
@@ -283,7 +293,12 @@ impl Process {
             }
         };
         let end = generation.serve_until_end().await;
-        Ok(generation.finish(end).await)
+        let failure = generation.failure.take();
+        let exit = generation.finish(end).await;
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!("{reason}")),
+            None => Ok(exit),
+        }
     }
 }
 
@@ -354,6 +369,7 @@ enum Action {
     Status(oneshot::Sender<Value>),
     SetStatus(String),
     SetState(Vec<u8>),
+    ServingEnded(String),
     ReopenLogs,
     Started(Result<Box<Successor>, String>),
     SuccessorExited(String),
@@ -397,6 +413,10 @@ struct Generation<W: Workload> {
     readiness: Option<Readiness>,
     /// Requests from a [`crate::Handle`].
     requests: Option<tokio::sync::mpsc::UnboundedReceiver<Request>>,
+    /// See [`Process::shutdown_token`].
+    shutdown: CancellationToken,
+    /// Why serving ended on its own, if it did: the generation then stops and fails.
+    failure: Option<String>,
 }
 
 type StartError = (anyhow::Error, Option<Handshake>, Option<Readiness>);
@@ -492,6 +512,8 @@ impl<W: Workload> Generation<W> {
             forwarded: Vec::new(),
             readiness,
             requests: process.requests,
+            shutdown: process.shutdown,
+            failure: None,
         };
         if started.is_main {
             started.become_main();
@@ -532,8 +554,15 @@ impl<W: Workload> Generation<W> {
             phase,
             predecessor,
             requests,
+            server,
             ..
         } = self;
+        let serving_ended = async {
+            match server {
+                Some(server) => server.ended().await,
+                None => std::future::pending().await,
+            }
+        };
         let from_handle = async {
             match requests {
                 Some(r) => match r.recv().await {
@@ -594,6 +623,7 @@ impl<W: Workload> Generation<W> {
                 }
             },
             action = phase_event => action,
+            reason = serving_ended => Action::ServingEnded(reason),
             event = from_predecessor => Action::Predecessor(event),
         }
     }
@@ -614,6 +644,18 @@ impl<W: Workload> Generation<W> {
                 let _ = reply.send(self.status_reply());
             }
             Action::SetState(state) => self.upgrader.set_state(state),
+            Action::ServingEnded(reason) => {
+                tracing::error!(
+                    event = "serving-ended",
+                    generation = self.generation,
+                    "{reason}; stopping"
+                );
+                self.failure = Some(reason);
+                return Some(End::Stop {
+                    cause: "the end of serving",
+                    by_signal: false,
+                });
+            }
             Action::SetStatus(status) => {
                 self.status = status;
                 if self.is_main && matches!(self.phase, Phase::Serving) {
@@ -966,6 +1008,7 @@ impl<W: Workload> Generation<W> {
     /// After the loop: a stop takes a successor down with it; then this process stops
     /// accepting, forwards what the new main pid must see, drains, and reports.
     async fn finish(mut self, end: End) -> Exit {
+        self.shutdown.cancel();
         let successor_to_stop = match &end {
             End::Stop { cause, .. } => self.call_off_upgrade(cause).await,
             End::HandedOver { .. } => None,

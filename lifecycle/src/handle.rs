@@ -26,14 +26,21 @@ pub struct Handle {
     requests: mpsc::UnboundedSender<Request>,
     /// The sessions of accepting: a rollback starts a new one.
     current: Arc<Mutex<Arc<Session>>>,
+    /// Cancelled when the generation stops for good.
+    shutdown: CancellationToken,
 }
 
 impl Handle {
     /// A handle whose requests go to the generation reading `requests`' other end.
-    pub(crate) fn new(requests: mpsc::UnboundedSender<Request>) -> Handle {
+    /// `shutdown` is the generation's ([`crate::generation::Process::shutdown_token`]).
+    pub(crate) fn new(
+        requests: mpsc::UnboundedSender<Request>,
+        shutdown: CancellationToken,
+    ) -> Handle {
         Handle {
             requests,
             current: Arc::new(Mutex::new(Arc::new(Session::new()))),
+            shutdown,
         }
     }
 }
@@ -86,8 +93,15 @@ impl Handle {
     /// Bytes for the next generation (sessions, caches, counters), read there with
     /// [`crate::Lifecycle::state`]; passed in a sealed memfd at each upgrade, at most
     /// [`crate::upgrade::MAX_STATE`] bytes. Set it again whenever it changes.
-    pub fn set_handover_state(&self, state: Vec<u8>) {
-        let _ = self.send(Request::SetState(state));
+    pub fn set_handover_state(&self, state: Vec<u8>) -> Result<(), Error> {
+        if state.len() > crate::upgrade::MAX_STATE {
+            return Err(Error::Upgrade(format!(
+                "the state to hand over has {} bytes; at most {} fit: hand over less",
+                state.len(),
+                crate::upgrade::MAX_STATE
+            )));
+        }
+        self.send(Request::SetState(state))
     }
 
     /// The generation's state, as `<service> status` shows it (JSON).
@@ -105,9 +119,12 @@ impl Handle {
         Connection::new(self.session())
     }
 
-    /// Cancelled when this generation stops accepting (a successor serves, or a stop began).
+    /// Cancelled when this generation stops for good: a stop began, or it handed over to its
+    /// successor (after the probation). Background work tied to the generation ends on it; an
+    /// accept loop ends on [`Accept::stopping`] instead, which also fires when a probation
+    /// begins (and a rollback starts a new accept loop).
     pub fn stopping(&self) -> CancellationToken {
-        self.session().accepting.clone()
+        self.shutdown.clone()
     }
 
     fn session(&self) -> Arc<Session> {
@@ -325,6 +342,28 @@ impl Serving for AcceptSession {
         }
     }
 
+    async fn ended(&mut self) -> String {
+        let Some(task) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = task.await;
+        // Finished: it must not be polled again (the drain skips it then).
+        self.task = None;
+        match outcome {
+            Ok(()) => "the accept loop returned while the generation was serving".to_owned(),
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                format!("the accept loop panicked: {message}")
+            }
+            Err(e) => format!("the accept loop ended: {e}"),
+        }
+    }
+
     async fn stop_accepting(&mut self) {
         // An accept loop that serves its connections itself (axum's or tonic's graceful
         // shutdown) goes on until they are done; the drain waits for it.
@@ -365,5 +404,27 @@ impl Serving for AcceptSession {
             forced,
             duration: started.elapsed(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_too_large_to_hand_over_is_refused_when_set() {
+        let (requests, mut received) = mpsc::unbounded_channel();
+        let handle = Handle::new(requests, CancellationToken::new());
+        let too_large = vec![0; crate::upgrade::MAX_STATE + 1];
+        assert!(matches!(
+            handle.set_handover_state(too_large),
+            Err(Error::Upgrade(_))
+        ));
+        assert!(
+            received.try_recv().is_err(),
+            "nothing reached the generation"
+        );
+        handle.set_handover_state(b"sessions".to_vec()).unwrap();
+        assert!(matches!(received.try_recv(), Ok(Request::SetState(s)) if s == b"sessions"));
     }
 }

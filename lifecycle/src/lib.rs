@@ -120,6 +120,8 @@
 //! fds are sound only while no other thread exists: that is why [`start`] (and the functions
 //! of the modules that do it, such as [`generation::prepare`]) are `unsafe`.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -334,7 +336,9 @@ impl std::error::Error for Error {}
 ///
 /// # Safety
 /// Call it before any other thread exists (first thing in `main`, before building a tokio
-/// runtime): it changes the environment, may fork, and closes file descriptors.
+/// runtime): it changes the environment, may fork, and takes the inherited fds the environment
+/// names as its own. In daemon mode it closes every fd above stderr but its own: nothing else
+/// in the process may own one then (open your files after `start`).
 pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
     let identity = options.identity.clone();
     // SAFETY: this function's own contract.
@@ -348,12 +352,19 @@ pub unsafe fn start(options: Options) -> Result<Lifecycle, Error> {
 /// environment; it wins over the one in the options.
 ///
 /// # Safety
-/// As for [`start`]: before any other thread exists.
+/// As for [`start`]: before any other thread exists; `configure` must not start one either
+/// (the environment changes after it), nor keep an fd that daemon mode would close.
 pub unsafe fn start_with<F>(identity: Identity, configure: F) -> Result<Lifecycle, Error>
 where
     F: FnOnce() -> Result<Options, String>,
 {
-    env::set_identity(identity);
+    if !env::set_identity(identity.clone()) && *env::identity() != identity {
+        return Err(Error::Environment(format!(
+            "the service's identity was read as {:?} before start_with set it to {:?}: call start first",
+            env::identity().name,
+            identity.name
+        )));
+    }
     // SAFETY (of this function's contract): no other thread exists, for all calls below.
     unsafe { env::init() };
     if keeper::resuming() {
@@ -377,9 +388,9 @@ where
         }
         e
     };
-    let options = configure().map_err(|e| fail_early(Error::Config(e)))?;
     let state = unsafe { upgrade::take_state_from_env() }
         .map_err(|e| fail_early(Error::Environment(e.to_string())))?;
+    let options = configure().map_err(|e| fail_early(Error::Config(e)))?;
     if !is_upgrade && keeper::wanted(options.daemon || options.keeper) {
         exit_with(unsafe { keeper::run(keeper_settings(&options), options.daemon) });
     }
@@ -444,11 +455,12 @@ where
     }
     let (requests, receiver) = mpsc::unbounded_channel();
     process.take_requests(receiver);
+    let shutdown = process.shutdown_token();
     Ok(Lifecycle {
         process,
         state,
         destination,
-        handle: Handle::new(requests),
+        handle: Handle::new(requests, shutdown),
     })
 }
 

@@ -835,6 +835,14 @@ impl Drop for Spawned {
 }
 
 impl Spawned {
+    /// Kills N (see [`Spawned::kill`]) and waits, on the blocking pool, until it is dead and its
+    /// intermediate reaped.
+    async fn kill_and_wait(&mut self) {
+        if let Some(reap) = self.kill() {
+            let _ = tokio::task::spawn_blocking(move || reap.run()).await;
+        }
+    }
+
     /// Kills N with its process group, unless it became the main pid or was killed already;
     /// returns what is left to do, the reap (blocking).
     fn kill(&mut self) -> Option<Reap> {
@@ -891,28 +899,31 @@ unsafe fn fork_and_exec(
     go: RawFd,
     go_write: RawFd,
 ) -> io::Result<libc::pid_t> {
-    match libc::fork() {
-        -1 => Err(io::Error::last_os_error()),
-        0 => {
-            let pid = libc::fork();
-            if pid == 0 {
-                exec_successor(exec);
+    // SAFETY: this function's contract: signals blocked, the children make async-signal-safe calls only.
+    unsafe {
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                let pid = libc::fork();
+                if pid == 0 {
+                    exec_successor(exec);
+                }
+                if pid > 0 {
+                    write_line(channel, PID_WORD, pid as u64);
+                    // This process's own copy of the write end must go first, or no EOF would
+                    // come; N's copy goes at its exec. Every other fd of O goes too (client
+                    // connections among them), so that a connection O closes during the
+                    // probation really ends.
+                    libc::close(go_write);
+                    close_all_but(channel, go);
+                    stay_parent(pid, channel, go);
+                    libc::_exit(0);
+                }
+                write_line(channel, FORK_FAILED_WORD, *libc::__errno_location() as u64);
+                libc::_exit(1);
             }
-            if pid > 0 {
-                write_line(channel, PID_WORD, pid as u64);
-                // This process's own copy of the write end must go first, or no EOF would
-                // come; N's copy goes at its exec. Every other fd of O goes too (client
-                // connections among them), so that a connection O closes during the
-                // probation really ends.
-                libc::close(go_write);
-                close_all_but(channel, go);
-                stay_parent(pid, channel, go);
-                libc::_exit(0);
-            }
-            write_line(channel, FORK_FAILED_WORD, *libc::__errno_location() as u64);
-            libc::_exit(1);
+            intermediate => Ok(intermediate),
         }
-        intermediate => Ok(intermediate),
     }
 }
 
@@ -924,46 +935,49 @@ unsafe fn fork_and_exec(
 /// # Safety
 /// Async-signal-safe calls only (poll, waitpid, write, raw syscalls); see fork_and_exec.
 unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
-    // Without pidfd_open (Linux < 5.3) N's end is not watched: it is reaped at release.
-    let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
-    let mut fds = [
-        // Not watched (a negative fd) until O holds its own pidfd.
-        libc::pollfd {
-            fd: -1,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: go,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
-            if *libc::__errno_location() == libc::EINTR {
-                continue;
+    // SAFETY: this function's contract: in the intermediate, async-signal-safe calls only.
+    unsafe {
+        // Without pidfd_open (Linux < 5.3) N's end is not watched: it is reaped at release.
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
+        let mut fds = [
+            // Not watched (a negative fd) until O holds its own pidfd.
+            libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: go,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                return;
             }
-            return;
-        }
-        if fds[0].revents != 0 {
-            let mut status = 0;
-            if libc::waitpid(pid, &mut status, 0) == pid {
-                write_line(channel, EXIT_WORD, status as u32 as u64);
+            if fds[0].revents != 0 {
+                let mut status = 0;
+                if libc::waitpid(pid, &mut status, 0) == pid {
+                    write_line(channel, EXIT_WORD, status as u32 as u64);
+                }
+                return;
             }
-            return;
-        }
-        if fds[1].revents != 0 {
-            let mut byte = 0u8;
-            let n = libc::read(go, (&mut byte as *mut u8).cast(), 1);
-            if n == 1 {
-                fds[0].fd = pidfd;
-                continue;
+            if fds[1].revents != 0 {
+                let mut byte = 0u8;
+                let n = libc::read(go, (&mut byte as *mut u8).cast(), 1);
+                if n == 1 {
+                    fds[0].fd = pidfd;
+                    continue;
+                }
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                return;
             }
-            if n < 0 && *libc::__errno_location() == libc::EINTR {
-                continue;
-            }
-            return;
         }
     }
 }
@@ -976,9 +990,12 @@ unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
 /// # Safety
 /// In N only, as [`ExecPlan::exec`].
 unsafe fn exec_successor(exec: &mut ExecPlan) -> ! {
-    let failed = exec.exec();
-    write_line(failed.report_fd, EXEC_ERROR_WORD, failed.errno as u64);
-    libc::_exit(127);
+    // SAFETY: this function's contract: in N, between fork and exec.
+    unsafe {
+        let failed = exec.exec();
+        write_line(failed.report_fd, EXEC_ERROR_WORD, failed.errno as u64);
+        libc::_exit(127);
+    }
 }
 
 /// Writes `<word><n>\n` on `fd` (the words end in a space): async-signal-safe, no allocation.
@@ -1072,7 +1089,7 @@ pub async fn start(
         "upgrading: starting generation {next} from {}",
         upgrader.exe.display()
     ));
-    let spawned = spawn_successor(upgrader, started_usec, counts).await?;
+    let mut spawned = spawn_successor(upgrader, started_usec, counts).await?;
     let pid = spawned.pid;
     tracing::info!(
         event = "upgrade-spawned",
@@ -1080,12 +1097,15 @@ pub async fn start(
         new_pid = pid,
         "started generation {next} as pid {pid}; waiting until it is ready"
     );
-    let mut channel = OldEnd::open(&spawned)?;
-    let warnings = channel.wait_ready(&spawned, upgrader, cancel).await?;
-    if cancel.is_cancelled() {
-        return Err(UpgradeError::CalledOff);
-    }
-    channel.commit(pid).await?;
+    let (channel, warnings) = match until_committed(&spawned, upgrader, cancel).await {
+        Ok(committed) => committed,
+        Err(e) => {
+            // N is killed and its intermediate reaped before the failure is told: whoever asked
+            // for the upgrade finds no trace of it.
+            spawned.kill_and_wait().await;
+            return Err(e);
+        }
+    };
     Ok(Successor {
         pid,
         generation: next,
@@ -1098,6 +1118,21 @@ pub async fn start(
         exit_watch: channel.exit_watch,
         channel_closed: false,
     })
+}
+
+/// Steps 3 and 4: N says it is ready (or fails, or the upgrade is called off), then O commits.
+async fn until_committed(
+    spawned: &Spawned,
+    upgrader: &Upgrader,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(OldEnd, Vec<String>), UpgradeError> {
+    let mut channel = OldEnd::open(spawned)?;
+    let warnings = channel.wait_ready(spawned, upgrader, cancel).await?;
+    if cancel.is_cancelled() {
+        return Err(UpgradeError::CalledOff);
+    }
+    channel.commit(spawned.pid).await?;
+    Ok((channel, warnings))
 }
 
 /// Step 2: the double fork ([`Upgrader::spawn`]), on the blocking pool.

@@ -40,6 +40,13 @@ pub trait Serving: Send + 'static {
 
     /// Lets the open connections finish, closing those still open after `timeout`.
     fn drain(self, timeout: Duration) -> impl Future<Output = DrainReport> + Send;
+
+    /// Completes, with why, if serving ends on its own while it should accept (an accept loop
+    /// that returned or panicked): the generation then stops and fails, so that a service
+    /// manager restarts it, or an upgrade's old generation rolls back. Never, by default.
+    fn ended(&mut self) -> impl Future<Output = String> + Send {
+        std::future::pending()
+    }
 }
 
 /// How a drain went.
