@@ -65,7 +65,12 @@ fn main() -> ExitCode {
                     _ = accept.stopping() => return,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
-                        Err(_) => continue,
+                        Err(_) => {
+                            // Out of fds, most likely: wait instead of spinning on the client
+                            // still pending.
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                 };
                 let _ = stream.set_nodelay(true);

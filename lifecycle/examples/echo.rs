@@ -15,7 +15,7 @@
 
 use std::process::ExitCode;
 
-use baton_lifecycle::{Exit, Options};
+use baton_lifecycle::Options;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// How long a client may stay quiet once the drain began.
@@ -69,8 +69,12 @@ fn main() -> ExitCode {
                     _ = accept.stopping() => return,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
-                        // Out of fds or a client gone before the accept: go on.
-                        Err(_) => continue,
+                        Err(_) => {
+                            // Out of fds, most likely: wait instead of spinning on the client
+                            // still pending.
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                 };
                 let connection = accept.connection();
@@ -112,8 +116,8 @@ fn main() -> ExitCode {
         }
     }));
     match served {
-        Ok(Exit::Stopped) => ExitCode::SUCCESS,
-        Ok(Exit::HandedOver { .. }) => ExitCode::SUCCESS,
+        // Stopped, or handed over to the next generation: the connections drained either way.
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("echo: {e}");
             ExitCode::FAILURE

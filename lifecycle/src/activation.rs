@@ -304,7 +304,8 @@ enum Intake {
 
 /// baton's rules for the variables (see the module docs), for the process `my_pid`.
 fn intake(env: &ListenEnv, my_pid: u32) -> Result<Intake, ActivationError> {
-    const HINT: &str = "whatever started baton must pass the number of fds in LISTEN_FDS, and \
+    const HINT: &str =
+        "whatever started this process must pass the number of fds in LISTEN_FDS, and \
                         LISTEN_PID (systemd) or LISTEN_FDS_FIRST_FD (systemfd --no-pid)";
     match &env.pid {
         Some(pid) => match pid.parse::<u32>() {
@@ -361,7 +362,7 @@ fn intake(env: &ListenEnv, my_pid: u32) -> Result<Intake, ActivationError> {
             if names.len() != n as usize {
                 return error(format!(
                     "socket activation: LISTEN_FDNAMES={:?} gives {} names for LISTEN_FDS={n} fds; \
-                     whatever started baton must pass one name per fd (or no LISTEN_FDNAMES)",
+                     whatever started this process must pass one name per fd (or no LISTEN_FDNAMES)",
                     env.names.as_deref().unwrap_or_default(),
                     names.len()
                 ));
@@ -400,8 +401,8 @@ pub unsafe fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
     let count = names.len();
     if taken.len() != count {
         return error(format!(
-            "socket activation: the listenfd crate found {} fds where baton expects {count} from fd {first}; \
-             this is a bug in baton",
+            "socket activation: the listenfd crate found {} fds where it expects {count} from fd {first}; \
+             this is a bug in baton-lifecycle",
             taken.len()
         ));
     }
@@ -415,7 +416,7 @@ pub unsafe fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
                 other => {
                     return error(format!(
                         "socket activation: the listenfd crate gave {other:?} for fd {expected}; \
-                         this is a bug in baton"
+                         this is a bug in baton-lifecycle"
                     ))
                 }
             };
@@ -424,7 +425,7 @@ pub unsafe fn take_activated() -> Result<Vec<ActivatedFd>, ActivationError> {
             if flags < 0 {
                 return error(format!(
                     "socket activation: fd {raw} is not open, but LISTEN_FDS={count} from fd {first} \
-                     announces it; whatever started baton passed fewer fds than it announced"
+                     announces it; whatever started this process passed fewer fds than it announced"
                 ));
             }
             // SAFETY: the fd is open and, per the checks above, was handed to this process to own.
@@ -563,7 +564,7 @@ fn match_fds(
                 None if name.is_empty() => {
                     return error(format!(
                         "socket activation: fd {raw} has no name, and with several listeners \
-                         (configured: {}) baton cannot tell which one it serves; name the fds in \
+                         (configured: {}) this process cannot tell which one it serves; name the fds in \
                          order with FileDescriptorName= (systemd) or LISTEN_FDNAMES= (systemfd)",
                         configured()
                     ))
@@ -1041,6 +1042,32 @@ impl fmt::Display for ListenAddress {
             ListenAddress::Tcp(addr) => write!(f, "{addr}"),
             ListenAddress::Unix(path) => write!(f, "unix:{}", path.display()),
             ListenAddress::Udp(addr) => write!(f, "{UDP_PREFIX}{addr}"),
+        }
+    }
+}
+
+impl ListenSpec {
+    /// A TCP listener `name` on `address` when nothing is passed under that name.
+    pub fn tcp(name: &str, address: SocketAddr) -> ListenSpec {
+        ListenSpec {
+            name: name.to_owned(),
+            address: ListenAddress::Tcp(address),
+        }
+    }
+
+    /// A UDP socket `name` on `address` when nothing is passed under that name.
+    pub fn udp(name: &str, address: SocketAddr) -> ListenSpec {
+        ListenSpec {
+            name: name.to_owned(),
+            address: ListenAddress::Udp(address),
+        }
+    }
+
+    /// A unix stream listener `name` at `path` when nothing is passed under that name.
+    pub fn unix(name: &str, path: impl Into<PathBuf>) -> ListenSpec {
+        ListenSpec {
+            name: name.to_owned(),
+            address: ListenAddress::Unix(path.into()),
         }
     }
 }

@@ -75,6 +75,7 @@ pub struct Settings {
 
 /// How a generation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Exit {
     /// Stopped (a stop signal, a stop request, the service manager): the connections drained.
     Stopped,

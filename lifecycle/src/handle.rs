@@ -47,11 +47,15 @@ impl Handle {
 
 /// What an upgrade asked with [`Handle::upgrade`] led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Upgraded {
     pub pid: i32,
     pub generation: u64,
     /// Whether the new generation is the main process already (else it is on probation).
     pub promoted: bool,
+    /// What the new generation found about its sockets (e.g. an address that differs from the
+    /// configured one).
+    pub warnings: Vec<String>,
 }
 
 impl Handle {
@@ -64,10 +68,26 @@ impl Handle {
             .await
             .map_err(|_| Error::Upgrade("the generation stopped before answering".into()))?;
         if answer["ok"] == serde_json::Value::Bool(true) {
+            let pid = answer["pid"].as_i64().and_then(|p| i32::try_from(p).ok());
+            let generation = answer["generation"].as_u64();
+            let (Some(pid), Some(generation)) = (pid, generation) else {
+                return Err(Error::Upgrade(format!(
+                    "the upgrade's answer names no new process: {answer}; this is a bug in baton-lifecycle"
+                )));
+            };
+            let warnings = answer["warnings"]
+                .as_array()
+                .map(|w| {
+                    w.iter()
+                        .filter_map(|w| w.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
             Ok(Upgraded {
-                pid: answer["pid"].as_i64().unwrap_or_default() as i32,
-                generation: answer["generation"].as_u64().unwrap_or_default(),
+                pid,
+                generation,
                 promoted: answer["promoted"].as_bool().unwrap_or(false),
+                warnings,
             })
         } else {
             Err(Error::Upgrade(

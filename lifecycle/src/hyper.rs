@@ -33,6 +33,7 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
@@ -57,12 +58,34 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let builder = Builder::new(TokioExecutor::new());
+    serve_connection_with(&builder, io, service, connection).await
+}
+
+/// [`serve_connection`] with `builder`'s settings (HTTP/1 header timeouts and keep-alive,
+/// HTTP/2 windows and streams, or one protocol only). A connection upgraded by its request
+/// (a WebSocket) leaves hyper, and the drain, once the upgrade is answered: count it with a
+/// [`Connection`] of its own if the drain should wait for it.
+pub async fn serve_connection_with<I, S, B>(
+    builder: &Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    connection: Connection,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let activity = Arc::new(Activity::default());
     let service = Tracked {
         inner: service,
         activity: activity.clone(),
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {

@@ -28,7 +28,11 @@
 //!                 _ = accept.stopping() => return,
 //!                 accepted = listener.accept() => match accepted {
 //!                     Ok(accepted) => accepted,
-//!                     Err(_) => continue,
+//!                     Err(_) => {
+//!                         // Out of fds, most likely: wait instead of spinning.
+//!                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+//!                         continue;
+//!                     }
 //!                 },
 //!             };
 //!             let connection = accept.connection();
@@ -90,11 +94,17 @@
 //! NotifyAccess=main
 //! ExecStart=/usr/bin/echo-server
 //! ExecReload=/usr/bin/echo-server reload $MAINPID
+//! # Bounds the start and each reload (the new generation's start and its probation).
+//! TimeoutStartSec=90s
 //! KillMode=control-group
 //! Restart=on-failure
 //! RuntimeDirectory=echo
 //! FileDescriptorStoreMax=16
 //! ```
+//!
+//! No `PIDFile=`: the main pid moves with `MAINPID=`, and a pidfile races it. A process the
+//! service starts for its own ends (a helper, a CGI) inherits `NOTIFY_SOCKET`: remove it there
+//! (`Command::env_remove("NOTIFY_SOCKET")`), or the helper's messages may reach systemd.
 //!
 //! The upgrade, as the service manager sees it: `RELOADING=1`, then `READY=1` once the new
 //! generation serves on probation, then `MAINPID=<new>` + `BARRIER=1` from the old process
@@ -103,6 +113,15 @@
 //! new binary fails before it serves, the old one sends `READY=1` with a `STATUS=` naming the
 //! reason and serves on; if it dies during the probation, the old one accepts again on its own
 //! copies of the sockets. The full protocol is in [`upgrade`] and [`generation`].
+//!
+//! # Readiness
+//!
+//! [`Lifecycle::serve`] (or [`Lifecycle::run`]) is the ready step: until it is called, a new
+//! generation has not told the old one it is ready, so the old one serves on; a service that
+//! must warm up (caches, connections to its backends) does so before calling it, on its
+//! runtime of any flavour. `READY=1` (with the `STATUS=` of [`Handle::set_status`], or
+//! `serving generation G (pid P) on ...`) follows once the accept loop runs and this process is
+//! the main pid.
 //!
 //! # Without systemd
 //!

@@ -1636,8 +1636,9 @@ fn sealed_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
     use std::io::{Seek, SeekFrom};
+    let name = format!("{}-state", crate::env::identity().name);
     let fd = memfd_create(
-        "baton-state",
+        name.as_str(),
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )?;
     let mut file = std::fs::File::from(fd);

@@ -53,6 +53,8 @@ fn run_child(how: &str) -> String {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .stdout(Stdio::piped())
+        // The panic's own report: kept out of the test's output.
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
