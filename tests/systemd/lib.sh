@@ -199,6 +199,14 @@ with_journal_snapshot() {
 journal_find() { local u=$1; shift; journal_json "$u" | python3 "$BATON_TESTS/helpers/journal.py" "$@"; }
 # journal_has UNIT COND...: some entry matches
 journal_has() { journal_find "$@" >/dev/null; }
+# last_words_logged COND...: some entry of baton's (SYSLOG_IDENTIFIER=baton) in this boot matches,
+# whichever unit journald gave it. A process that exits right after logging (an old generation
+# after its handover) may be gone before journald reads its last lines, and journald then
+# cannot tell their unit (it reads the sender's cgroup in /proc): `-u` would miss them.
+last_words_logged() {
+  journalctl -b -o json --no-pager SYSLOG_IDENTIFIER=baton |
+    python3 "$BATON_TESTS/helpers/journal.py" "$@" >/dev/null
+}
 # journal_field UNIT FIELD COND...: FIELD of the last matching entry
 journal_field() {
   local u=$1 f=$2; shift 2

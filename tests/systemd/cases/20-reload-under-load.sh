@@ -61,10 +61,10 @@ generation_journal() {
   fi
   if [ -n "$next" ]; then
     for e in upgrade-spawned handed-over; do
-      journal_has $U BATON_EVENT=$e BATON_GENERATION="$g" BATON_NEW_PID="$next" _PID="$p" ||
+      last_words_logged BATON_EVENT=$e BATON_GENERATION="$g" BATON_NEW_PID="$next" _PID="$p" ||
         { echo "no $e event of generation $g naming pid $next, from pid $p"; bad=1; }
     done
-    journal_has $U BATON_EVENT=drained BATON_GENERATION="$g" BATON_FORCED=0 _PID="$p" ||
+    last_words_logged BATON_EVENT=drained BATON_GENERATION="$g" BATON_FORCED=0 _PID="$p" ||
       { echo "no drained event with BATON_FORCED=0 of generation $g from pid $p:"; journal_find $U BATON_EVENT=drained BATON_GENERATION="$g" | cut -c1-400; bad=1; }
   fi
   return $bad

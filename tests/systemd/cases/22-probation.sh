@@ -74,7 +74,7 @@ check_eq "MainPID is still $P1 during the probation" "$P1" "$(main_pid)"
 check_wait "MainPID becomes $N2 once the probation passed" $((PROBATION + 5)) main_pid_is "$N2"
 check_wait "StatusText: serving generation 2 (pid $N2)" 5 status_has "serving generation 2 (pid $N2)"
 check_wait "the old generation ($P1) exits" 30 pid_gone "$P1"
-check_wait "journal: pid $P1 promoted pid $N2" 5 journal_has $U BATON_EVENT=promoted _PID=$P1 BATON_NEW_PID=$N2
+check_wait "journal: pid $P1 promoted pid $N2" 5 last_words_logged BATON_EVENT=promoted _PID=$P1 BATON_NEW_PID=$N2
 check_wait "journal: generation 2 became the main process" 5 journal_has $U BATON_EVENT=main _PID=$N2
 check_eq "the unit was not restarted" "$entered" "$(unit_prop $U ActiveEnterTimestampMonotonic)"
 

@@ -81,7 +81,7 @@ msgs=$(systemd_messages $U)
 check_eq "journal: systemd started baton.service once (the first connection), never again" 1 \
   "$(grep -cE '^Started baton\.service' <<<"$msgs")"
 check_no_match "journal: systemd never stopped baton.service" '^(Stopping|Stopped) baton\.service' "$msgs"
-check_wait "journal: the old generation handed over to $P2" 5 journal_has $U BATON_EVENT=handed-over _PID=$P1 BATON_NEW_PID=$P2
+check_wait "journal: the old generation handed over to $P2" 5 last_words_logged BATON_EVENT=handed-over _PID=$P1 BATON_NEW_PID=$P2
 
 section "version ${V[2]} with a broken binary"
 load_start >"$CASE_TMP/load.out" || abort "the load runs" "$(cat "$CASE_TMP/load.out")"
