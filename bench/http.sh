@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# bench/http.sh: baton vs Debian's nginx, serving the same 1 KiB file on loopback, loaded with wrk.
+# bench/http.sh: baton vs Debian's nginx serving the same static files on loopback, loaded with
+# wrk: a matrix of file sizes x connection counts.
 #
 # A benchmark that prints figures, not a test: it exits 0 whatever the verdict (non-zero only
-# when it cannot run). The machine is assumed noisy, so rounds alternate between the servers
-# (baton, nginx, baton, nginx, ...) and the table shows the median of the rounds per server.
+# when it cannot run). The machine is assumed noisy, so at every point (size, connections) the
+# rounds alternate between the servers (baton then nginx, then nginx then baton, ...) and the
+# table shows the median of the rounds per server. Both servers run all along; RSS is read after
+# every round (baton: its one process; nginx: master + workers) and the table shows the largest.
 #
 # Environment (defaults in brackets):
-#   ROUNDS [3]        rounds per server
-#   DURATION [10s]    wrk -d per round
-#   WARMUP [2s]       wrk -d of the one warm-up run per server before the rounds (0 to skip)
-#   THREADS [2]       wrk -t
-#   CONNECTIONS [64]  wrk -c
-#   BATON_BIN         run this baton binary instead of building target/release/baton
-#   KEEP_TMP=1        keep the temporary directory (configs, logs, raw wrk outputs)
+#   SIZES ["1k 64k 1m 16m"]   file sizes (k = KiB, m = MiB, or bytes)
+#   CONNECTIONS ["64 1000"]   wrk -c values
+#   ROUNDS [3]                rounds per server and point
+#   DURATION [5s]             wrk -d per round
+#   WARMUP [1s]               wrk -d of one warm-up run per server and point (0 to skip)
+#   THREADS [2]               wrk -t
+#   TIMEOUT [10s]             wrk --timeout (a 16 MiB file at 1000 connections takes seconds)
+#   RESULTS                   write the medians here too, tab-separated [in the temporary dir]
+#   PLOT                      draw the table into this SVG file (bench/plot-http.py)
+#   BATON_BIN                 run this baton binary instead of building target/release/baton
+#   KEEP_TMP=1                keep the temporary directory (configs, logs, raw wrk outputs)
 #   Anything baton or tokio reads from the environment passes through, e.g.
 #   TOKIO_WORKER_THREADS=1 (tokio's multi-thread runtime honours it; default: one per core).
 #
-# Needs nginx and wrk (installed with apt-get when missing), curl, ss, and cargo unless BATON_BIN.
+# The fd limit of this shell is raised to its hard limit (wrk and both servers inherit it).
+# Needs nginx and wrk (installed with apt-get when missing), curl, ss, python3 for PLOT, and
+# cargo unless BATON_BIN.
 
 set -euo pipefail
 
+SIZES=${SIZES:-1k 64k 1m 16m}
+CONNECTIONS_LIST=${CONNECTIONS:-64 1000}
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10s}
-WARMUP=${WARMUP:-2s}
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
 THREADS=${THREADS:-2}
-CONNECTIONS=${CONNECTIONS:-64}
+TIMEOUT=${TIMEOUT:-10s}
+RESULTS=${RESULTS:-}
+PLOT=${PLOT:-}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_SCRIPT=bench/http.sh
@@ -32,13 +45,44 @@ BENCH_SCRIPT=bench/http.sh
 source "$REPO/bench/lib.sh"
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$ROUNDS'"
+bytes_of() { # 1k, 64k, 1m, 16m, 1000
+    case $1 in
+        *[kK]) echo $((${1%?} * 1024)) ;;
+        *[mM]) echo $((${1%?} * 1024 * 1024)) ;;
+        *) echo "$1" ;;
+    esac
+}
+label_of() { # bytes: 1 KiB, 64 KiB, 1 MiB, 1000 B
+    awk -v b="$1" 'BEGIN { if (b >= 1048576 && b % 1048576 == 0) printf "%d MiB", b / 1048576;
+        else if (b >= 1024 && b % 1024 == 0) printf "%d KiB", b / 1024; else printf "%d B", b }'
+}
+read -ra SIZE_LIST <<<"$SIZES"
+read -ra CONN_LIST <<<"$CONNECTIONS_LIST"
+((${#SIZE_LIST[@]} > 0 && ${#CONN_LIST[@]} > 0)) || die "SIZES and CONNECTIONS must not be empty"
+max_conns=0
+for s in "${SIZE_LIST[@]}"; do
+    [[ $s =~ ^[1-9][0-9]*[kKmM]?$ ]] || die "SIZES: '$s' is not a size (1k, 64k, 1m, 16m, 1000)"
+done
+for c in "${CONN_LIST[@]}"; do
+    [[ $c =~ ^[1-9][0-9]*$ ]] || die "CONNECTIONS: '$c' is not a positive integer"
+    ((c > max_conns)) && max_conns=$c
+done
+# wrk holds one fd per connection; the servers as many again (nginx sets its own limit).
+raise_fds $((max_conns + 256))
 
 bench_tools
 bench_baton
 bench_tmp
+RESULTS=${RESULTS:-$TMP/results.tsv}
 
 # ---------------------------------------------------------------- content and servers
 bench_content
+for s in "${SIZE_LIST[@]}"; do
+    b=$(bytes_of "$s")
+    [[ -e $TMP/www/file-$b.bin ]] && continue
+    head -c "$b" /dev/urandom >"$TMP/www/file-$b.bin"
+    chmod 644 "$TMP/www/file-$b.bin"
+done
 
 NGINX_PORT=$(free_port)
 BATON_PORT=$(free_port)
@@ -53,93 +97,151 @@ PIDS+=($!); NGINX_PID=$!
 "${BATON_CMD[@]}" >"$TMP/baton.stdout.log" 2>"$TMP/baton.stderr.log" &
 PIDS+=($!); BATON_PID=$!
 
-URL_nginx=http://127.0.0.1:$NGINX_PORT/file.bin
-URL_baton=http://127.0.0.1:$BATON_PORT/file.bin
-wait_up nginx "$URL_nginx" "$NGINX_PID" "$TMP/nginx/error.log"
-wait_up baton "$URL_baton" "$BATON_PID" "$TMP/baton.stderr.log"
+BASE_nginx=http://127.0.0.1:$NGINX_PORT
+BASE_baton=http://127.0.0.1:$BATON_PORT
+wait_up nginx "$BASE_nginx/file.bin" "$NGINX_PID" "$TMP/nginx/error.log"
+wait_up baton "$BASE_baton/file.bin" "$BATON_PID" "$TMP/baton.stderr.log"
+sleep 0.5
+IDLE_RSS_baton=$(rss_kib "$BATON_PID")
+# shellcheck disable=SC2034 # read through ${!pids}
+PIDS_baton="$BATON_PID"
+PIDS_nginx="$NGINX_PID $(children_of "$NGINX_PID" | tr '\n' ' ')"
+# shellcheck disable=SC2086 # a list of pids
+IDLE_RSS_nginx=$(rss_kib $PIDS_nginx)
 
 # ---------------------------------------------------------------- check the answers
-for s in baton nginx; do
-    url=URL_$s
-    check_body "$s" "${!url}"
+for s in "${SIZE_LIST[@]}"; do
+    b=$(bytes_of "$s")
+    for srv in baton nginx; do
+        base=BASE_$srv
+        check_body "$srv" "${!base}/file-$b.bin" "$TMP/www/file-$b.bin"
+    done
 done
-say "check: both answer 200 with the same 1024-byte body"
+say "check: both answer 200 with the same body for every size ($SIZES)"
 
 # ---------------------------------------------------------------- run
+wrk_point() { # connections duration url: the command, for the header
+    echo "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
+}
+run_wrk() { # connections duration url
+    "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
+}
 say ""
 say_machine
+say "fd limit: $(ulimit -n) (ulimit -n of the benchmark, wrk and baton)"
 say "commands:"
 say "  nginx: ${NGINX_CMD[*]}   (config below)"
 say "  baton: ${TOKIO_WORKER_THREADS:+TOKIO_WORKER_THREADS=$TOKIO_WORKER_THREADS }${BATON_CMD[*]}"
-say "  load:  $(wrk_cmd "$DURATION" 'http://127.0.0.1:PORT/file.bin')"
-say "         alternating baton, nginx x $ROUNDS rounds; warm-up: $(wrk_cmd "$WARMUP" '...') per server"
+say "  load:  $(wrk_point C "$DURATION" 'http://127.0.0.1:PORT/file-SIZE.bin'), C in: $CONNECTIONS_LIST; SIZE in: $SIZES"
+if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
+    say "         per point: warm-up $(wrk_point C "$WARMUP" '...') per server, then $ROUNDS rounds alternating the servers"
+else
+    say "         per point: $ROUNDS rounds alternating the servers, no warm-up"
+fi
 sed 's/^/    | /' "$TMP/nginx/nginx.conf" | grep -v '^    | *$'
 say ""
 
-if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
-    for s in baton nginx; do
-        url=URL_$s
-        $(wrk_cmd "$WARMUP" "${!url}") >"$TMP/warmup-$s.txt" 2>&1 || die "wrk failed: $(cat "$TMP/warmup-$s.txt")"
+printf '%-8s %5s %-5s %-6s %10s %10s %10s %10s %7s %8s %8s %10s %7s\n' size conns round server req/s MB/s \
+    p50 p99 errors srv-cpu us/req rss others
+for c in "${CONN_LIST[@]}"; do
+    for s in "${SIZE_LIST[@]}"; do
+        b=$(bytes_of "$s") point=$b-$c
+        if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
+            for srv in baton nginx; do
+                base=BASE_$srv
+                run_wrk "$c" "$WARMUP" "${!base}/file-$b.bin" >"$TMP/warmup-$point-$srv.txt" 2>&1 \
+                    || die "wrk failed: $(cat "$TMP/warmup-$point-$srv.txt")"
+            done
+        fi
+        for r in $(seq "$ROUNDS"); do
+            order="baton nginx"
+            ((r % 2 == 1)) || order="nginx baton"
+            for srv in $order; do
+                base=BASE_$srv pids=PIDS_$srv
+                out=$TMP/round-$point-$r-$srv.txt
+                # shellcheck disable=SC2086 # a list of pids
+                cpu_start ${!pids}
+                run_wrk "$c" "$DURATION" "${!base}/file-$b.bin" >"$out" 2>&1 || die "wrk failed: $(cat "$out")"
+                read -r rps p50 p99 max errors < <(parse_wrk "$out")
+                # shellcheck disable=SC2086
+                read -r cores usreq others < <(cpu_stop "$rps" ${!pids})
+                # shellcheck disable=SC2086
+                rss=$(rss_kib ${!pids})
+                echo "$rps $p50 $p99 $max $errors $cores $usreq $others $rss" >>"$TMP/results-$point-$srv.txt"
+                printf '%-8s %5s %-5s %-6s %10.0f %10.1f %10s %10s %7s %8s %8s %10s %6s%%\n' "$(label_of "$b" | tr -d ' ')" \
+                    "$c" "$r" "$srv" "$rps" "$(awk -v r="$rps" -v b="$b" 'BEGIN { print r * b / 1e6 }')" \
+                    "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$errors" "$cores" "$usreq" "$(fmt_kib "$rss" | tr -d ' ')" "$others"
+            done
+        done
+        kill -0 "$BATON_PID" 2>/dev/null || die "baton died during the run: $(tail -5 "$TMP/baton.stderr.log")"
+        kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died during the run: $(tail -5 "$TMP/nginx/error.log")"
     done
-fi
-
-# CPU accounting per round (bench/lib.sh): the server's processes (nginx: master and workers),
-# wrk, and the whole machine; "others" is the noise indicator.
-PIDS_baton="$BATON_PID"
-PIDS_nginx="$NGINX_PID $(children_of "$NGINX_PID" | tr '\n' ' ')"
-
-printf '%-6s %-6s %12s %10s %10s %10s %7s %8s %8s %7s\n' round server req/s p50 p99 max errors \
-    srv-cpu us/req others
-for r in $(seq "$ROUNDS"); do
-    for s in baton nginx; do
-        url=URL_$s pids=PIDS_$s
-        out=$TMP/round$r-$s.txt
-        cpu_start ${!pids}
-        $(wrk_cmd "$DURATION" "${!url}") >"$out" 2>&1 || die "wrk failed: $(cat "$out")"
-        read -r rps p50 p99 max errors < <(parse_wrk "$out")
-        read -r cores usreq others < <(cpu_stop "$rps" ${!pids})
-        echo "$rps $p50 $p99 $max $errors $cores $usreq $others" >>"$TMP/results-$s.txt"
-        printf '%-6s %-6s %12.0f %10s %10s %10s %7s %8s %8s %6s%%\n' "$r" "$s" "$rps" \
-            "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$(fmt_us "$max")" "$errors" "$cores" "$usreq" "$others"
-    done
 done
-kill -0 "$BATON_PID" 2>/dev/null || die "baton died during the run: $(tail -5 "$TMP/baton.stderr.log")"
-kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died during the run: $(tail -5 "$TMP/nginx/error.log")"
+# shellcheck disable=SC2086
+FINAL_RSS_nginx=$(rss_kib $PIDS_nginx)
+FINAL_RSS_baton=$(rss_kib "$BATON_PID")
+PEAK_baton=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$BATON_PID/status")
 
-col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2.txt" | median; }
-for s in baton nginx; do
-    declare "rps_$s=$(col 1 $s)" "p50_$s=$(col 2 $s)" "p99_$s=$(col 3 $s)" "max_$s=$(col 4 $s)"
-    declare "cpu_$s=$(col 6 $s)" "usreq_$s=$(col 7 $s)" "oth_$s=$(col 8 $s)"
-    declare "err_$s=$(awk '{ s += $5 } END { print s + 0 }' "$TMP/results-$s.txt")"
-done
-
+# ---------------------------------------------------------------- the table
+# A p99 of a point where no request completed (a 16 MiB file at 1000 connections in a short
+# round, shared fairly) is no figure.
+p99_of() { # rps p99_us
+    if awk -v r="$1" 'BEGIN { exit !(r > 0) }'; then fmt_us "$2"; else echo "none-done"; fi
+}
+col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2-$3.txt" | median; }
+colmax() { awk -v c="$1" '$c > m { m = $c } END { print m + 0 }' "$TMP/results-$2-$3.txt"; }
 say ""
-say "median of $ROUNDS rounds ($DURATION each, -t$THREADS -c$CONNECTIONS):"
-printf '%-6s %12s %10s %10s %10s %7s %8s %8s %7s\n' server req/s p50 p99 max errors srv-cpu us/req others
-for s in baton nginx; do
-    rps=rps_$s p50=p50_$s p99=p99_$s max=max_$s err=err_$s cpu=cpu_$s usreq=usreq_$s oth=oth_$s
-    printf '%-6s %12.0f %10s %10s %10s %7s %8.2f %8.1f %6.0f%%\n' "$s" "${!rps}" \
-        "$(fmt_us "${!p50}")" "$(fmt_us "${!p99}")" "$(fmt_us "${!max}")" "${!err}" "${!cpu}" "${!usreq}" "${!oth}"
-done
-say "(srv-cpu: cores the server used; us/req: its CPU time per request; others: share of the"
-say " machine's CPU charged to neither the server nor wrk: other load, i.e. noise, plus kernel"
-say " work no process is charged for, such as softirq time of the loopback traffic)"
-
-rps_ratio=$(ratio "$rps_baton" "$rps_nginx")
-p99_ratio=$(ratio "$p99_baton" "$p99_nginx")
-say ""
-say "baton/nginx: req/s ${rps_ratio}x (goal >= 1.00x), p99 ${p99_ratio}x (goal <= 1.00x)"
-
-ok_rps=$(awk -v a="$rps_baton" -v b="$rps_nginx" 'BEGIN { print (a >= b) ? 1 : 0 }')
-ok_p99=$(awk -v a="$p99_baton" -v b="$p99_nginx" 'BEGIN { print (a <= b) ? 1 : 0 }')
+say "medians of $ROUNDS rounds ($DURATION each, wrk -t$THREADS); rss: the largest after a round"
+say "(baton: its process; nginx: master + workers); ratios baton/nginx"
+printf '%-8s %5s %12s %12s %7s %10s %10s %7s %10s %10s %6s %6s %6s\n' size conns baton-req/s nginx-req/s \
+    ratio baton-p99 nginx-p99 ratio baton-rss nginx-rss errors b-cpu n-cpu
+printf 'bytes\tconnections\tbaton_rps\tnginx_rps\tbaton_p99_us\tnginx_p99_us\tbaton_rss_kib\tnginx_rss_kib\terrors\n' >"$RESULTS"
 misses=()
-[[ $ok_rps == 1 ]] || misses+=("req/s ${rps_ratio}x < 1.00x")
-[[ $ok_p99 == 1 ]] || misses+=("p99 ${p99_ratio}x > 1.00x")
-if [[ $err_baton != 0 || $err_nginx != 0 ]]; then
-    say "warning: wrk counted errors or non-2xx/3xx answers (baton $err_baton, nginx $err_nginx); figures are suspect"
+errors_total=0
+# Set by the declares below, per point.
+rps_baton='' rps_nginx='' p99_baton='' p99_nginx='' rss_baton='' rss_nginx='' cpu_baton='' cpu_nginx=''
+for c in "${CONN_LIST[@]}"; do
+    for s in "${SIZE_LIST[@]}"; do
+        b=$(bytes_of "$s") point=$(bytes_of "$s")-$c
+        for srv in baton nginx; do
+            declare "rps_$srv=$(col 1 "$point" $srv)" "p99_$srv=$(col 3 "$point" $srv)"
+            declare "rss_$srv=$(colmax 9 "$point" $srv)" "cpu_$srv=$(col 6 "$point" $srv)"
+        done
+        errs=$(cat "$TMP/results-$point-baton.txt" "$TMP/results-$point-nginx.txt" | awk '{ s += $5 } END { print s + 0 }')
+        errors_total=$((errors_total + errs))
+        rr=$(ratio "$rps_baton" "$rps_nginx") pr=$(ratio "$p99_baton" "$p99_nginx")
+        label=$(label_of "$b")
+        printf '%-8s %5s %12.0f %12.0f %6sx %10s %10s %6sx %10s %10s %6s %6.2f %6.2f\n' "${label// /}" "$c" \
+            "$rps_baton" "$rps_nginx" "$rr" "$(p99_of "$rps_baton" "$p99_baton")" "$(p99_of "$rps_nginx" "$p99_nginx")" "$pr" \
+            "$(fmt_kib "$rss_baton" | tr -d ' ')" "$(fmt_kib "$rss_nginx" | tr -d ' ')" "$errs" "$cpu_baton" "$cpu_nginx"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$c" "$rps_baton" "$rps_nginx" \
+            "$p99_baton" "$p99_nginx" "$rss_baton" "$rss_nginx" "$errs" >>"$RESULTS"
+        awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }' || misses+=("$label/$c req/s ${rr}x")
+        awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }' || misses+=("$label/$c p99 ${pr}x")
+        if ((c == max_conns)); then
+            awk -v a="$rss_baton" -v n="$rss_nginx" 'BEGIN { exit !(a <= n) }' || misses+=("$label/$c rss ${rss_baton}>${rss_nginx} KiB")
+        fi
+    done
+done
+say "(b-cpu, n-cpu: cores the server used; run the rounds above for the noise column 'others')"
+say ""
+say "rss: baton idle (after start) $(fmt_kib "$IDLE_RSS_baton"), after the run $(fmt_kib "$FINAL_RSS_baton"), peak (VmHWM) $(fmt_kib "$PEAK_baton");"
+say "     nginx idle $(fmt_kib "$IDLE_RSS_nginx"), after the run $(fmt_kib "$FINAL_RSS_nginx")"
+awk -v a="$IDLE_RSS_baton" 'BEGIN { exit !(a <= 10240) }' || misses+=("idle rss $(fmt_kib "$IDLE_RSS_baton") > 10 MiB")
+
+if ((errors_total > 0)); then
+    say "warning: wrk counted $errors_total errors or non-2xx/3xx answers (column errors); those points are suspect"
 fi
+goals="req/s >= nginx and p99 <= nginx at every point, rss at $max_conns connections <= nginx, idle rss <= 10 MiB"
 if [[ ${#misses[@]} -eq 0 ]]; then
-    say "verdict: baton MEETS the goals (req/s >= 1.0x nginx, p99 <= nginx)"
+    say "verdict: baton MEETS the goals ($goals)"
 else
-    say "verdict: baton MISSES the goals (req/s >= 1.0x nginx, p99 <= nginx): $(IFS=';'; echo "${misses[*]}" | sed 's/;/; /g')"
+    joined=$(printf '%s; ' "${misses[@]}")
+    say "verdict: baton MISSES the goals ($goals): ${joined%; }"
+fi
+
+if [[ -n $PLOT ]]; then
+    python3 "$REPO/bench/plot-http.py" "$RESULTS" "$PLOT" \
+        "$(date -u +%F): medians of $ROUNDS rounds of $DURATION, wrk -t$THREADS, $(nproc) cores shared with wrk" \
+        && say "plot: $PLOT"
 fi

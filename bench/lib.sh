@@ -111,8 +111,10 @@ daemon $2;
 worker_processes 2;
 pid $TMP/nginx/nginx.pid;
 error_log $TMP/nginx/error.log warn;
+# Room for bench/http.sh's 1000 connections in one worker (Debian's default is 768).
+worker_rlimit_nofile 4096;
 events {
-    worker_connections 1024;
+    worker_connections 2048;
 }
 http {
     sendfile on;
@@ -133,13 +135,38 @@ http {
 EOF
 }
 
-# Dies unless URL answers 200 with exactly $TMP/www/file.bin.
-check_body() { # name url
-    local code size
+# Dies unless URL answers 200 with exactly FILE [$TMP/www/file.bin].
+check_body() { # name url [file]
+    local code size file=${3:-$TMP/www/file.bin} want
+    want=$(stat -c %s "$file")
     read -r code size < <(curl -sS -o "$TMP/$1.body" -w '%{http_code} %{size_download}\n' "$2")
-    [[ $code == 200 && $size == 1024 ]] || die "$1 answered $code with $size bytes (want 200, 1024)"
-    cmp -s "$TMP/$1.body" "$TMP/www/file.bin" || die "$1 served a body that differs from the file"
+    [[ $code == 200 && $size == "$want" ]] || die "$1 answered $code with $size bytes (want 200, $want)"
+    cmp -s "$TMP/$1.body" "$file" || die "$1 served a body that differs from ${file##*/}"
+    rm -f "$TMP/$1.body"
 }
+
+# Raises this shell's soft fd limit (inherited by wrk and the servers) to at least N, up to the
+# hard limit; dies when the hard limit is below N.
+raise_fds() { # n
+    local hard
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < $1)); then
+        die "wrk needs $1 fds but the hard limit (ulimit -Hn) is $hard: raise it (limits.conf, LimitNOFILE=)"
+    fi
+    ulimit -n "$hard" 2>/dev/null || ulimit -n "$1" || die "cannot raise ulimit -n to $1"
+}
+
+# The resident set size of the given pids together, in KiB (0 for pids that are gone).
+rss_kib() { # pids
+    local p kib t=0
+    for p in "$@"; do
+        kib=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/$p/status" 2>/dev/null || true)
+        t=$((t + ${kib:-0}))
+    done
+    echo "$t"
+}
+
+fmt_kib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 
 # ---------------------------------------------------------------- wrk and its output
 # Converts a wrk time ("250.00us", "1.08ms", "2.00s", "1.50m") to microseconds.

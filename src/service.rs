@@ -75,6 +75,7 @@ pub fn generation_settings(config: &Config) -> generation::Settings {
         config: config.source.clone(),
         signals: Default::default(),
         control_socket: true,
+        backlog: baton_lifecycle::activation::DEFAULT_BACKLOG,
     }
 }
 
@@ -120,5 +121,6 @@ pub fn keeper_settings(config: &Config) -> baton_lifecycle::keeper::Settings {
         startsecs: config.keeper.startsecs,
         startretries: config.keeper.startretries,
         drain_timeout: config.shutdown.drain_timeout,
+        backlog: baton_lifecycle::activation::DEFAULT_BACKLOG,
     }
 }

@@ -132,9 +132,13 @@ const UDP_PREFIX: &str = "udp:";
 const STREAM_SETTING: &str = "ListenStream=";
 const DATAGRAM_SETTING: &str = "ListenDatagram=";
 
-/// The backlog for sockets baton binds itself (systemd's default for socket units is 4096;
-/// the kernel caps it at net.core.somaxconn).
-const BACKLOG: i32 = 4096;
+/// The listen backlog of the stream sockets the library binds itself ([`resolve_with`],
+/// [`crate::Options::backlog`]): systemd's default for socket units (`Backlog=`), where nginx
+/// uses 511. The kernel caps it at `net.core.somaxconn` (4096 since Linux 5.4, 128 before), so a
+/// larger one needs that sysctl raised. It is the queue of connections the kernel completes
+/// while the server is busy, upgrading or restarted by the keeper; one that overflows drops
+/// SYNs, which clients retry only after a second.
+pub const DEFAULT_BACKLOG: u32 = 4096;
 
 /// An fd received through socket activation, not yet checked.
 #[derive(Debug)]
@@ -461,6 +465,16 @@ pub fn resolve(
     specs: &[ListenSpec],
     activated: Vec<ActivatedFd>,
 ) -> Result<Vec<Listener>, ActivationError> {
+    resolve_with(specs, activated, DEFAULT_BACKLOG)
+}
+
+/// [`resolve`], binding the stream sockets with a listen backlog of `backlog` (see
+/// [`DEFAULT_BACKLOG`]).
+pub fn resolve_with(
+    specs: &[ListenSpec],
+    activated: Vec<ActivatedFd>,
+    backlog: u32,
+) -> Result<Vec<Listener>, ActivationError> {
     let (mut listeners, stale) = match_fds(specs, activated)?;
     for (name, fd, why) in stale {
         fdstore::remove_later(&name, fd, why);
@@ -469,7 +483,7 @@ pub fn resolve(
         if !listeners.iter().any(|l| l.name == spec.name) {
             listeners.push(Listener {
                 name: spec.name.clone(),
-                socket: bind(&spec.address)
+                socket: bind_with(&spec.address, backlog)
                     .map_err(|e| ActivationError(format!("listener {spec}: {e}")))?,
                 activated_fd: None,
                 self_bound: true,
@@ -935,9 +949,16 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Binds a listener baton was not handed.
+/// Binds a listener baton was not handed, with the [`DEFAULT_BACKLOG`].
 pub fn bind(address: &ListenAddress) -> io::Result<Socket> {
+    bind_with(address, DEFAULT_BACKLOG)
+}
+
+/// Binds a listener baton was not handed; a stream socket listens with `backlog` (capped at
+/// `i32::MAX`; the kernel caps it again at `net.core.somaxconn`).
+pub fn bind_with(address: &ListenAddress, backlog: u32) -> io::Result<Socket> {
     use socket2::{Domain, SockAddr, Socket as S, Type};
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
     match address {
         ListenAddress::Tcp(addr) => {
             let s = S::new(Domain::for_address(*addr), Type::STREAM, None)?;
@@ -949,7 +970,7 @@ pub fn bind(address: &ListenAddress) -> io::Result<Socket> {
             }
             s.bind(&(*addr).into())
                 .map_err(|e| explain_bind(e, address))?;
-            s.listen(BACKLOG)?;
+            s.listen(backlog)?;
             s.set_nonblocking(true)?;
             Ok(Socket::Tcp(s.into()))
         }
@@ -958,7 +979,7 @@ pub fn bind(address: &ListenAddress) -> io::Result<Socket> {
             let s = S::new(Domain::UNIX, Type::STREAM, None)?;
             s.bind(&SockAddr::unix(path)?)
                 .map_err(|e| explain_bind(e, address))?;
-            s.listen(BACKLOG)?;
+            s.listen(backlog)?;
             s.set_nonblocking(true)?;
             Ok(Socket::Unix(StdUnixListener::from(OwnedFd::from(s))))
         }

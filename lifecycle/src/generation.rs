@@ -71,6 +71,8 @@ pub struct Settings {
     /// Whether to listen on a control socket (`<runtime dir>/control/<pid>`) for `reload`,
     /// `status` and `stop` requests from the service's CLI.
     pub control_socket: bool,
+    /// The listen backlog of the stream sockets bound here ([`activation::DEFAULT_BACKLOG`]).
+    pub backlog: u32,
 }
 
 /// How a generation ended.
@@ -146,7 +148,7 @@ pub unsafe fn prepare(settings: Settings, pidfile: Option<Pidfile>) -> anyhow::R
     }
     // SAFETY: this function's contract (no other thread).
     let activated = unsafe { activation::take_activated() }?;
-    let listeners = activation::resolve(&settings.listeners, activated)?;
+    let listeners = activation::resolve_with(&settings.listeners, activated, settings.backlog)?;
     let mut upgrader = Upgrader::new(exe, generation, settings.upgrade_timeout);
     for listener in &listeners {
         upgrader
@@ -466,6 +468,7 @@ impl<W: Workload> Generation<W> {
         }
         // What the start found about the sockets (e.g. a socket unit's address that differs from
         // the configuration): logged here, and told to whoever asked for this upgrade.
+        crate::nofile::log_outcome();
         let warnings = activation::take_warnings();
         for warning in &warnings {
             tracing::warn!(event = "listener-warning", generation, "{warning}");

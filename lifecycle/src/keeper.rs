@@ -111,6 +111,9 @@ pub struct Settings {
     pub startretries: u32,
     /// How long a stopping generation may take.
     pub drain_timeout: Duration,
+    /// The listen backlog of the stream sockets bound here
+    /// ([`crate::activation::DEFAULT_BACKLOG`]).
+    pub backlog: u32,
 }
 
 /// Whether this `baton serve` should be a keeper: asked for (`--daemon`, `--keeper`), or PID 1
@@ -306,6 +309,8 @@ pub unsafe fn run(config: Settings, daemon: bool) -> ExitCode {
         }
     };
     log_start(&listeners, &notify);
+    // Raised by [`crate::start_with`] before it got here; the generations inherit the limit.
+    crate::nofile::log_outcome();
     let held = Held {
         exe,
         listeners,
@@ -360,7 +365,7 @@ unsafe fn take_exe_pidfile_listeners(
     };
     // SAFETY: the caller promises that no other thread exists.
     let listeners = unsafe { activation::take_activated() }
-        .and_then(|fds| activation::resolve(&config.listeners, fds))
+        .and_then(|fds| activation::resolve_with(&config.listeners, fds, config.backlog))
         .map_err(|e| e.to_string())?;
     let listeners = listeners
         .into_iter()

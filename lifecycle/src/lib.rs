@@ -160,6 +160,7 @@ pub mod hyper;
 pub mod keeper;
 pub mod logging;
 pub mod manager;
+mod nofile;
 pub mod notify;
 pub mod pidfile;
 pub mod signals;
@@ -188,6 +189,7 @@ pub struct Options {
     log: Option<(String, Option<PathBuf>)>,
     startsecs: Duration,
     startretries: u32,
+    raise_nofile: bool,
 }
 
 impl Options {
@@ -206,6 +208,7 @@ impl Options {
                 config: None,
                 signals: SignalMap::default(),
                 control_socket: true,
+                backlog: activation::DEFAULT_BACKLOG,
             },
             pidfile: None,
             daemon: false,
@@ -213,6 +216,7 @@ impl Options {
             log: None,
             startsecs: Duration::from_secs(1),
             startretries: 3,
+            raise_nofile: true,
         }
     }
 
@@ -288,6 +292,25 @@ impl Options {
     /// Whether to listen on the control socket `<runtime dir>/control/<pid>` (default: yes).
     pub fn control_socket(mut self, enabled: bool) -> Options {
         self.settings.control_socket = enabled;
+        self
+    }
+
+    /// Whether [`start`] raises the soft `RLIMIT_NOFILE` to the hard limit (default: yes), so
+    /// that the number of connections is not capped at the usual soft limit of 1024. It
+    /// happens before the sockets are bound and before the keeper starts (its generations
+    /// inherit the limit); the generation (or the keeper) logs both values when it starts, or
+    /// a warning when the raise failed. Programs the service starts inherit the raised limit:
+    /// one that uses select(2) must lower it again.
+    pub fn raise_nofile(mut self, raise: bool) -> Options {
+        self.raise_nofile = raise;
+        self
+    }
+
+    /// The listen backlog of the stream sockets bound here rather than passed in (default:
+    /// [`activation::DEFAULT_BACKLOG`], 4096, as systemd's `Backlog=`); the kernel caps it at
+    /// `net.core.somaxconn`. A socket unit's sockets keep the unit's backlog.
+    pub fn backlog(mut self, backlog: u32) -> Options {
+        self.settings.backlog = backlog;
         self
     }
 
@@ -410,6 +433,10 @@ where
     let state = unsafe { upgrade::take_state_from_env() }
         .map_err(|e| fail_early(Error::Environment(e.to_string())))?;
     let options = configure().map_err(|e| fail_early(Error::Config(e)))?;
+    // Before the sockets are bound and the keeper starts; logged once logging is set up.
+    if options.raise_nofile {
+        nofile::raise();
+    }
     if !is_upgrade && keeper::wanted(options.daemon || options.keeper) {
         exit_with(unsafe { keeper::run(keeper_settings(&options), options.daemon) });
     }
@@ -494,6 +521,7 @@ fn keeper_settings(options: &Options) -> keeper::Settings {
         startsecs: options.startsecs,
         startretries: options.startretries,
         drain_timeout: options.settings.drain_timeout,
+        backlog: options.settings.backlog,
     }
 }
 

@@ -1,0 +1,150 @@
+//! What a start sets up for the load to come, seen from outside: the soft `RLIMIT_NOFILE`
+//! raised to the hard limit (and logged), for the server and for the keeper, and the listen
+//! backlog of a socket baton binds itself.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{http, tcp_listener, wait_until, Baton};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `baton serve --config /dev/null ARGS` started with the fd limits `soft`:`hard`.
+fn start_limited(args: &[&str], soft: u64, hard: u64) -> Baton {
+    let mut cmd = Command::new(common::baton_bin());
+    cmd.args(["serve", "--config", "/dev/null"])
+        .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Baton::adopt(cmd.spawn().expect("spawn baton"))
+}
+
+/// The soft and hard "Max open files" of a process.
+fn nofile(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].parse().unwrap(), fields[4].parse().unwrap())
+}
+
+fn free_addr() -> SocketAddr {
+    let (listener, addr) = tcp_listener();
+    drop(listener);
+    addr
+}
+
+/// The hard limit the tests start baton with: 4096, or less when the test runs with less.
+fn hard_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    limit.rlim_max.min(4096)
+}
+
+#[test]
+fn a_low_soft_fd_limit_is_raised_to_the_hard_limit_and_a_bound_socket_has_the_backlog() {
+    let hard = hard_limit();
+    let addr = free_addr();
+    let mut baton = start_limited(&["--listen", &addr.to_string()], 64, hard);
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    assert_eq!(nofile(baton.pid()), (hard, hard));
+    let line = baton
+        .stderr
+        .wait_for("event=\"nofile\"", TIMEOUT)
+        .unwrap_or_else(|| panic!("no nofile line:\n{}", baton.stderr.text()));
+    assert!(
+        line.contains(" INFO ")
+            && line.contains(&format!(
+                "soft limit raised from 64 to {hard}, hard limit {hard}"
+            )),
+        "{line}"
+    );
+    assert!(http::get(addr, "/-/healthy").is_ok());
+
+    // The self-bound listener's backlog: ss shows it as Send-Q of a listening socket, as the
+    // kernel caps it (net.core.somaxconn).
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    match Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let send_q: u32 = text
+                .split_whitespace()
+                .nth(2)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or_else(|| panic!("ss -ltn: {text}"));
+            assert_eq!(send_q, somaxconn.min(4096), "ss -ltn: {text}");
+        }
+        _ => eprintln!("ss is missing: the backlog is not checked"),
+    }
+}
+
+#[test]
+fn the_keeper_raises_the_fd_limit_for_itself_and_its_generations() {
+    let hard = hard_limit();
+    let addr = free_addr();
+    let mut keeper = start_limited(&["--keeper", "--listen", &addr.to_string()], 64, hard);
+    keeper.serves = Some(addr);
+    assert!(
+        wait_until(TIMEOUT, || http::get(addr, "/-/healthy").is_ok()),
+        "the keeper's generation does not serve:\n{}",
+        keeper.stderr.text()
+    );
+    let generation = http::get(addr, "/-/version").unwrap().json()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    assert_ne!(generation, keeper.pid());
+    assert_eq!(nofile(keeper.pid()), (hard, hard));
+    assert_eq!(nofile(generation), (hard, hard));
+    // The keeper raised it (and says so); its generation found it raised.
+    keeper
+        .stderr
+        .wait_for(
+            &format!("soft limit raised from 64 to {hard}, hard limit {hard}"),
+            TIMEOUT,
+        )
+        .unwrap_or_else(|| panic!("no nofile line:\n{}", keeper.stderr.text()));
+    keeper
+        .stderr
+        .wait_for(&format!("already the hard limit {hard}"), TIMEOUT)
+        .unwrap_or_else(|| panic!("no nofile line:\n{}", keeper.stderr.text()));
+    keeper.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(keeper.wait_exit(TIMEOUT).is_some());
+}
