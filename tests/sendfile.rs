@@ -133,7 +133,8 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
     std::fs::create_dir_all(root.join("docs")).unwrap();
     std::fs::write(root.join("big.bin"), pattern(1 << 20, 0)).unwrap();
     std::fs::write(root.join("page.html"), pattern(300 << 10, 1)).unwrap();
-    std::fs::write(root.join("docs/index.html"), pattern(100 << 10, 2)).unwrap();
+    std::fs::write(root.join("cached.bin"), pattern(256 << 10, 3)).unwrap();
+    std::fs::write(root.join("docs/index.html"), pattern(400 << 10, 2)).unwrap();
     let (_baton, addr, sock) = start_both(&root);
 
     // The validators of the file, as ServeDir states them.
@@ -234,6 +235,8 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
         ("POST /big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405),
         ("GET /docs HTTP/1.1\r\nHost: t\r\n\r\n", 307),
         ("GET /small HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+        // At the cache's limit: from memory, not the fast path.
+        ("GET /cached.bin HTTP/1.1\r\nHost: t\r\n\r\n", 200),
     ] {
         let fast = exchange(&mut TcpStream::connect(addr).unwrap(), request, false);
         let reference = exchange(&mut UnixStream::connect(&sock).unwrap(), request, false);
@@ -255,6 +258,30 @@ fn a_64_mib_download_arrives_byte_identical() {
     let r = http::get(addr, "/big.bin").unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), body.len());
+    assert_eq!(hash(&r.body), hash(&body), "the body differs");
+    assert_eq!(sendfile_count(addr), 1);
+}
+
+#[test]
+fn a_cold_file_is_read_ahead_and_sent_whole() {
+    let root = TempDir::new("sendfile-cold");
+    let body = pattern(16 << 20, 13);
+    let path = root.join("cold.bin");
+    std::fs::write(&path, &body).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    // Written back and dropped from the page cache (clean pages go; a file system that keeps
+    // them makes this an ordinary download).
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+    let r = http::get(addr, "/cold.bin").unwrap();
+    assert_eq!(r.status, 200);
     assert_eq!(hash(&r.body), hash(&body), "the body differs");
     assert_eq!(sendfile_count(addr), 1);
 }
