@@ -347,6 +347,85 @@ fn a_client_that_never_reads_is_closed_by_the_send_timeout() {
     assert!(got < len, "the whole body arrived after the send timeout");
 }
 
+// ---------------------------------------------------------------- connection phases ----
+
+#[test]
+fn header_time_and_idle_time_are_kept_apart_on_the_fast_path() {
+    let root = TempDir::new("sendfile-phases");
+    let big = pattern(1 << 20, 14);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--header-read-timeout",
+        "300ms",
+        "--idle-timeout",
+        "30s",
+    ]);
+    // A slowloris and a silent client are cut at the header timeout.
+    let mut partial = Conn::tcp(addr).unwrap();
+    partial
+        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let mut silent = Conn::tcp(addr).unwrap();
+    let t = Instant::now();
+    partial.expect_close().unwrap();
+    silent.expect_close().unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    // Idle between two fast-path requests for longer than the header timeout: not cut.
+    let mut conn = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 2);
+}
+
+#[test]
+fn an_idle_fast_path_connection_is_closed_at_the_idle_timeout_or_for_room() {
+    let root = TempDir::new("sendfile-idle");
+    let big = pattern(1 << 20, 15);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let (_baton, addr) = start(&["--root", root_arg, "--idle-timeout", "300ms"]);
+    let mut conn = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    let t = Instant::now();
+    conn.expect_close().unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // At the limit, the idle fast-path connection makes room for a new client.
+    let (_baton, addr) = start(&[
+        "--root",
+        root_arg,
+        "--max-connections",
+        "1",
+        "--idle-timeout",
+        "60s",
+    ]);
+    let mut idle = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&idle.get("/big.bin").unwrap().body), hash(&big));
+    let mut fresh = Conn::tcp(addr).unwrap();
+    fresh
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = fresh
+        .get("/big.bin")
+        .expect("the new client was not served");
+    assert_eq!(hash(&r.body), hash(&big));
+    idle.expect_close()
+        .expect("the idle connection was not closed cleanly");
+    assert_eq!(counter(&mut fresh, "baton_idle_closed_for_room_total"), 1);
+}
+
 // ---------------------------------------------------------------- files changing ----
 
 #[test]
