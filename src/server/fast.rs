@@ -29,6 +29,12 @@
 //! content, whole. `ENOSYS`/`EINVAL` from sendfile (a file system without it) fall back to
 //! reading and writing the file through a buffer.
 //!
+//! The open and `fstat` run on the runtime, as in [`crate::http::Beneath`] (a few microseconds
+//! for a cached tree). The file's pages are another matter: sendfile on a worker would wait for
+//! the disk with every connection of that worker. So before each chunk its first page is probed
+//! (`preadv2` of one byte with `RWF_NOWAIT`), and a chunk not in the page cache is read ahead
+//! (`readahead(2)`) on the blocking pool first.
+//!
 //! The connection keeps its phases for the watcher of [`super`]: a head being read is header
 //! time, a response in flight is busy, the send timer runs while a write stays pending, and
 //! between requests the connection is idle. The first request the fast path does not take goes
