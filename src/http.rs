@@ -126,6 +126,14 @@ impl App {
     }
 }
 
+impl App {
+    /// The files below the root, if any (the fast path of [`crate::server`] looks up large
+    /// files itself).
+    pub(crate) fn files(&self) -> Option<&Confined> {
+        self.files.as_ref()
+    }
+}
+
 impl From<Router> for App {
     fn from(router: Router) -> App {
         App {
@@ -251,10 +259,7 @@ impl Confined {
             Ok(stat) if small_file(&stat) => stat,
             _ => return Err(request),
         };
-        let content_type = mime_guess::from_path(&path).first_raw().map_or(
-            HeaderValue::from_static("application/octet-stream"),
-            HeaderValue::from_static,
-        );
+        let content_type = content_type_of(&path);
         if let Some(hit) = self.backend.cache.get(&(stat.dev, stat.ino)) {
             if hit.stat == stat {
                 return Ok(Box::pin(std::future::ready(hit.response(content_type))));
@@ -313,6 +318,73 @@ fn plain_get(request: &Request<Body>) -> bool {
         .all(|h| !request.headers().contains_key(h))
 }
 
+/// A regular file opened for the zero-copy fast path: the fd, its `fstat`, and the headers
+/// `ServeDir` derives from them.
+pub(crate) struct LargeFile {
+    pub file: std::fs::File,
+    pub stat: Stat,
+    pub content_type: HeaderValue,
+    pub last_modified: HeaderValue,
+    pub etag: Option<HeaderValue>,
+}
+
+impl Confined {
+    /// Opens what `ServeDir` would serve for the request path `uri_path` (no query), beneath the
+    /// root, if it is a regular file of at least `min_len` bytes; `None` for anything else
+    /// (a directory, a redirect, not found, a small file: `ServeDir` answers those).
+    ///
+    /// Blocking calls on the runtime, as in [`Beneath`]'s `open`: an open and an `fstat`.
+    pub(crate) fn open_large(&self, uri_path: &str, min_len: u64) -> Option<LargeFile> {
+        let mut path = below_root(uri_path)?;
+        if uri_path.ends_with('/') {
+            path.push("index.html");
+        }
+        let (file, stat) = self.backend.root.open_read(&path).ok()?;
+        if stat.kind != Kind::File || stat.len < min_len {
+            return None;
+        }
+        let content_type = content_type_of(&path);
+        let (last_modified, etag) = validators(&stat);
+        Some(LargeFile {
+            file,
+            stat,
+            content_type,
+            last_modified,
+            etag,
+        })
+    }
+}
+
+/// The `Content-Type` `ServeDir` gives a path.
+fn content_type_of(path: &Path) -> HeaderValue {
+    mime_guess::from_path(path).first_raw().map_or(
+        HeaderValue::from_static("application/octet-stream"),
+        HeaderValue::from_static,
+    )
+}
+
+/// `Last-Modified` and `ETag` as `ServeDir` writes them for a file with this `fstat`.
+fn validators(stat: &Stat) -> (HeaderValue, Option<HeaderValue>) {
+    let modified = stat.modified();
+    let etag = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|since| {
+            let tag = format!(
+                "\"{:x}.{:08x}-{:x}\"",
+                since.as_secs(),
+                since.subsec_nanos(),
+                stat.len
+            );
+            HeaderValue::from_str(&tag).ok()
+        });
+    let last_modified = httpdate::HttpDate::from(modified).to_string();
+    (
+        HeaderValue::from_str(&last_modified).unwrap_or(HeaderValue::from_static("")),
+        etag,
+    )
+}
+
 impl tower::Service<Request<Body>> for Confined {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -363,25 +435,11 @@ struct CachedFile {
 
 impl CachedFile {
     fn new(stat: Stat, body: Bytes) -> CachedFile {
-        let modified = stat.modified();
-        let etag = modified
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .and_then(|since| {
-                let tag = format!(
-                    "\"{:x}.{:08x}-{:x}\"",
-                    since.as_secs(),
-                    since.subsec_nanos(),
-                    stat.len
-                );
-                HeaderValue::from_str(&tag).ok()
-            });
-        let last_modified = httpdate::HttpDate::from(modified).to_string();
+        let (last_modified, etag) = validators(&stat);
         CachedFile {
             stat,
             body,
-            last_modified: HeaderValue::from_str(&last_modified)
-                .unwrap_or(HeaderValue::from_static("")),
+            last_modified,
             etag,
         }
     }

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub send_timeouts: Counter,
     /// Idle keep-alive connections closed to make room for a new client at the limit.
     pub idle_closed_for_room: Counter,
+    /// Responses the zero-copy fast path answered (`crate::server::fast`).
+    pub sendfile_responses: Counter,
     lifecycle: OnceLock<Arc<Stats>>,
 }
 
@@ -131,6 +133,12 @@ impl Metrics {
             "Idle keep-alive connections closed to make room for a new client at limits.max_connections",
             idle_closed_for_room.clone(),
         );
+        let sendfile_responses = Counter::default();
+        registry.register(
+            "baton_sendfile_responses",
+            "Responses for large files answered by the zero-copy (sendfile) fast path",
+            sendfile_responses.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -143,6 +151,7 @@ impl Metrics {
             drain_forced_closes,
             send_timeouts,
             idle_closed_for_room,
+            sendfile_responses,
             lifecycle: OnceLock::new(),
         }
     }

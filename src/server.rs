@@ -34,6 +34,10 @@
 //!   with a client that is just sending its next request on it, so idle connections get
 //!   `shutdown.idle_grace` to send one more request before they are closed. Whatever is still
 //!   open at the drain deadline is closed forcibly and counted.
+//!
+//! On TCP connections, requests for large files take the zero-copy fast path ([`fast`]:
+//! sendfile(2), written by baton) until the first request that is not for it; hyper serves the
+//! connection from then on. Every limit above holds on both paths.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -75,6 +79,9 @@ const ROOM_RECHECK: Duration = Duration::from_millis(50);
 const EVICT_PATIENCE: Duration = Duration::from_secs(1);
 
 pub use baton_lifecycle::workload::DrainReport;
+
+pub mod fast;
+use fast::{Rewind, Stream};
 
 /// Settings of a [`Server`].
 #[derive(Debug, Clone, Copy)]
@@ -294,7 +301,7 @@ impl baton_lifecycle::workload::Serving for Server {
 
 /// The accepting side of a listening socket.
 trait Accept: Send + 'static {
-    type Io: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
 }
 
@@ -455,6 +462,8 @@ struct ConnState {
     /// When an accept loop asked this connection to close to make room; 0: not asked.
     evict_requested: AtomicU64,
     evict: Notify,
+    /// The watcher asked the fast path to close the connection after the response in flight.
+    close_after: AtomicBool,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
 }
@@ -499,28 +508,52 @@ impl Drop for Registered {
     }
 }
 
+/// The connection's protocol handler: the fast path, then hyper.
+enum Phase<I: AsyncRead + AsyncWrite + Stream + Unpin + Send + 'static> {
+    Fast(Pin<Box<dyn Future<Output = fast::End<TrackedIo<I>>> + Send>>),
+    Hyper(Pin<Box<HyperConn<I>>>),
+}
+
+type HyperConn<I> =
+    hyper::server::conn::http1::Connection<TokioIo<Rewind<TrackedIo<I>>>, ConnService>;
+
+/// What ended a wait on the connection's protocol handler.
+enum Event<I> {
+    Step(Step),
+    /// The fast path hands the connection to hyper.
+    ToHyper(I, Vec<u8>),
+}
+
 /// Serves one connection: registers it (so that an accept loop can evict it when idle), runs
-/// hyper on it, and watches its deadlines until it ends.
+/// the fast path and hyper on it, and watches its deadlines until it ends.
 async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: Option<OwnedSemaphorePermit>)
 where
-    I: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
 {
     shared.metrics.open_connections.inc();
     let (state, _registered) = register_connection(&shared, io.as_raw_fd());
-    let io = TokioIo::new(TrackedIo {
+    let io = TrackedIo {
         inner: io,
         state: state.clone(),
         shared: shared.clone(),
-    });
+    };
     let service = ConnService {
         shared: shared.clone(),
         state: state.clone(),
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .header_read_timeout(None)
-        .serve_connection(io, service);
-    tokio::pin!(conn);
+    let hyper_conn = |io, prefix| {
+        Box::pin(
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .header_read_timeout(None)
+                .serve_connection(TokioIo::new(Rewind::new(io, prefix)), service.clone()),
+        )
+    };
+    let mut phase = if I::FAST_PATH && shared.app.files().is_some() {
+        Phase::Fast(Box::pin(fast::serve(io, shared.clone(), state.clone())))
+    } else {
+        Phase::Hyper(hyper_conn(io, Vec::new()))
+    };
 
     let mut watch = Watch::new(&shared, &state);
     let sleep = tokio::time::sleep(Duration::ZERO);
@@ -531,34 +564,48 @@ where
         sleep
             .as_mut()
             .reset(Instant::now() + Duration::from_millis(due.saturating_sub(now)));
-        let step = tokio::select! {
-            biased;
-            _ = shared.force_close.cancelled() => {
-                shared.forced.fetch_add(1, Ordering::SeqCst);
-                Step::Close
-            }
-            result = conn.as_mut() => {
+        let conn = std::future::poll_fn(|cx| match &mut phase {
+            Phase::Fast(fast) => fast.as_mut().poll(cx).map(|end| match end {
+                fast::End::Hyper(io, prefix) => Event::ToHyper(io, prefix),
+                fast::End::Close => Event::Step(Step::Close),
+            }),
+            Phase::Hyper(conn) => conn.as_mut().poll(cx).map(|result| {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error: {e}");
                 }
-                Step::Close
+                Event::Step(Step::Close)
+            }),
+        });
+        let event = tokio::select! {
+            biased;
+            _ = shared.force_close.cancelled() => {
+                shared.forced.fetch_add(1, Ordering::SeqCst);
+                Event::Step(Step::Close)
             }
-            _ = state.evict.notified() => watch.on_evict(),
+            event = conn => event,
+            _ = state.evict.notified() => Event::Step(watch.on_evict()),
             _ = shared.drain_started.cancelled(), if watch.drain_close_at.is_none() => {
                 watch.on_drain();
-                Step::Wait
+                Event::Step(Step::Wait)
             }
-            _ = sleep.as_mut() => watch.on_deadline(),
+            _ = sleep.as_mut() => Event::Step(watch.on_deadline()),
         };
-        match step {
-            Step::Close => break,
-            Step::Shutdown => {
-                // Closes the connection if it is idle; otherwise hyper finishes the current
-                // exchange and closes after it.
-                conn.as_mut().graceful_shutdown();
+        match event {
+            Event::ToHyper(io, prefix) => phase = Phase::Hyper(hyper_conn(io, prefix)),
+            Event::Step(Step::Close) => break,
+            Event::Step(Step::Shutdown) => {
                 watch.shutdown_sent = true;
+                match &mut phase {
+                    // Closes the connection if it is idle; otherwise hyper finishes the
+                    // current exchange and closes after it.
+                    Phase::Hyper(conn) => conn.as_mut().graceful_shutdown(),
+                    // Idle (the watcher asks only when no head is in progress): close now,
+                    // as hyper does; else after the response in flight.
+                    Phase::Fast(_) if state.in_flight.load(Ordering::SeqCst) == 0 => break,
+                    Phase::Fast(_) => state.close_after.store(true, Ordering::SeqCst),
+                }
             }
-            Step::Wait => {}
+            Event::Step(Step::Wait) => {}
         }
     }
     shared.metrics.open_connections.dec();
@@ -576,6 +623,7 @@ fn register_connection(shared: &Arc<Shared>, fd: RawFd) -> (Arc<ConnState>, Regi
         write_blocked_queue: AtomicU64::new(0),
         evict_requested: AtomicU64::new(0),
         evict: Notify::new(),
+        close_after: AtomicBool::new(false),
         fd,
     });
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
@@ -939,17 +987,25 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// request without one, any request with more than one, or a value that is no `host[:port]`
 /// (empty is allowed: a request target without authority).
 fn host_error<B>(request: &Request<B>) -> Option<&'static str> {
-    let mut hosts = request.headers().get_all(hyper::header::HOST).iter();
+    let hosts = request.headers().get_all(hyper::header::HOST).iter();
+    host_error_of(
+        hosts.map(|h| h.as_bytes()),
+        request.version() >= hyper::Version::HTTP_11,
+    )
+}
+
+/// [`host_error`] of the values of a request's `Host` headers.
+fn host_error_of<'a>(
+    mut hosts: impl Iterator<Item = &'a [u8]>,
+    http11: bool,
+) -> Option<&'static str> {
     match (hosts.next(), hosts.next()) {
-        (None, _) if request.version() >= hyper::Version::HTTP_11 => {
-            Some("Bad Request: HTTP/1.1 needs a Host header\n")
-        }
+        (None, _) if http11 => Some("Bad Request: HTTP/1.1 needs a Host header\n"),
         (None, _) => None,
         (Some(_), Some(_)) => Some("Bad Request: more than one Host header\n"),
         (Some(host), None) => {
             let valid = host.is_empty()
-                || (!host.as_bytes().contains(&b'@')
-                    && hyper::http::uri::Authority::try_from(host.as_bytes()).is_ok());
+                || (!host.contains(&b'@') && hyper::http::uri::Authority::try_from(host).is_ok());
             (!valid).then_some("Bad Request: the Host header is not a host\n")
         }
     }

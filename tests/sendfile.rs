@@ -1,0 +1,666 @@
+//! The zero-copy fast path (sendfile) on real processes and sockets: the same answers as
+//! `ServeDir` (which still serves unix-socket listeners, so the two can be compared request by
+//! request), whole bodies, the send timeout, files truncated or replaced while being sent,
+//! keep-alive across the two paths, the drain and upgrades with large downloads in flight.
+
+mod common;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::http::{self, Conn};
+use common::{reaper, run_baton, tcp_listener, wait_until, Baton, Spawn, TempDir};
+use nix::sys::signal::Signal;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i % 251) as u8).wrapping_add(seed))
+        .collect()
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// baton on a handed-over loopback listener, ready.
+fn start(args: &[&str]) -> (Baton, SocketAddr) {
+    let (listener, addr) = tcp_listener();
+    let mut baton = Spawn::serve(args).fd(listener, None).start();
+    baton.wait_ready();
+    (baton, addr)
+}
+
+/// The value of a counter in `/-/metrics`, over `conn`.
+fn counter<S: Read + Write>(conn: &mut Conn<S>, name: &str) -> u64 {
+    let text = conn.get("/-/metrics").unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+fn sendfile_count(addr: SocketAddr) -> u64 {
+    counter(
+        &mut Conn::tcp(addr).unwrap(),
+        "baton_sendfile_responses_total",
+    )
+}
+
+// ---------------------------------------------------------------- same answers as ServeDir ----
+
+/// A request as raw bytes, and the whole answer read back: status line and header lines in
+/// order (the `date` value blanked), body.
+fn exchange<S: Read + Write>(
+    stream: &mut S,
+    request: &str,
+    head_only: bool,
+) -> (Vec<String>, Vec<u8>) {
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut conn_bytes = Vec::new();
+    let mut buf = [0u8; 65536];
+    // The head.
+    let head_end = loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole head: {:?}",
+            String::from_utf8_lossy(&conn_bytes)
+        );
+        conn_bytes.extend_from_slice(&buf[..n]);
+        if let Some(i) = conn_bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8(conn_bytes[..head_end].to_vec()).unwrap();
+    let lines: Vec<String> = head
+        .trim_end()
+        .split("\r\n")
+        .map(|l| {
+            if l.starts_with("date: ") {
+                "date: *".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    let len: usize = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = conn_bytes[head_end..].to_vec();
+    let status_no_body = lines[0].contains(" 304 ");
+    let want = if head_only || status_no_body { 0 } else { len };
+    while body.len() < want {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body.len(), want, "more bytes than the body");
+    (lines, body)
+}
+
+/// baton with a TCP listener (fast path) and a unix one (hyper and ServeDir), on one root.
+fn start_both(root: &TempDir) -> (Baton, SocketAddr, PathBuf) {
+    let (tcp, addr) = tcp_listener();
+    let sock = root.join("../baton-sendfile.sock");
+    let _ = std::fs::remove_file(&sock);
+    let unix = UnixListener::bind(&sock).unwrap();
+    let mut baton = Spawn::serve(&["--root", root.path().to_str().unwrap()])
+        .fd(tcp, None)
+        .fd(unix, None)
+        .start();
+    baton.wait_ready();
+    (baton, addr, sock)
+}
+
+/// A method, a path and extra header lines.
+type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
+#[test]
+fn fast_path_answers_are_serve_dirs_header_by_header() {
+    let dir = TempDir::new("sendfile-headers");
+    let root = TempDir(dir.join("www"));
+    std::fs::create_dir_all(root.join("docs")).unwrap();
+    std::fs::write(root.join("big.bin"), pattern(1 << 20, 0)).unwrap();
+    std::fs::write(root.join("page.html"), pattern(300 << 10, 1)).unwrap();
+    std::fs::write(root.join("cached.bin"), pattern(256 << 10, 3)).unwrap();
+    std::fs::write(root.join("docs/index.html"), pattern(400 << 10, 2)).unwrap();
+    let (_baton, addr, sock) = start_both(&root);
+
+    // The validators of the file, as ServeDir states them.
+    let (lines, _) = exchange(
+        &mut UnixStream::connect(&sock).unwrap(),
+        "HEAD /big.bin HTTP/1.1\r\nHost: t\r\n\r\n",
+        true,
+    );
+    let value = |name: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
+            .to_owned()
+    };
+    let (etag, last_modified) = (value("etag"), value("last-modified"));
+    let weak = format!("W/{etag}");
+    let list = format!("\"nope\", {etag}");
+
+    let cases: Vec<Case> = vec![
+        ("GET", "/big.bin", vec![]),
+        ("HEAD", "/big.bin", vec![]),
+        ("GET", "/big.bin?x=1", vec![]),
+        ("GET", "/%62ig.bin", vec![]),
+        ("GET", "/page.html", vec![]),
+        ("GET", "/docs/", vec![]),
+        ("GET", "/big.bin", vec![("Range", "bytes=100-199")]),
+        ("GET", "/big.bin", vec![("Range", "bytes=-1000")]),
+        ("GET", "/big.bin", vec![("Range", "bytes=1048000-")]),
+        ("HEAD", "/big.bin", vec![("Range", "bytes=0-0")]),
+        ("GET", "/big.bin", vec![("If-None-Match", &etag)]),
+        ("GET", "/big.bin", vec![("If-None-Match", &weak)]),
+        ("GET", "/big.bin", vec![("If-None-Match", &list)]),
+        ("GET", "/big.bin", vec![("If-None-Match", "*")]),
+        ("HEAD", "/big.bin", vec![("If-None-Match", &etag)]),
+        ("GET", "/big.bin", vec![("If-None-Match", "\"other\"")]),
+        (
+            "GET",
+            "/big.bin",
+            vec![("If-Modified-Since", &last_modified)],
+        ),
+        (
+            "GET",
+            "/big.bin",
+            vec![("If-Modified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")],
+        ),
+        ("GET", "/big.bin", vec![("If-Modified-Since", "not a date")]),
+        (
+            "GET",
+            "/big.bin",
+            vec![
+                ("If-None-Match", "\"other\""),
+                ("If-Modified-Since", &last_modified),
+            ],
+        ),
+        (
+            "GET",
+            "/big.bin",
+            vec![
+                ("If-Modified-Since", &last_modified),
+                ("Range", "bytes=0-9"),
+            ],
+        ),
+        ("GET", "/big.bin", vec![("Connection", "close")]),
+    ];
+    let before = sendfile_count(addr);
+    for (method, path, extra) in &cases {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n");
+        for (k, v) in extra {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        let head_only = *method == "HEAD";
+        let fast = exchange(&mut TcpStream::connect(addr).unwrap(), &request, head_only);
+        let reference = exchange(
+            &mut UnixStream::connect(&sock).unwrap(),
+            &request,
+            head_only,
+        );
+        assert_eq!(fast.0, reference.0, "{request}");
+        assert!(fast.1 == reference.1, "the bodies differ: {request}");
+        assert!(
+            fast.0[0].starts_with("HTTP/1.1 2") || fast.0[0].contains(" 304 "),
+            "{request}"
+        );
+    }
+    // Every case above took the fast path on TCP.
+    assert_eq!(sendfile_count(addr) - before, cases.len() as u64);
+
+    // What the fast path leaves to hyper is answered as before (and not counted).
+    let before = sendfile_count(addr);
+    for (request, status) in [
+        ("GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1,5-6\r\n\r\n", 416),
+        ("GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=9999999-\r\n\r\n", 416),
+        ("GET /big.bin HTTP/1.1\r\nHost: t\r\nIf-Match: \"x\"\r\n\r\n", 412),
+        ("GET /big.bin HTTP/1.1\r\nHost: t\r\nIf-Unmodified-Since: Mon, 01 Jan 2001 00:00:00 GMT\r\n\r\n", 412),
+        ("GET /big.bin HTTP/1.1\r\n\r\n", 400),
+        ("POST /big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405),
+        ("GET /docs HTTP/1.1\r\nHost: t\r\n\r\n", 307),
+        ("GET /small HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+        // At the cache's limit: from memory, not the fast path.
+        ("GET /cached.bin HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+    ] {
+        let fast = exchange(&mut TcpStream::connect(addr).unwrap(), request, false);
+        let reference = exchange(&mut UnixStream::connect(&sock).unwrap(), request, false);
+        assert_eq!(fast.0, reference.0, "{request}");
+        assert!(fast.0[0].contains(&format!(" {status} ")), "{request}: {:?}", fast.0);
+    }
+    assert_eq!(sendfile_count(addr), before);
+    let _ = std::fs::remove_file(&sock);
+}
+
+// ---------------------------------------------------------------- whole bodies, timeouts ----
+
+#[test]
+fn a_64_mib_download_arrives_byte_identical() {
+    let root = TempDir::new("sendfile-64m");
+    let body = pattern(64 << 20, 3);
+    std::fs::write(root.join("big.bin"), &body).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    let r = http::get(addr, "/big.bin").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), body.len());
+    assert_eq!(hash(&r.body), hash(&body), "the body differs");
+    assert_eq!(sendfile_count(addr), 1);
+}
+
+#[test]
+fn a_cold_file_is_read_ahead_and_sent_whole() {
+    let root = TempDir::new("sendfile-cold");
+    let body = pattern(16 << 20, 13);
+    let path = root.join("cold.bin");
+    std::fs::write(&path, &body).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    // Written back and dropped from the page cache (clean pages go; a file system that keeps
+    // them makes this an ordinary download).
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+    let r = http::get(addr, "/cold.bin").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(hash(&r.body), hash(&body), "the body differs");
+    assert_eq!(sendfile_count(addr), 1);
+}
+
+#[test]
+fn a_slow_reader_that_makes_progress_is_not_cut() {
+    let root = TempDir::new("sendfile-slow");
+    let body = pattern(8 << 20, 4);
+    std::fs::write(root.join("big.bin"), &body).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--send-timeout",
+        "1s",
+    ]);
+    let (mut conn, len) = http::start_download(addr, "/big.bin");
+    assert_eq!(len, body.len());
+    // Small pieces with pauses: about 5 s in all, five times the send timeout.
+    let t = Instant::now();
+    let mut got = Vec::with_capacity(len);
+    while got.len() < len {
+        std::thread::sleep(Duration::from_millis(100));
+        let n = (160 << 10).min(len - got.len());
+        got.extend(conn.read_body(n).expect("cut off while reading"));
+    }
+    assert!(t.elapsed() > Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(hash(&got), hash(&body), "the body differs");
+    // Still good for another request, nothing timed out, and it was the fast path.
+    assert_eq!(counter(&mut conn, "baton_send_timeouts_total"), 0);
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 1);
+}
+
+#[test]
+fn a_client_that_never_reads_is_closed_by_the_send_timeout() {
+    let root = TempDir::new("sendfile-stall");
+    std::fs::write(root.join("big.bin"), pattern(64 << 20, 5)).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--send-timeout",
+        "1s",
+    ]);
+    let (stalled, len) = http::start_download(addr, "/big.bin");
+    let mut watcher = Conn::tcp(addr).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || counter(
+            &mut watcher,
+            "baton_send_timeouts_total"
+        ) == 1),
+        "no send timeout counted"
+    );
+    assert_eq!(counter(&mut watcher, "baton_sendfile_responses_total"), 1);
+    // Reading now finds the end of the connection (a close or a reset) before the whole body.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut stream = stalled.stream();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < len, "the whole body arrived after the send timeout");
+}
+
+// ---------------------------------------------------------------- connection phases ----
+
+#[test]
+fn header_time_and_idle_time_are_kept_apart_on_the_fast_path() {
+    let root = TempDir::new("sendfile-phases");
+    let big = pattern(1 << 20, 14);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--header-read-timeout",
+        "300ms",
+        "--idle-timeout",
+        "30s",
+    ]);
+    // A slowloris and a silent client are cut at the header timeout.
+    let mut partial = Conn::tcp(addr).unwrap();
+    partial
+        .write_raw(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let mut silent = Conn::tcp(addr).unwrap();
+    let t = Instant::now();
+    partial.expect_close().unwrap();
+    silent.expect_close().unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    // Idle between two fast-path requests for longer than the header timeout: not cut.
+    let mut conn = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 2);
+}
+
+#[test]
+fn an_idle_fast_path_connection_is_closed_at_the_idle_timeout_or_for_room() {
+    let root = TempDir::new("sendfile-idle");
+    let big = pattern(1 << 20, 15);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let (_baton, addr) = start(&["--root", root_arg, "--idle-timeout", "300ms"]);
+    let mut conn = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&conn.get("/big.bin").unwrap().body), hash(&big));
+    let t = Instant::now();
+    conn.expect_close().unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // At the limit, the idle fast-path connection makes room for a new client.
+    let (_baton, addr) = start(&[
+        "--root",
+        root_arg,
+        "--max-connections",
+        "1",
+        "--idle-timeout",
+        "60s",
+    ]);
+    let mut idle = Conn::tcp(addr).unwrap();
+    assert_eq!(hash(&idle.get("/big.bin").unwrap().body), hash(&big));
+    let mut fresh = Conn::tcp(addr).unwrap();
+    fresh
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = fresh
+        .get("/big.bin")
+        .expect("the new client was not served");
+    assert_eq!(hash(&r.body), hash(&big));
+    idle.expect_close()
+        .expect("the idle connection was not closed cleanly");
+    assert_eq!(counter(&mut fresh, "baton_idle_closed_for_room_total"), 1);
+}
+
+// ---------------------------------------------------------------- files changing ----
+
+#[test]
+fn a_file_truncated_while_sent_ends_the_connection_with_a_short_body() {
+    let root = TempDir::new("sendfile-truncate");
+    let body = pattern(64 << 20, 6);
+    std::fs::write(root.join("big.bin"), &body).unwrap();
+    let (baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    // A raw socket: every byte that arrives is counted, none left in a client's buffer.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while all.len() < 1 << 20 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        all.extend_from_slice(&buf[..n]);
+    }
+    // Truncate to 2 MiB: what was already sent stays as it was, the rest is gone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("big.bin"))
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    stream
+        .read_to_end(&mut all)
+        .expect("a clean end of the connection (no reset, no hang)");
+    let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&all[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(len, body.len());
+    let got = &all[head_end..];
+    assert!(got.len() < len, "a body of the full length: padded");
+    assert!(
+        got.len() >= 2 << 20,
+        "less than the file still has: {}",
+        got.len()
+    );
+    assert!(
+        got[..] == body[..got.len()],
+        "the bytes sent differ from the file"
+    );
+    baton
+        .stderr
+        .wait_for("event=\"file_truncated\"", Duration::from_secs(5))
+        .expect("the fast path saw the file end early");
+}
+
+#[test]
+fn a_file_replaced_while_sent_is_sent_whole_as_it_was() {
+    let root = TempDir::new("sendfile-replace");
+    let old = pattern(32 << 20, 7);
+    let new = pattern(32 << 20, 8);
+    std::fs::write(root.join("big.bin"), &old).unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    let (mut conn, len) = http::start_download(addr, "/big.bin");
+    let mut got = conn.read_body(1 << 20).unwrap();
+    std::fs::write(root.join("big.bin.tmp"), &new).unwrap();
+    std::fs::rename(root.join("big.bin.tmp"), root.join("big.bin")).unwrap();
+    got.extend(conn.read_body(len - got.len()).unwrap());
+    assert_eq!(hash(&got), hash(&old), "not the old content, whole");
+    // The same connection then gets the new file.
+    let r = conn.get("/big.bin").unwrap();
+    assert_eq!(hash(&r.body), hash(&new), "not the new content");
+}
+
+// ---------------------------------------------------------------- keep-alive across paths ----
+
+#[test]
+fn keep_alive_serves_large_then_small_requests_on_one_connection() {
+    let root = TempDir::new("sendfile-keepalive");
+    let big = pattern(4 << 20, 9);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    std::fs::write(root.join("small.txt"), "small\n").unwrap();
+    let (_baton, addr) = start(&["--root", root.path().to_str().unwrap()]);
+    let mut conn = Conn::tcp(addr).unwrap();
+    let r = conn.get("/big.bin").unwrap();
+    assert_eq!((r.status, hash(&r.body)), (200, hash(&big)));
+    let r = conn
+        .request("GET", "/big.bin", &[("Range", "bytes=10-19")])
+        .unwrap();
+    assert_eq!((r.status, &r.body[..]), (206, &big[10..20]));
+    let r = conn.get("/small.txt").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "small\n"));
+    let r = conn.get("/-/healthy").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    // hyper serves the rest of the connection, large files too.
+    let r = conn.get("/big.bin").unwrap();
+    assert_eq!((r.status, hash(&r.body)), (200, hash(&big)));
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 2);
+
+    // Pipelined: two large requests and a small one in one write, answered in order.
+    let mut conn = Conn::tcp(addr).unwrap();
+    conn.write_raw(
+        b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\nHEAD /big.bin HTTP/1.1\r\nHost: t\r\n\r\n\
+          GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
+    let r = conn.read_response(false).unwrap();
+    assert_eq!((r.status, hash(&r.body)), (200, hash(&big)));
+    let r = conn.read_response(true).unwrap();
+    assert_eq!(r.status, 200);
+    let r = conn.read_response(false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "small\n"));
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 4);
+}
+
+// ---------------------------------------------------------------- drain and upgrade ----
+
+#[test]
+fn a_drain_lets_large_downloads_finish_and_closes_keep_alive_clients_cleanly() {
+    let root = TempDir::new("sendfile-drain");
+    let big = pattern(64 << 20, 10);
+    let mid = pattern(1 << 20, 11);
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    std::fs::write(root.join("mid.bin"), &mid).unwrap();
+    let (mut baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--drain-timeout",
+        "20s",
+    ]);
+    let (mut download, len) = http::start_download(addr, "/big.bin");
+    let mut received = download.read_body(1 << 20).unwrap();
+
+    // Keep-alive clients fetching a 1 MiB file over the fast path in a loop: each ends with an
+    // answer that says Connection: close, then a clean close.
+    const CLIENTS: usize = 4;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mid = Arc::new(mid);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (answered, mid) = (answered.clone(), mid.clone());
+            std::thread::spawn(move || -> Result<usize, String> {
+                let mut conn = Conn::tcp(addr).map_err(|e| e.to_string())?;
+                let mut n = 0;
+                loop {
+                    let r = conn
+                        .get("/mid.bin")
+                        .map_err(|e| format!("request {n} failed: {e}"))?;
+                    if r.status != 200 || r.body[..] != mid[..] {
+                        return Err(format!("status {} or a wrong body", r.status));
+                    }
+                    n += 1;
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    if r.closes() {
+                        conn.expect_close()
+                            .map_err(|e| format!("after Connection: close: {e}"))?;
+                        return Ok(n);
+                    }
+                }
+            })
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || answered
+        .load(Ordering::SeqCst)
+        > CLIENTS * 10));
+    baton.signal(Signal::SIGTERM);
+    for client in clients {
+        let n = client
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client: {e}"));
+        assert!(n > 1);
+    }
+    // The download in flight goes on to its last byte, then the connection ends cleanly.
+    received.extend(download.read_body(len - received.len()).unwrap());
+    assert_eq!(hash(&received), hash(&big), "the body arrived damaged");
+    download.expect_close().unwrap();
+    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    assert!(
+        baton.stderr.text().contains("0 closed at the deadline"),
+        "{}",
+        baton.stderr.text()
+    );
+}
+
+#[test]
+fn an_upgrade_with_large_downloads_in_flight_loses_none() {
+    let root = TempDir::new("sendfile-upgrade");
+    let big = Arc::new(pattern(32 << 20, 12));
+    std::fs::write(root.join("big.bin"), &big[..]).unwrap();
+    let (baton, addr) = common::start_generation(
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "--drain-timeout",
+            "30s",
+        ],
+        &[],
+    );
+    let old = baton.pid();
+    // Three downloads under way, read slowly so that they outlast the handoff.
+    let downloads: Vec<_> = (0..3)
+        .map(|_| {
+            let (mut conn, len) = http::start_download(addr, "/big.bin");
+            let first = conn.read_body(1 << 20).unwrap();
+            let big = big.clone();
+            std::thread::spawn(move || {
+                let mut got = first;
+                while got.len() < len {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let n = (1 << 20).min(len - got.len());
+                    got.extend(conn.read_body(n).expect("cut off"));
+                }
+                assert_eq!(hash(&got), hash(&big), "a download arrived damaged");
+                conn.expect_close().expect("no clean close after the drain");
+            })
+        })
+        .collect();
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new = common::reload_new_pid(&out);
+    // New downloads go to the new generation, over its fast path.
+    let r = http::get(addr, "/big.bin").unwrap();
+    assert_eq!(hash(&r.body), hash(&big));
+    for d in downloads {
+        d.join().expect("a download failed");
+    }
+    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
+    assert!(status.success(), "{status:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM);
+    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    drop(baton);
+}
