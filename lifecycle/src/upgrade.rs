@@ -857,6 +857,10 @@ impl Spawned {
         // SAFETY: plain syscall.
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         self.pidfd.kill();
+        // The intermediate reports N's end on the channel: if N filled it (a line O refused as
+        // too long), that write would block, the intermediate would never exit, and its reap
+        // would hang. Shut down, the channel makes the write fail at once (EPIPE).
+        let _ = self.channel.shutdown(std::net::Shutdown::Both);
         Some(Reap {
             pidfd: self.pidfd.try_clone_fd().ok().map(ProcessHandle::from),
             intermediate: self.intermediate.take(),
