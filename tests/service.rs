@@ -213,6 +213,8 @@ fn drain_deadline_closes_what_is_left_and_exits_zero() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(10),
         "{took:?}"
     );
+    // The process is gone; its last lines may still be on their way through the pipe.
+    baton.stderr.wait_closed(EXIT_TIMEOUT);
     assert!(
         baton.stderr.text().contains("1 closed at the deadline"),
         "{}",
