@@ -1,7 +1,7 @@
 #!/bin/bash
 # The whole test suite: formatting, lints, unit and integration tests, the package, the README's
 # commands on a fresh Debian 12, and the real-systemd harness. Installs what it needs on Debian 12
-# (apt-get update first; Debian's Rust packages when there is no cargo 1.85 or newer, see
+# (apt-get update first; Debian's Rust packages when there is no cargo 1.88 or newer, see
 # tools/with-rust.sh). Run it as root, or as a user who may sudo (it runs itself again through
 # sudo: the systemd harness and the chroots need root), from anywhere:
 #     tests/run-all.sh
@@ -35,7 +35,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
-# A cargo of Rust 1.85 or newer, with rustfmt and clippy: the one there is, else Debian's.
+# A cargo of Rust 1.88 or newer, with rustfmt and clippy: the one there is, else Debian's.
 cargo_bin=$(sh tools/with-rust.sh --dev)
 # cargo install puts cargo-deb and systemfd into $CARGO_HOME/bin, which Debian's cargo leaves
 # out of PATH.

@@ -1,18 +1,18 @@
 #!/bin/sh
-# tools/with-rust.sh [--dev] [COMMAND [ARG...]] - run COMMAND with a cargo of Rust 1.85 or newer
+# tools/with-rust.sh [--dev] [COMMAND [ARG...]] - run COMMAND with a cargo of Rust 1.88 or newer
 # first in PATH, installing one when there is none. With no COMMAND, print the directory of that
 # cargo (and nothing else) on stdout. --dev also provides `cargo fmt` and `cargo clippy`.
 #
 #     sh tools/with-rust.sh cargo run --release -- serve
 #
 # Which cargo, in this order:
-#   1. an existing one that is 1.85 or newer: `cargo` in PATH, then $CARGO_HOME/bin/cargo
+#   1. an existing one that is 1.88 or newer: `cargo` in PATH, then $CARGO_HOME/bin/cargo
 #      (default ~/.cargo/bin, rustup's), then /usr/bin/cargo. Nothing is installed or updated
 #      then, except the rustfmt and clippy of that toolchain with --dev when they are missing
 #      (`rustup component add`, or the matching Debian packages).
 #   2. Debian's packages, with apt: `apt-get update`, then cargo-web and rustc-web (plus
 #      rustfmt-web and rust-web-clippy with --dev; Debian 12 has Rust 1.96 in bookworm-security);
-#      or cargo, rustc (rustfmt, rust-clippy) when the release's plain cargo is 1.85 or newer
+#      or cargo, rustc (rustfmt, rust-clippy) when the release's plain cargo is 1.88 or newer
 #      (Debian 13). They install /usr/bin/cargo. rustc-web pulls in gcc, the linker rustc needs.
 #   3. rustup, as the last resort on systems without such packages (fetched from sh.rustup.rs
 #      into ~/.cargo); needs curl and a C compiler.
@@ -32,15 +32,15 @@ as_root() {
   fi
 }
 
-# version_ok VERSION: VERSION (1.96.0, 1.96.0+dfsg1-1~deb12u2, ...) is 1.85 or newer
+# version_ok VERSION: VERSION (1.96.0, 1.96.0+dfsg1-1~deb12u2, ...) is 1.88 or newer
 version_ok() {
   major=${1%%.*} rest=${1#*.}
   minor=${rest%%[!0-9]*}
   case "$major$minor" in '' | *[!0-9]*) return 1 ;; esac
-  [ "$major" -gt 1 ] || { [ "$major" -eq 1 ] && [ "$minor" -ge 85 ]; }
+  [ "$major" -gt 1 ] || { [ "$major" -eq 1 ] && [ "$minor" -ge 88 ]; }
 }
 
-# cargo_ok CARGO: CARGO runs and is 1.85 or newer
+# cargo_ok CARGO: CARGO runs and is 1.88 or newer
 cargo_ok() {
   [ -x "$1" ] || return 1
   v=$("$1" --version 2>/dev/null) || return 1
@@ -74,7 +74,7 @@ candidate() { # candidate PACKAGE: the version apt would install, or nothing
   apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9].*\)/\1/p'
 }
 
-install_debian() { # the release's Rust packages, when they are 1.85 or newer
+install_debian() { # the release's Rust packages, when they are 1.88 or newer
   command -v apt-get >/dev/null 2>&1 || return 1
   apt_update || return 1
   if version_ok "$(candidate cargo-web)"; then
@@ -82,7 +82,7 @@ install_debian() { # the release's Rust packages, when they are 1.85 or newer
   elif version_ok "$(candidate cargo)"; then
     apt_install cargo rustc ${dev:+rustfmt rust-clippy}
   else
-    say "apt has no cargo 1.85 or newer (cargo-web: $(candidate cargo-web), cargo: $(candidate cargo))"
+    say "apt has no cargo 1.88 or newer (cargo-web: $(candidate cargo-web), cargo: $(candidate cargo))"
     return 1
   fi
 }
@@ -98,9 +98,9 @@ install_rustup() {
 }
 
 if ! cargo=$(find_cargo); then
-  say "no cargo 1.85 or newer found; installing one"
+  say "no cargo 1.88 or newer found; installing one"
   install_debian || install_rustup
-  cargo=$(find_cargo) || die "still no cargo 1.85 or newer after installing"
+  cargo=$(find_cargo) || die "still no cargo 1.88 or newer after installing"
 fi
 bin=$(dirname "$cargo")
 PATH=$bin:$PATH
