@@ -17,6 +17,9 @@ mod notify;
 #[path = "../../tests/common/reaper.rs"]
 mod reaper;
 
+#[path = "common/examples.rs"]
+mod build_examples;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,45 +37,17 @@ use notify::Receiver;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The directory of the built examples (`<target>/<profile>/examples`), built once; then the
-/// subreaper starts (not before: it would reap cargo, which std's wait must find).
+/// The directory of the built examples, built once.
 fn examples_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // This test runs as <target>/<profile>/deps/examples-<hash>.
-        let exe = std::env::current_exe().expect("the test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the profile directory")
-            .to_owned();
-        let target_dir = profile_dir.parent().expect("the target directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
+        // axum needs the `hyper` feature; its test is compiled out without it.
+        let names: &[&str] = if cfg!(feature = "hyper") {
+            &["echo", "axum"]
+        } else {
+            &["echo"]
         };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "baton-lifecycle", "--examples"])
-            .arg("--manifest-path")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(target_dir)
-            .args(["--profile", &profile]);
-        // The same features as this test binary, so that the library is not built twice.
-        if cfg!(feature = "hyper") {
-            cmd.args(["--features", "hyper"]);
-        }
-        let status = cmd.status().expect("run cargo build for the examples");
-        assert!(status.success(), "cargo build of the examples: {status}");
-        let dir = profile_dir.join("examples");
-        assert!(
-            dir.join("echo").is_file(),
-            "no {}",
-            dir.join("echo").display()
-        );
-        reaper::init();
-        dir
+        build_examples::build(names)
     })
 }
 

@@ -12,6 +12,9 @@
 #[path = "../../tests/common/reaper.rs"]
 mod reaper;
 
+#[path = "common/examples.rs"]
+mod build_examples;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,48 +31,10 @@ use tonic_health::pb::HealthCheckRequest;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The built `examples/tonic` (`<target>/<profile>/examples/tonic`), built once; then the
-/// subreaper starts (not before: it would reap cargo, which std's wait must find).
+/// The built `examples/tonic`, built once.
 fn example() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        // This test runs as <target>/<profile>/deps/tonic-<hash>.
-        let exe = std::env::current_exe().expect("the test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the profile directory")
-            .to_owned();
-        let target_dir = profile_dir.parent().expect("the target directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "baton-lifecycle",
-            "--example",
-            "tonic",
-        ])
-        .arg("--manifest-path")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir)
-        .args(["--profile", &profile]);
-        if cfg!(feature = "hyper") {
-            cmd.args(["--features", "hyper"]);
-        }
-        let status = cmd.status().expect("run cargo build for the example");
-        assert!(status.success(), "cargo build of examples/tonic: {status}");
-        let exe = profile_dir.join("examples").join("tonic");
-        assert!(exe.is_file(), "no {}", exe.display());
-        reaper::init();
-        exe
-    })
+    EXE.get_or_init(|| build_examples::build(&["tonic"]).join("tonic"))
 }
 
 fn kill(pid: u32, signal: Signal) {
