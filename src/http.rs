@@ -15,7 +15,8 @@
 //! # use std::sync::Arc;
 //! let info = baton::http::Info::current(1, vec!["http=127.0.0.1:8080 (bound)".into()]);
 //! let metrics = Arc::new(baton::metrics::Metrics::new(1, std::time::SystemTime::now()));
-//! let app = baton::http::App::new(Arc::new(info), metrics, None).unwrap();
+//! let settings = baton::http::Settings::default(); // no root: the embedded page
+//! let app = baton::http::App::new(Arc::new(info), metrics, &settings).unwrap();
 //! ```
 
 pub mod beneath;
@@ -77,6 +78,14 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// How the HTTP service is configured (built from [`crate::config::Config`]; each generation
+/// reads it afresh, so a reload applies it).
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The directory served; `None` serves the embedded page at `/`.
+    pub root: Option<PathBuf>,
+}
+
 #[derive(Clone)]
 struct AppState {
     info: Arc<Info>,
@@ -96,12 +105,12 @@ pub struct App {
 pub type AppFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 impl App {
-    /// baton's service: the `/-/` endpoints, and the files below `root` (or, with no root, the
-    /// embedded page at `/`). Fails if the root cannot be opened.
-    pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, root: Option<&Path>) -> io::Result<App> {
+    /// baton's service: the `/-/` endpoints, and the files below the root (or, with no root,
+    /// the embedded page at `/`). Fails if the root cannot be opened.
+    pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, settings: &Settings) -> io::Result<App> {
         Ok(App {
             router: router(info, metrics, None),
-            files: root.map(Confined::new).transpose()?,
+            files: settings.root.as_deref().map(Confined::new).transpose()?,
         })
     }
 

@@ -1053,7 +1053,7 @@ mod tests {
     async fn a_udp_socket_is_an_invalid_input_for_the_server() {
         let metrics = Arc::new(Metrics::new(1, std::time::SystemTime::now()));
         let info = Arc::new(crate::http::Info::current(1, Vec::new()));
-        let app = App::new(info, metrics.clone(), None).unwrap();
+        let app = App::new(info, metrics.clone(), &Default::default()).unwrap();
         let settings = Settings {
             limits: Config::default().limits,
             idle_grace: Duration::from_secs(1),

@@ -30,9 +30,8 @@ impl Service {
         let metrics = Arc::new(Metrics::new(info.generation, info.started));
         metrics.track(info.stats.clone());
         let info = Arc::new(Info::current(info.generation, info.listeners.clone()));
-        let root = config.root.as_deref();
-        let app = App::new(info, metrics.clone(), root).with_context(|| {
-            let root = root.map(|r| r.display().to_string());
+        let app = App::new(info, metrics.clone(), &http_settings(config)).with_context(|| {
+            let root = config.root.as_deref().map(|r| r.display().to_string());
             format!("cannot open the root {}", root.unwrap_or_default())
         })?;
         Ok(Service {
@@ -61,6 +60,13 @@ impl Workload for Service {
 
     fn open_connections(&self) -> u64 {
         self.metrics.open_connections.get().max(0) as u64
+    }
+}
+
+/// What the HTTP service needs of baton's configuration.
+pub fn http_settings(config: &Config) -> crate::http::Settings {
+    crate::http::Settings {
+        root: config.root.clone(),
     }
 }
 
