@@ -43,6 +43,17 @@
 //! [keeper]                           # without systemd: the keeper (see crate::keeper)
 //! startsecs = "1s"                   # a start succeeded once the generation was ready this long
 //! startretries = 3                   # consecutive failed starts retried before giving up
+//!
+//! [compression]
+//! on_the_fly = true                  # compress text types as they are sent (zstd, br, gzip)
+//! precompressed = true               # serve FILE.zst, FILE.br, FILE.gz beside FILE
+//! codings = ["zstd", "br", "gzip"]   # the codings used, both ways
+//! min_size = 1024                    # smaller answers are not compressed on the fly
+//!
+//! [headers]
+//! cache_control = ["/assets/**=max-age=31536000, immutable", "text/html=no-cache"]
+//! add = ["X-Content-Type-Options: nosniff"]  # on every answer from the root
+//! charset = "utf-8"                  # of text types that name none
 //! ```
 //!
 //! ```
@@ -59,6 +70,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::http::encoding::{Coding, Compression};
+pub use crate::http::headers::{CacheRule, ExtraHeader, Headers};
 
 /// Where the configuration is looked for when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/baton/baton.toml";
@@ -268,6 +282,77 @@ pub const KEYS: &[Key] = &[
         help: "Without systemd: consecutive failed starts retried (after 1s, 2s, 3s, ...) \
                before the keeper gives up.",
     },
+    Key {
+        section: "compression",
+        name: "on_the_fly",
+        kind: "boolean",
+        default: Some("true"),
+        unset: "",
+        example: "false",
+        help: "Compress answers of text types (HTML, CSS, JavaScript, JSON, SVG, ...) as they \
+               are sent, for clients whose Accept-Encoding allows it; images and other binary \
+               types are sent as they are. The ETag gets the coding appended (\"...-br\").",
+    },
+    Key {
+        section: "compression",
+        name: "precompressed",
+        kind: "boolean",
+        default: Some("true"),
+        unset: "",
+        example: "false",
+        help: "Serve FILE.zst, FILE.br or FILE.gz beside FILE, when it exists, to clients that \
+               accept that coding (with its own ETag, length and ranges).",
+    },
+    Key {
+        section: "compression",
+        name: "codings",
+        kind: "array of \"zstd\", \"br\", \"gzip\"",
+        default: Some(r#"["zstd", "br", "gzip"]"#),
+        unset: "",
+        example: r#"["gzip"]"#,
+        help: "The codings used, for sidecars and on the fly. Among those a client rates \
+               equally, zstd is preferred, then br, then gzip.",
+    },
+    Key {
+        section: "compression",
+        name: "min_size",
+        kind: "integer, bytes",
+        default: Some("1024"),
+        unset: "",
+        example: "256",
+        help: "Answers smaller than this are not compressed on the fly.",
+    },
+    Key {
+        section: "headers",
+        name: "cache_control",
+        kind: "array of \"PATTERN=VALUE\" strings",
+        default: Some("[]"),
+        unset: "",
+        example: r#"["/assets/**=max-age=31536000, immutable", "text/html=no-cache"]"#,
+        help: "Cache-Control of the answers from the root. PATTERN is a glob over the request \
+               path when it starts with / (* within a segment, ** across them) or a content \
+               type such as text/html or image/*; the first rule that matches wins.",
+    },
+    Key {
+        section: "headers",
+        name: "add",
+        kind: "array of \"NAME: VALUE\" strings",
+        default: Some("[]"),
+        unset: "",
+        example: r#"["X-Content-Type-Options: nosniff", "Access-Control-Allow-Origin: *"]"#,
+        help: "Headers added to every answer from the root (replacing one of the same name); \
+               Content-Type, Content-Length, Content-Encoding, Content-Range, Connection, \
+               Transfer-Encoding, Date, Trailer and Upgrade are baton's own.",
+    },
+    Key {
+        section: "headers",
+        name: "charset",
+        kind: "string",
+        default: Some(r#""utf-8""#),
+        unset: "",
+        example: r#""iso-8859-1""#,
+        help: "The charset of text types (and JavaScript) that name none; \"\" adds none.",
+    },
 ];
 
 /// The fully resolved configuration of one `baton serve` process.
@@ -290,6 +375,10 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     pub upgrade: Upgrade,
     pub keeper: Keeper,
+    /// Pre-compressed sidecars and compression on the fly.
+    pub compression: Compression,
+    /// `Cache-Control`, extra headers and the charset of the answers from the root.
+    pub headers: Headers,
 }
 
 /// How the keeper restarts a generation that exits without being asked to
@@ -363,6 +452,8 @@ impl Default for Config {
                 startsecs: Duration::from_secs(1),
                 startretries: 3,
             },
+            compression: Compression::default(),
+            headers: Headers::default(),
         }
     }
 }
@@ -551,6 +642,41 @@ settings! {
         #[arg(long, value_name = "N")]
         startretries: u32 => keeper.startretries,
     }
+
+    /// `[compression]`: compressed answers for the clients that accept them.
+    [compression] CompressionSettings, CompressionSection {
+        /// Compress answers of text types as they are sent, for clients that accept it [default: true]
+        #[arg(long = "compress", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        on_the_fly: bool => compression.on_the_fly,
+
+        /// Serve FILE.zst, FILE.br, FILE.gz beside FILE to the clients that accept them [default: true]
+        #[arg(long = "precompressed", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        precompressed: bool => compression.precompressed,
+
+        /// The codings used, both ways, comma-separated: zstd, br, gzip (all three by default)
+        #[arg(long = "compress-codings", value_name = "LIST", value_delimiter = ',')]
+        codings: Vec<Coding> => compression.codings,
+
+        /// Answers smaller than this many bytes are not compressed on the fly [default: 1024]
+        #[arg(long = "compress-min-size", value_name = "BYTES")]
+        min_size: u64 => compression.min_size,
+    }
+
+    /// `[headers]`: response headers of the answers from the root.
+    [headers] HeadersSettings, HeadersSection {
+        /// Cache-Control by path pattern (/assets/**) or content type (text/html), as
+        /// PATTERN=VALUE; repeatable, the first match wins; replaces headers.cache_control
+        #[arg(long = "cache-control", value_name = "PATTERN=VALUE")]
+        cache_control: Vec<CacheRule> => headers.cache_control,
+
+        /// Add this header to every answer from the root; repeatable; replaces headers.add
+        #[arg(long = "add-header", value_name = "NAME: VALUE")]
+        add: Vec<ExtraHeader> => headers.extra,
+
+        /// The charset text types get when they name none; "" for none [default: utf-8]
+        #[arg(long, value_name = "CHARSET")]
+        charset: String => headers.charset,
+    }
 }
 
 /// A duration on the command line.
@@ -581,17 +707,27 @@ macro_rules! taken_as_given {
 
 taken_as_given!(bool, String, PathBuf);
 
-impl FileValue for Vec<ListenSpec> {
+// Lists of strings that parse as their flags do (listeners, codings, rules, headers).
+impl<T: std::str::FromStr<Err = String>> FileValue for Vec<T> {
     type Raw = Vec<String>;
     fn from_file(raw: Vec<String>, key: &str, errors: &mut Vec<String>) -> Option<Self> {
-        let mut specs = Vec::new();
-        for (i, spec) in raw.iter().enumerate() {
-            match spec.parse() {
-                Ok(spec) => specs.push(spec),
+        let mut items = Vec::new();
+        for (i, item) in raw.iter().enumerate() {
+            match item.parse() {
+                Ok(item) => items.push(item),
                 Err(e) => errors.push(format!("{key}[{i}]: {e}")),
             }
         }
-        Some(specs)
+        Some(items)
+    }
+}
+
+impl FileValue for u64 {
+    type Raw = i64;
+    fn from_file(raw: i64, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+        u64::try_from(raw)
+            .map_err(|_| errors.push(format!("{key}: {raw} is negative; use 0 or more")))
+            .ok()
     }
 }
 
@@ -803,6 +939,23 @@ impl Config {
                     root.display()
                 )),
             }
+        }
+        if self.compression.codings.is_empty() {
+            errors.push(
+                "compression.codings is empty: list at least one of zstd, br, gzip, or set \
+                 compression.on_the_fly and compression.precompressed to false"
+                    .to_owned(),
+            );
+        }
+        let charset = &self.headers.charset;
+        if !charset
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            errors.push(format!(
+                "headers.charset '{charset}' is not a charset name; write it like \"utf-8\", \
+                 or \"\" for none"
+            ));
         }
         if self.limits.max_connections == 0 {
             errors.push(

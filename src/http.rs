@@ -20,6 +20,8 @@
 //! ```
 
 pub mod beneath;
+pub mod encoding;
+pub mod headers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -41,6 +43,8 @@ use serde::Serialize;
 use tower_http::services::fs::{Backend, DefaultServeDirFallback, File, Metadata, ServeDir};
 
 use beneath::{Kind, Root, Stat};
+use encoding::{Coding, Compression, OnTheFly};
+use headers::Headers;
 
 use crate::metrics::Metrics;
 
@@ -84,6 +88,18 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 pub struct Settings {
     /// The directory served; `None` serves the embedded page at `/`.
     pub root: Option<PathBuf>,
+    /// Pre-compressed sidecars and compression on the fly.
+    pub compression: Compression,
+    /// `Cache-Control`, extra headers, the charset of text.
+    pub headers: Headers,
+}
+
+/// What answers from the root get on their way out: [`Settings::compression`] and
+/// [`Settings::headers`].
+#[derive(Debug)]
+pub(crate) struct Web {
+    pub compression: Compression,
+    pub headers: Headers,
 }
 
 #[derive(Clone)]
@@ -110,20 +126,18 @@ impl App {
     pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, settings: &Settings) -> io::Result<App> {
         Ok(App {
             router: router(info, metrics, None),
-            files: settings.root.as_deref().map(Confined::new).transpose()?,
+            files: settings
+                .root
+                .as_deref()
+                .map(|root| Confined::with_settings(root, settings))
+                .transpose()?,
         })
     }
 
     /// Answers one request.
     pub fn call(&self, request: Request<Body>) -> AppFuture {
         match &self.files {
-            Some(files) if !request.uri().path().starts_with("/-/") => {
-                let future = tower::Service::call(&mut files.clone(), request);
-                Box::pin(async move {
-                    let Ok(response) = future.await;
-                    response
-                })
-            }
+            Some(files) if !request.uri().path().starts_with("/-/") => files.answer(request),
             _ => {
                 let future = tower::ServiceExt::oneshot(self.router.clone(), request);
                 Box::pin(async move {
@@ -227,23 +241,57 @@ fn escape(s: &str) -> String {
 /// file's whole cost), so a plain GET (no range, no conditions) of a small file skips it: the
 /// same open beneath the root, then the cached bytes with the headers `ServeDir` would send
 /// (a test compares the two). Anything else, or a file that is not small, goes to `ServeDir`.
+///
+/// On their way out, answers get the configured headers ([`headers`]) and, for a client that
+/// accepts it, compression ([`encoding`]): `ServeDir` and the cache pick pre-compressed
+/// sidecars, [`OnTheFly`] compresses the rest.
 #[derive(Clone)]
 pub struct Confined {
     files: ServeDir<DefaultServeDirFallback, Beneath>,
     backend: Beneath,
+    web: Arc<Web>,
 }
 
 impl Confined {
-    /// Opens the root (its fd anchors every lookup until this value and its clones are gone).
+    /// Opens the root (its fd anchors every lookup until this value and its clones are gone),
+    /// with the default compression and headers.
     pub fn new(root: &Path) -> io::Result<Confined> {
+        Confined::with_settings(root, &Settings::default())
+    }
+
+    /// Opens the root, with the compression and headers of `settings`.
+    pub fn with_settings(root: &Path, settings: &Settings) -> io::Result<Confined> {
         let backend = Beneath {
             root: Arc::new(Root::open(root)?),
             cache: Arc::new(FileCache::with_weighter(1024, CACHE_BYTES, ByBytes)),
         };
-        // The backend resolves paths relative to the root's fd: the base is empty.
-        let files =
-            ServeDir::with_backend("", backend.clone()).append_index_html_on_directories(true);
-        Ok(Confined { files, backend })
+        let files = serve_dir(backend.clone(), &settings.compression);
+        let web = Arc::new(Web {
+            compression: settings.compression.clone(),
+            headers: settings.headers.clone(),
+        });
+        Ok(Confined {
+            files,
+            backend,
+            web,
+        })
+    }
+
+    /// The answer to a request for a file, with the configured headers, compressed if it
+    /// should be.
+    fn answer(&self, mut request: Request<Body>) -> AppFuture {
+        let web = self.web.clone();
+        let on_the_fly = OnTheFly::for_request(&web.compression, request.headers_mut());
+        // Only path rules need the path; most configurations have none.
+        let path = (!web.headers.cache_control.is_empty())
+            .then(|| decoded_path(request.uri().path()));
+        let future = tower::Service::call(&mut self.clone(), request);
+        Box::pin(async move {
+            let Ok(mut response) = future.await;
+            let path = path.as_deref().unwrap_or_default();
+            web.headers.apply(path, response.headers_mut());
+            on_the_fly.apply(response)
+        })
     }
 
     /// The answer to a plain GET of a small regular file, from the cache (filled if need be);
@@ -269,9 +317,32 @@ impl Confined {
             _ => return Err(request),
         };
         let content_type = content_type_of(&path);
+        let vary = self.web.compression.precompressed;
+        // The sidecar ServeDir would choose, if it is small too.
+        let (mut stat, mut coding) = (stat, None);
+        let candidates: Vec<Coding> = self.web.compression.sidecars(request.headers()).collect();
+        for candidate in candidates {
+            let mut sidecar = path.clone().into_os_string();
+            sidecar.push(candidate.extension());
+            match self.backend.root.stat(Path::new(&sidecar)) {
+                Ok(found) if small_file(&found) => {
+                    (path, stat, coding) = (sidecar.into(), found, Some(candidate));
+                    break;
+                }
+                // A large sidecar, or an error ServeDir would not take for "not there".
+                Ok(found) if found.kind == Kind::File => return Err(request),
+                Err(e) if !absent(&e) => return Err(request),
+                _ => {}
+            }
+        }
+        let answer = Answer {
+            content_type,
+            coding,
+            vary,
+        };
         if let Some(hit) = self.backend.cache.get(&(stat.dev, stat.ino)) {
             if hit.stat == stat {
-                return Ok(Box::pin(std::future::ready(hit.response(content_type))));
+                return Ok(Box::pin(std::future::ready(hit.response(answer))));
             }
         }
         // A miss: what is read and cached is what this open finds (it may be another inode
@@ -284,7 +355,7 @@ impl Confined {
         let mut files = self.files.clone();
         Ok(Box::pin(async move {
             match backend.load(file, stat).await {
-                Ok(Ok(cached)) => cached.response(content_type),
+                Ok(Ok(cached)) => cached.response(answer),
                 // Changed while being read, or unreadable: ServeDir decides.
                 _ => {
                     let Ok(response) = tower::Service::call(&mut files, request).await;
@@ -293,6 +364,30 @@ impl Confined {
             }
         }))
     }
+}
+
+/// `ServeDir` over the root, with the sidecars of the enabled codings.
+fn serve_dir(backend: Beneath, compression: &Compression) -> ServeDir<DefaultServeDirFallback, Beneath> {
+    // The backend resolves paths relative to the root's fd: the base is empty.
+    let mut files = ServeDir::with_backend("", backend).append_index_html_on_directories(true);
+    if compression.precompressed {
+        for coding in &compression.codings {
+            files = match coding {
+                Coding::Gzip => files.precompressed_gzip(),
+                Coding::Br => files.precompressed_br(),
+                Coding::Zstd => files.precompressed_zstd(),
+            };
+        }
+    }
+    files
+}
+
+/// A request path percent-decoded (as it was sent where it is not UTF-8), for matching it
+/// against the path patterns of the configuration.
+pub(crate) fn decoded_path(uri_path: &str) -> String {
+    percent_encoding::percent_decode_str(uri_path)
+        .decode_utf8()
+        .map_or_else(|_| uri_path.to_owned(), |path| path.into_owned())
 }
 
 /// The path below the root that `ServeDir` makes of a request path (percent-decoded; `.`
@@ -335,32 +430,71 @@ pub(crate) struct LargeFile {
     pub content_type: HeaderValue,
     pub last_modified: HeaderValue,
     pub etag: Option<HeaderValue>,
+    /// The file is the pre-compressed sidecar of the requested one, in this coding.
+    pub coding: Option<Coding>,
+    /// Pre-compression is configured: `Vary: Accept-Encoding`, as `ServeDir` sends it.
+    pub vary: bool,
 }
 
 impl Confined {
-    /// Opens what `ServeDir` would serve for the request path `uri_path` (no query), beneath the
-    /// root, if it is a regular file of at least `min_len` bytes; `None` for anything else
-    /// (a directory, a redirect, not found, a small file: `ServeDir` answers those).
+    /// Opens what `ServeDir` would serve for the request path `uri_path` (no query) and a
+    /// request with these `Accept-Encoding` headers (`accept`), beneath the root, if it is a
+    /// regular file of at least `min_len` bytes that goes out as it is; `None` for anything
+    /// else (a directory, a redirect, not found, a small file, one to compress on the fly:
+    /// `ServeDir` and hyper answer those).
     ///
     /// Blocking calls on the runtime, as in [`Beneath`]'s `open`: an open and an `fstat`.
-    pub(crate) fn open_large(&self, uri_path: &str, min_len: u64) -> Option<LargeFile> {
+    pub(crate) fn open_large(
+        &self,
+        uri_path: &str,
+        min_len: u64,
+        accept: &axum::http::HeaderMap,
+    ) -> Option<LargeFile> {
         let mut path = below_root(uri_path)?;
         if uri_path.ends_with('/') {
             path.push("index.html");
         }
+        let content_type = self.web.headers.content_type(content_type_of(&path));
+        let large = |file, stat: Stat, coding| {
+            if stat.len < min_len {
+                return None;
+            }
+            let (last_modified, etag) = validators(&stat);
+            Some(LargeFile {
+                file,
+                stat,
+                content_type: content_type.clone(),
+                last_modified,
+                etag,
+                coding,
+                vary: self.web.compression.precompressed,
+            })
+        };
+        for coding in self.web.compression.sidecars(accept) {
+            let mut sidecar = path.clone().into_os_string();
+            sidecar.push(coding.extension());
+            match self.backend.root.open_read(Path::new(&sidecar)) {
+                Ok((file, stat)) if stat.kind == Kind::File => return large(file, stat, Some(coding)),
+                Ok(_) => {}
+                Err(e) if absent(&e) => {}
+                Err(_) => return None,
+            }
+        }
         let (file, stat) = self.backend.root.open_read(&path).ok()?;
-        if stat.kind != Kind::File || stat.len < min_len {
+        if stat.kind != Kind::File {
             return None;
         }
-        let content_type = content_type_of(&path);
-        let (last_modified, etag) = validators(&stat);
-        Some(LargeFile {
-            file,
-            stat,
-            content_type,
-            last_modified,
-            etag,
-        })
+        let compress = self.web.compression.on_the_fly_coding(accept).is_some()
+            && encoding::compressible(&content_type);
+        if compress {
+            return None;
+        }
+        large(file, stat, None)
+    }
+
+    /// The configured headers of the answers from the root.
+    pub(crate) fn headers(&self) -> &Headers {
+        &self.web.headers
     }
 }
 
@@ -433,6 +567,16 @@ impl quick_cache::Weighter<(u64, u64), Arc<CachedFile>> for ByBytes {
     }
 }
 
+/// How a cached file is answered: as `ServeDir` would for the request.
+struct Answer {
+    /// The original's (a sidecar has the type of the file it compresses).
+    content_type: HeaderValue,
+    /// The coding of the sidecar served, if one is.
+    coding: Option<Coding>,
+    /// Pre-compression is configured: the answer could differ by `Accept-Encoding`.
+    vary: bool,
+}
+
 /// A file's content, and its `fstat` when it was read.
 struct CachedFile {
     stat: Stat,
@@ -454,11 +598,20 @@ impl CachedFile {
     }
 
     /// The 200 `ServeDir` gives for the whole file: same headers, same order.
-    fn response(&self, content_type: HeaderValue) -> Response<Body> {
+    fn response(&self, answer: Answer) -> Response<Body> {
         let mut response = Response::new(Body::from(self.body.clone()));
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, content_type);
+        headers.insert(header::CONTENT_TYPE, answer.content_type);
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if let Some(coding) = answer.coding {
+            headers.insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_static(coding.token()),
+            );
+        }
+        if answer.vary {
+            headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
         headers.insert(header::LAST_MODIFIED, self.last_modified.clone());
         if let Some(etag) = &self.etag {
             headers.insert(header::ETAG, etag.clone());
@@ -480,18 +633,26 @@ pub struct Beneath {
 /// (`EXDEV`), a symlink loop, a name too long for the file system, a file where a directory
 /// should be, no permission. `ServeDir` answers 404 for `NotFound`, 500 for other errors.
 fn not_found(e: io::Error) -> io::Error {
-    match e.raw_os_error() {
+    if absent(&e) {
+        return io::ErrorKind::NotFound.into();
+    }
+    e
+}
+
+/// Whether [`not_found`] makes this error a 404.
+fn absent(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
         Some(
             libc::ENOENT
-            | libc::EXDEV
-            | libc::ELOOP
-            | libc::ENAMETOOLONG
-            | libc::ENOTDIR
-            | libc::EACCES
-            | libc::EINVAL,
-        ) => io::ErrorKind::NotFound.into(),
-        _ => e,
-    }
+                | libc::EXDEV
+                | libc::ELOOP
+                | libc::ENAMETOOLONG
+                | libc::ENOTDIR
+                | libc::EACCES
+                | libc::EINVAL
+        )
+    ) || e.kind() == io::ErrorKind::NotFound
 }
 
 impl Backend for Beneath {
@@ -708,7 +869,11 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let confined = Confined::new(&dir).unwrap();
-            let reference = ServeDir::new(&dir).append_index_html_on_directories(true);
+            let reference = ServeDir::new(&dir)
+                .append_index_html_on_directories(true)
+                .precompressed_zstd()
+                .precompressed_br()
+                .precompressed_gzip();
             for path in [
                 "/",
                 "/index.html",

@@ -67,6 +67,8 @@ impl Workload for Service {
 pub fn http_settings(config: &Config) -> crate::http::Settings {
     crate::http::Settings {
         root: config.root.clone(),
+        compression: config.compression.clone(),
+        headers: config.headers.clone(),
     }
 }
 

@@ -418,7 +418,7 @@ fn static_files_with_http_semantics() {
         http::get(addr, "/style.css")
             .unwrap()
             .header("content-type"),
-        Some("text/css")
+        Some("text/css; charset=utf-8")
     );
     assert_eq!(http::get(addr, "/missing").unwrap().status, 404);
 

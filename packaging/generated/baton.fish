@@ -48,6 +48,15 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-timeout -d
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-probation -d 'After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startsecs -d 'Keeper: a start counts as successful once the generation has been ready this long [default: 1s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startretries -d 'Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l compress -d 'Compress answers of text types as they are sent, for clients that accept it [default: true]' -r -f -a "true\t''
+false\t''"
+complete -c baton -n "__fish_baton_using_subcommand serve" -l precompressed -d 'Serve FILE.zst, FILE.br, FILE.gz beside FILE to the clients that accept them [default: true]' -r -f -a "true\t''
+false\t''"
+complete -c baton -n "__fish_baton_using_subcommand serve" -l compress-codings -d 'The codings used, both ways, comma-separated: zstd, br, gzip (all three by default)' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l compress-min-size -d 'Answers smaller than this many bytes are not compressed on the fly [default: 1024]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l cache-control -d 'Cache-Control by path pattern (/assets/**) or content type (text/html), as PATTERN=VALUE; repeatable, the first match wins; replaces headers.cache_control' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l add-header -d 'Add this header to every answer from the root; repeatable; replaces headers.add' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l charset -d 'The charset text types get when they name none; "" for none [default: utf-8]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l daemon -d 'Run in the background (daemon(7)) under a keeper; returns once the first generation serves, or fails with its error'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in the foreground under a keeper: a small process that holds the sockets and the pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Log one line per request'

@@ -205,6 +205,8 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
     let mut close = false;
     let mut lengths = 0;
     let (mut range, mut if_none_match, mut if_modified_since) = (None, None, None);
+    // For the coding (the map allocates only if the header is there).
+    let mut accept = hyper::HeaderMap::new();
     for header in request.headers.iter() {
         let name = header.name;
         let value = header.value;
@@ -236,6 +238,11 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
             }
         } else if is("if-modified-since") && !once(&mut if_modified_since, value) {
             return None;
+        } else if is("accept-encoding") {
+            accept.append(
+                hyper::header::ACCEPT_ENCODING,
+                hyper::header::HeaderValue::from_bytes(value).ok()?,
+            );
         }
     }
     let hosts = request
@@ -247,7 +254,7 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
         return None;
     }
 
-    let large = files.open_large(path, SENDFILE_MIN)?;
+    let large = files.open_large(path, SENDFILE_MIN, &accept)?;
     let not_modified = not_modified(&large, if_none_match, if_modified_since);
     let range = match range {
         Some(_) if not_modified => None,
@@ -369,7 +376,13 @@ where
         (false, Some((start, end))) => (206, Some((start, end + 1 - start))),
         (false, None) => (200, Some((0, len))),
     };
-    let head = head(&plan, status, body.map_or(0, |(_, n)| n), close);
+    let head = head(
+        &plan,
+        status,
+        body.map_or(0, |(_, n)| n),
+        close,
+        shared.app.files().map(|files| files.headers()),
+    );
     shared.metrics.record_status(status);
     shared.metrics.sendfile_responses.inc();
     if shared.settings.access_log {
@@ -402,7 +415,13 @@ where
 }
 
 /// The response head: `ServeDir`'s headers in its order, then what hyper adds.
-fn head(plan: &Plan, status: u16, content_length: u64, close: bool) -> Vec<u8> {
+fn head(
+    plan: &Plan,
+    status: u16,
+    content_length: u64,
+    close: bool,
+    configured: Option<&crate::http::headers::Headers>,
+) -> Vec<u8> {
     let large = &plan.large;
     let mut head = Vec::with_capacity(320);
     head.extend_from_slice(match status {
@@ -424,6 +443,12 @@ fn head(plan: &Plan, status: u16, content_length: u64, close: bool) -> Vec<u8> {
     } else {
         line("content-type", large.content_type.as_bytes());
         line("accept-ranges", b"bytes");
+        if let Some(coding) = large.coding {
+            line("content-encoding", coding.token().as_bytes());
+        }
+        if large.vary {
+            line("vary", b"accept-encoding");
+        }
         line("last-modified", large.last_modified.as_bytes());
         if let Some(etag) = &large.etag {
             line("etag", etag.as_bytes());
@@ -433,6 +458,11 @@ fn head(plan: &Plan, status: u16, content_length: u64, close: bool) -> Vec<u8> {
             line("content-range", range.as_bytes());
         }
         line("content-length", content_length.to_string().as_bytes());
+    }
+    if let Some(configured) = configured.filter(|c| !c.none_configured()) {
+        let path = plan.target.split('?').next().unwrap_or_default();
+        let path = crate::http::decoded_path(path);
+        configured.extra_lines(&path, &large.content_type, &mut line);
     }
     if close {
         line("connection", b"close");
