@@ -5,7 +5,11 @@
 //! | `/-/healthy`  | `200 ok`                                                               |
 //! | `/-/version`  | JSON: `version`, `pid`, `generation`, `started` (RFC 3339), `listeners` |
 //! | `/-/metrics`  | Prometheus text exposition ([`crate::metrics`])                        |
-//! | anything else | a file below the root (tower-http's `ServeDir`: index.html, content types, ranges, conditional GET, HEAD), or, with no root, the embedded page at `/` |
+//! | anything else | a file below the root (tower-http's `ServeDir`: index.html, content types, ranges, conditional GET, HEAD; error pages, a fallback and listings: [`pages`]), or, with no root, the embedded page at `/` |
+//!
+//! Which listener answers the endpoints is [`admin`]'s business: by default every one, and
+//! with a listener named `admin` only that one (and `/-/healthy` everywhere); a `/-/` path that
+//! is no endpoint of the listener is a file of the root.
 //!
 //! Nothing outside the root is reachable: `ServeDir` refuses `..`, and [`Confined`] opens every
 //! file beneath a directory fd of the root, once, and serves that very fd
@@ -19,7 +23,9 @@
 //! let app = baton::http::App::new(Arc::new(info), metrics, &settings).unwrap();
 //! ```
 
+pub mod admin;
 pub mod beneath;
+pub mod pages;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,7 +48,10 @@ use tower_http::services::fs::{Backend, DefaultServeDirFallback, File, Metadata,
 
 use beneath::{Kind, Root, Stat};
 
+use crate::config;
 use crate::metrics::Metrics;
+use admin::Role;
+use pages::Pages;
 
 /// What the process reports about itself.
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +93,10 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 pub struct Settings {
     /// The directory served; `None` serves the embedded page at `/`.
     pub root: Option<PathBuf>,
+    /// Error pages, the fallback, listings (`[files]`).
+    pub pages: pages::Settings,
+    /// Where the endpoints answer (`[admin]`).
+    pub admin: admin::Admin,
 }
 
 #[derive(Clone)]
@@ -99,6 +112,9 @@ struct AppState {
 pub struct App {
     router: Router,
     files: Option<Confined>,
+    /// The same files, with error pages, the fallback and listings.
+    pages: Option<Arc<Pages>>,
+    admin: Arc<admin::Admin>,
 }
 
 /// The future of one answer.
@@ -108,22 +124,36 @@ impl App {
     /// baton's service: the `/-/` endpoints, and the files below the root (or, with no root,
     /// the embedded page at `/`). Fails if the root cannot be opened.
     pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, settings: &Settings) -> io::Result<App> {
+        let files = settings.root.as_deref().map(Confined::new).transpose()?;
+        let pages = files
+            .clone()
+            .map(|files| Arc::new(Pages::new(files, &settings.pages)));
         Ok(App {
             router: router(info, metrics, None),
-            files: settings.root.as_deref().map(Confined::new).transpose()?,
+            files,
+            pages,
+            admin: Arc::new(settings.admin.clone()),
         })
     }
 
-    /// Answers one request.
+    /// Answers one request as a listener of [`Role::All`] does (no admin listener).
     pub fn call(&self, request: Request<Body>) -> AppFuture {
-        match &self.files {
-            Some(files) if !request.uri().path().starts_with("/-/") => {
-                let future = tower::Service::call(&mut files.clone(), request);
-                Box::pin(async move {
-                    let Ok(response) = future.await;
-                    response
-                })
-            }
+        self.call_as(Role::All, request)
+    }
+
+    /// Answers one request that came in on a listener of `role`.
+    pub fn call_as(&self, role: Role, request: Request<Body>) -> AppFuture {
+        let path = request.uri().path();
+        let endpoint = path.starts_with("/-/") && self.admin.answers(role, path);
+        match &self.pages {
+            _ if role == Role::Admin && !endpoint => Box::pin(std::future::ready(
+                pages::default_response(axum::http::StatusCode::NOT_FOUND),
+            )),
+            Some(pages) if !endpoint => pages.serve(request),
+            // No root: the embedded page at `/`, and the endpoints this listener answers.
+            None if !endpoint && config::ENDPOINTS.contains(&path) => Box::pin(
+                std::future::ready(pages::default_response(axum::http::StatusCode::NOT_FOUND)),
+            ),
             _ => {
                 let future = tower::ServiceExt::oneshot(self.router.clone(), request);
                 Box::pin(async move {
@@ -132,6 +162,11 @@ impl App {
                 })
             }
         }
+    }
+
+    /// The role of the listener `name` among the listeners `all`.
+    pub fn role<'a>(&self, name: &str, all: impl Iterator<Item = &'a str>) -> Role {
+        self.admin.role(name, all)
     }
 }
 
@@ -148,6 +183,8 @@ impl From<Router> for App {
         App {
             router,
             files: None,
+            pages: None,
+            admin: Default::default(),
         }
     }
 }
@@ -160,7 +197,9 @@ pub fn router(info: Arc<Info>, metrics: Arc<Metrics>, files: Option<Confined>) -
         .route("/-/metrics", get(metrics_text));
     let app = match files {
         Some(files) => ops.fallback_service(files),
-        None => ops.route("/", get(index)),
+        None => ops
+            .route("/", get(index))
+            .fallback(|| async { pages::default_response(axum::http::StatusCode::NOT_FOUND) }),
     };
     app.with_state(AppState { info, metrics })
 }
@@ -292,6 +331,26 @@ impl Confined {
                 }
             }
         }))
+    }
+}
+
+impl Confined {
+    /// `ServeDir`'s answer, without the cache's shortcut.
+    fn serve_dir(
+        &self,
+        request: Request<Body>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        let future = tower::Service::call(&mut self.files.clone(), request);
+        async move {
+            let Ok(response) = future.await;
+            response.map(Body::new)
+        }
+    }
+
+    /// The answer to `request`: from the cache, or from `ServeDir`.
+    async fn answer(&self, request: Request<Body>) -> Response<Body> {
+        let Ok(response) = tower::ServiceExt::oneshot(self.clone(), request).await;
+        response
     }
 }
 
