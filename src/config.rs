@@ -1033,7 +1033,11 @@ impl Config {
             }
         }
         for (key, name, may_be_empty) in [
-            ("files.not_found_page", Some(&self.files.not_found_page), true),
+            (
+                "files.not_found_page",
+                Some(&self.files.not_found_page),
+                true,
+            ),
             ("files.error_page", Some(&self.files.error_page), true),
             ("files.fallback", self.files.fallback.as_ref(), false),
         ] {
@@ -1076,14 +1080,18 @@ impl Config {
 /// Why `name` cannot name a file below the root, if it cannot.
 fn page_name_problem(name: &str, may_be_empty: bool) -> Option<&'static str> {
     if name.is_empty() {
-        return (!may_be_empty).then_some("is empty: name a file below the root, as \"index.html\"");
+        return (!may_be_empty)
+            .then_some("is empty: name a file below the root, as \"index.html\"");
     }
     let path = Path::new(name);
     if path.is_absolute()
         || name.contains('\0')
-        || path
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        || path.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
     {
         return Some("is not a file below the root: give its path relative to the root, as \"404.html\" or \"errors/404.html\", without '..'");
     }
@@ -1529,7 +1537,10 @@ mod tests {
         assert_eq!(c.files.not_found_page, "");
         assert_eq!(c.files.fallback.as_deref(), Some("app/index.html"));
         assert!(c.files.listing && !c.admin.endpoints);
-        assert_eq!((c.admin.listener.as_str(), c.admin.public.len()), ("ops", 0));
+        assert_eq!(
+            (c.admin.listener.as_str(), c.admin.public.len()),
+            ("ops", 0)
+        );
         // Values of the right type that are wrong: one line each, with the key.
         let c = Config::from_toml_str(
             "[files]\nnot_found_page = \"../x.html\"\nerror_page = \"/etc/passwd\"\n\

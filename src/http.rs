@@ -151,9 +151,9 @@ impl App {
             )),
             Some(pages) if !endpoint => pages.serve(request),
             // No root: the embedded page at `/`, and the endpoints this listener answers.
-            None if !endpoint && config::ENDPOINTS.contains(&path) => Box::pin(
-                std::future::ready(pages::default_response(axum::http::StatusCode::NOT_FOUND)),
-            ),
+            None if !endpoint && config::ENDPOINTS.contains(&path) => Box::pin(std::future::ready(
+                pages::default_response(axum::http::StatusCode::NOT_FOUND),
+            )),
             _ => {
                 let future = tower::ServiceExt::oneshot(self.router.clone(), request);
                 Box::pin(async move {

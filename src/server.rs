@@ -411,8 +411,12 @@ impl AcceptContext {
                     Err(Stopped) => return,
                 },
             };
-            self.connections
-                .spawn(serve_connection(io, self.shared.clone(), self.role, Some(permit)));
+            self.connections.spawn(serve_connection(
+                io,
+                self.shared.clone(),
+                self.role,
+                Some(permit),
+            ));
         }
     }
 

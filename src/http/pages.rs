@@ -309,10 +309,7 @@ mod tests {
         let page = listing_page("/x%20y/", &entries);
         assert!(page.contains("<title>Index of /x y/</title>"), "{page}");
         assert!(!page.contains("<script>"), "{page}");
-        let links: Vec<&str> = page
-            .lines()
-            .filter(|l| l.starts_with("<li>"))
-            .collect();
+        let links: Vec<&str> = page.lines().filter(|l| l.starts_with("<li>")).collect();
         assert_eq!(
             links,
             [
