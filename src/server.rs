@@ -38,6 +38,10 @@
 //! On TCP connections, requests for large files take the zero-copy fast path ([`fast`]:
 //! sendfile(2), written by baton) until the first request that is not for it; hyper serves the
 //! connection from then on. Every limit above holds on both paths.
+//!
+//! Each accept loop knows its listener's name, and so its [`Role`] ([`crate::http::admin`]):
+//! every connection carries it to [`App::call_as`], and an admin listener's connections skip
+//! the fast path (they serve no file).
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -322,6 +322,32 @@ fn an_admin_listener_takes_the_endpoints() {
     }
 }
 
+/// Large files take the sendfile fast path on TCP listeners: not on the admin listener, and
+/// a root's large `/-/` file is still served on the web listener.
+#[test]
+fn the_fast_path_follows_the_listeners_role() {
+    let root = root_with_dash();
+    let big = vec![b'x'; 300 << 10];
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    std::fs::write(root.join("-/big.bin"), &big).unwrap();
+    let (_baton, web, admin) = start_with_admin(&["--root", r_of(&root)]);
+    for path in ["/big.bin", "/-/big.bin"] {
+        let r = http::get(web, path).unwrap();
+        assert_eq!((r.status, r.body.len()), (200, big.len()), "{path}");
+        assert_eq!(
+            answer(admin, path),
+            (404, "404 Not Found\n".into()),
+            "{path}"
+        );
+    }
+    let metrics = answer(admin, "/-/metrics").1;
+    let sent = metrics
+        .lines()
+        .find(|l| l.starts_with("baton_sendfile_responses_total"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(sent.ends_with(" 1"), "{sent}");
+}
+
 #[test]
 fn admin_public_and_endpoints_switch() {
     let root = root_with_dash();
