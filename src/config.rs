@@ -44,6 +44,17 @@
 //! startsecs = "1s"                   # a start succeeded once the generation was ready this long
 //! startretries = 3                   # consecutive failed starts retried before giving up
 //!
+//! [files]                            # what the root answers beyond its files (crate::http::pages)
+//! not_found_page = "404.html"        # served with 404 when it exists in the root; "" switches it off
+//! error_page = "50x.html"            # served with the 5xx when it exists in the root; "" off
+//! fallback = "index.html"            # unset by default; a single-page app's answer to unknown paths
+//! listing = false                    # list a directory that has no index.html
+//!
+//! [admin]                            # the /-/ endpoints (crate::http::admin)
+//! endpoints = true                   # false: none anywhere; /-/ paths are files of the root
+//! listener = "admin"                 # a listener of this name, if any, takes the endpoints
+//! public = ["/-/healthy"]            # still answered on every listener
+//!
 //! [compression]
 //! on_the_fly = true                  # compress text types as they are sent (zstd, br, gzip)
 //! precompressed = true               # serve FILE.zst, FILE.br, FILE.gz beside FILE
@@ -283,6 +294,82 @@ pub const KEYS: &[Key] = &[
                before the keeper gives up.",
     },
     Key {
+        section: "files",
+        name: "not_found_page",
+        kind: "file name below the root, or \"\"",
+        default: Some(r#""404.html""#),
+        unset: "",
+        example: r#""errors/missing.html""#,
+        help: "Served with status 404 for a path not found, when it exists in the root (opened \
+               beneath it like every file); \"\" switches it off. Without it the answer is \
+               \"404 Not Found\" in plain text.",
+    },
+    Key {
+        section: "files",
+        name: "error_page",
+        kind: "file name below the root, or \"\"",
+        default: Some(r#""50x.html""#),
+        unset: "",
+        example: r#""errors/oops.html""#,
+        help: "Served with the status of a server error (5xx) while serving a file, when it \
+               exists in the root; \"\" switches it off.",
+    },
+    Key {
+        section: "files",
+        name: "fallback",
+        kind: "file name below the root",
+        default: None,
+        unset: "no fallback: a path not found is 404",
+        example: r#""index.html""#,
+        help: "A GET or HEAD of a path not found below the root is answered with this file and \
+               status 200, as a single-page application needs (nginx's try_files $uri \
+               /index.html). A directory listing, when on, comes first.",
+    },
+    Key {
+        section: "files",
+        name: "listing",
+        kind: "boolean",
+        default: Some("false"),
+        unset: "",
+        example: "true",
+        help: "A directory without index.html is answered with an HTML list of its entries \
+               (sorted by name, directories with a trailing /; entries that lead outside the \
+               root or cannot be read are left out).",
+    },
+    Key {
+        section: "admin",
+        name: "endpoints",
+        kind: "boolean",
+        default: Some("true"),
+        unset: "",
+        example: "false",
+        help: "Answer /-/healthy, /-/version and /-/metrics; false: none of them anywhere, and \
+               the root's own /-/ paths are served as files.",
+    },
+    Key {
+        section: "admin",
+        name: "listener",
+        kind: "listener name",
+        default: Some(r#""admin""#),
+        unset: "",
+        example: r#""ops""#,
+        help: "When a listener of this name exists (as in --listen admin=127.0.0.1:9090), it \
+               answers the endpoints and nothing else (404 otherwise), and the other listeners \
+               serve the root's own /-/ paths, except admin.public. When no listener has this \
+               name, every listener answers the endpoints, as without the setting.",
+    },
+    Key {
+        section: "admin",
+        name: "public",
+        kind: "array of endpoint paths",
+        default: Some(r#"["/-/healthy"]"#),
+        unset: "",
+        example: r#"[]"#,
+        help: "Endpoints answered on every listener even when the admin listener exists, so \
+               that the health check stays reachable on the main one; [] keeps them all on \
+               the admin listener.",
+    },
+    Key {
         section: "compression",
         name: "on_the_fly",
         kind: "boolean",
@@ -375,11 +462,39 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     pub upgrade: Upgrade,
     pub keeper: Keeper,
+    pub files: Files,
+    pub admin: Admin,
     /// Pre-compressed sidecars and compression on the fly.
     pub compression: Compression,
     /// `Cache-Control`, extra headers and the charset of the answers from the root.
     pub headers: Headers,
 }
+
+/// What the root answers beyond its files: error pages, a fallback, directory listings
+/// ([`crate::http::pages`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Files {
+    /// Served with 404, relative to the root; empty: none.
+    pub not_found_page: String,
+    /// Served with a 5xx, relative to the root; empty: none.
+    pub error_page: String,
+    /// Answers a GET or HEAD of a path not found, with 200; relative to the root.
+    pub fallback: Option<String>,
+    pub listing: bool,
+}
+
+/// Where the `/-/` endpoints answer ([`crate::http::admin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub endpoints: bool,
+    /// The listener that takes the endpoints, when one has this name.
+    pub listener: String,
+    /// Endpoints answered on every listener all the same.
+    pub public: Vec<String>,
+}
+
+/// The endpoints `admin.public` may name.
+pub const ENDPOINTS: [&str; 3] = ["/-/healthy", "/-/version", "/-/metrics"];
 
 /// How the keeper restarts a generation that exits without being asked to
 /// ([`crate::keeper`]); supervisord's `startsecs` and `startretries`.
@@ -452,6 +567,17 @@ impl Default for Config {
                 startsecs: Duration::from_secs(1),
                 startretries: 3,
             },
+            files: Files {
+                not_found_page: "404.html".to_owned(),
+                error_page: "50x.html".to_owned(),
+                fallback: None,
+                listing: false,
+            },
+            admin: Admin {
+                endpoints: true,
+                listener: "admin".to_owned(),
+                public: vec![ENDPOINTS[0].to_owned()],
+            },
             compression: Compression::default(),
             headers: Headers::default(),
         }
@@ -521,7 +647,7 @@ macro_rules! settings {
         )*
 
         /// Every setting of the file, each also a flag of `baton serve` except
-        /// `shutdown.idle_grace`; a set one wins over the layer below ([`Config::apply`]).
+        /// `shutdown.idle_grace`, `admin.endpoints` and `admin.public`; a set one wins over the layer below ([`Config::apply`]).
         #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
         pub struct Settings {
             $(
@@ -643,6 +769,38 @@ settings! {
         startretries: u32 => keeper.startretries,
     }
 
+    /// `[files]`: error pages, the fallback, directory listings.
+    [files] FilesSettings, FilesSection {
+        /// Served with 404 when it exists in the root; "" switches it off [default: 404.html]
+        #[arg(long, value_name = "FILE")]
+        not_found_page: String => files.not_found_page,
+
+        /// Served with a 5xx when it exists in the root; "" switches it off [default: 50x.html]
+        #[arg(long, value_name = "FILE")]
+        error_page: String => files.error_page,
+
+        /// Answer a GET or HEAD of a path not found with this file of the root, 200 (single-page apps)
+        #[arg(long, value_name = "FILE")]
+        fallback: String => files.fallback,
+
+        /// List a directory that has no index.html
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        listing: bool => files.listing,
+    }
+
+    /// `[admin]`: where the `/-/` endpoints answer.
+    [admin] AdminSettings, AdminSection {
+        #[arg(skip)]
+        endpoints: bool => admin.endpoints,
+
+        /// The listener that takes the /-/ endpoints when one has this name [default: admin]
+        #[arg(long = "admin-listener", value_name = "NAME")]
+        listener: String => admin.listener,
+
+        #[arg(skip)]
+        public: Vec<String> => admin.public,
+    }
+
     /// `[compression]`: compressed answers for the clients that accept them.
     [compression] CompressionSettings, CompressionSection {
         /// Compress answers of text types as they are sent, for clients that accept it [default: true]
@@ -707,8 +865,11 @@ macro_rules! taken_as_given {
 
 taken_as_given!(bool, String, PathBuf);
 
-// Lists of strings that parse as their flags do (listeners, codings, rules, headers).
-impl<T: std::str::FromStr<Err = String>> FileValue for Vec<T> {
+// Lists of strings that parse as their flags do (listeners, codings, rules, headers, names).
+impl<T: std::str::FromStr> FileValue for Vec<T>
+where
+    T::Err: fmt::Display,
+{
     type Raw = Vec<String>;
     fn from_file(raw: Vec<String>, key: &str, errors: &mut Vec<String>) -> Option<Self> {
         let mut items = Vec::new();
@@ -1027,6 +1188,40 @@ impl Config {
                 ));
             }
         }
+        for (key, name, may_be_empty) in [
+            (
+                "files.not_found_page",
+                Some(&self.files.not_found_page),
+                true,
+            ),
+            ("files.error_page", Some(&self.files.error_page), true),
+            ("files.fallback", self.files.fallback.as_ref(), false),
+        ] {
+            if let Some(name) = name {
+                if let Some(problem) = page_name_problem(name, may_be_empty) {
+                    errors.push(format!("{key} '{name}' {problem}"));
+                }
+            }
+        }
+        let name = &self.admin.listener;
+        if !(1..=255).contains(&name.len())
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            errors.push(format!(
+                "admin.listener '{name}' is not a listener name: use 1 to 255 letters, digits, \
+                 '.', '_' or '-', as in \"admin\""
+            ));
+        }
+        for path in &self.admin.public {
+            if !ENDPOINTS.contains(&path.as_str()) {
+                errors.push(format!(
+                    "admin.public '{path}' is not an endpoint: use {}",
+                    ENDPOINTS.join(", ")
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1036,6 +1231,30 @@ impl Config {
             })
         }
     }
+}
+
+/// Why `name` cannot name a file below the root, if it cannot.
+fn page_name_problem(name: &str, may_be_empty: bool) -> Option<&'static str> {
+    if name.is_empty() {
+        return (!may_be_empty)
+            .then_some("is empty: name a file below the root, as \"index.html\"");
+    }
+    let path = Path::new(name);
+    if path.is_absolute()
+        || name.contains('\0')
+        || path.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+    {
+        return Some("is not a file below the root: give its path relative to the root, as \"404.html\" or \"errors/404.html\", without '..'");
+    }
+    if name.ends_with('/') {
+        return Some("names a directory: name a file below the root, as \"index.html\"");
+    }
+    None
 }
 
 fn one_line(s: &str) -> String {
@@ -1396,7 +1615,11 @@ mod tests {
             .map(Key::path)
             .filter(|k| !flagged.contains(k))
             .collect();
-        assert_eq!(unflagged, ["shutdown.idle_grace"], "keys without a flag");
+        assert_eq!(
+            unflagged,
+            ["shutdown.idle_grace", "admin.endpoints", "admin.public"],
+            "keys without a flag"
+        );
         assert!(
             compared >= 10,
             "only {compared} defaults found in the flags' help"
@@ -1456,6 +1679,49 @@ mod tests {
                 key.path()
             );
         }
+    }
+
+    #[test]
+    fn files_and_admin_settings() {
+        let c = Config::from_toml_str(
+            "[files]\nnot_found_page = \"\"\nfallback = \"app/index.html\"\nlisting = true\n\
+             [admin]\nendpoints = false\nlistener = \"ops\"\npublic = []\n",
+            None,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.files.not_found_page, "");
+        assert_eq!(c.files.fallback.as_deref(), Some("app/index.html"));
+        assert!(c.files.listing && !c.admin.endpoints);
+        assert_eq!(
+            (c.admin.listener.as_str(), c.admin.public.len()),
+            ("ops", 0)
+        );
+        // Values of the right type that are wrong: one line each, with the key.
+        let c = Config::from_toml_str(
+            "[files]\nnot_found_page = \"../x.html\"\nerror_page = \"/etc/passwd\"\n\
+             fallback = \"\"\n[admin]\nlistener = \"a b\"\npublic = [\"/-/nope\"]\n",
+            None,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        let starts: Vec<&str> = err
+            .errors
+            .iter()
+            .map(|e| e.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(
+            starts,
+            [
+                "files.not_found_page",
+                "files.error_page",
+                "files.fallback",
+                "admin.listener",
+                "admin.public"
+            ],
+            "{err}"
+        );
+        assert!(!err.errors.iter().any(|e| e.contains('\n')), "{err}");
     }
 
     #[test]

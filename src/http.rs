@@ -5,7 +5,11 @@
 //! | `/-/healthy`  | `200 ok`                                                               |
 //! | `/-/version`  | JSON: `version`, `pid`, `generation`, `started` (RFC 3339), `listeners` |
 //! | `/-/metrics`  | Prometheus text exposition ([`crate::metrics`])                        |
-//! | anything else | a file below the root (tower-http's `ServeDir`: index.html, content types, ranges, conditional GET, HEAD), or, with no root, the embedded page at `/` |
+//! | anything else | a file below the root (tower-http's `ServeDir`: index.html, content types, ranges, conditional GET, HEAD; error pages, a fallback and listings: [`pages`]), or, with no root, the embedded page at `/` |
+//!
+//! Which listener answers the endpoints is [`admin`]'s business: by default every one, and
+//! with a listener named `admin` only that one (and `/-/healthy` everywhere); a `/-/` path that
+//! is no endpoint of the listener is a file of the root.
 //!
 //! Nothing outside the root is reachable: `ServeDir` refuses `..`, and [`Confined`] opens every
 //! file beneath a directory fd of the root, once, and serves that very fd
@@ -19,9 +23,11 @@
 //! let app = baton::http::App::new(Arc::new(info), metrics, &settings).unwrap();
 //! ```
 
+pub mod admin;
 pub mod beneath;
 pub mod encoding;
 pub mod headers;
+pub mod pages;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -46,7 +52,10 @@ use beneath::{Kind, Root, Stat};
 use encoding::{Coding, Compression, OnTheFly};
 use headers::Headers;
 
+use crate::config;
 use crate::metrics::Metrics;
+use admin::Role;
+use pages::Pages;
 
 /// What the process reports about itself.
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +97,10 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 pub struct Settings {
     /// The directory served; `None` serves the embedded page at `/`.
     pub root: Option<PathBuf>,
+    /// Error pages, the fallback, listings (`[files]`).
+    pub pages: pages::Settings,
+    /// Where the endpoints answer (`[admin]`).
+    pub admin: admin::Admin,
     /// Pre-compressed sidecars and compression on the fly.
     pub compression: Compression,
     /// `Cache-Control`, extra headers, the charset of text.
@@ -115,6 +128,9 @@ struct AppState {
 pub struct App {
     router: Router,
     files: Option<Confined>,
+    /// The same files, with error pages, the fallback and listings.
+    pages: Option<Arc<Pages>>,
+    admin: Arc<admin::Admin>,
 }
 
 /// The future of one answer.
@@ -124,20 +140,43 @@ impl App {
     /// baton's service: the `/-/` endpoints, and the files below the root (or, with no root,
     /// the embedded page at `/`). Fails if the root cannot be opened.
     pub fn new(info: Arc<Info>, metrics: Arc<Metrics>, settings: &Settings) -> io::Result<App> {
+        let files = settings
+            .root
+            .as_deref()
+            .map(|root| Confined::with_settings(root, settings))
+            .transpose()?;
+        let pages = files
+            .clone()
+            .map(|files| Arc::new(Pages::new(files, &settings.pages)));
         Ok(App {
             router: router(info, metrics, None),
-            files: settings
-                .root
-                .as_deref()
-                .map(|root| Confined::with_settings(root, settings))
-                .transpose()?,
+            files,
+            pages,
+            admin: Arc::new(settings.admin.clone()),
         })
     }
 
-    /// Answers one request.
+    /// Answers one request as a listener of [`Role::All`] does (no admin listener).
     pub fn call(&self, request: Request<Body>) -> AppFuture {
-        match &self.files {
-            Some(files) if !request.uri().path().starts_with("/-/") => files.answer(request),
+        self.call_as(Role::All, request)
+    }
+
+    /// Answers one request that came in on a listener of `role`.
+    pub fn call_as(&self, role: Role, request: Request<Body>) -> AppFuture {
+        let path = request.uri().path();
+        let endpoint = path.starts_with("/-/") && self.admin.answers(role, path);
+        match &self.pages {
+            _ if role == Role::Admin && !endpoint => Box::pin(std::future::ready(
+                pages::default_response(axum::http::StatusCode::NOT_FOUND),
+            )),
+            Some(pages) if !endpoint => match &self.files {
+                Some(files) => files.outgoing(request, |request| pages.serve(request)),
+                None => pages.serve(request),
+            },
+            // No root: the embedded page at `/`, and the endpoints this listener answers.
+            None if !endpoint && config::ENDPOINTS.contains(&path) => Box::pin(std::future::ready(
+                pages::default_response(axum::http::StatusCode::NOT_FOUND),
+            )),
             _ => {
                 let future = tower::ServiceExt::oneshot(self.router.clone(), request);
                 Box::pin(async move {
@@ -146,6 +185,11 @@ impl App {
                 })
             }
         }
+    }
+
+    /// The role of the listener `name` among the listeners `all`.
+    pub fn role<'a>(&self, name: &str, all: impl Iterator<Item = &'a str>) -> Role {
+        self.admin.role(name, all)
     }
 }
 
@@ -162,6 +206,8 @@ impl From<Router> for App {
         App {
             router,
             files: None,
+            pages: None,
+            admin: Default::default(),
         }
     }
 }
@@ -174,7 +220,9 @@ pub fn router(info: Arc<Info>, metrics: Arc<Metrics>, files: Option<Confined>) -
         .route("/-/metrics", get(metrics_text));
     let app = match files {
         Some(files) => ops.fallback_service(files),
-        None => ops.route("/", get(index)),
+        None => ops
+            .route("/", get(index))
+            .fallback(|| async { pages::default_response(axum::http::StatusCode::NOT_FOUND) }),
     };
     app.with_state(AppState { info, metrics })
 }
@@ -277,17 +325,21 @@ impl Confined {
         })
     }
 
-    /// The answer to a request for a file, with the configured headers, compressed if it
-    /// should be.
-    fn answer(&self, mut request: Request<Body>) -> AppFuture {
+    /// The answer `serve` gives to a request for a file, with the configured headers, and
+    /// compressed if it should be.
+    fn outgoing(
+        &self,
+        mut request: Request<Body>,
+        serve: impl FnOnce(Request<Body>) -> AppFuture,
+    ) -> AppFuture {
         let web = self.web.clone();
         let on_the_fly = OnTheFly::for_request(&web.compression, request.headers_mut());
         // Only path rules need the path; most configurations have none.
-        let path = (!web.headers.cache_control.is_empty())
-            .then(|| decoded_path(request.uri().path()));
-        let future = tower::Service::call(&mut self.clone(), request);
+        let path =
+            (!web.headers.cache_control.is_empty()).then(|| decoded_path(request.uri().path()));
+        let future = serve(request);
         Box::pin(async move {
-            let Ok(mut response) = future.await;
+            let mut response = future.await;
             let path = path.as_deref().unwrap_or_default();
             web.headers.apply(path, response.headers_mut());
             on_the_fly.apply(response)
@@ -367,7 +419,10 @@ impl Confined {
 }
 
 /// `ServeDir` over the root, with the sidecars of the enabled codings.
-fn serve_dir(backend: Beneath, compression: &Compression) -> ServeDir<DefaultServeDirFallback, Beneath> {
+fn serve_dir(
+    backend: Beneath,
+    compression: &Compression,
+) -> ServeDir<DefaultServeDirFallback, Beneath> {
     // The backend resolves paths relative to the root's fd: the base is empty.
     let mut files = ServeDir::with_backend("", backend).append_index_html_on_directories(true);
     if compression.precompressed {
@@ -388,6 +443,26 @@ pub(crate) fn decoded_path(uri_path: &str) -> String {
     percent_encoding::percent_decode_str(uri_path)
         .decode_utf8()
         .map_or_else(|_| uri_path.to_owned(), |path| path.into_owned())
+}
+
+impl Confined {
+    /// `ServeDir`'s answer, without the cache's shortcut.
+    fn serve_dir(
+        &self,
+        request: Request<Body>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        let future = tower::Service::call(&mut self.files.clone(), request);
+        async move {
+            let Ok(response) = future.await;
+            response.map(Body::new)
+        }
+    }
+
+    /// The answer to `request`: from the cache, or from `ServeDir`.
+    async fn answer(&self, request: Request<Body>) -> Response<Body> {
+        let Ok(response) = tower::ServiceExt::oneshot(self.clone(), request).await;
+        response
+    }
 }
 
 /// The path below the root that `ServeDir` makes of a request path (percent-decoded; `.`
@@ -474,7 +549,9 @@ impl Confined {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(coding.extension());
             match self.backend.root.open_read(Path::new(&sidecar)) {
-                Ok((file, stat)) if stat.kind == Kind::File => return large(file, stat, Some(coding)),
+                Ok((file, stat)) if stat.kind == Kind::File => {
+                    return large(file, stat, Some(coding))
+                }
                 Ok(_) => {}
                 Err(e) if absent(&e) => {}
                 Err(_) => return None,

@@ -38,6 +38,10 @@
 //! On TCP connections, requests for large files take the zero-copy fast path ([`fast`]:
 //! sendfile(2), written by baton) until the first request that is not for it; hyper serves the
 //! connection from then on. Every limit above holds on both paths.
+//!
+//! Each accept loop knows its listener's name, and so its [`Role`] ([`crate::http::admin`]):
+//! every connection carries it to [`App::call_as`], and an admin listener's connections skip
+//! the fast path (they serve no file).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -50,6 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::http::admin::Role;
 use crate::http::App;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -231,8 +236,13 @@ impl Server {
     /// Starts the accept loops.
     pub fn start_accepting(&mut self) {
         let limit = self.limit.clone();
+        let names: Vec<String> = self.pending.iter().map(|(n, _)| n.clone()).collect();
         for (name, listener) in self.pending.drain(..) {
             let ctx = AcceptContext {
+                role: self
+                    .shared
+                    .app
+                    .role(&name, names.iter().map(String::as_str)),
                 name,
                 shared: self.shared.clone(),
                 limit: limit.clone(),
@@ -324,6 +334,8 @@ impl Accept for tokio::net::UnixListener {
 
 struct AcceptContext {
     name: String,
+    /// What the listener answers ([`crate::http::admin`]).
+    role: Role,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
@@ -367,6 +379,7 @@ impl AcceptContext {
                         self.connections.spawn(serve_connection(
                             io,
                             self.shared.clone(),
+                            self.role,
                             Some(permit),
                         ));
                         continue;
@@ -377,12 +390,12 @@ impl AcceptContext {
                         _ = self.stop.cancelled() => {
                             // It was accepted: it gets its answer (with Connection: close), not
                             // a reset, even beyond the limit.
-                            self.connections.spawn(serve_connection(io, self.shared.clone(), None));
+                            self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, None));
                             return;
                         }
                         permit = self.limit.clone().acquire_owned() => match permit {
                             Ok(permit) => {
-                                self.connections.spawn(serve_connection(io, self.shared.clone(), Some(permit)));
+                                self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, Some(permit)));
                                 continue;
                             }
                             Err(_) => return,
@@ -402,8 +415,12 @@ impl AcceptContext {
                     Err(Stopped) => return,
                 },
             };
-            self.connections
-                .spawn(serve_connection(io, self.shared.clone(), Some(permit)));
+            self.connections.spawn(serve_connection(
+                io,
+                self.shared.clone(),
+                self.role,
+                Some(permit),
+            ));
         }
     }
 
@@ -466,6 +483,8 @@ struct ConnState {
     close_after: AtomicBool,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
+    /// What the connection's listener answers.
+    role: Role,
 }
 
 impl ConnState {
@@ -526,12 +545,16 @@ enum Event<I> {
 
 /// Serves one connection: registers it (so that an accept loop can evict it when idle), runs
 /// the fast path and hyper on it, and watches its deadlines until it ends.
-async fn serve_connection<I>(io: I, shared: Arc<Shared>, _permit: Option<OwnedSemaphorePermit>)
-where
+async fn serve_connection<I>(
+    io: I,
+    shared: Arc<Shared>,
+    role: Role,
+    _permit: Option<OwnedSemaphorePermit>,
+) where
     I: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
 {
     shared.metrics.open_connections.inc();
-    let (state, _registered) = register_connection(&shared, io.as_raw_fd());
+    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role);
     let io = TrackedIo {
         inner: io,
         state: state.clone(),
@@ -549,7 +572,8 @@ where
                 .serve_connection(TokioIo::new(Rewind::new(io, prefix)), service.clone()),
         )
     };
-    let mut phase = if I::FAST_PATH && shared.app.files().is_some() {
+    // The admin listener serves no file.
+    let mut phase = if I::FAST_PATH && shared.app.files().is_some() && role != Role::Admin {
         Phase::Fast(Box::pin(fast::serve(io, shared.clone(), state.clone())))
     } else {
         Phase::Hyper(hyper_conn(io, Vec::new()))
@@ -612,7 +636,11 @@ where
 }
 
 /// A new connection's state, entered in [`Shared::conns`] until the returned guard drops.
-fn register_connection(shared: &Arc<Shared>, fd: RawFd) -> (Arc<ConnState>, Registered) {
+fn register_connection(
+    shared: &Arc<Shared>,
+    fd: RawFd,
+    role: Role,
+) -> (Arc<ConnState>, Registered) {
     let now = shared.now_ms();
     let state = Arc::new(ConnState {
         in_flight: AtomicU32::new(0),
@@ -625,6 +653,7 @@ fn register_connection(shared: &Arc<Shared>, fd: RawFd) -> (Arc<ConnState>, Regi
         evict: Notify::new(),
         close_after: AtomicBool::new(false),
         fd,
+        role,
     });
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     shared
@@ -957,7 +986,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         });
         let response: crate::http::AppFuture = match host_error(&request) {
             Some(reason) => Box::pin(std::future::ready(bad_request(reason))),
-            None => shared.app.call(request.map(axum::body::Body::new)),
+            None => shared
+                .app
+                .call_as(self.state.role, request.map(axum::body::Body::new)),
         };
         Box::pin(async move {
             let mut response = response.await;

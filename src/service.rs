@@ -69,6 +69,17 @@ pub fn http_settings(config: &Config) -> crate::http::Settings {
         root: config.root.clone(),
         compression: config.compression.clone(),
         headers: config.headers.clone(),
+        pages: crate::http::pages::Settings {
+            not_found_page: config.files.not_found_page.clone(),
+            error_page: config.files.error_page.clone(),
+            fallback: config.files.fallback.clone(),
+            listing: config.files.listing,
+        },
+        admin: crate::http::admin::Admin {
+            endpoints: config.admin.endpoints,
+            listener: config.admin.listener.clone(),
+            public: config.admin.public.clone(),
+        },
     }
 }
 

@@ -17,7 +17,11 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
     let mut n = seed;
     while out.len() < len {
         n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let line = format!("<p class=\"row-{}\">item {} of the list</p>\n", n % 17, n % 1000);
+        let line = format!(
+            "<p class=\"row-{}\">item {} of the list</p>\n",
+            n % 17,
+            n % 1000
+        );
         out.extend_from_slice(line.as_bytes());
     }
     out.truncate(len);
@@ -162,7 +166,11 @@ fn sidecars_are_chosen_by_accept_encoding() {
                 header(&identity, "content-type"),
                 "{what}"
             );
-            assert_ne!(header(&response, "etag"), header(&identity, "etag"), "{what}");
+            assert_ne!(
+                header(&response, "etag"),
+                header(&identity, "etag"),
+                "{what}"
+            );
             assert!(decode(coding, &response.body) == original, "{what}");
         }
         // No .zst sidecar: zstd is compressed on the fly.
@@ -182,7 +190,10 @@ fn sidecars_are_chosen_by_accept_encoding() {
     let response = get(addr, "/app.js", "br");
     assert_eq!(header(&response, "content-encoding"), "br");
     let sidecar = std::fs::read(root.join("app.js.br")).unwrap();
-    assert!(response.body != sidecar, "the sidecar was served though switched off");
+    assert!(
+        response.body != sidecar,
+        "the sidecar was served though switched off"
+    );
     assert!(decode("br", &response.body) == std::fs::read(root.join("app.js")).unwrap());
 }
 
@@ -210,7 +221,10 @@ fn bodies_compressed_on_the_fly_decompress_to_the_original() {
                 format!("{}-{coding}\"", tag.trim_end_matches('"')),
                 "{what}"
             );
-            assert!(response.body.len() < original.len() / 2, "{what}: not smaller");
+            assert!(
+                response.body.len() < original.len() / 2,
+                "{what}: not smaller"
+            );
             assert!(decode(coding, &response.body) == original, "{what}");
         }
         // HEAD: the same headers, no body.
@@ -222,7 +236,10 @@ fn bodies_compressed_on_the_fly_decompress_to_the_original() {
         let response = get(addr, path, "br, gzip, zstd");
         assert_eq!(response.status, 200, "{path}");
         assert_eq!(response.header("content-encoding"), None, "{path}");
-        assert!(response.body == std::fs::read(root.join(&path[1..])).unwrap(), "{path}");
+        assert!(
+            response.body == std::fs::read(root.join(&path[1..])).unwrap(),
+            "{path}"
+        );
     }
 
     // A real client: curl asks for what it can decode and decodes it.
@@ -348,13 +365,25 @@ fn configured_headers_are_on_every_answer_from_the_root() {
         ],
     );
     let check = |response: &Response, what: &str, cache: Option<&str>| {
-        assert_eq!(header(response, "x-content-type-options"), "nosniff", "{what}");
-        assert_eq!(header(response, "access-control-allow-origin"), "*", "{what}");
+        assert_eq!(
+            header(response, "x-content-type-options"),
+            "nosniff",
+            "{what}"
+        );
+        assert_eq!(
+            header(response, "access-control-allow-origin"),
+            "*",
+            "{what}"
+        );
         assert_eq!(response.header("cache-control"), cache, "{what}");
     };
     // The memory cache, ServeDir (a range), and the zero-copy path (a large file).
     let small = get(addr, "/assets/site.css", "identity");
-    check(&small, "cached", Some("public, max-age=31536000, immutable"));
+    check(
+        &small,
+        "cached",
+        Some("public, max-age=31536000, immutable"),
+    );
     assert_eq!(header(&small, "content-type"), "text/css; charset=utf-8");
     let index = get(addr, "/", "identity");
     check(&index, "index", Some("no-cache"));
@@ -382,21 +411,48 @@ fn configured_headers_are_on_every_answer_from_the_root() {
 
     // No charset when told so.
     let (_bare, addr) = start(&root, &["--charset", ""]);
-    assert_eq!(header(&get(addr, "/", "identity"), "content-type"), "text/html");
+    assert_eq!(
+        header(&get(addr, "/", "identity"), "content-type"),
+        "text/html"
+    );
 }
 
 #[test]
 fn a_bad_value_is_one_line_from_baton_check() {
     let dir = TempDir::new("compression-check");
     for (toml, says) in [
-        ("[compression]\ncodings = [\"lzma\"]\n", "compression.codings[0]: 'lzma' is not a content coding"),
-        ("[compression]\ncodings = []\n", "compression.codings is empty"),
-        ("[compression]\nmin_size = -1\n", "compression.min_size: -1 is negative"),
-        ("[headers]\ncache_control = [\"/a\"]\n", "headers.cache_control[0]: '/a' is not PATTERN=VALUE"),
-        ("[headers]\ncache_control = [\"html=no-cache\"]\n", "is neither a path pattern"),
-        ("[headers]\nadd = [\"Content-Length: 1\"]\n", "headers.add[0]: content-length is set by baton"),
-        ("[headers]\nadd = [\"X-Frame-Options DENY\"]\n", "is not NAME: VALUE"),
-        ("[headers]\ncharset = \"utf 8\"\n", "headers.charset 'utf 8' is not a charset name"),
+        (
+            "[compression]\ncodings = [\"lzma\"]\n",
+            "compression.codings[0]: 'lzma' is not a content coding",
+        ),
+        (
+            "[compression]\ncodings = []\n",
+            "compression.codings is empty",
+        ),
+        (
+            "[compression]\nmin_size = -1\n",
+            "compression.min_size: -1 is negative",
+        ),
+        (
+            "[headers]\ncache_control = [\"/a\"]\n",
+            "headers.cache_control[0]: '/a' is not PATTERN=VALUE",
+        ),
+        (
+            "[headers]\ncache_control = [\"html=no-cache\"]\n",
+            "is neither a path pattern",
+        ),
+        (
+            "[headers]\nadd = [\"Content-Length: 1\"]\n",
+            "headers.add[0]: content-length is set by baton",
+        ),
+        (
+            "[headers]\nadd = [\"X-Frame-Options DENY\"]\n",
+            "is not NAME: VALUE",
+        ),
+        (
+            "[headers]\ncharset = \"utf 8\"\n",
+            "headers.charset 'utf 8' is not a charset name",
+        ),
     ] {
         let path = dir.join("baton.toml");
         std::fs::write(&path, toml).unwrap();

@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,16 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::http::{self, Conn};
 use common::notify::Receiver;
-use common::{run_baton, tcp_listener, Baton, Spawn, TempDir};
+use common::{run_baton, start, tcp_listener, Spawn, TempDir};
 use nix::sys::signal::Signal;
-
-/// baton on a handed-over loopback listener, ready.
-fn start(args: &[&str]) -> (Baton, SocketAddr) {
-    let (listener, addr) = tcp_listener();
-    let mut baton = Spawn::serve(args).fd(listener, None).start();
-    baton.wait_ready();
-    (baton, addr)
-}
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -48,6 +48,10 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-timeout -d
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-probation -d 'After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startsecs -d 'Keeper: a start counts as successful once the generation has been ready this long [default: 1s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l startretries -d 'Keeper: consecutive failed starts retried (after 1s, 2s, 3s, ...) before giving up [default: 3]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l not-found-page -d 'Served with 404 when it exists in the root; "" switches it off [default: 404.html]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l error-page -d 'Served with a 5xx when it exists in the root; "" switches it off [default: 50x.html]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l fallback -d 'Answer a GET or HEAD of a path not found with this file of the root, 200 (single-page apps)' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l admin-listener -d 'The listener that takes the /-/ endpoints when one has this name [default: admin]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l compress -d 'Compress answers of text types as they are sent, for clients that accept it [default: true]' -r -f -a "true\t''
 false\t''"
 complete -c baton -n "__fish_baton_using_subcommand serve" -l precompressed -d 'Serve FILE.zst, FILE.br, FILE.gz beside FILE to the clients that accept them [default: true]' -r -f -a "true\t''
@@ -60,6 +64,7 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l charset -d 'The ch
 complete -c baton -n "__fish_baton_using_subcommand serve" -l daemon -d 'Run in the background (daemon(7)) under a keeper; returns once the first generation serves, or fails with its error'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in the foreground under a keeper: a small process that holds the sockets and the pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Log one line per request'
+complete -c baton -n "__fish_baton_using_subcommand serve" -l listing -d 'List a directory that has no index.html'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c baton -n "__fish_baton_using_subcommand check" -l config -d 'Configuration file [default: /etc/baton/baton.toml]' -r -F

@@ -236,6 +236,38 @@ impl Root {
     }
 }
 
+impl Root {
+    /// The entries of the directory `relative` beneath the root, with their kinds: `.` and
+    /// `..`, names that are not UTF-8, and entries that cannot be opened for reading beneath
+    /// the root (a symlink leading outside, no permission, a socket) or are neither a regular
+    /// file nor a directory are left out. One open per entry: for listings, not a hot path.
+    pub fn list(&self, relative: &Path) -> io::Result<Vec<(String, Kind)>> {
+        let fd = self.open_at(
+            relative,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        )?;
+        let mut dir = nix::dir::Dir::from_fd(fd)?;
+        let mut names = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name != "." && name != ".." {
+                names.push(name.to_owned());
+            }
+        }
+        let mut entries = Vec::new();
+        for name in names {
+            match self.open_read(&relative.join(&name)) {
+                Ok((_, stat)) if stat.kind != Kind::Other => entries.push((name, stat.kind)),
+                _ => {}
+            }
+        }
+        Ok(entries)
+    }
+}
+
 /// Pushes the components of `path` onto `todo` so that popping yields them in order.
 fn push_components(todo: &mut Vec<OsString>, path: &OsStr) {
     let start = todo.len();

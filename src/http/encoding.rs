@@ -73,7 +73,9 @@ impl FromStr for Coding {
         Coding::ALL
             .into_iter()
             .find(|c| c.token() == s)
-            .ok_or_else(|| format!("'{s}' is not a content coding baton knows; use zstd, br or gzip"))
+            .ok_or_else(|| {
+                format!("'{s}' is not a content coding baton knows; use zstd, br or gzip")
+            })
     }
 }
 
@@ -122,7 +124,10 @@ impl Compression {
 /// The codings among `enabled` that the request accepts, best first: by the client's q-value,
 /// then zstd, br, gzip (`ServeDir`'s order). `x-gzip` is gzip; `*` and unknown tokens are
 /// ignored, as `ServeDir` ignores them.
-fn accepted<'a>(headers: &'a HeaderMap, enabled: &'a [Coding]) -> impl Iterator<Item = Coding> + 'a {
+fn accepted<'a>(
+    headers: &'a HeaderMap,
+    enabled: &'a [Coding],
+) -> impl Iterator<Item = Coding> + 'a {
     let mut rated: Vec<(u16, Coding)> = Vec::new();
     for value in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
@@ -185,7 +190,8 @@ pub fn compressible(content_type: &HeaderValue) -> bool {
     let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
     let ends = |suffix: &str| {
         subtype.len() >= suffix.len()
-            && subtype.as_bytes()[subtype.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+            && subtype.as_bytes()[subtype.len() - suffix.len()..]
+                .eq_ignore_ascii_case(suffix.as_bytes())
     };
     if is(kind, "text") {
         !is(subtype, "event-stream")
@@ -423,7 +429,10 @@ mod tests {
 
     fn accept(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_str(value).unwrap(),
+        );
         headers
     }
 
@@ -509,7 +518,10 @@ mod tests {
     #[test]
     fn vary_is_added_once() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::VARY, HeaderValue::from_static("Origin, Accept-Encoding"));
+        headers.insert(
+            header::VARY,
+            HeaderValue::from_static("Origin, Accept-Encoding"),
+        );
         vary_on_accept_encoding(&mut headers);
         assert_eq!(headers.get_all(header::VARY).iter().count(), 1);
         let mut headers = HeaderMap::new();

@@ -157,7 +157,12 @@ impl FromStr for ExtraHeader {
 
 impl std::fmt::Display for ExtraHeader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.name, String::from_utf8_lossy(self.value.as_bytes()))
+        write!(
+            f,
+            "{}: {}",
+            self.name,
+            String::from_utf8_lossy(self.value.as_bytes())
+        )
     }
 }
 
@@ -224,7 +229,11 @@ impl Headers {
         self.cache_control.is_empty() && self.extra.is_empty()
     }
 
-    fn cache_control_for(&self, path: &str, content_type: Option<&HeaderValue>) -> Option<&HeaderValue> {
+    fn cache_control_for(
+        &self,
+        path: &str,
+        content_type: Option<&HeaderValue>,
+    ) -> Option<&HeaderValue> {
         self.cache_control
             .iter()
             .find(|rule| rule.matches(path, content_type))
@@ -233,7 +242,12 @@ impl Headers {
 
     /// The configured header lines of an answer the zero-copy path writes itself (its
     /// `Content-Type` comes with the charset already, from [`Headers::content_type`]).
-    pub fn extra_lines(&self, path: &str, content_type: &HeaderValue, mut line: impl FnMut(&str, &[u8])) {
+    pub fn extra_lines(
+        &self,
+        path: &str,
+        content_type: &HeaderValue,
+        mut line: impl FnMut(&str, &[u8]),
+    ) {
         if let Some(value) = self.cache_control_for(path, Some(content_type)) {
             line("cache-control", value.as_bytes());
         }
@@ -258,7 +272,9 @@ fn type_of_path(path: &str) -> Option<HeaderValue> {
 /// `text/*`, and JavaScript, whose type browsers still read a charset from.
 fn is_text(mime: &HeaderValue) -> bool {
     let bytes = mime.as_bytes();
-    let starts = |prefix: &[u8]| bytes.len() >= prefix.len() && bytes[..prefix.len()].eq_ignore_ascii_case(prefix);
+    let starts = |prefix: &[u8]| {
+        bytes.len() >= prefix.len() && bytes[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
     starts(b"text/") || starts(b"application/javascript")
 }
 
@@ -281,7 +297,10 @@ mod tests {
         assert_eq!(assets.value, "max-age=31536000, immutable");
         let star = rule("/*.html=no-cache");
         assert!(star.matches("/index.html", None));
-        assert!(!star.matches("/sub/index.html", None), "* stays within a segment");
+        assert!(
+            !star.matches("/sub/index.html", None),
+            "* stays within a segment"
+        );
         assert!(rule("text/html=no-cache").matches("/", Some(&html)));
         assert!(rule("image/*=max-age=60").matches("/a.png", Some(&png)));
         assert!(!rule("image/*=max-age=60").matches("/", Some(&html)));
@@ -319,13 +338,22 @@ mod tests {
         let headers = Headers::default();
         let typed = |t: &'static str| headers.content_type(HeaderValue::from_static(t));
         assert_eq!(typed("text/html"), "text/html; charset=utf-8");
-        assert_eq!(typed("application/javascript"), "application/javascript; charset=utf-8");
-        assert_eq!(typed("text/plain; charset=latin1"), "text/plain; charset=latin1");
+        assert_eq!(
+            typed("application/javascript"),
+            "application/javascript; charset=utf-8"
+        );
+        assert_eq!(
+            typed("text/plain; charset=latin1"),
+            "text/plain; charset=latin1"
+        );
         assert_eq!(typed("image/png"), "image/png");
         let none = Headers {
             charset: String::new(),
             ..Headers::default()
         };
-        assert_eq!(none.content_type(HeaderValue::from_static("text/css")), "text/css");
+        assert_eq!(
+            none.content_type(HeaderValue::from_static("text/css")),
+            "text/css"
+        );
     }
 }

@@ -388,6 +388,14 @@ pub fn tcp_listener() -> (std::net::TcpListener, std::net::SocketAddr) {
     (l, a)
 }
 
+/// `baton serve ARGS` on a handed-over loopback listener, ready.
+pub fn start(args: &[&str]) -> (Baton, std::net::SocketAddr) {
+    let (listener, addr) = tcp_listener();
+    let mut baton = Spawn::serve(args).fd(listener, None).start();
+    baton.wait_ready();
+    (baton, addr)
+}
+
 /// Waits until `f` returns true, polling; false on timeout.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
