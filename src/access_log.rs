@@ -418,7 +418,7 @@ impl Writer {
 /// `\xHH`.
 fn escape(bytes: &[u8], out: &mut String) {
     for &b in bytes {
-        if b < 0x20 || b >= 0x7f || b == b'"' || b == b'\\' {
+        if !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\' {
             let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b as char);
