@@ -110,6 +110,13 @@ impl Destination {
                 Destination::ADVICE
             ));
         }
+        if path.is_dir() {
+            return Some(format!(
+                "{} is a directory, not a file (a bare --access-log before DIR takes DIR as its \
+                 destination: write --access-log=on, or put DIR first)",
+                path.display()
+            ));
+        }
         match path.parent().map(std::fs::metadata) {
             Some(Ok(m)) if m.is_dir() => None,
             _ => Some(format!(
@@ -721,6 +728,10 @@ mod tests {
             .unwrap()
             .contains("directory does not exist"));
         assert_eq!(Destination::File("/dev/full".into()).problem(), None);
+        assert!(Destination::File("/tmp".into())
+            .problem()
+            .unwrap()
+            .contains("--access-log=on"));
         assert_eq!("json".parse(), Ok(Format::Json));
         assert!("xml"
             .parse::<Format>()
