@@ -245,11 +245,29 @@ enum Message {
     Wake,
 }
 
-/// The handle the connections log through; the writer thread ends when the last one drops.
+/// The handle the connections log through. When the last one drops (the generation is done),
+/// the writer writes what is queued and ends; the drop waits for that, [`FLUSH_TIMEOUT`] at
+/// most, so that the last requests before an exit are not lost.
 pub struct AccessLog {
-    queue: SyncSender<Message>,
+    /// `None` only while dropping.
+    queue: Option<SyncSender<Message>>,
+    /// Disconnected when the writer has ended.
+    ended: std::sync::Mutex<Option<Receiver<()>>>,
     reopen: Arc<AtomicBool>,
     dropped: Counter,
+}
+
+/// The longest the last drop of an [`AccessLog`] waits for the queued lines to be written.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        let ended = self.ended.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(ended) = ended.take() {
+            let _ = ended.recv_timeout(FLUSH_TIMEOUT);
+        }
+    }
 }
 
 impl AccessLog {
@@ -277,6 +295,7 @@ impl AccessLog {
 
     fn with_sink(sink: Sink, format: Format, generation: u64, dropped: Counter) -> Arc<AccessLog> {
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let (ending, ended) = std::sync::mpsc::channel::<()>();
         let reopen = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             sink,
@@ -287,10 +306,14 @@ impl AccessLog {
         };
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                drop(ending);
+            })
             .expect("cannot start the access log's thread");
         Arc::new(AccessLog {
-            queue,
+            queue: Some(queue),
+            ended: std::sync::Mutex::new(Some(ended)),
             reopen,
             dropped,
         })
@@ -298,7 +321,10 @@ impl AccessLog {
 
     /// Queues one line, or drops and counts it when the queue is full.
     pub fn send(&self, entry: Box<Entry>) {
-        match self.queue.try_send(Message::Entry(entry)) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        match queue.try_send(Message::Entry(entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.inc();
@@ -311,7 +337,9 @@ impl AccessLog {
     pub fn reopen(&self) {
         self.reopen.store(true, Ordering::SeqCst);
         // A full queue means the writer is busy, and it looks at the flag before each batch.
-        let _ = self.queue.try_send(Message::Wake);
+        if let Some(queue) = &self.queue {
+            let _ = queue.try_send(Message::Wake);
+        }
     }
 }
 
@@ -710,6 +738,30 @@ mod tests {
             }),
             "the failed send was not counted"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The last drop waits for the queued lines: none is lost at exit.
+    #[test]
+    fn the_last_drop_writes_what_is_queued() {
+        let dir = std::env::temp_dir().join(format!("baton-flush-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::start(
+            &Destination::File(path.clone()),
+            Format::Combined,
+            1,
+            Counter::default(),
+        )
+        .unwrap()
+        .unwrap();
+        for _ in 0..1000 {
+            log.send(Box::new(entry()));
+        }
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1000);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
