@@ -18,7 +18,7 @@
 //! [server]
 //! listen = ["http=127.0.0.1:8080"]   # "[NAME=]ADDR", ADDR: IP:PORT, [IPv6]:PORT or unix:/path
 //! root = "/var/www/html"             # serve static files from here; unset: the embedded page
-//! access_log = false                 # one log line per request
+//! access_log = false                 # old spelling of log.access: true is "on", false "off"
 //! pidfile = "/run/baton/baton.pid"   # locked for the process's life; used with --daemon or when set
 //!
 //! [limits]
@@ -34,6 +34,8 @@
 //! [log]
 //! level = "info"                     # or a RUST_LOG-style filter; RUST_LOG overrides it
 //! file = "/var/log/baton.log"        # text logs appended here; SIGUSR1 reopens it
+//! access = "off"                     # access log: off, on, stderr, journal or /path (SIGUSR1 reopens)
+//! access_format = "combined"         # or "json"
 //!
 //! [upgrade]
 //! exec = "/usr/bin/baton"            # the binary a reload starts; default: this executable
@@ -155,7 +157,8 @@ pub const KEYS: &[Key] = &[
         default: Some("false"),
         unset: "",
         example: "true",
-        help: "Log one line per request.",
+        help: "The old spelling of log.access: true is \"on\", false \"off\". log.access wins \
+               when both are set.",
     },
     Key {
         section: "server",
@@ -243,6 +246,31 @@ pub const KEYS: &[Key] = &[
         unset: "the journal under systemd, else stderr",
         example: r#""/var/log/baton.log""#,
         help: "Append text logs to this file; SIGUSR1 reopens it (for logrotate).",
+    },
+    Key {
+        section: "log",
+        name: "access",
+        kind: "\"off\", \"on\", \"stderr\", \"journal\" or an absolute path",
+        default: Some(r#""off""#),
+        unset: "",
+        example: r#""/var/log/baton/access.log""#,
+        help: "The access log, one line per request once its last byte is sent: off; stderr; \
+               journal (MESSAGE= is the line, BATON_* fields hold every value); a file, \
+               appended to and reopened on SIGUSR1 (for logrotate); on: the journal when the \
+               event log goes there (under systemd), else stderr. Lines that cannot be \
+               written at once are dropped and counted in baton_access_log_dropped_total, \
+               never delaying a request. --access-log without a value means on.",
+    },
+    Key {
+        section: "log",
+        name: "access_format",
+        kind: "\"combined\" or \"json\"",
+        default: Some(r#""combined""#),
+        unset: "",
+        example: r#""json""#,
+        help: "combined: nginx's combined format (client, time, request line, status, body \
+               bytes, referer, user agent), which log analyzers read; json: one object per \
+               line that adds the duration, the host and the generation.",
     },
     Key {
         section: "upgrade",
@@ -450,7 +478,9 @@ pub struct Config {
     pub listeners: Vec<ListenSpec>,
     /// Static files are served from here; `None` serves the embedded page at `/`.
     pub root: Option<PathBuf>,
-    pub access_log: bool,
+    /// Where the access log goes (`log.access`, or the old `server.access_log`).
+    pub access_log: crate::access_log::Destination,
+    pub access_log_format: crate::access_log::Format,
     pub limits: Limits,
     pub shutdown: Shutdown,
     /// A level (`info`) or an `EnvFilter` directive; `RUST_LOG` overrides it.
@@ -544,7 +574,8 @@ impl Default for Config {
             source: None,
             listeners: vec![baton_lifecycle::activation::builtin_listener()],
             root: None,
-            access_log: false,
+            access_log: crate::access_log::Destination::Off,
+            access_log_format: crate::access_log::Format::Combined,
             limits: Limits {
                 max_connections: 10_000,
                 header_read_timeout: Duration::from_secs(10),
@@ -691,9 +722,8 @@ settings! {
         #[arg(long, value_name = "DIR")]
         root: PathBuf => root,
 
-        /// Log one line per request
-        // A flag that is either given or unset: unlike `bool`, absent does not mean false.
-        #[arg(long, num_args = 0, default_missing_value = "true")]
+        // The old spelling of log.access (whose flag is --access-log).
+        #[arg(skip)]
         access_log: bool => access_log,
 
         /// Lock this pidfile for the process's life and write the pid into it; a second instance
@@ -741,6 +771,14 @@ settings! {
         /// Append text logs to this file; SIGUSR1 reopens it (for logrotate)
         #[arg(long = "log-file", value_name = "PATH")]
         file: PathBuf => log_file,
+
+        /// Access log: off, on, stderr, journal or an absolute file path (SIGUSR1 reopens it); without a value: on, i.e. the journal under systemd, else stderr [default: off]
+        #[arg(long = "access-log", value_name = "DEST", num_args = 0..=1, default_missing_value = "on")]
+        access: crate::access_log::Destination => access_log,
+
+        /// Access log format: combined (nginx's) or json [default: combined]
+        #[arg(long = "access-log-format", value_name = "FORMAT")]
+        access_format: crate::access_log::Format => access_log_format,
     }
 
     /// `[upgrade]`: how a reload starts the next generation.
@@ -864,6 +902,20 @@ macro_rules! taken_as_given {
 }
 
 taken_as_given!(bool, String, PathBuf);
+
+/// A value parsed from a string, with the key and what to write instead when it is bad.
+macro_rules! parsed_from_string {
+    ($($ty:ty),*) => {$(
+        impl FileValue for $ty {
+            type Raw = String;
+            fn from_file(raw: String, key: &str, errors: &mut Vec<String>) -> Option<Self> {
+                raw.parse().map_err(|e| errors.push(format!("{key}: {e}"))).ok()
+            }
+        }
+    )*};
+}
+
+parsed_from_string!(crate::access_log::Destination, crate::access_log::Format);
 
 // Lists of strings that parse as their flags do (listeners, codings, rules, headers, names).
 impl<T: std::str::FromStr> FileValue for Vec<T>
@@ -1173,6 +1225,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(problem) = self.access_log.problem() {
+            errors.push(format!("log.access {problem}"));
         }
         if self.keeper.startretries > MAX_START_RETRIES {
             errors.push(format!(
@@ -1617,7 +1672,12 @@ mod tests {
             .collect();
         assert_eq!(
             unflagged,
-            ["shutdown.idle_grace", "admin.endpoints", "admin.public"],
+            [
+                "server.access_log",
+                "shutdown.idle_grace",
+                "admin.endpoints",
+                "admin.public"
+            ],
             "keys without a flag"
         );
         assert!(

@@ -12,6 +12,7 @@
 //! | [`server`]     | connections, limits, graceful drain       | HTTP/1.1 (hyper)            |
 //! | [`http`]       | the workload: files, `/-/` endpoints      | HTTP                        |
 //! | [`metrics`]    | counters and gauges                       | Prometheus text format      |
+//! | [`access_log`] | one line per request, off the serving path | combined, JSON, journal    |
 //! | [`cli`]        | `baton serve/check/reload/status/stop`    |                             |
 //! | [`manual`]     | baton(8) and shell completions            | roff, generated from a `clap::Command` |
 //!
@@ -49,6 +50,7 @@ pub const VERSION: &str = match option_env!("BATON_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
+pub mod access_log;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -195,8 +195,8 @@ pub fn render(cli: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
     man.render_version_section(w)
 }
 
-/// Whether the option takes a value: not a flag such as --access-log, whose action stores a
-/// value but which takes no argument (`num_args = 0`).
+/// Whether the option takes a value: not a flag whose action stores a value but which takes
+/// no argument (`num_args = 0`).
 fn takes_values(arg: &clap::Arg) -> bool {
     arg.get_action().takes_values() && arg.get_num_args().is_none_or(|n| n.takes_values())
 }
@@ -205,11 +205,13 @@ fn takes_values(arg: &clap::Arg) -> bool {
 pub const EXAMPLE_CONFIG: &str = r#"[server]
 listen = ["http=0.0.0.0:80", "local=[::1]:8080"]
 root = "/srv/www"
-access_log = true
 
 [limits]
 max_connections = 2000
 idle_timeout = "30s"
+
+[log]
+access = "/var/log/baton/access.log"
 
 [upgrade]
 probation = "30s"
@@ -253,7 +255,9 @@ fn examples(roff: &mut Roff) {
     roff.control("SH", ["EXAMPLES"]);
     for (command, text) in [
         ("baton serve .", "Serve the current directory at http://127.0.0.1:8080/ until Ctrl-C."),
-        ("baton serve /srv/www --listen 0.0.0.0:8000 --access-log", "Serve /srv/www on port 8000 of every IPv4 address, one log line per request."),
+        ("baton serve /srv/www --listen 0.0.0.0:8000 --access-log", "Serve /srv/www on port 8000 of every IPv4 address, one access log line per request on stderr (in nginx's combined format)."),
+        ("baton serve /srv/www --access-log /var/log/baton/access.log --access-log-format json", "The access log in a file, as JSON lines with the duration, the host and the generation; logrotate sends SIGUSR1 to reopen it."),
+        ("journalctl -u baton BATON_EVENT=access BATON_STATUS=404", "With log.access = \"journal\" (or \"on\" under systemd): the requests answered 404."),
         ("baton serve --listen http=127.0.0.1:8080 --listen local=unix:/tmp/baton.sock", "Serve the embedded page on a TCP port and on a unix socket."),
         ("baton check", "Check /etc/baton/baton.toml and print every problem in it; exits 1 if there is one."),
         ("systemctl reload baton", "After editing /etc/baton/baton.toml or installing a new binary: upgrade the packaged service without dropping a connection. The command fails, and the old process keeps serving, if the new one does not come up."),

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub idle_closed_for_room: Counter,
     /// Responses the zero-copy fast path answered (`crate::server::fast`).
     pub sendfile_responses: Counter,
+    /// Access log lines dropped: the writer's queue was full or a write failed.
+    pub access_log_dropped: Counter,
     lifecycle: OnceLock<Arc<Stats>>,
 }
 
@@ -139,6 +141,12 @@ impl Metrics {
             "Responses for large files answered by the zero-copy (sendfile) fast path",
             sendfile_responses.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "baton_access_log_dropped",
+            "Access log lines dropped because the writer's queue was full or a write failed (a full disk, a slow journal)",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -152,6 +160,7 @@ impl Metrics {
             send_timeouts,
             idle_closed_for_room,
             sendfile_responses,
+            access_log_dropped,
             lifecycle: OnceLock::new(),
         }
     }
@@ -236,6 +245,7 @@ mod tests {
         assert!(text.contains("baton_generation 3"), "{text}");
         assert!(text.contains("baton_open_connections 0"), "{text}");
         assert!(text.contains("baton_send_timeouts_total 0"), "{text}");
+        assert!(text.contains("baton_access_log_dropped_total 0"), "{text}");
         assert!(
             text.contains("baton_idle_closed_for_room_total 0"),
             "{text}"

@@ -67,6 +67,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{self, AccessLog, Client};
 use crate::activation::{Listener, Socket};
 use crate::config;
 use crate::metrics::Metrics;
@@ -89,11 +90,13 @@ pub mod fast;
 use fast::{Rewind, Stream};
 
 /// Settings of a [`Server`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Settings {
     pub limits: config::Limits,
     pub idle_grace: Duration,
-    pub access_log: bool,
+    /// Where each request is logged once its response is finished; `None`: nowhere, and no
+    /// work per request.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// A running set of accept loops and their connections.
@@ -193,6 +196,7 @@ impl Server {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> io::Result<Server> {
+        let max_connections = settings.limits.max_connections.min(Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             app,
             metrics,
@@ -222,9 +226,7 @@ impl Server {
             })
             .collect::<io::Result<_>>()?;
         Ok(Server {
-            limit: Arc::new(Semaphore::new(
-                settings.limits.max_connections.min(Semaphore::MAX_PERMITS),
-            )),
+            limit: Arc::new(Semaphore::new(max_connections)),
             shared,
             pending,
             stop_accepting: CancellationToken::new(),
@@ -485,6 +487,8 @@ struct ConnState {
     fd: RawFd,
     /// What the connection's listener answers.
     role: Role,
+    /// Who is at the other end (only looked up with an access log).
+    client: Client,
 }
 
 impl ConnState {
@@ -554,7 +558,11 @@ async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
 {
     shared.metrics.open_connections.inc();
-    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role);
+    let client = match shared.settings.access_log {
+        Some(_) => io.client(),
+        None => Client::Unknown,
+    };
+    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role, client);
     let io = TrackedIo {
         inner: io,
         state: state.clone(),
@@ -640,6 +648,7 @@ fn register_connection(
     shared: &Arc<Shared>,
     fd: RawFd,
     role: Role,
+    client: Client,
 ) -> (Arc<ConnState>, Registered) {
     let now = shared.now_ms();
     let state = Arc::new(ConnState {
@@ -654,6 +663,7 @@ fn register_connection(
         close_after: AtomicBool::new(false),
         fd,
         role,
+        client,
     });
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     shared
@@ -923,15 +933,18 @@ type ResponseFuture =
 
 /// A response body that marks its connection idle once hyper is done with it (finished, or
 /// dropped with the connection), not when the handler returns: a connection still sending a
-/// large file is busy.
+/// large file is busy. With an access log it counts the body's bytes, and the request is
+/// logged when it is dropped.
 struct TrackedBody {
     inner: axum::body::Body,
-    _done: ResponseDone,
+    done: ResponseDone,
 }
 
 struct ResponseDone {
     shared: Arc<Shared>,
     state: Arc<ConnState>,
+    /// The request's access log line, written when this drops (the response is finished).
+    access: Option<access_log::Pending>,
 }
 
 impl Drop for ResponseDone {
@@ -951,7 +964,13 @@ impl hyper::body::Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Some(access), Poll::Ready(Some(Ok(frame)))) = (&mut self.done.access, &frame) {
+            if let Some(data) = frame.data_ref() {
+                access.add_bytes(data.len() as u64);
+            }
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -973,17 +992,15 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         self.state.awaiting_head_since.store(0, Ordering::SeqCst);
         self.state.input_since_call.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
-        let done = ResponseDone {
+        let access =
+            shared.settings.access_log.as_ref().map(|log| {
+                access_log::Pending::new(log.clone(), entry(&request, self.state.client))
+            });
+        let mut done = ResponseDone {
             shared: shared.clone(),
             state: self.state.clone(),
+            access,
         };
-        let access = shared.settings.access_log.then(|| {
-            (
-                request.method().clone(),
-                request.uri().clone(),
-                std::time::Instant::now(),
-            )
-        });
         let response: crate::http::AppFuture = match host_error(&request) {
             Some(reason) => Box::pin(std::future::ready(bad_request(reason))),
             None => shared
@@ -999,18 +1016,29 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            if let Some((method, uri, started)) = access {
-                tracing::info!(
-                    event = "request",
-                    method = %method,
-                    path = %uri,
-                    status,
-                    micros = started.elapsed().as_micros() as u64,
-                    "{method} {uri} {status}"
-                );
+            if let Some(access) = &mut done.access {
+                access.set_status(status);
             }
-            Ok(response.map(|inner| TrackedBody { inner, _done: done }))
+            Ok(response.map(|inner| TrackedBody { inner, done }))
         })
+    }
+}
+
+/// The access log's view of a request, before its answer.
+fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
+    let header = |name| request.headers().get(name).cloned();
+    access_log::Entry {
+        client,
+        method: request.method().clone(),
+        target: request.uri().clone(),
+        version: request.version(),
+        status: 0,
+        bytes: 0,
+        end: std::time::SystemTime::UNIX_EPOCH,
+        duration: Duration::ZERO,
+        referer: header(hyper::header::REFERER),
+        user_agent: header(hyper::header::USER_AGENT),
+        host: header(hyper::header::HOST),
     }
 }
 
@@ -1088,7 +1116,7 @@ mod tests {
         let settings = Settings {
             limits: Config::default().limits,
             idle_grace: Duration::from_secs(1),
-            access_log: false,
+            access_log: None,
         };
         let specs = [
             "http=127.0.0.1:0".parse().unwrap(),

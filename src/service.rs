@@ -12,6 +12,7 @@ use baton_lifecycle::activation::Listener;
 use baton_lifecycle::generation::{self, StartInfo};
 use baton_lifecycle::workload::Workload;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::http::{App, Info};
 use crate::metrics::Metrics;
@@ -29,18 +30,25 @@ impl Service {
     pub fn new(config: &Config, info: &StartInfo) -> anyhow::Result<Service> {
         let metrics = Arc::new(Metrics::new(info.generation, info.started));
         metrics.track(info.stats.clone());
+        let generation = info.generation;
         let info = Arc::new(Info::current(info.generation, info.listeners.clone()));
         let app = App::new(info, metrics.clone(), &http_settings(config)).with_context(|| {
             let root = config.root.as_deref().map(|r| r.display().to_string());
             format!("cannot open the root {}", root.unwrap_or_default())
         })?;
+        let access_log = AccessLog::start(
+            &config.access_log,
+            config.access_log_format,
+            generation,
+            metrics.access_log_dropped.clone(),
+        )?;
         Ok(Service {
             app,
             metrics,
             settings: server::Settings {
                 limits: config.limits,
                 idle_grace: config.shutdown.idle_grace,
-                access_log: config.access_log,
+                access_log,
             },
         })
     }
@@ -54,8 +62,15 @@ impl Workload for Service {
             listeners,
             self.app.clone(),
             self.metrics.clone(),
-            self.settings,
+            self.settings.clone(),
         )
+    }
+
+    /// SIGUSR1: the access log file is opened anew, as the event log's is.
+    fn reopen_logs(&self) {
+        if let Some(log) = &self.settings.access_log {
+            log.reopen();
+        }
     }
 
     fn open_connections(&self) -> u64 {

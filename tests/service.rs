@@ -384,7 +384,7 @@ fn access_log_is_off_by_default_and_on_with_the_flag() {
     let (loud, addr2) = start(&["--access-log"]);
     http::get(addr2, "/-/healthy").unwrap();
     loud.stderr
-        .wait_for("GET /-/healthy 200", Duration::from_secs(10))
+        .wait_for("\"GET /-/healthy HTTP/1.1\" 200 3", Duration::from_secs(10))
         .expect("an access log line");
     assert!(!quiet.stderr.text().contains("GET /-/healthy"));
 }

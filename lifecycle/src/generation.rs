@@ -635,15 +635,20 @@ impl<W: Workload> Generation<W> {
     async fn handle(&mut self, action: Action) -> Option<End> {
         match action {
             Action::Stop { cause, by_signal } => return Some(End::Stop { cause, by_signal }),
-            Action::ReopenLogs => match crate::logging::reopen() {
-                Ok(true) => tracing::info!(event = "log-reopened", "SIGUSR1: log file reopened"),
-                Ok(false) => tracing::info!(
-                    "SIGUSR1: logging goes to stderr or the journal; nothing to reopen"
-                ),
-                Err(e) => tracing::error!(
-                    "SIGUSR1: cannot reopen the log file: {e}; still writing to the old one"
-                ),
-            },
+            Action::ReopenLogs => {
+                self.workload.reopen_logs();
+                match crate::logging::reopen() {
+                    Ok(true) => {
+                        tracing::info!(event = "log-reopened", "SIGUSR1: log file reopened")
+                    }
+                    Ok(false) => tracing::info!(
+                        "SIGUSR1: logging goes to stderr or the journal; nothing to reopen"
+                    ),
+                    Err(e) => tracing::error!(
+                        "SIGUSR1: cannot reopen the log file: {e}; still writing to the old one"
+                    ),
+                }
+            }
             Action::Status(reply) => {
                 let _ = reply.send(self.status_reply());
             }
@@ -1263,6 +1268,7 @@ impl<W: Workload> Generation<W> {
                         "{signal}: this process is draining; upgrade the current one instead"
                     ),
                     Event::ReopenLogs => {
+                        workload.reopen_logs();
                         let _ = crate::logging::reopen();
                     }
                 },

@@ -26,6 +26,12 @@ pub trait Workload: Send + 'static {
 
     /// Connections open now, for the log lines of a stop or a handover.
     fn open_connections(&self) -> u64;
+
+    /// The reopen-logs signal (SIGUSR1 by default) arrived: open the workload's own log files
+    /// anew by their paths, as the lifecycle does with its log file (logrotate renamed them).
+    /// Called in the process's event loop, also while it drains: return quickly (hand the
+    /// work to the thread that writes the logs). Nothing, by default.
+    fn reopen_logs(&self) {}
 }
 
 /// One set of sockets being served.

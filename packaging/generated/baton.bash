@@ -129,7 +129,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__serve)
-            opts="-h -V --config --daemon --keeper --listen --root --access-log --pidfile --max-connections --header-read-timeout --idle-timeout --send-timeout --drain-timeout --log-level --log-file --exec --upgrade-timeout --upgrade-probation --startsecs --startretries --not-found-page --error-page --fallback --listing --admin-listener --compress --precompressed --compress-codings --compress-min-size --cache-control --add-header --charset --help --version"
+            opts="-h -V --config --daemon --keeper --listen --root --pidfile --max-connections --header-read-timeout --idle-timeout --send-timeout --drain-timeout --log-level --log-file --access-log --access-log-format --exec --upgrade-timeout --upgrade-probation --startsecs --startretries --not-found-page --error-page --fallback --listing --admin-listener --compress --precompressed --compress-codings --compress-min-size --cache-control --add-header --charset --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -176,6 +176,14 @@ _baton() {
                     return 0
                     ;;
                 --log-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --access-log)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --access-log-format)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -43,6 +43,8 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l send-timeout -d 'C
 complete -c baton -n "__fish_baton_using_subcommand serve" -l drain-timeout -d 'How long in-flight requests may take to finish on stop [default: 30s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l log-level -d 'Log level or filter (error, warn, info, debug, trace); RUST_LOG wins [default: info]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l log-file -d 'Append text logs to this file; SIGUSR1 reopens it (for logrotate)' -r -F
+complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Access log: off, on, stderr, journal or an absolute file path (SIGUSR1 reopens it); without a value: on, i.e. the journal under systemd, else stderr [default: off]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log-format -d 'Access log format: combined (nginx\'s) or json [default: combined]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l exec -d 'The binary an upgrade starts [default: this executable, by the path it was started with]' -r -F
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-timeout -d 'How long a new process may take to become ready during an upgrade [default: 60s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l upgrade-probation -d 'After an upgrade, the old process stands by this long and takes over again if the new one exits; 0 switches it off [default: 10s]' -r
@@ -63,7 +65,6 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l add-header -d 'Add
 complete -c baton -n "__fish_baton_using_subcommand serve" -l charset -d 'The charset text types get when they name none; "" for none [default: utf-8]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l daemon -d 'Run in the background (daemon(7)) under a keeper; returns once the first generation serves, or fails with its error'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in the foreground under a keeper: a small process that holds the sockets and the pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)'
-complete -c baton -n "__fish_baton_using_subcommand serve" -l access-log -d 'Log one line per request'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l listing -d 'List a directory that has no index.html'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c baton -n "__fish_baton_using_subcommand serve" -s V -l version -d 'Print version'

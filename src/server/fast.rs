@@ -53,6 +53,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 
 use super::{ConnState, ResponseDone, Shared, TrackedIo};
+use crate::access_log::{self, Client};
 use crate::http::LargeFile;
 
 /// Files at least this large take the fast path: the ones too large for the memory cache of
@@ -85,6 +86,8 @@ pub(super) trait Stream: AsRawFd + AsFd {
     /// Runs a write syscall if the socket is believed writable, clearing that belief on
     /// `WouldBlock`.
     fn try_write_with(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
+    /// Who is at the other end, for the access log.
+    fn client(&self) -> Client;
 }
 
 impl Stream for tokio::net::TcpStream {
@@ -94,6 +97,9 @@ impl Stream for tokio::net::TcpStream {
     }
     fn try_write_with(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
         self.try_io(Interest::WRITABLE, f)
+    }
+    fn client(&self) -> Client {
+        self.peer_addr().map_or(Client::Unknown, Client::Tcp)
     }
 }
 
@@ -105,6 +111,14 @@ impl Stream for tokio::net::UnixStream {
     }
     fn try_write_with(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
         self.try_io(Interest::WRITABLE, f)
+    }
+    /// SO_PEERCRED: the peer's pid and uid.
+    fn client(&self) -> Client {
+        self.peer_cred()
+            .map_or(Client::Unknown, |cred| Client::Unix {
+                pid: cred.pid(),
+                uid: cred.uid(),
+            })
     }
 }
 
@@ -128,6 +142,8 @@ struct Plan {
     close: bool,
     method: &'static str,
     target: String,
+    /// With an access log: the request's `Referer`, `User-Agent` and `Host`.
+    logged: Option<Box<[Option<hyper::header::HeaderValue>; 3]>>,
 }
 
 /// Serves requests on `io` while they are for the fast path (see the module docs).
@@ -253,6 +269,16 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
     if lengths > 1 || super::host_error_of(hosts, true).is_some() {
         return None;
     }
+    let logged = shared.settings.access_log.as_ref().map(|_| {
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| hyper::header::HeaderValue::from_bytes(h.value).ok())
+        };
+        Box::new([header("referer"), header("user-agent"), header("host")])
+    });
 
     let large = files.open_large(path, SENDFILE_MIN, &accept)?;
     let not_modified = not_modified(&large, if_none_match, if_modified_since);
@@ -282,6 +308,7 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
         close,
         method,
         target: target.to_owned(),
+        logged,
     })
 }
 
@@ -353,19 +380,47 @@ async fn respond<I>(
     io: &mut TrackedIo<I>,
     shared: &Arc<Shared>,
     state: &Arc<ConnState>,
-    plan: Plan,
+    mut plan: Plan,
 ) -> io::Result<bool>
 where
     I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
 {
     // As hyper's service call: busy from here until the last byte is written.
-    let started = std::time::Instant::now();
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     state.awaiting_head_since.store(0, Ordering::SeqCst);
     state.input_since_call.store(false, Ordering::SeqCst);
     let done = ResponseDone {
         shared: shared.clone(),
         state: state.clone(),
+        access: None,
+    };
+    // Logged when dropped: after the last byte, or with the bytes sent so far when the
+    // connection ends mid-response (this future is dropped, or a write fails).
+    let mut access = match (&shared.settings.access_log, plan.logged.take()) {
+        (Some(log), Some(logged)) => {
+            let [referer, user_agent, host] = *logged;
+            Some(access_log::Pending::new(
+                log.clone(),
+                access_log::Entry {
+                    client: state.client,
+                    method: if plan.method == "HEAD" {
+                        hyper::Method::HEAD
+                    } else {
+                        hyper::Method::GET
+                    },
+                    target: hyper::Uri::try_from(plan.target.as_str()).unwrap_or_default(),
+                    version: hyper::Version::HTTP_11,
+                    status: 0,
+                    bytes: 0,
+                    end: std::time::SystemTime::UNIX_EPOCH,
+                    duration: std::time::Duration::ZERO,
+                    referer,
+                    user_agent,
+                    host,
+                },
+            ))
+        }
+        _ => None,
     };
     let close = plan.close
         || shared.draining.load(Ordering::SeqCst)
@@ -385,23 +440,18 @@ where
     );
     shared.metrics.record_status(status);
     shared.metrics.sendfile_responses.inc();
-    if shared.settings.access_log {
-        let (method, target) = (plan.method, &plan.target);
-        tracing::info!(
-            event = "request",
-            method = %method,
-            path = %target,
-            status,
-            micros = started.elapsed().as_micros() as u64,
-            "{method} {target} {status}"
-        );
+    if let Some(access) = &mut access {
+        access.set_status(status);
     }
     let body = body.filter(|&(_, n)| !plan.head_only && n > 0);
     write_head(io, &head, body.is_some()).await?;
     let whole = match body {
-        Some((start, n)) => send_file(io, Arc::new(plan.large.file), start, n).await?,
+        Some((start, n)) => {
+            send_file(io, Arc::new(plan.large.file), start, n, access.as_mut()).await?
+        }
         None => true,
     };
+    drop(access);
     drop(done);
     if !whole {
         tracing::info!(
@@ -517,6 +567,7 @@ async fn send_file<I>(
     file: Arc<std::fs::File>,
     start: u64,
     len: u64,
+    mut access: Option<&mut access_log::Pending>,
 ) -> io::Result<bool>
 where
     I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
@@ -550,6 +601,9 @@ where
             Ok(0) => return Ok(false),
             Ok(n) => {
                 io.note_write(&Poll::Ready(Ok(n)));
+                if let Some(access) = access.as_deref_mut() {
+                    access.add_bytes(n as u64);
+                }
                 since_yield += n;
                 if since_yield >= MAX_CHUNK {
                     since_yield = 0;
@@ -565,7 +619,7 @@ where
                 if offset as u64 == start
                     && matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) =>
             {
-                return copy_buffered(io, file, start, end).await;
+                return copy_buffered(io, file, start, end, access).await;
             }
             Err(e) => return Err(e),
         }
@@ -580,6 +634,7 @@ async fn copy_buffered<I>(
     file: Arc<std::fs::File>,
     mut offset: u64,
     end: u64,
+    mut access: Option<&mut access_log::Pending>,
 ) -> io::Result<bool>
 where
     I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
@@ -601,6 +656,9 @@ where
             return Ok(false);
         }
         io.write_all(&buf[..n]).await?;
+        if let Some(access) = access.as_deref_mut() {
+            access.add_bytes(n as u64);
+        }
         offset += n as u64;
     }
     Ok(true)
