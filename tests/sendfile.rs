@@ -110,15 +110,14 @@ fn exchange<S: Read + Write>(
 }
 
 /// baton with a TCP listener (fast path) and a unix one (hyper and ServeDir), on one root.
-fn start_both(root: &TempDir) -> (Baton, SocketAddr, PathBuf) {
+fn start_both(root: &TempDir, args: &[&str]) -> (Baton, SocketAddr, PathBuf) {
     let (tcp, addr) = tcp_listener();
     let sock = root.join("../baton-sendfile.sock");
     let _ = std::fs::remove_file(&sock);
     let unix = UnixListener::bind(&sock).unwrap();
-    let mut baton = Spawn::serve(&["--root", root.path().to_str().unwrap()])
-        .fd(tcp, None)
-        .fd(unix, None)
-        .start();
+    let mut all = vec!["--root", root.path().to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut baton = Spawn::serve(&all).fd(tcp, None).fd(unix, None).start();
     baton.wait_ready();
     (baton, addr, sock)
 }
@@ -135,7 +134,7 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
     std::fs::write(root.join("page.html"), pattern(300 << 10, 1)).unwrap();
     std::fs::write(root.join("cached.bin"), pattern(256 << 10, 3)).unwrap();
     std::fs::write(root.join("docs/index.html"), pattern(400 << 10, 2)).unwrap();
-    let (_baton, addr, sock) = start_both(&root);
+    let (_baton, addr, sock) = start_both(&root, &[]);
 
     // The validators of the file, as ServeDir states them.
     let (lines, _) = exchange(
@@ -244,6 +243,148 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
         assert!(fast.0[0].contains(&format!(" {status} ")), "{request}: {:?}", fast.0);
     }
     assert_eq!(sendfile_count(addr), before);
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// Large pre-compressed sidecars and the configured headers: the fast path sends what
+/// `ServeDir` and the header step send, and leaves what is to be compressed on the fly to hyper.
+#[test]
+fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
+    let dir = TempDir::new("sendfile-sidecars");
+    let root = TempDir(dir.join("www"));
+    std::fs::create_dir_all(root.join("assets")).unwrap();
+    // The sidecar is served as it is: its bytes need not be a real gzip stream for this.
+    std::fs::write(root.join("assets/app.js"), pattern(900 << 10, 4)).unwrap();
+    std::fs::write(root.join("assets/app.js.gz"), pattern(400 << 10, 5)).unwrap();
+    std::fs::write(root.join("assets/app.js.br"), pattern(300 << 10, 6)).unwrap();
+    std::fs::write(root.join("page.html"), pattern(300 << 10, 7)).unwrap();
+    std::fs::write(root.join("big.bin"), pattern(1 << 20, 8)).unwrap();
+    let (_baton, addr, sock) = start_both(
+        &root,
+        &[
+            "--cache-control",
+            "/assets/**=public, max-age=31536000, immutable",
+            "--cache-control",
+            "text/html=no-cache",
+            "--add-header",
+            "X-Content-Type-Options: nosniff",
+        ],
+    );
+    let (lines, _) = exchange(
+        &mut UnixStream::connect(&sock).unwrap(),
+        "HEAD /assets/app.js HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n",
+        true,
+    );
+    let gz_etag = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .to_owned();
+    let fast_cases: Vec<Case> = vec![
+        ("GET", "/assets/app.js", vec![("Accept-Encoding", "gzip")]),
+        (
+            "GET",
+            "/assets/app.js",
+            vec![("Accept-Encoding", "gzip, br")],
+        ),
+        (
+            "GET",
+            "/assets/app.js",
+            vec![("Accept-Encoding", "br;q=0.1, gzip")],
+        ),
+        ("HEAD", "/assets/app.js", vec![("Accept-Encoding", "br")]),
+        (
+            "GET",
+            "/assets/app.js",
+            vec![("Accept-Encoding", "gzip"), ("Range", "bytes=5-10")],
+        ),
+        (
+            "GET",
+            "/assets/app.js",
+            vec![("Accept-Encoding", "gzip"), ("If-None-Match", &gz_etag)],
+        ),
+        ("GET", "/assets/app.js", vec![]),
+        ("GET", "/page.html", vec![]),
+        (
+            "GET",
+            "/big.bin",
+            vec![("Accept-Encoding", "gzip, br, zstd")],
+        ),
+    ];
+    // Compressed on the fly: hyper's path on both listeners.
+    let hyper_cases: Vec<Case> = vec![
+        ("GET", "/page.html", vec![("Accept-Encoding", "gzip")]),
+        ("GET", "/assets/app.js", vec![("Accept-Encoding", "zstd")]),
+    ];
+    for (cases, fast_path) in [(&fast_cases, true), (&hyper_cases, false)] {
+        for (method, path, extra) in cases.iter() {
+            let mut request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n");
+            for (k, v) in extra {
+                request.push_str(&format!("{k}: {v}\r\n"));
+            }
+            request.push_str("Connection: close\r\n\r\n");
+            let head_only = *method == "HEAD";
+            let before = sendfile_count(addr);
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            let fast = if fast_path {
+                exchange(&mut tcp, &request, head_only)
+            } else {
+                // Chunked: read it all, the server closes.
+                tcp.write_all(request.as_bytes()).unwrap();
+                let mut all = Vec::new();
+                tcp.read_to_end(&mut all).unwrap();
+                let text = String::from_utf8_lossy(&all).into_owned();
+                let head: Vec<String> = text
+                    .split("\r\n\r\n")
+                    .next()
+                    .unwrap()
+                    .split("\r\n")
+                    .map(|l| {
+                        if l.starts_with("date: ") {
+                            "date: *".into()
+                        } else {
+                            l.into()
+                        }
+                    })
+                    .collect();
+                (head, Vec::new())
+            };
+            assert_eq!(
+                sendfile_count(addr) - before,
+                u64::from(fast_path),
+                "{request}: {:?}",
+                fast.0
+            );
+            let has = |line: &str| fast.0.iter().any(|l| l == line);
+            assert!(
+                has("x-content-type-options: nosniff"),
+                "{request}: {:?}",
+                fast.0
+            );
+            if path.starts_with("/assets/") {
+                let immutable = "cache-control: public, max-age=31536000, immutable";
+                assert!(has(immutable), "{request}: {:?}", fast.0);
+            }
+            if !fast_path {
+                assert!(has("transfer-encoding: chunked"), "{request}: {:?}", fast.0);
+                continue;
+            }
+            let reference = exchange(
+                &mut UnixStream::connect(&sock).unwrap(),
+                &request,
+                head_only,
+            );
+            assert_eq!(fast.0, reference.0, "{request}");
+            assert!(fast.1 == reference.1, "the bodies differ: {request}");
+        }
+    }
+    // The sidecar itself, whole.
+    let mut conn = Conn::tcp(addr).unwrap();
+    let r = conn
+        .request("GET", "/assets/app.js", &[("Accept-Encoding", "gzip")])
+        .unwrap();
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    assert!(r.body == pattern(400 << 10, 5));
     let _ = std::fs::remove_file(&sock);
 }
 
