@@ -337,6 +337,18 @@ impl Confined {
         // Only path rules need the path; most configurations have none.
         let path =
             (!web.headers.cache_control.is_empty()).then(|| decoded_path(request.uri().path()));
+        // ServeDir looks for sidecars of any file; baton only for the types worth compressing.
+        if web.compression.precompressed && request.headers().contains_key(header::ACCEPT_ENCODING)
+        {
+            let uri_path = request.uri().path();
+            let file = match uri_path.ends_with('/') {
+                true => "index.html",
+                false => uri_path,
+            };
+            if !encoding::compressible(&content_type_of(Path::new(file))) {
+                request.headers_mut().remove(header::ACCEPT_ENCODING);
+            }
+        }
         let future = serve(request);
         Box::pin(async move {
             let mut response = future.await;
@@ -369,10 +381,13 @@ impl Confined {
             _ => return Err(request),
         };
         let content_type = content_type_of(&path);
-        let vary = self.web.compression.precompressed;
+        let compression = &self.web.compression;
+        let vary = compression.precompressed;
         // The sidecar ServeDir would choose, if it is small too.
         let (mut stat, mut coding) = (stat, None);
-        let candidates: Vec<Coding> = self.web.compression.sidecars(request.headers()).collect();
+        let candidates: Vec<Coding> = compression
+            .sidecars(request.headers(), &content_type)
+            .collect();
         for candidate in candidates {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(candidate.extension());
@@ -387,14 +402,23 @@ impl Confined {
                 _ => {}
             }
         }
+        let compressible = encoding::compressible(&content_type);
+        // No sidecar: compressed here, once, and kept with the content.
+        let on_the_fly = match coding {
+            None if compressible && stat.len >= compression.min_size => {
+                compression.on_the_fly_coding(request.headers())
+            }
+            _ => None,
+        };
         let answer = Answer {
             content_type,
             coding,
             vary,
+            on_the_fly,
         };
         if let Some(hit) = self.backend.cache.get(&(stat.dev, stat.ino)) {
             if hit.stat == stat {
-                return Ok(Box::pin(std::future::ready(hit.response(answer))));
+                return Ok(hit.answer(answer));
             }
         }
         // A miss: what is read and cached is what this open finds (it may be another inode
@@ -406,8 +430,8 @@ impl Confined {
         let backend = self.backend.clone();
         let mut files = self.files.clone();
         Ok(Box::pin(async move {
-            match backend.load(file, stat).await {
-                Ok(Ok(cached)) => cached.response(answer),
+            match backend.load(file, stat, compressible).await {
+                Ok(Ok(cached)) => cached.answer(answer).await,
                 // Changed while being read, or unreadable: ServeDir decides.
                 _ => {
                     let Ok(response) = tower::Service::call(&mut files, request).await;
@@ -545,7 +569,7 @@ impl Confined {
                 vary: self.web.compression.precompressed,
             })
         };
-        for coding in self.web.compression.sidecars(accept) {
+        for coding in self.web.compression.sidecars(accept, &content_type) {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(coding.extension());
             match self.backend.root.open_read(Path::new(&sidecar)) {
@@ -640,7 +664,9 @@ struct ByBytes;
 
 impl quick_cache::Weighter<(u64, u64), Arc<CachedFile>> for ByBytes {
     fn weight(&self, _: &(u64, u64), file: &Arc<CachedFile>) -> u64 {
-        file.body.len() as u64 + 1
+        // Room for the compressed forms of text: together about as large as the content.
+        let forms = 1 + u64::from(file.compressible);
+        file.body.len() as u64 * forms + 1
     }
 }
 
@@ -652,6 +678,8 @@ struct Answer {
     coding: Option<Coding>,
     /// Pre-compression is configured: the answer could differ by `Accept-Encoding`.
     vary: bool,
+    /// The coding to compress the content with (no sidecar answered, and it is worth it).
+    on_the_fly: Option<Coding>,
 }
 
 /// A file's content, and its `fstat` when it was read.
@@ -661,17 +689,62 @@ struct CachedFile {
     /// `Last-Modified` and `ETag` as `ServeDir` writes them.
     last_modified: HeaderValue,
     etag: Option<HeaderValue>,
+    /// Of a type worth compressing ([`encoding::compressible`]).
+    compressible: bool,
+    /// The content compressed, by [`Coding`], once a client asked for it.
+    coded: [std::sync::OnceLock<Bytes>; 3],
 }
 
 impl CachedFile {
-    fn new(stat: Stat, body: Bytes) -> CachedFile {
+    fn new(stat: Stat, body: Bytes, compressible: bool) -> CachedFile {
         let (last_modified, etag) = validators(&stat);
         CachedFile {
             stat,
             body,
             last_modified,
             etag,
+            compressible,
+            coded: Default::default(),
         }
+    }
+
+    /// The answer to a plain GET: [`CachedFile::response`], or the content compressed for
+    /// `answer.on_the_fly` (compressed now if this is the first time).
+    fn answer(self: &Arc<CachedFile>, answer: Answer) -> AppFuture {
+        let Some(coding) = answer.on_the_fly else {
+            return Box::pin(std::future::ready(self.response(answer)));
+        };
+        let slot = &self.coded[coding as usize];
+        if let Some(coded) = slot.get() {
+            return Box::pin(std::future::ready(
+                self.coded_response(answer, coding, coded),
+            ));
+        }
+        let file = self.clone();
+        Box::pin(async move {
+            match encoding::compress_bytes(&file.body, coding).await {
+                Ok(coded) => {
+                    // Two first requests may both compress; the first stored is kept.
+                    let coded = file.coded[coding as usize].get_or_init(|| coded);
+                    file.coded_response(answer, coding, coded)
+                }
+                Err(_) => file.response(answer),
+            }
+        })
+    }
+
+    /// The 200 with the content compressed with `coding`: as [`encoding::compress`] sends it,
+    /// with its length.
+    fn coded_response(&self, answer: Answer, coding: Coding, coded: &Bytes) -> Response<Body> {
+        let mut response = self.response(Answer {
+            on_the_fly: None,
+            ..answer
+        });
+        *response.body_mut() = Body::from(coded.clone());
+        let headers = response.headers_mut();
+        encoding::mark_coded(headers, coding);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(coded.len()));
+        response
     }
 
     /// The 200 `ServeDir` gives for the whole file: same headers, same order.
@@ -751,7 +824,8 @@ impl Backend for Beneath {
             if stat.len > MAX_CACHED_FILE {
                 return Ok(Opened::disk(file, stat));
             }
-            Ok(match backend.load(file, stat).await? {
+            let compressible = encoding::compressible(&content_type_of(&path));
+            Ok(match backend.load(file, stat, compressible).await? {
                 Ok(cached) => Opened::memory(cached.body.clone(), stat),
                 Err(file) => Opened::disk(file, stat),
             })
@@ -774,6 +848,7 @@ impl Beneath {
         &self,
         file: std::fs::File,
         stat: Stat,
+        compressible: bool,
     ) -> io::Result<Result<Arc<CachedFile>, std::fs::File>> {
         let cache = &self.cache;
         let key = (stat.dev, stat.ino);
@@ -796,7 +871,7 @@ impl Beneath {
         .map_err(io::Error::other)?;
         Ok(match read? {
             Some(body) => {
-                let cached = Arc::new(CachedFile::new(stat, body));
+                let cached = Arc::new(CachedFile::new(stat, body, compressible));
                 let _ = guard.insert(cached.clone());
                 Ok(cached)
             }

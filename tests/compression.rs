@@ -180,9 +180,36 @@ fn sidecars_are_chosen_by_accept_encoding() {
         let identity_tag = header(&identity, "etag");
         assert_eq!(
             header(&zstd, "etag"),
-            format!("{}-zstd\"", identity_tag.trim_end_matches('"')),
+            format!("W/{}-zstd\"", identity_tag.trim_end_matches('"')),
             "{name}: the identity's tag, coded"
         );
+    }
+
+    // Types not worth compressing are not looked for: a sidecar beside one is not served,
+    // whether the file comes from the cache, ServeDir (a range) or the zero-copy path.
+    std::fs::write(root.join("data.bin.gz"), b"a sidecar of binary content").unwrap();
+    std::fs::write(root.join("large.bin"), noise(400_000)).unwrap();
+    std::fs::write(root.join("large.bin.gz"), b"a sidecar of binary content").unwrap();
+    for (path, range) in [
+        ("/data.bin", None),
+        ("/data.bin", Some("bytes=0-9")),
+        ("/large.bin", None),
+    ] {
+        let mut headers = vec![("Accept-Encoding", "gzip")];
+        headers.extend(range.map(|r| ("Range", r)));
+        let response = request(addr, "GET", path, &headers);
+        assert_eq!(
+            response.header("content-encoding"),
+            None,
+            "{path} {range:?}"
+        );
+        let file = std::fs::read(root.join(&path[1..])).unwrap();
+        let want = if range.is_some() {
+            &file[..10]
+        } else {
+            &file[..]
+        };
+        assert!(response.body == want, "{path} {range:?}");
     }
 
     // Sidecars switched off: every coding is made on the fly.
@@ -214,11 +241,16 @@ fn bodies_compressed_on_the_fly_decompress_to_the_original() {
             assert_eq!(response.status, 200, "{what}");
             assert_eq!(header(&response, "content-encoding"), coding, "{what}");
             assert_eq!(header(&response, "vary"), "accept-encoding", "{what}");
-            assert_eq!(response.header("content-length"), None, "{what}");
+            // Streamed without a length, or from the cache with the compressed length.
+            let length = response.header("content-length");
+            assert!(
+                length.is_none_or(|l| l == response.body.len().to_string()),
+                "{what}: {length:?}"
+            );
             assert_eq!(response.header("accept-ranges"), None, "{what}");
             assert_eq!(
                 header(&response, "etag"),
-                format!("{}-{coding}\"", tag.trim_end_matches('"')),
+                format!("W/{}-{coding}\"", tag.trim_end_matches('"')),
                 "{what}"
             );
             assert!(
@@ -261,6 +293,36 @@ fn bodies_compressed_on_the_fly_decompress_to_the_original() {
     let response = get(addr, "/plain.css", "br, gzip");
     assert_eq!(response.header("content-encoding"), None);
     assert_eq!(response.header("vary"), None);
+}
+
+/// A small text file is compressed once and the compressed form kept with its cached content:
+/// the same bytes again, with their length; a new version of the file is compressed anew.
+#[test]
+fn a_cached_file_keeps_its_compressed_form_until_it_changes() {
+    let root = web_root("compression-cached");
+    let (_baton, addr) = start(&root, &[]);
+    let first = get(addr, "/plain.css", "br");
+    let again = get(addr, "/plain.css", "br");
+    assert_eq!(
+        header(&again, "content-length"),
+        again.body.len().to_string()
+    );
+    assert!(first.body == again.body, "the kept form differs");
+    assert_eq!(header(&first, "etag"), header(&again, "etag"));
+    // Rewritten in place (the same inode): its new content, compressed.
+    let new = text(31_000, 99);
+    std::fs::write(root.join("plain.css"), &new).unwrap();
+    let changed = get(addr, "/plain.css", "br");
+    assert!(
+        decode("br", &changed.body) == new,
+        "the old content's compressed form"
+    );
+    assert_ne!(header(&changed, "etag"), header(&first, "etag"));
+    // Each coding has its own form.
+    for coding in ["gzip", "zstd"] {
+        let response = get(addr, "/plain.css", coding);
+        assert!(decode(coding, &response.body) == new, "{coding}");
+    }
 }
 
 #[test]
@@ -306,7 +368,10 @@ fn not_modified_answers_each_coding_with_its_own_tag() {
         let path = format!("/{name}");
         let br = get(addr, &path, "br");
         let br_tag = header(&br, "etag").to_owned();
-        assert!(br_tag.ends_with("-br\""), "{br_tag}");
+        assert!(
+            br_tag.starts_with("W/\"") && br_tag.ends_with("-br\""),
+            "{br_tag}"
+        );
         // The coded tag is current for a client that gets br.
         let again = request(
             addr,

@@ -3,16 +3,19 @@
 //!
 //! A file is sent compressed in one of two ways, for a client whose `Accept-Encoding` allows it:
 //!
-//! - **pre-compressed**: a sidecar beside the file (`app.js.br`, `.zst`, `.gz`), which
-//!   tower-http's `ServeDir` chooses (and the memory cache and the zero-copy path choose the same
-//!   way: [`sidecars`]). The sidecar is a file of its own: its `ETag`, `Content-Length` and
-//!   ranges are its own.
+//! - **pre-compressed**: a sidecar beside a file of a compressible type (`app.js.br`, `.zst`,
+//!   `.gz`), which tower-http's `ServeDir` chooses (and the memory cache and the zero-copy path
+//!   choose the same way: [`Compression::sidecars`]). The sidecar is a file of its own: its
+//!   `ETag`, `Content-Length` and ranges are its own. Types not worth compressing are not
+//!   looked for (a browser's `Accept-Encoding` would otherwise cost every image three lookups).
 //! - **on the fly**: a response of a compressible type ([`compressible`]), whole (200, not a
 //!   range), of at least [`Compression::min_size`] bytes, that no sidecar answered, is
 //!   compressed as it is sent ([`compress`], with async-compression, the crate tower-http's
-//!   `CompressionLayer` uses). Its `ETag` is the identity's with the coding appended
-//!   (`"…-br"`, as Apache's mod_deflate does): a cache that keeps both holds two tags, and a
-//!   conditional request with the coded tag is answered 304 ([`IfNoneMatch`]).
+//!   `CompressionLayer` uses; a small file's compressed form is kept with its cached content,
+//!   [`compress_bytes`]). Its `ETag` is the identity's with the coding appended, weak
+//!   (`W/"…-br"`): another compression of the same content may differ in its bytes, as nginx
+//!   says by weakening its tags; a cache that keeps both holds two tags, and a conditional
+//!   request with the coded tag is answered 304 ([`IfNoneMatch`]).
 //!
 //! Both add `Vary: Accept-Encoding`. The preference among codings the client rates equally is
 //! `ServeDir`'s: zstd, then br, then gzip.
@@ -112,10 +115,16 @@ impl Compression {
         accepted(headers, &self.codings).next()
     }
 
-    /// The sidecars to look for, in the order `ServeDir` tries them.
-    pub fn sidecars<'a>(&'a self, headers: &'a HeaderMap) -> impl Iterator<Item = Coding> + 'a {
-        self.precompressed
-            .then(|| accepted(headers, &self.codings))
+    /// The sidecars to look for a file of `content_type`, in the order `ServeDir` tries them.
+    pub fn sidecars<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        content_type: &HeaderValue,
+    ) -> impl Iterator<Item = Coding> + 'a {
+        (self.precompressed && headers.contains_key(header::ACCEPT_ENCODING))
+            .then(|| compressible(content_type))
+            .filter(|&worth_it| worth_it)
+            .map(|_| accepted(headers, &self.codings))
             .into_iter()
             .flatten()
     }
@@ -223,13 +232,15 @@ pub fn compressible(content_type: &HeaderValue) -> bool {
 }
 
 /// The `ETag` of a response compressed on the fly with `coding`: the identity's, the coding
-/// appended inside the quotes (weakness kept).
+/// appended inside the quotes, weak.
 pub fn coded_etag(etag: &HeaderValue, coding: Coding) -> Option<HeaderValue> {
     let tag = etag.as_bytes();
-    if tag.len() < 2 || tag.last() != Some(&b'"') {
+    let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
+    if tag.len() < 2 || tag[0] != b'"' || tag.last() != Some(&b'"') {
         return None;
     }
-    let mut coded = Vec::with_capacity(tag.len() + 6);
+    let mut coded = Vec::with_capacity(tag.len() + 8);
+    coded.extend_from_slice(b"W/");
     coded.extend_from_slice(&tag[..tag.len() - 1]);
     coded.push(b'-');
     coded.extend_from_slice(coding.token().as_bytes());
@@ -238,8 +249,9 @@ pub fn coded_etag(etag: &HeaderValue, coding: Coding) -> Option<HeaderValue> {
 }
 
 /// An `If-None-Match` rewritten for the identity: the tags a response compressed on the fly
-/// with `coding` was given ([`coded_etag`]) become the identity's, so that `ServeDir`, which
-/// knows only the identity's tag, answers 304 when the coded response is still current.
+/// with `coding` was given ([`coded_etag`]) become the identity's (weak, which `If-None-Match`
+/// compares weakly), so that `ServeDir`, which knows only the identity's tag, answers 304 when
+/// the coded response is still current.
 pub struct IfNoneMatch {
     /// Whether a coded tag was among them (the 304 then carries the coded tag).
     pub had_coded_tag: bool,
@@ -391,36 +403,61 @@ fn not_modified_coded(mut response: Response<Body>, coding: Coding) -> Response<
 /// the length (unknown now) and `Accept-Ranges` (ranges are of the identity) removed, the
 /// `ETag` coded.
 pub fn compress(response: Response<Body>, coding: Coding) -> Response<Body> {
-    use async_compression::tokio::bufread::{BrotliEncoder, GzipEncoder, ZstdEncoder};
-    use async_compression::Level;
     use tokio_util::io::{ReaderStream, StreamReader};
 
     let (mut parts, body) = response.into_parts();
-    let headers = &mut parts.headers;
-    headers.remove(header::CONTENT_LENGTH);
+    mark_coded(&mut parts.headers, coding);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let input = StreamReader::new(TryStreamExt::map_err(
+        body.into_data_stream(),
+        io::Error::other,
+    ));
+    // Frames of up to 32 KiB: the default 4 KiB makes eight times as many writes.
+    let body = Body::from_stream(ReaderStream::with_capacity(
+        encoder(input, coding),
+        32 << 10,
+    ));
+    Response::from_parts(parts, body)
+}
+
+/// The headers of an answer compressed on the fly with `coding`, but for its length.
+pub fn mark_coded(headers: &mut HeaderMap, coding: Coding) {
     headers.remove(header::ACCEPT_RANGES);
     headers.insert(header::CONTENT_ENCODING, coding.header_value());
+    vary_on_accept_encoding(headers);
     if let Some(coded) = headers
         .get(header::ETAG)
         .and_then(|etag| coded_etag(etag, coding))
     {
         headers.insert(header::ETAG, coded);
     }
-    let input = StreamReader::new(TryStreamExt::map_err(
-        body.into_data_stream(),
-        io::Error::other,
-    ));
-    // Levels for a server compressing as it sends: brotli's default (11) costs about a hundred
-    // times level 4 for a few per cent; zstd and gzip keep theirs (3 and 6).
-    let body = match coding {
-        Coding::Br => Body::from_stream(ReaderStream::new(BrotliEncoder::with_quality(
-            input,
-            Level::Precise(4),
-        ))),
-        Coding::Zstd => Body::from_stream(ReaderStream::new(ZstdEncoder::new(input))),
-        Coding::Gzip => Body::from_stream(ReaderStream::new(GzipEncoder::new(input))),
-    };
-    Response::from_parts(parts, body)
+}
+
+/// `content` compressed with `coding`, whole, as [`compress`] would send it.
+pub async fn compress_bytes(content: &[u8], coding: Coding) -> io::Result<bytes::Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::with_capacity(content.len() / 3 + 64);
+    std::pin::pin!(encoder(content, coding))
+        .read_to_end(&mut out)
+        .await?;
+    Ok(out.into())
+}
+
+/// The encoder of `coding` over `input`. Levels for a server compressing as it sends: brotli's
+/// default (11) costs about a hundred times level 4 for a few per cent; zstd and gzip keep
+/// theirs (3 and 6).
+fn encoder<R>(input: R, coding: Coding) -> impl tokio::io::AsyncRead + Send
+where
+    R: tokio::io::AsyncBufRead + Send,
+{
+    use async_compression::tokio::bufread::{BrotliEncoder, GzipEncoder, ZstdEncoder};
+    use async_compression::Level;
+    use tokio_util::either::Either;
+    match coding {
+        Coding::Br => Either::Left(BrotliEncoder::with_quality(input, Level::Precise(4))),
+        Coding::Zstd => Either::Right(Either::Left(ZstdEncoder::new(input))),
+        Coding::Gzip => Either::Right(Either::Right(GzipEncoder::new(input))),
+    }
 }
 
 #[cfg(test)]
@@ -497,9 +534,10 @@ mod tests {
     fn a_coded_etag_round_trips_through_if_none_match() {
         let etag = HeaderValue::from_static("\"5f.0000001a-3e8\"");
         let coded = coded_etag(&etag, Coding::Br).unwrap();
-        assert_eq!(coded, "\"5f.0000001a-3e8-br\"");
+        assert_eq!(coded, "W/\"5f.0000001a-3e8-br\"");
         let weak = coded_etag(&HeaderValue::from_static("W/\"x\""), Coding::Gzip).unwrap();
         assert_eq!(weak, "W/\"x-gzip\"");
+        assert_eq!(coded_etag(&HeaderValue::from_static("x"), Coding::Br), None);
 
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -511,7 +549,7 @@ mod tests {
         assert!(IfNoneMatch::strip(&mut headers, Coding::Br).had_coded_tag);
         assert_eq!(
             headers[header::IF_NONE_MATCH],
-            "\"other\", \"5f.0000001a-3e8\""
+            "\"other\", W/\"5f.0000001a-3e8\""
         );
     }
 
