@@ -392,6 +392,8 @@ struct Generation<W: Workload> {
     info: StartInfo,
     stats: Arc<Stats>,
     signals: Signals,
+    /// Passed on to a successor on probation, which serves but is not the main pid yet.
+    reopen_signal: Option<nix::sys::signal::Signal>,
     control: control::Control,
     /// What serves; a rollback asks it to serve the sockets again.
     workload: W,
@@ -502,6 +504,7 @@ impl<W: Workload> Generation<W> {
             stats,
             workload,
             signals,
+            reopen_signal: process.settings.signals.reopen_logs.first().copied(),
             control,
             server: Some(server),
             draining: Vec::new(),
@@ -632,10 +635,36 @@ impl<W: Workload> Generation<W> {
         }
     }
 
+    /// During a probation the successor serves (and writes its logs) while this process is the
+    /// main pid, the one logrotate's `systemctl kill --kill-whom=main` reaches: it gets the
+    /// signal too. It is ready, so it handles the signal rather than dying of it.
+    fn pass_reopen_on(&self) {
+        let (Phase::Probation { successor, .. }, Some(signal)) = (&self.phase, self.reopen_signal)
+        else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(successor.pid);
+        match nix::sys::signal::kill(pid, signal) {
+            Ok(()) => tracing::info!(
+                event = "reopen-passed-on",
+                generation = successor.generation,
+                "{signal}: passed on to generation {} (pid {}), serving on probation",
+                successor.generation,
+                successor.pid
+            ),
+            Err(e) => tracing::warn!(
+                "{signal}: cannot pass it on to generation {} (pid {}): {e}",
+                successor.generation,
+                successor.pid
+            ),
+        }
+    }
+
     async fn handle(&mut self, action: Action) -> Option<End> {
         match action {
             Action::Stop { cause, by_signal } => return Some(End::Stop { cause, by_signal }),
             Action::ReopenLogs => {
+                self.pass_reopen_on();
                 self.workload.reopen_logs();
                 match crate::logging::reopen() {
                     Ok(true) => {

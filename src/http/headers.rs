@@ -202,7 +202,7 @@ impl Headers {
 
     /// The headers this answer from the root gets, for the request path `path`.
     pub fn apply(&self, path: &str, headers: &mut HeaderMap) {
-        if let Some(mime) = headers.get(header::CONTENT_TYPE) {
+        if let Some(mime) = headers.get(header::CONTENT_TYPE).filter(|m| is_text(m)) {
             let typed = self.content_type(mime.clone());
             headers.insert(header::CONTENT_TYPE, typed);
         }

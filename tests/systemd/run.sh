@@ -129,6 +129,7 @@ export LAB_SHARE=$WORK/share
 mkdir -p "$LAB_SHARE"/{bin,units,tests,results}
 cp "$BIN" "$LAB_SHARE/bin/baton"
 cp "$REPO/systemd/baton.socket" "$REPO/systemd/baton.service" "$LAB_SHARE/units/"
+cp "$REPO/packaging/logrotate" "$LAB_SHARE/units/logrotate"
 cp -r "$HERE/lib.sh" "$HERE/helpers" "$HERE/cases" "$LAB_SHARE/tests/"
 if [ -n "${BATON_DEBS:-}" ]; then
   mkdir -p "$LAB_SHARE/debs" && cp "$BATON_DEBS"/* "$LAB_SHARE/debs/"
