@@ -29,7 +29,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -381,52 +381,75 @@ struct Writer {
 /// The most lines written with one write(2).
 const BATCH: usize = 256;
 
+/// How long the writer lets lines gather once it is awake: under load it wakes this often and
+/// takes what came, so that the requests hand their lines over without waking it (a futex wake
+/// each) every time.
+const GATHER: Duration = Duration::from_millis(10);
+
 impl Writer {
+    /// Parked on the queue while idle; awake, writes what came, waits [`GATHER`] for more,
+    /// and parks again once a wait brought nothing.
     fn run(mut self, rx: Receiver<Message>) {
         let mut text = String::new();
         let mut batch = Vec::with_capacity(BATCH);
         while let Ok(first) = rx.recv() {
             batch.push(first);
-            while batch.len() < BATCH {
+            loop {
+                let open = fill(&rx, &mut batch);
+                let full = batch.len() == BATCH;
+                self.write(&mut batch, &mut text);
+                if !open {
+                    return;
+                }
+                if full {
+                    continue;
+                }
+                std::thread::sleep(GATHER);
                 match rx.try_recv() {
                     Ok(message) => batch.push(message),
-                    Err(_) => break,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
                 }
             }
-            if self.reopen.swap(false, Ordering::SeqCst) {
-                self.reopen_file();
-            }
-            text.clear();
-            let mut lines = 0;
-            for message in batch.drain(..) {
-                let Message::Entry(entry) = message else {
-                    continue;
-                };
-                if let Sink::Journal { socket, path } = &self.sink {
-                    let datagram = journal_datagram(&entry, self.generation);
-                    if socket.send_to(&datagram, path).is_err() {
-                        self.dropped.inc();
-                    }
-                    continue;
+        }
+    }
+
+    /// Writes the lines of `batch` (emptied) in one write(2), or one datagram each to the
+    /// journal; counts the ones that could not be written.
+    fn write(&mut self, batch: &mut Vec<Message>, text: &mut String) {
+        if self.reopen.swap(false, Ordering::SeqCst) {
+            self.reopen_file();
+        }
+        text.clear();
+        let mut lines = 0;
+        for message in batch.drain(..) {
+            let Message::Entry(entry) = message else {
+                continue;
+            };
+            if let Sink::Journal { socket, path } = &self.sink {
+                let datagram = journal_datagram(&entry, self.generation);
+                if socket.send_to(&datagram, path).is_err() {
+                    self.dropped.inc();
                 }
-                match self.format {
-                    Format::Combined => combined(&entry, &mut text),
-                    Format::Json => json(&entry, self.generation, &mut text),
-                }
-                text.push('\n');
-                lines += 1;
-            }
-            if lines == 0 {
                 continue;
             }
-            let written = match &mut self.sink {
-                Sink::Stderr => io::stderr().lock().write_all(text.as_bytes()),
-                Sink::File { file, .. } => file.write_all(text.as_bytes()),
-                Sink::Journal { .. } => Ok(()),
-            };
-            if written.is_err() {
-                self.dropped.inc_by(lines);
+            match self.format {
+                Format::Combined => combined(&entry, text),
+                Format::Json => json(&entry, self.generation, text),
             }
+            text.push('\n');
+            lines += 1;
+        }
+        if lines == 0 {
+            return;
+        }
+        let written = match &mut self.sink {
+            Sink::Stderr => io::stderr().lock().write_all(text.as_bytes()),
+            Sink::File { file, .. } => file.write_all(text.as_bytes()),
+            Sink::Journal { .. } => Ok(()),
+        };
+        if written.is_err() {
+            self.dropped.inc_by(lines);
         }
     }
 
@@ -447,6 +470,18 @@ impl Writer {
             }
         }
     }
+}
+
+/// Moves what is queued into `batch`, up to [`BATCH`]; false once every sender is gone.
+fn fill(rx: &Receiver<Message>, batch: &mut Vec<Message>) -> bool {
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(message) => batch.push(message),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
 }
 
 /// nginx's escaping of a logged variable: `"`, `\`, control bytes and bytes beyond ASCII as

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/compression.sh: what compression costs and what it gives, on loopback with wrk.
+# bench/features.sh: what the web features cost and give (compression, the access log), on
+# loopback with wrk.
 #
 #   1. 1 KiB of binary content (not compressed), no Accept-Encoding: baton with compression on
 #      (the default) against baton with it off (--compress false --precompressed false). Goal:
@@ -12,6 +13,8 @@
 #   4. 1 MiB of CSS compressed on the fly with gzip: too large for baton's cache, so both
 #      compress every response as they send it.
 #   5. The same HTML from a pre-compressed .gz sidecar: baton against nginx (`gzip_static on`).
+#   6. 1 KiB with the access log (combined, to a file) against baton without: what a line
+#      costs; and the same for nginx (`access_log FILE combined`), the peer's own cost.
 #
 # A benchmark that prints figures, not a test: it exits 0 whatever the verdict. The machine is
 # assumed noisy: the rounds alternate between the two servers of a point and the table shows
@@ -28,7 +31,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH_SCRIPT=bench/compression.sh
+BENCH_SCRIPT=bench/features.sh
 # shellcheck source=bench/lib.sh
 source "$REPO/bench/lib.sh"
 
@@ -60,6 +63,8 @@ chmod 644 "$TMP/www"/*
 NGINX_PORT=$(free_port)
 ON_PORT=$(free_port)
 OFF_PORT=$(free_port)
+LOG_PORT=$(free_port)
+NGINX_LOG_PORT=$(free_port)
 nginx_conf "$NGINX_PORT" off
 # Compression as baton does it: the same level, the text types, sidecars for static.html.
 sed -i 's|^    access_log off;|    access_log off;\n    gzip on; gzip_comp_level 6; gzip_min_length 1024; gzip_vary on;\n    gzip_types text/css application/javascript application/json image/svg+xml text/plain;\n    location = /static.html { gzip_static on; }|' "$TMP/nginx/nginx.conf"
@@ -73,21 +78,37 @@ s = s.replace("        root ", "        location = /static.html { gzip_static on
 open(p, "w").write(s)
 EOF
 
+# A second nginx, the same but for its access log.
+mkdir -p "$TMP/nginx-log"
+sed -e "s|listen 127.0.0.1:$NGINX_PORT;|listen 127.0.0.1:$NGINX_LOG_PORT;|" \
+    -e "s|pid $TMP/nginx/nginx.pid;|pid $TMP/nginx-log/nginx.pid;|" \
+    -e "s|^    access_log off;|    access_log $TMP/nginx-log/access.log combined;|" \
+    -e "s|$TMP/nginx/\([a-z]*\);|$TMP/nginx-log/\1;|" \
+    "$TMP/nginx/nginx.conf" >"$TMP/nginx-log/nginx.conf"
+"$NGINX" -e "$TMP/nginx-log/error.log" -p "$TMP/nginx-log/" -c "$TMP/nginx-log/nginx.conf" >"$TMP/nginx-log/stdout.log" 2>&1 &
+PIDS+=($!); NGINX_LOG_PID=$!
+
 "$NGINX" -e "$TMP/nginx/error.log" -p "$TMP/nginx/" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/stdout.log" 2>&1 &
 PIDS+=($!); NGINX_PID=$!
 "$BATON" serve --listen "127.0.0.1:$ON_PORT" --root "$TMP/www" >"$TMP/on.log" 2>&1 &
 PIDS+=($!); ON_PID=$!
 "$BATON" serve --listen "127.0.0.1:$OFF_PORT" --root "$TMP/www" --compress false --precompressed false >"$TMP/off.log" 2>&1 &
 PIDS+=($!); OFF_PID=$!
+"$BATON" serve --listen "127.0.0.1:$LOG_PORT" --root "$TMP/www" --access-log "$TMP/access.log" >"$TMP/log.log" 2>&1 &
+PIDS+=($!); LOG_PID=$!
 
 declare -A BASE=(
     [nginx]=http://127.0.0.1:$NGINX_PORT
     [on]=http://127.0.0.1:$ON_PORT
     [off]=http://127.0.0.1:$OFF_PORT
+    [log]=http://127.0.0.1:$LOG_PORT
+    [nginx-log]=http://127.0.0.1:$NGINX_LOG_PORT
 )
 wait_up nginx "${BASE[nginx]}/file.bin" "$NGINX_PID" "$TMP/nginx/error.log"
 wait_up "baton (compression on)" "${BASE[on]}/file.bin" "$ON_PID" "$TMP/on.log"
 wait_up "baton (compression off)" "${BASE[off]}/file.bin" "$OFF_PID" "$TMP/off.log"
+wait_up "baton (access log)" "${BASE[log]}/file.bin" "$LOG_PID" "$TMP/log.log"
+wait_up "nginx (access log)" "${BASE[nginx-log]}/file.bin" "$NGINX_LOG_PID" "$TMP/nginx-log/error.log"
 
 # Each server compresses what it should: the gzip answers decompress to the page.
 for srv in on nginx; do
@@ -106,6 +127,10 @@ point() { # label path accept-encoding (or "") server-a server-b
     local -a header=()
     [[ -n $accept ]] && header=(-H "Accept-Encoding: $accept")
     declare -A RPS P99
+    # A warm-up each: the first requests of a server fill its caches.
+    for srv in "$a" "$b"; do
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d1s "${header[@]}" "${BASE[$srv]}$path" >/dev/null
+    done
     for r in $(seq "$ROUNDS"); do
         local order=("$a" "$b")
         ((r % 2 == 0)) && order=("$b" "$a")
@@ -139,3 +164,9 @@ point "1 KiB binary, browser Accept-Encoding" /file.bin "gzip, deflate, br, zstd
 point "24 KiB HTML, gzip on the fly" /page.html gzip on nginx
 point "1 MiB CSS, gzip on the fly" /large.css gzip on nginx
 point "24 KiB HTML, .gz sidecar" /static.html gzip on nginx
+point "1 KiB binary, access log to a file" /file.bin "" log on
+point "1 KiB binary, nginx's access log to a file" /file.bin "" nginx-log nginx
+lines=$(wc -l <"$TMP/access.log")
+dropped=$(curl -fsS "${BASE[log]}/-/metrics" | awk '$1 == "baton_access_log_dropped_total" { print $2 }')
+say ""
+say "access log: $lines lines written, ${dropped:-?} dropped (baton_access_log_dropped_total)"
