@@ -178,12 +178,34 @@ impl std::fmt::Display for Client {
     }
 }
 
+/// The most bytes of the request target and of each logged header kept: an entry owns copies
+/// of them (a `HeaderValue` cloned from a request shares the buffer of its whole head, up to
+/// hundreds of KiB), and a line fits a journal datagram.
+pub const MAX_FIELD: usize = 2048;
+
+/// A copy of at most [`MAX_FIELD`] bytes of a logged header.
+pub fn logged_header(value: &HeaderValue) -> HeaderValue {
+    let bytes = value.as_bytes();
+    HeaderValue::from_bytes(&bytes[..bytes.len().min(MAX_FIELD)])
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A copy of at most [`MAX_FIELD`] bytes of a request target (cut on a character boundary).
+pub fn logged_target(target: &str) -> Box<str> {
+    let mut end = target.len().min(MAX_FIELD);
+    while !target.is_char_boundary(end) {
+        end -= 1;
+    }
+    target[..end].into()
+}
+
 /// One request, as the connection code saw it.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub client: Client,
     pub method: hyper::Method,
-    pub target: hyper::Uri,
+    /// The request target, at most [`MAX_FIELD`] bytes of it.
+    pub target: Box<str>,
     pub version: hyper::Version,
     pub status: u16,
     /// Body bytes written to the socket.
@@ -361,6 +383,17 @@ enum Sink {
 
 impl Sink {
     fn journal(path: &Path) -> io::Result<Sink> {
+        // Nobody listening would cost every line, counted but never said: refuse at start.
+        UnixDatagram::unbound()?.connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "no journal listens at {}: {e}; log to stderr or a file where there is no \
+                     journald",
+                    path.display()
+                ),
+            )
+        })?;
         let socket = UnixDatagram::unbound()?;
         socket.set_write_timeout(Some(JOURNAL_TIMEOUT))?;
         Ok(Sink::Journal {
@@ -537,7 +570,7 @@ fn time_local(t: SystemTime, out: &mut String) {
 fn request_line(entry: &Entry, out: &mut String) {
     escape(entry.method.as_str().as_bytes(), out);
     out.push(' ');
-    escape(entry.target.to_string().as_bytes(), out);
+    escape(entry.target.as_bytes(), out);
     out.push(' ');
     out.push_str(protocol(entry.version));
 }
@@ -575,7 +608,7 @@ pub fn json(entry: &Entry, generation: u64, out: &mut String) {
         "time_local": time,
         "client": entry.client.to_string(),
         "method": entry.method.as_str(),
-        "path": entry.target.to_string(),
+        "path": &*entry.target,
         "protocol": protocol(entry.version),
         "status": entry.status,
         "bytes": entry.bytes,
@@ -613,7 +646,7 @@ fn journal_datagram(entry: &Entry, generation: u64) -> Vec<u8> {
     journal_field(&mut d, "BATON_EVENT", b"access");
     journal_field(&mut d, "BATON_CLIENT", entry.client.to_string().as_bytes());
     journal_field(&mut d, "BATON_METHOD", entry.method.as_str().as_bytes());
-    journal_field(&mut d, "BATON_PATH", entry.target.to_string().as_bytes());
+    journal_field(&mut d, "BATON_PATH", entry.target.as_bytes());
     journal_field(&mut d, "BATON_PROTOCOL", protocol(entry.version).as_bytes());
     journal_field(&mut d, "BATON_STATUS", entry.status.to_string().as_bytes());
     journal_field(&mut d, "BATON_BYTES", entry.bytes.to_string().as_bytes());
@@ -644,7 +677,7 @@ mod tests {
         Entry {
             client: Client::Tcp("127.0.0.1:5555".parse().unwrap()),
             method: hyper::Method::GET,
-            target: "/a%20b.txt?x=1".parse().unwrap(),
+            target: "/a%20b.txt?x=1".into(),
             version: hyper::Version::HTTP_11,
             status: 200,
             bytes: 1234,
@@ -798,6 +831,34 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 1000);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_journal_nobody_listens_at_is_refused_at_start() {
+        let Err(e) = Sink::journal(Path::new("/nonexistent/journal/socket")) else {
+            panic!("accepted a journal socket that is not there");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("no journal listens at /nonexistent/"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn logged_values_are_owned_copies_and_bounded() {
+        let long = "é".repeat(MAX_FIELD);
+        let target = logged_target(&long);
+        assert!(target.len() <= MAX_FIELD && long.starts_with(&*target));
+        assert_eq!(&*logged_target("/a?b"), "/a?b");
+        let value = HeaderValue::from_bytes(&vec![b'a'; 100_000]).unwrap();
+        assert_eq!(logged_header(&value).len(), MAX_FIELD);
+        // The largest entry still fits one journal datagram (208 KiB by default).
+        let bad = HeaderValue::from_bytes(&[0x80; MAX_FIELD]).unwrap();
+        let mut big = entry();
+        (big.referer, big.user_agent, big.host) = (Some(bad.clone()), Some(bad.clone()), Some(bad));
+        big.target = "\u{1}".repeat(MAX_FIELD).into();
+        assert!(journal_datagram(&big, 1).len() < 100 * 1024);
     }
 
     #[test]

@@ -446,7 +446,8 @@ pub const KEYS: &[Key] = &[
         example: r#"["/assets/**=max-age=31536000, immutable", "text/html=no-cache"]"#,
         help: "Cache-Control of the answers from the root. PATTERN is a glob over the request \
                path when it starts with / (* within a segment, ** across them) or a content \
-               type such as text/html or image/*; the first rule that matches wins.",
+               type such as text/html or image/*; the first rule that matches wins. Errors get \
+               none; the fallback and listings only the rules by type.",
     },
     Key {
         section: "headers",
@@ -455,9 +456,11 @@ pub const KEYS: &[Key] = &[
         default: Some("[]"),
         unset: "",
         example: r#"["X-Content-Type-Options: nosniff", "Access-Control-Allow-Origin: *"]"#,
-        help: "Headers added to every answer from the root (replacing one of the same name); \
-               Content-Type, Content-Length, Content-Encoding, Content-Range, Connection, \
-               Transfer-Encoding, Date, Trailer and Upgrade are baton's own.",
+        help: "Headers added to every answer from the root (replacing one of the same name; \
+               a name given twice keeps both values). Content-Type, Content-Length, \
+               Content-Encoding, Content-Range, Vary, ETag, Last-Modified, Accept-Ranges, \
+               Connection, Transfer-Encoding, Date, Trailer and Upgrade are baton's own; \
+               Cache-Control comes from headers.cache_control.",
     },
     Key {
         section: "headers",
@@ -1153,7 +1156,8 @@ impl Config {
                 )),
             }
         }
-        if self.compression.codings.is_empty() {
+        let compression = &self.compression;
+        if compression.codings.is_empty() && (compression.on_the_fly || compression.precompressed) {
             errors.push(
                 "compression.codings is empty: list at least one of zstd, br, gzip, or set \
                  compression.on_the_fly and compression.precompressed to false"
@@ -1256,6 +1260,16 @@ impl Config {
                 if let Some(problem) = page_name_problem(name, may_be_empty) {
                     errors.push(format!("{key} '{name}' {problem}"));
                 }
+            }
+        }
+        // A directory as the fallback would answer every unknown path with a redirect to it.
+        if let (Some(root), Some(fallback)) = (&self.root, &self.files.fallback) {
+            if page_name_problem(fallback, false).is_none() && root.join(fallback).is_dir() {
+                errors.push(format!(
+                    "files.fallback '{fallback}' is a directory of the root: name a file, as in \
+                     \"{}/index.html\"",
+                    fallback.trim_end_matches('/')
+                ));
             }
         }
         let name = &self.admin.listener;

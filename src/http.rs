@@ -336,26 +336,40 @@ impl Confined {
         let on_the_fly = OnTheFly::for_request(&web.compression, request.headers_mut());
         // Only path rules need the path; most configurations have none.
         let path =
-            (!web.headers.cache_control.is_empty()).then(|| decoded_path(request.uri().path()));
+            (!web.headers.cache_control.is_empty()).then(|| normalized_path(request.uri().path()));
         // ServeDir looks for sidecars of any file; baton only for the types worth compressing.
-        if web.compression.precompressed && request.headers().contains_key(header::ACCEPT_ENCODING)
+        if web.compression.precompressed
+            && request.headers().contains_key(header::ACCEPT_ENCODING)
+            && !compressible_path(request.uri().path())
         {
-            let uri_path = request.uri().path();
-            let file = match uri_path.ends_with('/') {
-                true => "index.html",
-                false => uri_path,
-            };
-            if !encoding::compressible(&content_type_of(Path::new(file))) {
-                request.headers_mut().remove(header::ACCEPT_ENCODING);
-            }
+            request.headers_mut().remove(header::ACCEPT_ENCODING);
         }
+        let uri = request.uri().clone();
         let future = serve(request);
         Box::pin(async move {
             let mut response = future.await;
             let path = path.as_deref().unwrap_or_default();
-            web.headers.apply(path, response.headers_mut());
+            web.headers.apply(path, &mut response);
+            // ServeDir's 304 says nothing of codings; its 200 would have.
+            let compression = &web.compression;
+            if response.status() == axum::http::StatusCode::NOT_MODIFIED
+                && (compression.precompressed || compression.on_the_fly)
+                && compressible_path(uri.path())
+            {
+                encoding::vary_on_accept_encoding(response.headers_mut());
+            }
             on_the_fly.apply(response)
         })
+    }
+
+    /// Whether a `Cache-Control` rule forbids transforming the file at `uri_path`.
+    fn no_transform(&self, uri_path: &str, content_type: &HeaderValue) -> bool {
+        let headers = &self.web.headers;
+        !headers.cache_control.is_empty()
+            && headers
+                .cache_control_for(&normalized_path(uri_path), Some(content_type))
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|value| value.to_ascii_lowercase().contains("no-transform"))
     }
 
     /// The answer to a plain GET of a small regular file, from the cache (filled if need be);
@@ -403,11 +417,12 @@ impl Confined {
             }
         }
         let compressible = encoding::compressible(&content_type);
-        // No sidecar: compressed here, once, and kept with the content.
+        // No sidecar: compressed here, once, and kept with the content (unless a rule says
+        // no-transform).
         let on_the_fly = match coding {
-            None if compressible && stat.len >= compression.min_size => {
-                compression.on_the_fly_coding(request.headers())
-            }
+            None if compressible && stat.len >= compression.min_size => compression
+                .on_the_fly_coding(request.headers())
+                .filter(|_| !self.no_transform(uri_path, &content_type)),
             _ => None,
         };
         let answer = Answer {
@@ -461,12 +476,33 @@ fn serve_dir(
     files
 }
 
-/// A request path percent-decoded (as it was sent where it is not UTF-8), for matching it
-/// against the path patterns of the configuration.
-pub(crate) fn decoded_path(uri_path: &str) -> String {
-    percent_encoding::percent_decode_str(uri_path)
-        .decode_utf8()
-        .map_or_else(|_| uri_path.to_owned(), |path| path.into_owned())
+/// A request path as the path patterns of the configuration see it: percent-decoded, without
+/// `.` and empty segments (`//a/./b.html` is `/a/b.html`), a trailing `/` kept; as it was sent
+/// where it is not UTF-8 or leads outside the root.
+pub(crate) fn normalized_path(uri_path: &str) -> String {
+    let Some(below) = below_root(uri_path) else {
+        return uri_path.to_owned();
+    };
+    let mut path = String::with_capacity(uri_path.len());
+    for part in below.iter() {
+        path.push('/');
+        path.push_str(&part.to_string_lossy());
+    }
+    if path.is_empty() || uri_path.ends_with('/') {
+        path.push('/');
+    }
+    path
+}
+
+/// Whether the file a request path names (`index.html` of a directory) is of a type worth
+/// compressing.
+fn compressible_path(uri_path: &str) -> bool {
+    let path = below_root(uri_path).unwrap_or_default();
+    let file = match uri_path.ends_with('/') || path.as_os_str().is_empty() {
+        true => path.join("index.html"),
+        false => path,
+    };
+    encoding::compressible(&content_type_of(&file))
 }
 
 impl Confined {
@@ -531,8 +567,13 @@ pub(crate) struct LargeFile {
     pub etag: Option<HeaderValue>,
     /// The file is the pre-compressed sidecar of the requested one, in this coding.
     pub coding: Option<Coding>,
-    /// Pre-compression is configured: `Vary: Accept-Encoding`, as `ServeDir` sends it.
+    /// Pre-compression is configured: `Vary: Accept-Encoding`, where `ServeDir` sends it.
     pub vary: bool,
+    /// `Vary: Accept-Encoding` after the configured headers, as compression on the fly adds
+    /// it (to a 200 it would compress for another client; to a 304 of a compressible file).
+    pub vary_late: bool,
+    /// The same for a 304.
+    pub vary_not_modified: bool,
 }
 
 impl Confined {
@@ -554,11 +595,14 @@ impl Confined {
             path.push("index.html");
         }
         let content_type = self.web.headers.content_type(content_type_of(&path));
-        let large = |file, stat: Stat, coding| {
+        let compression = &self.web.compression;
+        let compressible = encoding::compressible(&content_type);
+        let large = |file, stat: Stat, coding: Option<Coding>| {
             if stat.len < min_len {
                 return None;
             }
             let (last_modified, etag) = validators(&stat);
+            let on_the_fly = compression.on_the_fly && compressible;
             Some(LargeFile {
                 file,
                 stat,
@@ -566,7 +610,12 @@ impl Confined {
                 last_modified,
                 etag,
                 coding,
-                vary: self.web.compression.precompressed,
+                vary: compression.precompressed,
+                vary_late: !compression.precompressed
+                    && coding.is_none()
+                    && on_the_fly
+                    && stat.len >= compression.min_size,
+                vary_not_modified: compressible && (compression.precompressed || on_the_fly),
             })
         };
         for coding in self.web.compression.sidecars(accept, &content_type) {
@@ -1000,6 +1049,22 @@ mod tests {
 
     fn get(path: &str) -> Request<Body> {
         Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn paths_are_normalized_for_the_rules() {
+        for (sent, seen) in [
+            ("/", "/"),
+            ("//a/./b.html", "/a/b.html"),
+            ("/a%20b/", "/a b/"),
+            ("/assets//x.css", "/assets/x.css"),
+            ("/../etc", "/../etc"),
+        ] {
+            assert_eq!(normalized_path(sent), seen, "{sent}");
+        }
+        assert!(compressible_path("/"));
+        assert!(compressible_path("/app%2Ejs"));
+        assert!(!compressible_path("/a.png"));
     }
 
     /// The cached answers to plain GETs are byte for byte what tower-http's own `ServeDir`

@@ -1026,11 +1026,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
 /// The access log's view of a request, before its answer.
 fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
-    let header = |name| request.headers().get(name).cloned();
+    let header = |name| request.headers().get(name).map(access_log::logged_header);
     access_log::Entry {
         client,
         method: request.method().clone(),
-        target: request.uri().clone(),
+        target: access_log::logged_target(&request.uri().to_string()),
         version: request.version(),
         status: 0,
         bytes: 0,

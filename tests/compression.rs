@@ -325,6 +325,45 @@ fn a_cached_file_keeps_its_compressed_form_until_it_changes() {
     }
 }
 
+/// `Vary: Accept-Encoding` wherever the answer could differ by it: on 304s of compressible
+/// files, and with sidecars off on what would be compressed for another client, the same on
+/// the zero-copy path as on hyper's (the large file without Accept-Encoding goes the zero-copy
+/// way); and a `no-transform` rule keeps a file as it is, cached or not.
+#[test]
+fn vary_and_no_transform() {
+    let root = web_root("compression-vary");
+    std::fs::create_dir_all(root.join("nt")).unwrap();
+    std::fs::write(root.join("nt/data.json"), text(20_000, 3)).unwrap();
+    let (_baton, addr) = start(
+        &root,
+        &[
+            "--precompressed",
+            "false",
+            "--cache-control",
+            "/nt/**=no-transform",
+        ],
+    );
+    for path in ["/plain.css", "/large.css"] {
+        let response = get(addr, path, "identity");
+        assert_eq!(header(&response, "vary"), "accept-encoding", "{path}");
+        let tag = header(&response, "etag").to_owned();
+        let not_modified = request(addr, "GET", path, &[("If-None-Match", &tag)]);
+        assert_eq!(not_modified.status, 304, "{path}");
+        assert_eq!(
+            header(&not_modified, "vary"),
+            "accept-encoding",
+            "304 of {path}"
+        );
+    }
+    // Not compressible, no sidecars: nothing varies.
+    assert_eq!(get(addr, "/data.bin", "identity").header("vary"), None);
+    for _ in 0..2 {
+        let kept = get(addr, "/nt/data.json", "br, gzip");
+        assert_eq!(kept.header("content-encoding"), None);
+        assert_eq!(header(&kept, "cache-control"), "no-transform");
+    }
+}
+
 #[test]
 fn ranges_stay_ranges_of_what_is_sent() {
     let root = web_root("compression-ranges");
@@ -473,6 +512,34 @@ fn configured_headers_are_on_every_answer_from_the_root() {
     // The operational endpoints are not from the root.
     let healthy = get(addr, "/-/healthy", "identity");
     assert_eq!(healthy.header("x-content-type-options"), None);
+    // An error is no file of the path: a year-long rule must not keep it.
+    let missing = get(addr, "/assets/not-yet-deployed.js", "identity");
+    assert_eq!(missing.status, 404);
+    check(&missing, "404", None);
+    // A path pattern sees the path as ServeDir resolves it.
+    let odd = get(addr, "//assets/./site.css", "identity");
+    assert_eq!(odd.status, 200);
+    check(
+        &odd,
+        "//assets/./site.css",
+        Some("public, max-age=31536000, immutable"),
+    );
+
+    // The fallback stands in for a file: the type's rule, not the path's.
+    let (_spa, addr) = start(
+        &root,
+        &[
+            "--fallback",
+            "index.html",
+            "--cache-control",
+            "/assets/**=immutable",
+            "--cache-control",
+            "text/html=no-cache",
+        ],
+    );
+    let route = get(addr, "/assets/deep/route", "identity");
+    assert_eq!((route.status, route.text().as_str()), (200, "<p>home</p>"));
+    assert_eq!(route.header("cache-control"), Some("no-cache"));
 
     // No charset when told so.
     let (_bare, addr) = start(&root, &["--charset", ""]);

@@ -199,6 +199,9 @@ fn directory_listing_sorted_escaped_and_confined() {
     symlink(outside.path(), root.join("dir-out")).unwrap();
     symlink("sub/inner.txt", root.join("link-in")).unwrap();
     let _socket = UnixListener::bind(root.join("sock")).unwrap();
+    // Hidden files are not listed (nginx's autoindex leaves them out too).
+    std::fs::write(root.join(".env"), "SECRET=1").unwrap();
+    std::fs::create_dir(root.join(".git")).unwrap();
 
     // Off by default.
     let (_baton, addr) = start(&["--root", r_of(&root)]);
@@ -212,6 +215,7 @@ fn directory_listing_sorted_escaped_and_confined() {
     let html = r.text();
     assert!(!html.contains("<script>"), "{html}");
     assert!(!html.contains("secret") && !html.contains("-out"), "{html}");
+    assert!(!html.contains(".env") && !html.contains(".git"), "{html}");
     let listed = entries(&html);
     let texts: Vec<&str> = listed.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(

@@ -385,6 +385,43 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
         .unwrap();
     assert_eq!(r.header("content-encoding"), Some("gzip"));
     assert!(r.body == pattern(400 << 10, 5));
+    drop(_baton);
+    let _ = std::fs::remove_file(&sock);
+
+    // Without sidecars, `Vary` comes from compression on the fly, after the configured
+    // headers, on what it would compress for another client and on the 304s of such files.
+    let (_baton, addr, sock) = start_both(
+        &root,
+        &["--precompressed", "false", "--add-header", "X-A: 1"],
+    );
+    let (lines, _) = exchange(
+        &mut UnixStream::connect(&sock).unwrap(),
+        "HEAD /page.html HTTP/1.1\r\nHost: t\r\n\r\n",
+        true,
+    );
+    let etag = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .to_owned();
+    for request in [
+        "GET /page.html HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+        format!("GET /page.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: {etag}\r\n\r\n"),
+        "GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+    ] {
+        let before = sendfile_count(addr);
+        let fast = exchange(&mut TcpStream::connect(addr).unwrap(), &request, false);
+        assert_eq!(sendfile_count(addr) - before, 1, "{request}");
+        let reference = exchange(&mut UnixStream::connect(&sock).unwrap(), &request, false);
+        assert_eq!(fast.0, reference.0, "{request}");
+        let varies = fast.0.iter().any(|l| l == "vary: accept-encoding");
+        assert_eq!(
+            varies,
+            request.contains("page.html"),
+            "{request}: {:?}",
+            fast.0
+        );
+    }
     let _ = std::fs::remove_file(&sock);
 }
 

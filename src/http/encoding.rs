@@ -131,13 +131,15 @@ impl Compression {
 }
 
 /// The codings among `enabled` that the request accepts, best first: by the client's q-value,
-/// then zstd, br, gzip (`ServeDir`'s order). `x-gzip` is gzip; `*` and unknown tokens are
-/// ignored, as `ServeDir` ignores them.
+/// then zstd, br, gzip (`ServeDir`'s order); none the client rates below `identity`, which
+/// `ServeDir` would send instead. `x-gzip` is gzip; `*` and unknown tokens are ignored, as
+/// `ServeDir` ignores them.
 fn accepted<'a>(
     headers: &'a HeaderMap,
     enabled: &'a [Coding],
 ) -> impl Iterator<Item = Coding> + 'a {
     let mut rated: Vec<(u16, Coding)> = Vec::new();
+    let mut identity = 0;
     for value in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
@@ -147,6 +149,13 @@ fn accepted<'a>(
                 "gzip" | "x-gzip" => Coding::Gzip,
                 "br" => Coding::Br,
                 "zstd" => Coding::Zstd,
+                "identity" => {
+                    identity = parts
+                        .next()
+                        .map_or(Some(1000), |q| qvalue(q.trim()))
+                        .unwrap_or(identity);
+                    continue;
+                }
                 _ => continue,
             };
             let q = match parts.next() {
@@ -161,6 +170,7 @@ fn accepted<'a>(
             }
         }
     }
+    rated.retain(|&(q, _)| q >= identity);
     rated.sort_by(|a, b| b.cmp(a));
     rated.dedup_by_key(|(_, coding)| *coding);
     rated.into_iter().map(|(_, coding)| coding)
@@ -487,6 +497,10 @@ mod tests {
         assert_eq!(best("x-gzip", all), [Gzip]);
         assert_eq!(best("BR", all), [Br]);
         assert_eq!(best("identity, *", all), []);
+        // Rated below identity: ServeDir sends the file as it is.
+        assert_eq!(best("gzip;q=0.5, identity", all), []);
+        assert_eq!(best("gzip;q=0.5, br, identity;q=0.5", all), [Br, Gzip]);
+        assert_eq!(best("gzip, identity;q=0", all), [Gzip]);
         assert_eq!(best("br;q=2, gzip;q=0.1234, zstd;level=3", all), []);
         assert_eq!(best("gzip, br", &[Gzip]), [Gzip]);
         assert_eq!(best("", all), []);

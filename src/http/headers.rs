@@ -93,9 +93,11 @@ impl std::fmt::Display for CacheRule {
 }
 
 impl CacheRule {
-    fn matches(&self, path: &str, content_type: Option<&HeaderValue>) -> bool {
+    /// Whether the rule applies to the file at `path` (`None`: a substitute for it, which
+    /// only type rules match) of this type.
+    fn matches(&self, path: Option<&str>, content_type: Option<&HeaderValue>) -> bool {
         match &self.pattern {
-            Pattern::Path(glob) => glob.is_match(path),
+            Pattern::Path(glob) => path.is_some_and(|path| glob.is_match(path)),
             Pattern::Type(kind, subtype) => {
                 let Some(essence) = content_type.and_then(|v| v.to_str().ok()) else {
                     return false;
@@ -110,6 +112,11 @@ impl CacheRule {
     }
 }
 
+/// Marks an answer that stands in for the requested file (the fallback, a listing): the
+/// path's `Cache-Control` rules are not for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Substitute;
+
 /// An extra response header, `NAME: VALUE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtraHeader {
@@ -117,9 +124,10 @@ pub struct ExtraHeader {
     pub value: HeaderValue,
 }
 
-/// Headers that describe the message itself or the connection: set by baton and hyper from
-/// what is sent, never by configuration.
-const NOT_CONFIGURABLE: [HeaderName; 9] = [
+/// Headers that describe the message itself, its validators or the connection: set by baton
+/// and hyper from what is sent, never by configuration (a configured `Vary` would drop the
+/// `Accept-Encoding` caches need to keep codings apart).
+const NOT_CONFIGURABLE: [HeaderName; 13] = [
     header::CONTENT_LENGTH,
     header::TRANSFER_ENCODING,
     header::CONNECTION,
@@ -129,6 +137,10 @@ const NOT_CONFIGURABLE: [HeaderName; 9] = [
     header::TRAILER,
     header::UPGRADE,
     header::CONTENT_TYPE,
+    header::VARY,
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::ACCEPT_RANGES,
 ];
 
 impl FromStr for ExtraHeader {
@@ -147,6 +159,13 @@ impl FromStr for ExtraHeader {
             return Err(format!(
                 "{name} is set by baton from what it sends and cannot be configured; remove it"
             ));
+        }
+        if name == header::CACHE_CONTROL {
+            return Err(
+                "cache-control is set by headers.cache_control rules (\"/**=VALUE\" for every \
+                 path); move it there"
+                    .to_owned(),
+            );
         }
         let value = HeaderValue::from_str(value).map_err(|_| {
             format!("the value of {name} has a control character; use visible text only")
@@ -201,7 +220,20 @@ impl Headers {
     }
 
     /// The headers this answer from the root gets, for the request path `path`.
-    pub fn apply(&self, path: &str, headers: &mut HeaderMap) {
+    ///
+    /// `Cache-Control` rules are for the requested file's own answers (200, 206, 304): an error
+    /// (a 404 page under `/assets/**=immutable` would be kept a year) gets none, and a
+    /// [`Substitute`] (the fallback, a listing) only the rules by type, not the path's.
+    pub fn apply(&self, path: &str, response: &mut axum::http::Response<axum::body::Body>) {
+        let own = matches!(response.status().as_u16(), 200 | 206 | 304);
+        let substitute = response.extensions().get::<Substitute>().is_some();
+        let path = (own && !substitute).then_some(path);
+        self.apply_headers(path, own, response.headers_mut());
+    }
+
+    /// [`Headers::apply`] on the headers: the path rules with `path`, the type rules if
+    /// `rules`.
+    fn apply_headers(&self, path: Option<&str>, rules: bool, headers: &mut HeaderMap) {
         if let Some(mime) = headers.get(header::CONTENT_TYPE).filter(|m| is_text(m)) {
             let typed = self.content_type(mime.clone());
             headers.insert(header::CONTENT_TYPE, typed);
@@ -210,18 +242,43 @@ impl Headers {
         let guessed;
         let content_type = match headers.get(header::CONTENT_TYPE) {
             Some(typed) => Some(typed),
-            None if !self.cache_control.is_empty() => {
-                guessed = type_of_path(path);
+            None if rules && !self.cache_control.is_empty() => {
+                guessed = path.and_then(type_of_path);
                 guessed.as_ref()
             }
             None => None,
         };
-        if let Some(value) = self.cache_control_for(path, content_type) {
-            headers.insert(header::CACHE_CONTROL, value.clone());
+        let rule = rules
+            .then(|| {
+                self.cache_control
+                    .iter()
+                    .find(|rule| rule.matches(path, content_type))
+            })
+            .flatten();
+        if let Some(rule) = rule {
+            headers.insert(header::CACHE_CONTROL, rule.value.clone());
         }
-        for extra in &self.extra {
-            headers.insert(extra.name.clone(), extra.value.clone());
+        // A name given more than once (Link) keeps all its values.
+        let mut previous: Option<&HeaderName> = None;
+        for extra in self.grouped() {
+            if previous == Some(&extra.name) {
+                headers.append(extra.name.clone(), extra.value.clone());
+            } else {
+                headers.insert(extra.name.clone(), extra.value.clone());
+            }
+            previous = Some(&extra.name);
         }
+    }
+
+    /// The extra headers, those of one name together (in the order of their first mention),
+    /// as a header map holds them, so that both ways of sending an answer list them alike.
+    fn grouped(&self) -> impl Iterator<Item = &ExtraHeader> + '_ {
+        self.extra.iter().enumerate().flat_map(move |(i, first)| {
+            let seen = self.extra[..i].iter().any(|e| e.name == first.name);
+            self.extra[i..]
+                .iter()
+                .filter(move |e| !seen && e.name == first.name)
+        })
     }
 
     /// Whether [`Headers::apply`] changes nothing but the charset.
@@ -229,14 +286,15 @@ impl Headers {
         self.cache_control.is_empty() && self.extra.is_empty()
     }
 
-    fn cache_control_for(
+    /// The `Cache-Control` of the file at `path` of this type, if a rule gives one.
+    pub fn cache_control_for(
         &self,
         path: &str,
         content_type: Option<&HeaderValue>,
     ) -> Option<&HeaderValue> {
         self.cache_control
             .iter()
-            .find(|rule| rule.matches(path, content_type))
+            .find(|rule| rule.matches(Some(path), content_type))
             .map(|rule| &rule.value)
     }
 
@@ -251,7 +309,7 @@ impl Headers {
         if let Some(value) = self.cache_control_for(path, Some(content_type)) {
             line("cache-control", value.as_bytes());
         }
-        for extra in &self.extra {
+        for extra in self.grouped() {
             line(extra.name.as_str(), extra.value.as_bytes());
         }
     }
@@ -291,20 +349,20 @@ mod tests {
         let html = HeaderValue::from_static("text/html; charset=utf-8");
         let png = HeaderValue::from_static("image/png");
         let assets = rule("/assets/**=max-age=31536000, immutable");
-        assert!(assets.matches("/assets/app.js", None));
-        assert!(assets.matches("/assets/a/b/c.css", None));
-        assert!(!assets.matches("/other/assets/app.js", None));
+        assert!(assets.matches(Some("/assets/app.js"), None));
+        assert!(assets.matches(Some("/assets/a/b/c.css"), None));
+        assert!(!assets.matches(Some("/other/assets/app.js"), None));
         assert_eq!(assets.value, "max-age=31536000, immutable");
         let star = rule("/*.html=no-cache");
-        assert!(star.matches("/index.html", None));
+        assert!(star.matches(Some("/index.html"), None));
         assert!(
-            !star.matches("/sub/index.html", None),
+            !star.matches(Some("/sub/index.html"), None),
             "* stays within a segment"
         );
-        assert!(rule("text/html=no-cache").matches("/", Some(&html)));
-        assert!(rule("image/*=max-age=60").matches("/a.png", Some(&png)));
-        assert!(!rule("image/*=max-age=60").matches("/", Some(&html)));
-        assert!(!rule("text/html=no-cache").matches("/", None));
+        assert!(rule("text/html=no-cache").matches(Some("/"), Some(&html)));
+        assert!(rule("image/*=max-age=60").matches(Some("/a.png"), Some(&png)));
+        assert!(!rule("image/*=max-age=60").matches(Some("/"), Some(&html)));
+        assert!(!rule("text/html=no-cache").matches(Some("/"), None));
     }
 
     #[test]
@@ -324,6 +382,9 @@ mod tests {
             ("Bad Name: x", "is not a header name"),
             ("Content-Length: 5", "cannot be configured"),
             ("connection: close", "cannot be configured"),
+            ("Vary: Origin", "cannot be configured"),
+            ("ETag: \"x\"", "cannot be configured"),
+            ("Cache-Control: no-store", "move it there"),
             ("X-A: a\u{1}b", "control character"),
         ] {
             let e = bad.parse::<ExtraHeader>().unwrap_err();
@@ -331,6 +392,32 @@ mod tests {
         }
         let ok: ExtraHeader = "X-Content-Type-Options:  nosniff ".parse().unwrap();
         assert_eq!(ok.to_string(), "x-content-type-options: nosniff");
+    }
+
+    #[test]
+    fn a_name_given_twice_keeps_both_values_in_both_ways() {
+        let headers = Headers {
+            extra: ["Link: <a>", "X-A: 1", "Link: <b>"]
+                .iter()
+                .map(|h| h.parse().unwrap())
+                .collect(),
+            ..Headers::default()
+        };
+        let mut response = axum::http::Response::new(axum::body::Body::empty());
+        let map = response.headers_mut();
+        map.insert(header::LINK, HeaderValue::from_static("<old>"));
+        headers.apply("/", &mut response);
+        let listed: Vec<String> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(listed, ["link: <a>", "link: <b>", "x-a: 1"]);
+        let mut lines = Vec::new();
+        headers.extra_lines("/", &HeaderValue::from_static("text/html"), |k, v| {
+            lines.push(format!("{k}: {}", String::from_utf8_lossy(v)))
+        });
+        assert_eq!(lines, listed);
     }
 
     #[test]

@@ -154,7 +154,8 @@ impl Pages {
             return default_response(StatusCode::NOT_FOUND);
         }
         if self.listing && uri.path().ends_with('/') {
-            if let Some(listing) = self.listing(uri.path()).await {
+            if let Some(mut listing) = self.listing(uri.path()).await {
+                listing.extensions_mut().insert(super::headers::Substitute);
                 return listing;
             }
         }
@@ -163,8 +164,9 @@ impl Pages {
             *request.method_mut() = method.clone();
             *request.uri_mut() = fallback.clone();
             *request.headers_mut() = kept;
-            let response = self.files.answer(request).await;
+            let mut response = self.files.answer(request).await;
             if response.status().is_success() || response.status().is_redirection() {
+                response.extensions_mut().insert(super::headers::Substitute);
                 return response;
             }
         }
@@ -221,7 +223,10 @@ fn list(root: &Root, dir: &Path) -> Option<Vec<(String, Kind)>> {
     if root.stat(dir).ok()?.kind != Kind::Dir {
         return None;
     }
-    root.list(dir).ok()
+    // Hidden files (.env, .git/, .htpasswd) are left out, as nginx's autoindex leaves them.
+    let mut entries = root.list(dir).ok()?;
+    entries.retain(|(name, _)| !name.starts_with('.'));
+    Some(entries)
 }
 
 /// The request headers a fallback answer keeps.

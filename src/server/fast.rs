@@ -276,6 +276,7 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .and_then(|h| hyper::header::HeaderValue::from_bytes(h.value).ok())
+                .map(|v| access_log::logged_header(&v))
         };
         Box::new([header("referer"), header("user-agent"), header("host")])
     });
@@ -408,7 +409,7 @@ where
                     } else {
                         hyper::Method::GET
                     },
-                    target: hyper::Uri::try_from(plan.target.as_str()).unwrap_or_default(),
+                    target: access_log::logged_target(&plan.target),
                     version: hyper::Version::HTTP_11,
                     status: 0,
                     bytes: 0,
@@ -511,8 +512,11 @@ fn head(
     }
     if let Some(configured) = configured.filter(|c| !c.none_configured()) {
         let path = plan.target.split('?').next().unwrap_or_default();
-        let path = crate::http::decoded_path(path);
+        let path = crate::http::normalized_path(path);
         configured.extra_lines(&path, &large.content_type, &mut line);
+    }
+    if (status == 304 && large.vary_not_modified) || (status != 304 && large.vary_late) {
+        line("vary", b"accept-encoding");
     }
     if close {
         line("connection", b"close");
