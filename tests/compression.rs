@@ -598,6 +598,27 @@ fn a_bad_value_is_one_line_from_baton_check() {
             "{toml}: {text}"
         );
     }
+    // Following the advice of the empty list's message is accepted.
+    let path = dir.join("baton.toml");
+    std::fs::write(
+        &path,
+        "[compression]\ncodings = []\non_the_fly = false\nprecompressed = false\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_baton(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // A fallback that is a directory would answer every unknown path with a redirect.
+    let root = dir.join("www");
+    std::fs::create_dir_all(root.join("app")).unwrap();
+    let toml = format!("[server]\nroot = {root:?}\n[files]\nfallback = \"app\"\n");
+    std::fs::write(&path, toml).unwrap();
+    let (code, out, err) = run_baton(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("files.fallback 'app' is a directory of the root"),
+        "{err}"
+    );
+
     // And the same on the command line.
     let mut cmd = std::process::Command::new(common::baton_bin());
     cmd.args(["serve", "--compress-codings", "gzip,lzma"]);
