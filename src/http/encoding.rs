@@ -63,12 +63,6 @@ impl Coding {
     }
 }
 
-impl std::fmt::Display for Coding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.token())
-    }
-}
-
 impl FromStr for Coding {
     type Err = String;
 
