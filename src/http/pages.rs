@@ -3,7 +3,7 @@
 //! bodies for errors.
 //!
 //! [`Pages`] wraps [`Confined`]. A plain GET of a small file that exists (the cached fast path,
-//! [`Confined::plain`]) is answered as before, with nothing added; everything else goes to
+//! `Confined::plain`) is answered as before, with nothing added; everything else goes to
 //! `ServeDir`, and only an error answer costs more:
 //!
 //! - **404** for a GET or HEAD: a directory without `index.html` is listed when `listing` is on
