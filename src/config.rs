@@ -67,6 +67,11 @@
 //! cache_control = ["/assets/**=max-age=31536000, immutable", "text/html=no-cache"]
 //! add = ["X-Content-Type-Options: nosniff"]  # on every answer from the root
 //! charset = "utf-8"                  # of text types that name none
+//!
+//! [http2]
+//! cleartext = ["http"]               # listeners that take h2c (prior knowledge) too
+//! max_concurrent_streams = 128       # streams a client may have open on one connection
+//! max_header_list_size = 16384       # the most bytes of a request's headers
 //! ```
 //!
 //! ```
@@ -471,6 +476,35 @@ pub const KEYS: &[Key] = &[
         example: r#""iso-8859-1""#,
         help: "The charset of text types (and JavaScript) that name none; \"\" adds none.",
     },
+    Key {
+        section: "http2",
+        name: "cleartext",
+        kind: "array of listener names",
+        default: Some("[]"),
+        unset: "",
+        example: r#"["http"]"#,
+        help: "Listeners that take HTTP/2 with prior knowledge (h2c, a connection that starts \
+               with the HTTP/2 preface) besides HTTP/1. Over TLS, ALPN chooses HTTP/2 without \
+               this. The [limits] timeouts apply to HTTP/2 connections too.",
+    },
+    Key {
+        section: "http2",
+        name: "max_concurrent_streams",
+        kind: "integer, 1 to 10000",
+        default: Some("128"),
+        unset: "",
+        example: "256",
+        help: "Streams (requests) a client may have open at once on one HTTP/2 connection.",
+    },
+    Key {
+        section: "http2",
+        name: "max_header_list_size",
+        kind: "integer, bytes, 1024 to 1048576",
+        default: Some("16384"),
+        unset: "",
+        example: "32768",
+        help: "The most bytes of an HTTP/2 request's headers (each name and value, plus 32).",
+    },
 ];
 
 /// The fully resolved configuration of one `baton serve` process.
@@ -501,7 +535,25 @@ pub struct Config {
     pub compression: Compression,
     /// `Cache-Control`, extra headers and the charset of the answers from the root.
     pub headers: Headers,
+    pub http2: Http2,
 }
+
+/// HTTP/2: where it is spoken in clear text, and its limits (over TLS, ALPN chooses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2 {
+    /// Listeners that take HTTP/2 with prior knowledge (h2c) besides HTTP/1.
+    pub cleartext: Vec<String>,
+    /// Streams a client may have open at once on one connection (at most [`MAX_STREAMS`]).
+    pub max_concurrent_streams: usize,
+    /// The most bytes of a request's header list (names, values, 32 bytes each more), in
+    /// [`HEADER_LIST_SIZES`].
+    pub max_header_list_size: usize,
+}
+
+/// The most `http2.max_concurrent_streams` may be.
+pub const MAX_STREAMS: usize = 10_000;
+/// The bounds of `http2.max_header_list_size`.
+pub const HEADER_LIST_SIZES: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
 
 /// What the root answers beyond its files: error pages, a fallback, directory listings
 /// ([`crate::http::pages`]).
@@ -614,6 +666,13 @@ impl Default for Config {
             },
             compression: Compression::default(),
             headers: Headers::default(),
+            http2: Http2 {
+                cleartext: Vec::new(),
+                // nginx's http2_max_concurrent_streams.
+                max_concurrent_streams: 128,
+                // hyper's default, as nginx's large_client_header_buffers (4 x 8k) allow.
+                max_header_list_size: 16 * 1024,
+            },
         }
     }
 }
@@ -875,6 +934,21 @@ settings! {
         /// The charset text types get when they name none; "" for none [default: utf-8]
         #[arg(long, value_name = "CHARSET")]
         charset: String => headers.charset,
+    }
+
+    /// `[http2]`: HTTP/2 in clear text, and its limits.
+    [http2] Http2Settings, Http2Section {
+        /// Take HTTP/2 with prior knowledge (h2c) on this listener too; repeatable; replaces http2.cleartext
+        #[arg(long = "h2c", value_name = "NAME")]
+        cleartext: Vec<String> => http2.cleartext,
+
+        /// HTTP/2: streams a client may have open at once on a connection [default: 128]
+        #[arg(long = "h2-max-streams", value_name = "N")]
+        max_concurrent_streams: usize => http2.max_concurrent_streams,
+
+        /// HTTP/2: the most bytes of a request's headers [default: 16384]
+        #[arg(long = "h2-max-header-list-size", value_name = "BYTES")]
+        max_header_list_size: usize => http2.max_header_list_size,
     }
 }
 
@@ -1271,6 +1345,27 @@ impl Config {
                     fallback.trim_end_matches('/')
                 ));
             }
+        }
+        for name in &self.http2.cleartext {
+            if !self.listeners.iter().any(|l| &l.name == name) {
+                errors.push(format!(
+                    "http2.cleartext names '{name}', which is no listener: name one of server.listen"
+                ));
+            }
+        }
+        if !(1..=MAX_STREAMS).contains(&self.http2.max_concurrent_streams) {
+            errors.push(format!(
+                "http2.max_concurrent_streams {} is out of bounds: use 1 to {MAX_STREAMS}",
+                self.http2.max_concurrent_streams
+            ));
+        }
+        if !HEADER_LIST_SIZES.contains(&self.http2.max_header_list_size) {
+            errors.push(format!(
+                "http2.max_header_list_size {} is out of bounds: use {} to {} bytes",
+                self.http2.max_header_list_size,
+                HEADER_LIST_SIZES.start(),
+                HEADER_LIST_SIZES.end()
+            ));
         }
         let name = &self.admin.listener;
         if !(1..=255).contains(&name.len())

@@ -25,6 +25,11 @@ pub struct Metrics {
     registry: Registry,
     /// Requests answered, indexed by status class (1xx at 0 ... 5xx at 4).
     requests: [Counter; 5],
+    /// Requests by protocol: HTTP/1.0, HTTP/1.1, HTTP/2.
+    protocols: [Counter; 3],
+    /// TLS handshakes that succeeded, and that failed or timed out.
+    pub tls_handshakes: Counter,
+    pub tls_handshakes_failed: Counter,
     pub open_connections: Gauge,
     upgrades_ok: Counter,
     upgrades_failed: Counter,
@@ -47,6 +52,7 @@ pub struct Metrics {
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const PROTOCOLS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
 
 impl Metrics {
     pub fn new(generation: u64, started: SystemTime) -> Metrics {
@@ -62,6 +68,29 @@ impl Metrics {
                 .get_or_create(&vec![("class", class)])
                 .clone()
         });
+        let protocols_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "baton_http_requests_by_protocol",
+            "HTTP requests, by protocol version",
+            protocols_family.clone(),
+        );
+        let protocols = PROTOCOLS.map(|protocol| {
+            protocols_family
+                .get_or_create(&vec![("protocol", protocol)])
+                .clone()
+        });
+        let handshakes_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "baton_tls_handshakes",
+            "TLS handshakes, by result (failed: refused, broken off or timed out)",
+            handshakes_family.clone(),
+        );
+        let tls_handshakes = handshakes_family
+            .get_or_create(&vec![("result", "ok")])
+            .clone();
+        let tls_handshakes_failed = handshakes_family
+            .get_or_create(&vec![("result", "failed")])
+            .clone();
         let open_connections = Gauge::default();
         registry.register(
             "baton_open_connections",
@@ -150,6 +179,9 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            protocols,
+            tls_handshakes,
+            tls_handshakes_failed,
             open_connections,
             upgrades_ok,
             upgrades_failed,
@@ -203,6 +235,16 @@ impl Metrics {
     }
 
     /// Counts one answered request.
+    /// Counts a request of this protocol version.
+    pub fn record_version(&self, version: hyper::Version) {
+        let i = match version {
+            hyper::Version::HTTP_2 => 2,
+            hyper::Version::HTTP_11 => 1,
+            _ => 0,
+        };
+        self.protocols[i].inc();
+    }
+
     pub fn record_status(&self, status: u16) {
         if let Some(counter) = (status / 100)
             .checked_sub(1)

@@ -60,7 +60,7 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
@@ -97,7 +97,34 @@ pub struct Settings {
     /// Where each request is logged once its response is finished; `None`: nowhere, and no
     /// work per request.
     pub access_log: Option<Arc<AccessLog>>,
+    /// HTTP/2: the listeners that take it in clear text, and its limits.
+    pub http2: config::Http2,
+    /// How long a drain lets a busy HTTP/2 connection go on before its GOAWAY (see
+    /// [`HTTP2_QUIET`]).
+    pub http2_busy_grace: Duration,
 }
+
+/// A draining HTTP/2 connection gets its GOAWAY once no stream has been open for this long, or
+/// after [`Settings::http2_busy_grace`]. A GOAWAY sent at once would end the run of a client
+/// that has more requests to make on the connection (h2load counts those as failed; browsers
+/// and proxies open a new connection): a busy client mostly finishes, a quiet one is told.
+pub const HTTP2_QUIET: Duration = Duration::from_millis(250);
+
+/// The HTTP versions a connection may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// HTTP/1.x only.
+    Http1,
+    /// HTTP/1.x, or HTTP/2 with prior knowledge (h2c: the connection starts with the HTTP/2
+    /// preface), on a listener `http2.cleartext` names.
+    Http1OrPrior,
+    /// HTTP/2: TLS negotiated it (ALPN `h2`).
+    Http2,
+}
+
+/// The start of the HTTP/2 connection preface (RFC 9113 section 3.4): no HTTP/1 request
+/// begins so.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A running set of accept loops and their connections.
 pub struct Server {
@@ -240,11 +267,16 @@ impl Server {
         let limit = self.limit.clone();
         let names: Vec<String> = self.pending.iter().map(|(n, _)| n.clone()).collect();
         for (name, listener) in self.pending.drain(..) {
+            let versions = match self.shared.settings.http2.cleartext.contains(&name) {
+                true => Versions::Http1OrPrior,
+                false => Versions::Http1,
+            };
             let ctx = AcceptContext {
                 role: self
                     .shared
                     .app
                     .role(&name, names.iter().map(String::as_str)),
+                versions,
                 name,
                 shared: self.shared.clone(),
                 limit: limit.clone(),
@@ -338,6 +370,8 @@ struct AcceptContext {
     name: String,
     /// What the listener answers ([`crate::http::admin`]).
     role: Role,
+    /// The HTTP versions its connections may speak.
+    versions: Versions,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
@@ -382,6 +416,7 @@ impl AcceptContext {
                             io,
                             self.shared.clone(),
                             self.role,
+                            self.versions,
                             Some(permit),
                         ));
                         continue;
@@ -392,12 +427,12 @@ impl AcceptContext {
                         _ = self.stop.cancelled() => {
                             // It was accepted: it gets its answer (with Connection: close), not
                             // a reset, even beyond the limit.
-                            self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, None));
+                            self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, self.versions, None));
                             return;
                         }
                         permit = self.limit.clone().acquire_owned() => match permit {
                             Ok(permit) => {
-                                self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, Some(permit)));
+                                self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, self.versions, Some(permit)));
                                 continue;
                             }
                             Err(_) => return,
@@ -421,6 +456,7 @@ impl AcceptContext {
                 io,
                 self.shared.clone(),
                 self.role,
+                self.versions,
                 Some(permit),
             ));
         }
@@ -534,11 +570,55 @@ impl Drop for Registered {
 /// The connection's protocol handler: the fast path, then hyper.
 enum Phase<I: AsyncRead + AsyncWrite + Stream + Unpin + Send + 'static> {
     Fast(Pin<Box<dyn Future<Output = fast::End<TrackedIo<I>>> + Send>>),
-    Hyper(Pin<Box<HyperConn<I>>>),
+    /// Reading the first bytes, to tell the HTTP/2 preface from an HTTP/1 request.
+    Sniff(Pin<Box<dyn Future<Output = Option<Sniffed<I>>> + Send>>),
+    Hyper(HyperConn<I>),
 }
 
-type HyperConn<I> =
-    hyper::server::conn::http1::Connection<TokioIo<Rewind<TrackedIo<I>>>, ConnService>;
+type Io<I> = TokioIo<Rewind<TrackedIo<I>>>;
+
+/// A connection and its first bytes.
+type Sniffed<I> = (TrackedIo<I>, Vec<u8>);
+
+/// hyper's connection, of either version.
+enum HyperConn<I: AsyncRead + AsyncWrite + Stream + Unpin + Send + 'static> {
+    Http1(Pin<Box<hyper::server::conn::http1::Connection<Io<I>, ConnService>>>),
+    Http2(Pin<Box<hyper::server::conn::http2::Connection<Io<I>, ConnService, TokioExecutor>>>),
+}
+
+impl<I: AsyncRead + AsyncWrite + Stream + Unpin + Send + 'static> HyperConn<I> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        match self {
+            HyperConn::Http1(conn) => conn.as_mut().poll(cx),
+            HyperConn::Http2(conn) => conn.as_mut().poll(cx),
+        }
+    }
+
+    /// HTTP/1: `Connection: close` on the answer in flight, or close when idle. HTTP/2: GOAWAY,
+    /// the streams in flight finish, then close.
+    fn graceful_shutdown(&mut self) {
+        match self {
+            HyperConn::Http1(conn) => conn.as_mut().graceful_shutdown(),
+            HyperConn::Http2(conn) => conn.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
+/// Reads until the bytes are the HTTP/2 preface's first line or cannot be; `None` if the
+/// connection ends first.
+async fn sniff<I: AsyncRead + Unpin>(mut io: I) -> Option<(I, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let line = &H2_PREFACE[..16];
+    let mut prefix = Vec::with_capacity(64);
+    while prefix.len() < line.len() && line.starts_with(&prefix) {
+        match io.read_buf(&mut prefix).await {
+            Ok(0) | Err(_) if prefix.is_empty() => return None,
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Some((io, prefix))
+}
 
 /// What ended a wait on the connection's protocol handler.
 enum Event<I> {
@@ -553,6 +633,7 @@ async fn serve_connection<I>(
     io: I,
     shared: Arc<Shared>,
     role: Role,
+    versions: Versions,
     _permit: Option<OwnedSemaphorePermit>,
 ) where
     I: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
@@ -572,22 +653,38 @@ async fn serve_connection<I>(
         shared: shared.clone(),
         state: state.clone(),
     };
-    let hyper_conn = |io, prefix| {
-        Box::pin(
+    // Bounded by the configuration's checks (config::MAX_STREAMS, config::HEADER_LIST_SIZES).
+    let streams = shared.settings.http2.max_concurrent_streams as u32;
+    let header_list = shared.settings.http2.max_header_list_size as u32;
+    let hyper_conn = |io, prefix: Vec<u8>| {
+        let http2 = versions == Versions::Http2
+            || (versions == Versions::Http1OrPrior && prefix.starts_with(&H2_PREFACE[..14]));
+        let io = TokioIo::new(Rewind::new(io, prefix));
+        if http2 {
+            return HyperConn::Http2(Box::pin(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(streams)
+                    .max_header_list_size(header_list)
+                    .serve_connection(io, service.clone()),
+            ));
+        }
+        HyperConn::Http1(Box::pin(
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .header_read_timeout(None)
-                .serve_connection(TokioIo::new(Rewind::new(io, prefix)), service.clone()),
-        )
+                .serve_connection(io, service.clone()),
+        ))
     };
     // The admin listener serves no file.
-    let mut phase = if I::FAST_PATH && shared.app.files().is_some() && role != Role::Admin {
-        Phase::Fast(Box::pin(fast::serve(io, shared.clone(), state.clone())))
-    } else {
-        Phase::Hyper(hyper_conn(io, Vec::new()))
+    let fast = I::FAST_PATH && shared.app.files().is_some() && role != Role::Admin;
+    let mut phase = match versions {
+        _ if fast => Phase::Fast(Box::pin(fast::serve(io, shared.clone(), state.clone()))),
+        Versions::Http1OrPrior => Phase::Sniff(Box::pin(sniff(io))),
+        _ => Phase::Hyper(hyper_conn(io, Vec::new())),
     };
 
     let mut watch = Watch::new(&shared, &state);
+    watch.http2 = matches!(phase, Phase::Hyper(HyperConn::Http2(_)));
     let sleep = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(sleep);
     loop {
@@ -601,7 +698,11 @@ async fn serve_connection<I>(
                 fast::End::Hyper(io, prefix) => Event::ToHyper(io, prefix),
                 fast::End::Close => Event::Step(Step::Close),
             }),
-            Phase::Hyper(conn) => conn.as_mut().poll(cx).map(|result| {
+            Phase::Sniff(sniffing) => sniffing.as_mut().poll(cx).map(|read| match read {
+                Some((io, prefix)) => Event::ToHyper(io, prefix),
+                None => Event::Step(Step::Close),
+            }),
+            Phase::Hyper(conn) => conn.poll(cx).map(|result| {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error: {e}");
                 }
@@ -623,14 +724,20 @@ async fn serve_connection<I>(
             _ = sleep.as_mut() => Event::Step(watch.on_deadline()),
         };
         match event {
-            Event::ToHyper(io, prefix) => phase = Phase::Hyper(hyper_conn(io, prefix)),
+            Event::ToHyper(io, prefix) => {
+                let conn = hyper_conn(io, prefix);
+                watch.http2 = matches!(conn, HyperConn::Http2(_));
+                phase = Phase::Hyper(conn);
+            }
             Event::Step(Step::Close) => break,
             Event::Step(Step::Shutdown) => {
                 watch.shutdown_sent = true;
                 match &mut phase {
                     // Closes the connection if it is idle; otherwise hyper finishes the
                     // current exchange and closes after it.
-                    Phase::Hyper(conn) => conn.as_mut().graceful_shutdown(),
+                    Phase::Hyper(conn) => conn.graceful_shutdown(),
+                    // Nothing asked yet.
+                    Phase::Sniff(_) => break,
                     // Idle (the watcher asks only when no head is in progress): close now,
                     // as hyper does; else after the response in flight.
                     Phase::Fast(_) if state.in_flight.load(Ordering::SeqCst) == 0 => break,
@@ -703,6 +810,10 @@ struct Watch<'a> {
     shutdown_sent: bool,
     /// When a drain closes the connection (deferred while a head is in progress).
     drain_close_at: Option<u64>,
+    /// When the drain started.
+    drain_started_at: u64,
+    /// The connection speaks HTTP/2.
+    http2: bool,
 }
 
 impl<'a> Watch<'a> {
@@ -724,6 +835,8 @@ impl<'a> Watch<'a> {
             horizon: header_ms.min(idle_ms).min(send_ms),
             shutdown_sent: false,
             drain_close_at: None,
+            drain_started_at: 0,
+            http2: false,
         }
     }
 
@@ -779,7 +892,9 @@ impl<'a> Watch<'a> {
     /// The drain started: the connection closes after the idle grace.
     fn on_drain(&mut self) {
         let grace = self.shared.settings.idle_grace.as_millis() as u64;
-        self.drain_close_at = Some(self.shared.now_ms().saturating_add(grace));
+        let now = self.shared.now_ms();
+        self.drain_started_at = now;
+        self.drain_close_at = Some(now.saturating_add(grace));
     }
 
     /// The sleep ended: whichever deadline passed.
@@ -827,6 +942,22 @@ impl<'a> Watch<'a> {
         // A connection in the middle of sending a head is not idle: its request gets an
         // answer (with Connection: close); the header timeout still bounds it.
         let drain_due = awaiting == 0 && self.drain_close_at.is_some_and(|at| now >= at);
+        if drain_due && self.http2 && !self.shutdown_sent {
+            let quiet = idle
+                && now
+                    >= state
+                        .idle_since
+                        .load(Ordering::SeqCst)
+                        .saturating_add(HTTP2_QUIET.as_millis() as u64);
+            let busy_until = self
+                .drain_started_at
+                .saturating_add(shared.settings.http2_busy_grace.as_millis() as u64);
+            if !quiet && now < busy_until {
+                // Looked at again soon: streams open and close without waking the watcher.
+                self.drain_close_at = Some(now.saturating_add(50).min(busy_until));
+                return Step::Wait;
+            }
+        }
         if !self.shutdown_sent && (idle_expired || drain_due) {
             return Step::Shutdown;
         }
@@ -1001,8 +1132,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             state: self.state.clone(),
             access,
         };
+        let version = request.version();
+        shared.metrics.record_version(version);
         let response: crate::http::AppFuture = match host_error(&request) {
-            Some(reason) => Box::pin(std::future::ready(bad_request(reason))),
+            Some(reason) => Box::pin(std::future::ready(bad_request(reason, version))),
             None => shared
                 .app
                 .call_as(self.state.role, request.map(axum::body::Body::new)),
@@ -1011,7 +1144,8 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             let mut response = response.await;
             let status = response.status().as_u16();
             shared.metrics.record_status(status);
-            if shared.draining.load(Ordering::SeqCst) {
+            // HTTP/2 has no Connection header: its drain is hyper's GOAWAY.
+            if shared.draining.load(Ordering::SeqCst) && version < hyper::Version::HTTP_2 {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -1045,12 +1179,16 @@ fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
 /// Why a request's `Host` header makes it a bad request (RFC 9112 section 3.2): an HTTP/1.1
 /// request without one, any request with more than one, or a value that is no `host[:port]`
 /// (empty is allowed: a request target without authority).
+///
+/// HTTP/2 names the host in the `:authority` pseudo-header, which hyper puts in the URI: a
+/// `Host` header is not needed there (RFC 9113 section 8.3.1), but checked if sent.
 fn host_error<B>(request: &Request<B>) -> Option<&'static str> {
     let hosts = request.headers().get_all(hyper::header::HOST).iter();
-    host_error_of(
-        hosts.map(|h| h.as_bytes()),
-        request.version() >= hyper::Version::HTTP_11,
-    )
+    let needs_host = match request.version() {
+        hyper::Version::HTTP_2 => request.uri().authority().is_none(),
+        version => version >= hyper::Version::HTTP_11,
+    };
+    host_error_of(hosts.map(|h| h.as_bytes()), needs_host)
 }
 
 /// [`host_error`] of the values of a request's `Host` headers.
@@ -1072,7 +1210,7 @@ fn host_error_of<'a>(
 
 /// 400 with a short reason, closing the connection: a client this confused about the request
 /// is not worth keeping.
-fn bad_request(reason: &'static str) -> Response<axum::body::Body> {
+fn bad_request(reason: &'static str, version: hyper::Version) -> Response<axum::body::Body> {
     let mut response = Response::new(axum::body::Body::from(reason));
     *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
     let headers = response.headers_mut();
@@ -1080,7 +1218,10 @@ fn bad_request(reason: &'static str) -> Response<axum::body::Body> {
         hyper::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    // An HTTP/2 connection carries other streams: only this one fails.
+    if version < hyper::Version::HTTP_2 {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -1117,6 +1258,8 @@ mod tests {
             limits: Config::default().limits,
             idle_grace: Duration::from_secs(1),
             access_log: None,
+            http2: Config::default().http2,
+            http2_busy_grace: Duration::from_secs(5),
         };
         let specs = [
             "http=127.0.0.1:0".parse().unwrap(),

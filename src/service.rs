@@ -6,6 +6,7 @@
 //! tells it how to serve a set of listening sockets.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use baton_lifecycle::activation::Listener;
@@ -49,6 +50,10 @@ impl Service {
                 limits: config.limits,
                 idle_grace: config.shutdown.idle_grace,
                 access_log,
+                http2: config.http2.clone(),
+                // Half the drain, so that what a busy HTTP/2 client has not finished by then
+                // still has time after its GOAWAY; ten seconds at most.
+                http2_busy_grace: (config.shutdown.drain_timeout / 2).min(Duration::from_secs(10)),
             },
         })
     }

@@ -63,6 +63,9 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l compress-min-size 
 complete -c baton -n "__fish_baton_using_subcommand serve" -l cache-control -d 'Cache-Control by path pattern (/assets/**) or content type (text/html), as PATTERN=VALUE; repeatable, the first match wins; replaces headers.cache_control' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l add-header -d 'Add this header to every answer from the root; repeatable; replaces headers.add' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l charset -d 'The charset text types get when they name none; "" for none [default: utf-8]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l h2c -d 'Take HTTP/2 with prior knowledge (h2c) on this listener too; repeatable; replaces http2.cleartext' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l h2-max-streams -d 'HTTP/2: streams a client may have open at once on a connection [default: 128]' -r
+complete -c baton -n "__fish_baton_using_subcommand serve" -l h2-max-header-list-size -d 'HTTP/2: the most bytes of a request\'s headers [default: 16384]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l daemon -d 'Run in the background (daemon(7)) under a keeper; returns once the first generation serves, or fails with its error'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l keeper -d 'Run in the foreground under a keeper: a small process that holds the sockets and the pidfile, restarts a generation that crashes, and outlives upgrades (implied by --daemon and when baton is PID 1; never under systemd, i.e. with NOTIFY_SOCKET set)'
 complete -c baton -n "__fish_baton_using_subcommand serve" -l listing -d 'List a directory that has no index.html'

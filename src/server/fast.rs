@@ -440,6 +440,7 @@ where
         shared.app.files().map(|files| files.headers()),
     );
     shared.metrics.record_status(status);
+    shared.metrics.record_version(hyper::Version::HTTP_11);
     shared.metrics.sendfile_responses.inc();
     if let Some(access) = &mut access {
         access.set_status(status);
