@@ -87,6 +87,7 @@ const EVICT_PATIENCE: Duration = Duration::from_secs(1);
 pub use baton_lifecycle::workload::DrainReport;
 
 pub mod fast;
+mod tls;
 use fast::{Rewind, Stream};
 
 /// Settings of a [`Server`].
@@ -102,6 +103,8 @@ pub struct Settings {
     /// How long a drain lets a busy HTTP/2 connection go on before its GOAWAY (see
     /// [`HTTP2_QUIET`]).
     pub http2_busy_grace: Duration,
+    /// The listeners that speak TLS, by name, with their configuration ([`crate::tls`]).
+    pub tls: std::collections::HashMap<String, Arc<rustls::ServerConfig>>,
 }
 
 /// A draining HTTP/2 connection gets its GOAWAY once no stream has been open for this long, or
@@ -271,7 +274,14 @@ impl Server {
                 true => Versions::Http1OrPrior,
                 false => Versions::Http1,
             };
+            let tls = self
+                .shared
+                .settings
+                .tls
+                .get(&name)
+                .map(|config| tokio_rustls::TlsAcceptor::from(config.clone()));
             let ctx = AcceptContext {
+                tls,
                 role: self
                     .shared
                     .app
@@ -370,8 +380,10 @@ struct AcceptContext {
     name: String,
     /// What the listener answers ([`crate::http::admin`]).
     role: Role,
-    /// The HTTP versions its connections may speak.
+    /// The HTTP versions its connections may speak (over TLS, ALPN chooses).
     versions: Versions,
+    /// The listener speaks TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     stop: CancellationToken,
@@ -412,13 +424,7 @@ impl AcceptContext {
                             Ok(None) => continue,
                             Err(Stopped) => return,
                         };
-                        self.connections.spawn(serve_connection(
-                            io,
-                            self.shared.clone(),
-                            self.role,
-                            self.versions,
-                            Some(permit),
-                        ));
+                        self.connections.spawn(self.serve(io, Some(permit)));
                         continue;
                     };
                     let again = self.shared.make_room();
@@ -427,12 +433,12 @@ impl AcceptContext {
                         _ = self.stop.cancelled() => {
                             // It was accepted: it gets its answer (with Connection: close), not
                             // a reset, even beyond the limit.
-                            self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, self.versions, None));
+                            self.connections.spawn(self.serve(io, None));
                             return;
                         }
                         permit = self.limit.clone().acquire_owned() => match permit {
                             Ok(permit) => {
-                                self.connections.spawn(serve_connection(io, self.shared.clone(), self.role, self.versions, Some(permit)));
+                                self.connections.spawn(self.serve(io, Some(permit)));
                                 continue;
                             }
                             Err(_) => return,
@@ -452,13 +458,35 @@ impl AcceptContext {
                     Err(Stopped) => return,
                 },
             };
-            self.connections.spawn(serve_connection(
-                io,
-                self.shared.clone(),
-                self.role,
-                self.versions,
-                Some(permit),
-            ));
+            self.connections.spawn(self.serve(io, Some(permit)));
+        }
+    }
+
+    /// Serves one accepted client: its TLS handshake first on a TLS listener.
+    fn serve<S>(
+        &self,
+        io: S,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
+    {
+        let (shared, role, versions) = (self.shared.clone(), self.role, self.versions);
+        let tls = self.tls.clone();
+        async move {
+            let Some(acceptor) = tls else {
+                return serve_connection(io, shared, role, versions, permit).await;
+            };
+            let timeout = shared.settings.limits.header_read_timeout;
+            match tls::handshake(&acceptor, io, timeout).await {
+                Some((io, versions)) => {
+                    shared.metrics.tls_handshakes.inc();
+                    serve_connection(io, shared, role, versions, permit).await
+                }
+                None => {
+                    shared.metrics.tls_handshakes_failed.inc();
+                }
+            }
         }
     }
 
@@ -1260,6 +1288,7 @@ mod tests {
             access_log: None,
             http2: Config::default().http2,
             http2_busy_grace: Duration::from_secs(5),
+            tls: Default::default(),
         };
         let specs = [
             "http=127.0.0.1:0".parse().unwrap(),
