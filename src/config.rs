@@ -505,6 +505,48 @@ pub const KEYS: &[Key] = &[
         example: "32768",
         help: "The most bytes of an HTTP/2 request's headers (each name and value, plus 32).",
     },
+    Key {
+        section: "tls.NAME",
+        name: "cert",
+        kind: "absolute path, or \"credential:NAME\"",
+        default: None,
+        unset: "the listener NAME speaks plain HTTP",
+        example: r#""/etc/letsencrypt/live/example.com/fullchain.pem""#,
+        help: "The certificate chain (PEM, leaf first) of the listener NAME, which then speaks \
+               TLS 1.2 and 1.3 with ALPN h2 and http/1.1. credential:FILE reads \
+               $CREDENTIALS_DIRECTORY/FILE (systemd LoadCredential=). Refused when unreadable, \
+               expired or not yet valid; read afresh by every reload.",
+    },
+    Key {
+        section: "tls.NAME",
+        name: "key",
+        kind: "absolute path, or \"credential:NAME\"",
+        default: None,
+        unset: "required with cert",
+        example: r#""credential:example.key""#,
+        help: "The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the certificate; one that does \
+               not match it is refused.",
+    },
+    Key {
+        section: "tls.NAME",
+        name: "min_version",
+        kind: "\"1.2\" or \"1.3\"",
+        default: None,
+        unset: "TLS 1.2 and 1.3",
+        example: r#""1.3""#,
+        help: "The lowest TLS version the listener accepts.",
+    },
+    Key {
+        section: "tls.NAME",
+        name: "sni",
+        kind: "array of { cert, key } tables",
+        default: None,
+        unset: "one certificate for every host name",
+        example: r#"[{ cert = "/etc/ssl/other.pem", key = "/etc/ssl/other.key" }]"#,
+        help: "More certificates, each chosen when a client asks (SNI) for one of its DNS \
+               names (subjectAltName, *.example.com for one label); the cert and key above \
+               serve the others.",
+    },
 ];
 
 /// The fully resolved configuration of one `baton serve` process.
@@ -536,6 +578,95 @@ pub struct Config {
     /// `Cache-Control`, extra headers and the charset of the answers from the root.
     pub headers: Headers,
     pub http2: Http2,
+    /// The listeners that speak TLS, by name (`[tls.NAME]`, [`crate::tls`]).
+    pub tls: std::collections::BTreeMap<String, crate::tls::Listener>,
+}
+
+/// `[tls.NAME]` as the file holds it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TlsSection {
+    cert: Option<String>,
+    key: Option<String>,
+    min_version: Option<String>,
+    sni: Vec<PairSection>,
+}
+
+/// One of `tls.NAME.sni`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PairSection {
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+/// The `[tls.NAME]` tables, each problem one line in `errors`.
+fn check_tls(
+    tables: std::collections::BTreeMap<String, TlsSection>,
+    errors: &mut Vec<String>,
+) -> std::collections::BTreeMap<String, crate::tls::Listener> {
+    use crate::tls::MinVersion;
+    let mut listeners = std::collections::BTreeMap::new();
+    for (name, table) in tables {
+        let at = format!("tls.{name}");
+        let default = tls_pair(&at, table.cert, table.key, errors);
+        let min_version = match table.min_version.map(|v| v.parse::<MinVersion>()) {
+            None => Some(MinVersion::Tls12),
+            Some(Ok(version)) => Some(version),
+            Some(Err(e)) => {
+                errors.push(format!("{at}.min_version: {e}"));
+                None
+            }
+        };
+        let sni: Vec<Option<crate::tls::Pair>> = table
+            .sni
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| tls_pair(&format!("{at}.sni[{i}]"), p.cert, p.key, errors))
+            .collect();
+        if let (Some(default), Some(min_version), true) =
+            (default, min_version, sni.iter().all(Option::is_some))
+        {
+            let sni = sni.into_iter().flatten().collect();
+            listeners.insert(
+                name,
+                crate::tls::Listener {
+                    default,
+                    min_version,
+                    sni,
+                },
+            );
+        }
+    }
+    listeners
+}
+
+/// A certificate and key of `[tls.NAME]` (`at`), both given and well formed.
+fn tls_pair(
+    at: &str,
+    cert: Option<String>,
+    key: Option<String>,
+    errors: &mut Vec<String>,
+) -> Option<crate::tls::Pair> {
+    let mut source = |what: &str, file: &str, value: Option<String>| match value
+        .map(|v| v.parse::<crate::tls::Source>())
+    {
+        Some(Ok(source)) => Some(source),
+        Some(Err(e)) => {
+            errors.push(format!("{at}.{what}: {e}"));
+            None
+        }
+        None => {
+            errors.push(format!("{at}.{what} is missing: give the PEM {file} file"));
+            None
+        }
+    };
+    let cert = source("cert", "certificate chain", cert);
+    let key = source("key", "private key", key);
+    Some(crate::tls::Pair {
+        cert: cert?,
+        key: key?,
+    })
 }
 
 /// HTTP/2: where it is spoken in clear text, and its limits (over TLS, ALPN chooses it).
@@ -673,6 +804,7 @@ impl Default for Config {
                 // hyper's default, as nginx's large_client_header_buffers (4 x 8k) allow.
                 max_header_list_size: 16 * 1024,
             },
+            tls: Default::default(),
         }
     }
 }
@@ -754,6 +886,8 @@ macro_rules! settings {
         #[serde(default)]
         struct FileConfig {
             $($section: $Section,)*
+            /// `[tls.NAME]`: a table per listener, outside the flat sections.
+            tls: std::collections::BTreeMap<String, TlsSection>,
         }
 
         impl FileConfig {
@@ -1171,19 +1305,22 @@ impl Config {
         let mut unknown = Vec::new();
         let deserializer =
             toml::Deserializer::parse(text).map_err(|e| fail(vec![one_line(&e.to_string())]))?;
-        let file: FileConfig = serde_ignored::deserialize(deserializer, |key| {
+        let mut file: FileConfig = serde_ignored::deserialize(deserializer, |key| {
             unknown.push(format!(
                 "unknown key '{key}'; see baton(8) or `baton serve --help` for the keys"
             ))
         })
         .map_err(|e| fail(vec![one_line(&e.to_string())]))?;
         let mut errors = unknown;
+        let tls = std::mem::take(&mut file.tls);
         let settings = file.check(&mut errors);
+        let tls = check_tls(tls, &mut errors);
         if !errors.is_empty() {
             return Err(fail(errors));
         }
         let mut config = Config {
             source: source.map(Path::to_owned),
+            tls,
             ..Config::default()
         };
         config.apply(&settings);
@@ -1366,6 +1503,22 @@ impl Config {
                 HEADER_LIST_SIZES.start(),
                 HEADER_LIST_SIZES.end()
             ));
+        }
+        for (name, tls) in &self.tls {
+            match self.listeners.iter().find(|l| &l.name == name) {
+                None => errors.push(format!(
+                    "tls.{name} names no listener: add one to server.listen, as in \
+                     \"{name}=0.0.0.0:443\", or rename the table"
+                )),
+                Some(l) if matches!(l.address, ListenAddress::Udp(_)) => errors.push(format!(
+                    "tls.{name}: listener {l} is UDP; TLS needs a TCP or unix stream listener"
+                )),
+                Some(_) => {
+                    if let Err(e) = crate::tls::server_config(name, tls) {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
         }
         let name = &self.admin.listener;
         if !(1..=255).contains(&name.len())
@@ -1670,6 +1823,15 @@ mod tests {
             fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
                 visitor.visit_some(self)
             }
+            /// A table of tables by name (`[tls.NAME]`): one entry, named NAME.
+            fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+                visitor.visit_map(Fields {
+                    path: self.path,
+                    fields: ["NAME"].iter(),
+                    current: "",
+                    leaves: self.leaves,
+                })
+            }
             fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
                 self.leaf();
                 visitor.visit_bool(false)
@@ -1695,7 +1857,7 @@ mod tests {
             }
             serde::forward_to_deserialize_any! {
                 i8 i16 i32 i128 u8 u16 u32 u64 u128 f32 f64 char bytes byte_buf unit
-                unit_struct newtype_struct tuple tuple_struct map enum identifier ignored_any
+                unit_struct newtype_struct tuple tuple_struct enum identifier ignored_any
             }
         }
 
@@ -1785,7 +1947,11 @@ mod tests {
                 "server.access_log",
                 "shutdown.idle_grace",
                 "admin.endpoints",
-                "admin.public"
+                "admin.public",
+                "tls.NAME.cert",
+                "tls.NAME.key",
+                "tls.NAME.min_version",
+                "tls.NAME.sni"
             ],
             "keys without a flag"
         );
@@ -1798,7 +1964,16 @@ mod tests {
     #[test]
     fn the_key_table_defaults_and_examples_parse() {
         for key in KEYS {
-            let toml = |value: &str| format!("[{}]\n{} = {value}\n", key.section, key.name);
+            let toml = |value: &str| {
+                let mut toml = format!("[{}]\n{} = {value}\n", key.section, key.name);
+                // A TLS table needs its certificate and key.
+                for (name, path) in [("cert", "\"/c.pem\""), ("key", "\"/k.pem\"")] {
+                    if key.section == "tls.NAME" && key.name != name {
+                        toml.push_str(&format!("{name} = {path}\n"));
+                    }
+                }
+                toml
+            };
             if let Some(default) = key.default {
                 let c = Config::from_toml_str(&toml(default), None)
                     .unwrap_or_else(|e| panic!("{}: default {default}: {e}", key.path()));
@@ -1835,7 +2010,9 @@ mod tests {
         let mut section = "";
         let mut shown = Vec::new();
         for line in text.lines() {
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            // A table shown commented out (`#[tls.NAME]`) counts too.
+            let header = line.trim_start_matches('#');
+            if let Some(name) = header.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name;
             } else if let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") {
                 shown.push(format!("{section}.{key}"));

@@ -58,6 +58,7 @@ pub mod manual;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 // The lifecycle, under the names baton's modules have always had.
 pub use baton_lifecycle::generation as lifecycle;

@@ -54,7 +54,7 @@ impl Service {
                 // Half the drain, so that what a busy HTTP/2 client has not finished by then
                 // still has time after its GOAWAY; ten seconds at most.
                 http2_busy_grace: (config.shutdown.drain_timeout / 2).min(Duration::from_secs(10)),
-                tls: Default::default(),
+                tls: crate::tls::server_configs(config)?,
             },
         })
     }
