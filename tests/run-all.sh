@@ -28,7 +28,7 @@ fi
 
 say "installing what the tests need"
 need=()
-for pair in systemd-socket-activate:systemd curl:curl python3:python3 cc:gcc lintian:lintian setpriv:util-linux unshare:util-linux git:git goaccess:goaccess logrotate:logrotate h2load:nghttp2-client; do
+for pair in systemd-socket-activate:systemd curl:curl python3:python3 cc:gcc lintian:lintian setpriv:util-linux unshare:util-linux git:git goaccess:goaccess logrotate:logrotate h2load:nghttp2-client openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -46,11 +46,14 @@ impl Ca {
     /// A certificate for localhost and 127.0.0.1 with this serial, valid between the two years:
     /// (certificate PEM, key PEM).
     fn leaf(&self, serial: u8, valid: (i32, i32)) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        self.leaf_for("localhost", serial, valid)
+    }
+
+    /// The same for the DNS name `host` (and 127.0.0.1).
+    fn leaf_for(&self, host: &str, serial: u8, valid: (i32, i32)) -> (String, String) {
+        let mut params = CertificateParams::new(vec![host.to_owned()]).unwrap();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
+        params.distinguished_name.push(DnType::CommonName, host);
         params
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
@@ -147,13 +150,48 @@ impl Setup {
 
 /// The serial number of the certificate `addr` presents, as openssl prints it.
 fn served_serial(addr: SocketAddr) -> String {
+    serial_for(addr, "localhost")
+}
+
+/// The same for a client that asks for `host` (SNI).
+fn serial_for(addr: SocketAddr, host: &str) -> String {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(format!(
-        "openssl s_client -connect 127.0.0.1:{} -servername localhost </dev/null 2>/dev/null \
+        "openssl s_client -connect 127.0.0.1:{} -servername {host} </dev/null 2>/dev/null \
          | openssl x509 -noout -serial",
         addr.port()
     ));
     run(cmd).1.trim().to_owned()
+}
+
+#[test]
+fn sni_chooses_the_certificate_of_the_host_asked_for() {
+    let setup = Setup::new("tls-sni");
+    for (name, host, serial) in [("other", "other.test", 7), ("wild", "*.wild.test", 8)] {
+        let (cert, key) = setup.ca.leaf_for(host, serial, VALID);
+        std::fs::write(setup.path(&format!("{name}.pem")), cert).unwrap();
+        std::fs::write(setup.path(&format!("{name}.key")), key).unwrap();
+    }
+    let p = |name: &str| format!("{:?}", setup.path(name));
+    let config = setup.config(&format!(
+        "cert = {}\nkey = {}\nsni = [{{ cert = {}, key = {} }}, {{ cert = {}, key = {} }}]\n",
+        p("cert.pem"),
+        p("key.pem"),
+        p("other.pem"),
+        p("other.key"),
+        p("wild.pem"),
+        p("wild.key"),
+    ));
+    let (_baton, addr) = start_generation(&["--config", config.to_str().unwrap()], &[]);
+    assert_eq!(serial_for(addr, "other.test"), "serial=07");
+    assert_eq!(serial_for(addr, "www.wild.test"), "serial=08");
+    assert_eq!(
+        serial_for(addr, "a.b.wild.test"),
+        "serial=01",
+        "a wildcard is one label"
+    );
+    assert_eq!(serial_for(addr, "unknown.test"), "serial=01");
+    assert_eq!(served_serial(addr), "serial=01");
 }
 
 #[test]
