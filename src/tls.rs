@@ -208,8 +208,18 @@ fn load(
     }
     let names = dns_names(&parsed);
     let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
+        // systemd before 259 loads LoadCredential= files when the service starts only: a
+        // reload sees the key of then.
+        let why = match &pair.key {
+            Source::Credential(_) => {
+                "; a credential is the file as it was when the service started: load a new key \
+                 with systemctl restart (clients wait in the socket's backlog), or renew with the \
+                 same key (certbot --reuse-key)"
+            }
+            Source::File(_) => "; give the key of this certificate",
+        };
         TlsError(format!(
-            "{at}: {} does not go with {}: {e}; give the key of this certificate",
+            "{at}: {} does not go with {} ({e}){why}",
             pair.key, pair.cert
         ))
     })?;
