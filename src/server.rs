@@ -1189,10 +1189,24 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// The access log's view of a request, before its answer.
 fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
     let header = |name| request.headers().get(name).map(access_log::logged_header);
+    let uri = request.uri();
+    // HTTP/2 gives the target as scheme, authority and path: logged as its path, as nginx
+    // logs it, and the authority as the host.
+    let http2 = request.version() == hyper::Version::HTTP_2;
+    let target = match uri.path_and_query() {
+        Some(path) if http2 => access_log::logged_target(path.as_str()),
+        _ => access_log::logged_target(&uri.to_string()),
+    };
+    let host = header(hyper::header::HOST).or_else(|| {
+        let authority = uri.authority().filter(|_| http2)?;
+        HeaderValue::from_str(authority.as_str())
+            .ok()
+            .map(|v| access_log::logged_header(&v))
+    });
     access_log::Entry {
         client,
         method: request.method().clone(),
-        target: access_log::logged_target(&request.uri().to_string()),
+        target,
         version: request.version(),
         status: 0,
         bytes: 0,
@@ -1200,7 +1214,7 @@ fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
         duration: Duration::ZERO,
         referer: header(hyper::header::REFERER),
         user_agent: header(hyper::header::USER_AGENT),
-        host: header(hyper::header::HOST),
+        host,
     }
 }
 

@@ -87,6 +87,52 @@ fn h2c_with_prior_knowledge_where_the_configuration_says() {
     );
 }
 
+/// Compression and the access log work the same over HTTP/2; the log names the protocol.
+#[test]
+fn compression_and_the_access_log_over_http2() {
+    reaper::init();
+    let root = root();
+    let css: String = (0..2000)
+        .map(|i| format!(".c{i} {{ color: red }}\n"))
+        .collect();
+    std::fs::write(root.join("site.css"), &css).unwrap();
+    let log = root.join("../access.log");
+    let (_baton, addr) = start_generation(
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "--h2c",
+            "http",
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let url = format!("http://{addr}/site.css");
+    let (version, status, body) = curl(&["--http2-prior-knowledge", "--compressed"], &url).unwrap();
+    assert_eq!((version.as_str(), status), ("2", 200));
+    assert!(
+        body == css.as_bytes(),
+        "curl's decoding of the compressed answer differs"
+    );
+    let (_, _, raw) = curl(
+        &["--http2-prior-knowledge", "-H", "Accept-Encoding: gzip"],
+        &url,
+    )
+    .unwrap();
+    assert!(
+        raw.len() < css.len() / 4,
+        "not compressed: {} bytes",
+        raw.len()
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .is_ok_and(|text| text.contains("\"GET /site.css HTTP/2.0\" 200"))),
+        "no HTTP/2.0 line in the access log: {:?}",
+        std::fs::read_to_string(&log)
+    );
+}
+
 #[test]
 fn a_listener_not_named_speaks_http1_only() {
     reaper::init();

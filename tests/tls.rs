@@ -304,11 +304,12 @@ fn bad_certificates_are_refused_by_check_and_by_a_reload() {
         assert_eq!(err.lines().count(), 1, "{tls}: {err}");
     }
 
-    // A running generation, then a reload with each of the first three: refused with the
-    // reason, and the old generation goes on serving its certificate.
+    // A running generation, then a reload with a wrong key, an expired certificate, one not
+    // valid yet and a missing file: refused with the reason, and the old generation goes on
+    // serving its certificate.
     let config = setup.good_config();
     let (baton, addr) = start_generation(&["--config", config.to_str().unwrap()], &[]);
-    for (tls, says) in &cases[..3] {
+    for (tls, says) in &cases[..4] {
         setup.config(tls);
         let (code, out, err) = run_baton(&["reload", "--pid", &baton.pid().to_string()]);
         assert_eq!(code, 1, "{tls}: the reload succeeded: {out}");
