@@ -34,15 +34,16 @@ fn single_unnamed_fd_serves_the_single_listener() {
 fn two_named_fds_serve_their_listeners() {
     let (web, web_addr) = tcp_listener();
     let (admin, admin_addr) = tcp_listener();
-    // The configured addresses are never bound: the fds replace them.
+    // The configured addresses are never bound: the fds replace them. (A listener named
+    // admin would take the /-/ endpoints from the others: crate::http::admin.)
     let mut baton = Spawn::serve(&[
         "--listen",
-        "admin=127.0.0.1:1",
+        "ops=127.0.0.1:1",
         "--listen",
         "http=127.0.0.1:1",
     ])
     .fd(web, Some("http"))
-    .fd(admin, Some("admin"))
+    .fd(admin, Some("ops"))
     .start();
     baton.wait_ready();
     let v = version(admin_addr);
@@ -57,7 +58,7 @@ fn two_named_fds_serve_their_listeners() {
         listeners,
         [
             format!("http={web_addr} (fd 3, handed over)"),
-            format!("admin={admin_addr} (fd 4, handed over)")
+            format!("ops={admin_addr} (fd 4, handed over)")
         ]
     );
 }
@@ -195,20 +196,20 @@ fn systemd_socket_activate_named_and_unix() {
             web.to_string(),
             "-l".into(),
             sock.display().to_string(),
-            "--fdname=http:admin".into(),
+            "--fdname=http:ops".into(),
         ],
         &[
             "--listen",
             "http=127.0.0.1:1",
             "--listen",
-            "admin=unix:/nonexistent/x.sock",
+            "ops=unix:/nonexistent/x.sock",
         ],
     );
     let v = connect_retrying(web).get("/-/version").unwrap().json();
     assert_eq!(v["listeners"][0], format!("http={web} (fd 3, handed over)"));
     assert_eq!(
         v["listeners"][1],
-        format!("admin=unix:{} (fd 4, handed over)", sock.display())
+        format!("ops=unix:{} (fd 4, handed over)", sock.display())
     );
     let r = Conn::unix(&sock).unwrap().get("/-/healthy").unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
