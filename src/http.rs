@@ -542,19 +542,23 @@ fn below_root(uri_path: &str) -> Option<PathBuf> {
     Some(path)
 }
 
+/// The request headers that make an answer other than the whole file: a range, and the
+/// conditions.
+pub(crate) const RANGE_AND_CONDITIONS: [header::HeaderName; 6] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+];
+
 /// Whether the answer is the whole file, the same every time.
 fn plain_get(request: &Request<Body>) -> bool {
     request.method() == axum::http::Method::GET
-        && [
-            header::RANGE,
-            header::IF_RANGE,
-            header::IF_MATCH,
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_UNMODIFIED_SINCE,
-        ]
-        .iter()
-        .all(|h| !request.headers().contains_key(h))
+        && RANGE_AND_CONDITIONS
+            .iter()
+            .all(|h| !request.headers().contains_key(h))
 }
 
 /// A regular file opened for the zero-copy fast path: the fd, its `fstat`, and the headers

@@ -68,16 +68,6 @@ const LINK: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// The request headers a fallback answer keeps: its conditions and range.
-const KEPT_FOR_FALLBACK: [header::HeaderName; 6] = [
-    header::RANGE,
-    header::IF_RANGE,
-    header::IF_MATCH,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_UNMODIFIED_SINCE,
-];
-
 /// The files below the root, with error pages, the fallback and listings.
 pub struct Pages {
     files: Confined,
@@ -232,7 +222,8 @@ fn list(root: &Root, dir: &Path) -> Option<Vec<(String, Kind)>> {
 /// The request headers a fallback answer keeps.
 fn kept(headers: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::new();
-    for name in KEPT_FOR_FALLBACK {
+    // Its conditions and range.
+    for name in super::RANGE_AND_CONDITIONS {
         for value in headers.get_all(&name) {
             kept.append(name.clone(), value.clone());
         }
