@@ -1188,7 +1188,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
 /// The access log's view of a request, before its answer.
 fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
-    let header = |name| request.headers().get(name).map(access_log::logged_header);
+    let header = |name| {
+        let value = request.headers().get(name)?;
+        access_log::logged_header(value.as_bytes())
+    };
     let uri = request.uri();
     // HTTP/2 gives the target as scheme, authority and path: logged as its path, as nginx
     // logs it, and the authority as the host.
@@ -1199,9 +1202,7 @@ fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
     };
     let host = header(hyper::header::HOST).or_else(|| {
         let authority = uri.authority().filter(|_| http2)?;
-        HeaderValue::from_str(authority.as_str())
-            .ok()
-            .map(|v| access_log::logged_header(&v))
+        access_log::logged_header(authority.as_str().as_bytes())
     });
     access_log::Entry {
         client,

@@ -275,8 +275,7 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
                 .headers
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case(name))
-                .and_then(|h| hyper::header::HeaderValue::from_bytes(h.value).ok())
-                .map(|v| access_log::logged_header(&v))
+                .and_then(|h| access_log::logged_header(h.value))
         };
         Box::new([header("referer"), header("user-agent"), header("host")])
     });
