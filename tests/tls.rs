@@ -322,8 +322,7 @@ fn bad_certificates_are_refused_by_check_and_by_a_reload() {
     }
 }
 
-/// The summary of one h2load run over HTTPS: (requests, succeeded, failed). h2load counts a
-/// failed request as both failed and errored: the failed ones are taken.
+/// The summary of one h2load run over HTTPS: (requests, succeeded, failed).
 fn h2load(addr: SocketAddr, h1: bool) -> (u64, u64, u64) {
     let mut cmd = Command::new("h2load");
     cmd.args(["-n", "600", "-c", "4", "-t", "1"]);
@@ -331,22 +330,7 @@ fn h2load(addr: SocketAddr, h1: bool) -> (u64, u64, u64) {
     // answer with Connection: close (the drain's) as failed, though RFC 9112 has it retry them.
     cmd.args(if h1 { ["--h1", "-m1"] } else { ["-m", "4"] }.map(str::to_owned));
     cmd.arg(format!("https://127.0.0.1:{}/a.txt", addr.port()));
-    let (code, out, err) = run(cmd);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no summary from h2load (exit {code}; apt-get install nghttp2-client):\n{out}{err}"
-            )
-        });
-    let field = |name: &str| -> u64 {
-        line.split(", ")
-            .find_map(|part| part.trim_start_matches("requests: ").strip_suffix(name))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no '{name}' in {line:?}"))
-    };
-    (field(" total"), field(" succeeded"), field(" failed"))
+    common::h2load(cmd)
 }
 
 #[test]

@@ -485,3 +485,25 @@ pub fn start_generation(args: &[&str], env: &[(&str, &str)]) -> (Baton, std::net
     baton.wait_ready();
     (baton, addr)
 }
+
+/// Runs h2load (Debian's nghttp2-client) and returns its summary: (requests, succeeded,
+/// failed). h2load counts a failed request as both failed and errored: the failed ones are
+/// taken.
+pub fn h2load(cmd: Command) -> (u64, u64, u64) {
+    let (code, out, err) = run(cmd);
+    assert!(
+        code != 127 && !err.contains("No such file"),
+        "h2load is needed: apt-get install nghttp2-client"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("no summary from h2load (exit {code}):\n{out}{err}"));
+    let field = |name: &str| -> u64 {
+        line.split(", ")
+            .find_map(|part| part.trim_start_matches("requests: ").strip_suffix(name))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no '{name}' in {line:?}"))
+    };
+    (field(" total"), field(" succeeded"), field(" failed"))
+}
