@@ -20,6 +20,7 @@
 //! root = "/var/www/html"             # serve static files from here; unset: the embedded page
 //! access_log = false                 # old spelling of log.access: true is "on", false "off"
 //! pidfile = "/run/baton/baton.pid"   # locked for the process's life; used with --daemon or when set
+//! workers = 0                        # threads serving connections; 0: one per CPU
 //!
 //! [limits]
 //! max_connections = 10000            # further clients wait in the backlog; idle ones make room
@@ -175,6 +176,17 @@ pub const KEYS: &[Key] = &[
         example: r#""/run/baton/other.pid""#,
         help: "Locked with flock(2) for the process's life and holding its pid; a second \
                instance is refused.",
+    },
+    Key {
+        section: "server",
+        name: "workers",
+        kind: "integer, 0 to 1024",
+        default: Some("0"),
+        unset: "",
+        example: "4",
+        help: "Threads that serve connections, each an event loop of its own that keeps a \
+               connection from accept to close (nginx's worker_processes); 0 is one per CPU \
+               the process may run on.",
     },
     Key {
         section: "limits",
@@ -569,6 +581,8 @@ pub struct Config {
     /// The pidfile; used with `--daemon` (at [`crate::pidfile::default_path`] when unset) or
     /// when set.
     pub pidfile: Option<PathBuf>,
+    /// Connection workers ([`crate::server::workers`]); 0: one per CPU.
+    pub workers: usize,
     pub upgrade: Upgrade,
     pub keeper: Keeper,
     pub files: Files,
@@ -775,6 +789,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_file: None,
             pidfile: None,
+            workers: 0,
             upgrade: Upgrade {
                 exec: None,
                 timeout: Duration::from_secs(60),
@@ -927,6 +942,10 @@ settings! {
         /// $XDG_RUNTIME_DIR/baton/baton.pid otherwise]
         #[arg(long, value_name = "PATH")]
         pidfile: PathBuf => pidfile,
+
+        /// Threads that serve connections, each with its own event loop; 0: one per CPU [default: 0]
+        #[arg(long, value_name = "N")]
+        workers: usize => workers,
     }
 
     /// `[limits]`: protection against slow or greedy clients.
@@ -1383,6 +1402,13 @@ impl Config {
             errors.push(format!(
                 "headers.charset '{charset}' is not a charset name; write it like \"utf-8\", \
                  or \"\" for none"
+            ));
+        }
+        if self.workers > crate::server::workers::MAX_WORKERS {
+            errors.push(format!(
+                "server.workers {} is more than {}: use a smaller number, or 0 for one per CPU",
+                self.workers,
+                crate::server::workers::MAX_WORKERS
             ));
         }
         if self.limits.max_connections == 0 {

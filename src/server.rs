@@ -88,7 +88,9 @@ pub use baton_lifecycle::workload::DrainReport;
 
 pub mod fast;
 mod tls;
+pub mod workers;
 use fast::{Rewind, Stream};
+use workers::Workers;
 
 /// Settings of a [`Server`].
 #[derive(Clone)]
@@ -105,6 +107,8 @@ pub struct Settings {
     pub http2_busy_grace: Duration,
     /// The listeners that speak TLS, by name, with their configuration ([`crate::tls`]).
     pub tls: std::collections::HashMap<String, Arc<rustls::ServerConfig>>,
+    /// Connection workers ([`workers`]); 0: one per CPU.
+    pub workers: usize,
 }
 
 /// A draining HTTP/2 connection gets its GOAWAY once no stream has been open for this long, or
@@ -139,6 +143,7 @@ pub struct Server {
     stop_accepting: CancellationToken,
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
     connections: TaskTracker,
+    workers: Arc<Workers>,
 }
 
 enum Pending {
@@ -227,6 +232,8 @@ impl Server {
         settings: Settings,
     ) -> io::Result<Server> {
         let max_connections = settings.limits.max_connections.min(Semaphore::MAX_PERMITS);
+        let workers = Arc::new(Workers::start(settings.workers)?);
+        tracing::debug!(workers = workers.len(), "connection workers started");
         let shared = Arc::new(Shared {
             app,
             metrics,
@@ -262,6 +269,7 @@ impl Server {
             stop_accepting: CancellationToken::new(),
             accept_loops: Vec::new(),
             connections: TaskTracker::new(),
+            workers,
         })
     }
 
@@ -292,6 +300,7 @@ impl Server {
                 limit: limit.clone(),
                 stop: self.stop_accepting.clone(),
                 connections: self.connections.clone(),
+                workers: self.workers.clone(),
             };
             self.accept_loops.push(match listener {
                 Pending::Tcp(l) => tokio::spawn(ctx.run(l)),
@@ -356,23 +365,42 @@ impl baton_lifecycle::workload::Serving for Server {
 /// The accepting side of a listening socket.
 trait Accept: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static;
+    /// An accepted socket between two reactors (of the accept loop, of its worker).
+    type Detached: Send + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    fn detach(io: Self::Io) -> io::Result<Self::Detached>;
+    /// Registers the socket with the reactor of the runtime this runs on.
+    fn attach(socket: Self::Detached) -> io::Result<Self::Io>;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
+    type Detached = std::net::TcpStream;
     async fn accept(&self) -> io::Result<Self::Io> {
         let (stream, _) = tokio::net::TcpListener::accept(self).await?;
         // Responses leave in one write; Nagle would only delay the last segment.
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+    fn detach(io: Self::Io) -> io::Result<Self::Detached> {
+        io.into_std()
+    }
+    fn attach(socket: Self::Detached) -> io::Result<Self::Io> {
+        tokio::net::TcpStream::from_std(socket)
+    }
 }
 
 impl Accept for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
+    type Detached = std::os::unix::net::UnixStream;
     async fn accept(&self) -> io::Result<Self::Io> {
         Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+    fn detach(io: Self::Io) -> io::Result<Self::Detached> {
+        io.into_std()
+    }
+    fn attach(socket: Self::Detached) -> io::Result<Self::Io> {
+        tokio::net::UnixStream::from_std(socket)
     }
 }
 
@@ -388,6 +416,7 @@ struct AcceptContext {
     limit: Arc<Semaphore>,
     stop: CancellationToken,
     connections: TaskTracker,
+    workers: Arc<Workers>,
 }
 
 /// The accept loop was told to stop.
@@ -424,7 +453,7 @@ impl AcceptContext {
                             Ok(None) => continue,
                             Err(Stopped) => return,
                         };
-                        self.connections.spawn(self.serve(io, Some(permit)));
+                        self.serve::<L>(io, Some(permit));
                         continue;
                     };
                     let again = self.shared.make_room();
@@ -433,12 +462,12 @@ impl AcceptContext {
                         _ = self.stop.cancelled() => {
                             // It was accepted: it gets its answer (with Connection: close), not
                             // a reset, even beyond the limit.
-                            self.connections.spawn(self.serve(io, None));
+                            self.serve::<L>(io, None);
                             return;
                         }
                         permit = self.limit.clone().acquire_owned() => match permit {
                             Ok(permit) => {
-                                self.connections.spawn(self.serve(io, Some(permit)));
+                                self.serve::<L>(io, Some(permit));
                                 continue;
                             }
                             Err(_) => return,
@@ -458,22 +487,30 @@ impl AcceptContext {
                     Err(Stopped) => return,
                 },
             };
-            self.connections.spawn(self.serve(io, Some(permit)));
+            self.serve::<L>(io, Some(permit));
         }
     }
 
-    /// Serves one accepted client: its TLS handshake first on a TLS listener.
-    fn serve<S>(
-        &self,
-        io: S,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> impl Future<Output = ()> + Send + 'static
-    where
-        S: AsyncRead + AsyncWrite + Stream + Unpin + Send + Sync + 'static,
-    {
+    /// Serves one accepted client on the next worker: its TLS handshake first on a TLS
+    /// listener.
+    fn serve<L: Accept>(&self, io: L::Io, permit: Option<OwnedSemaphorePermit>) {
+        let socket = match L::detach(io) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::debug!(listener = %self.name, error = %e, "dropping a client: {e}");
+                return;
+            }
+        };
         let (shared, role, versions) = (self.shared.clone(), self.role, self.versions);
         let tls = self.tls.clone();
-        async move {
+        let connection = async move {
+            let io = match L::attach(socket) {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping a client: cannot watch its socket: {e}");
+                    return;
+                }
+            };
             let Some(acceptor) = tls else {
                 return serve_connection(io, shared, role, versions, permit).await;
             };
@@ -487,7 +524,8 @@ impl AcceptContext {
                     shared.metrics.tls_handshakes_failed.inc();
                 }
             }
-        }
+        };
+        self.connections.spawn_on(connection, self.workers.next());
     }
 
     /// Accepts one client; `Ok(None)` after a failure (backing off from one that concerns the
@@ -1304,6 +1342,7 @@ mod tests {
             http2: Config::default().http2,
             http2_busy_grace: Duration::from_secs(5),
             tls: Default::default(),
+            workers: 1,
         };
         let specs = [
             "http=127.0.0.1:0".parse().unwrap(),

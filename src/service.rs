@@ -55,6 +55,7 @@ impl Service {
                 // still has time after its GOAWAY; ten seconds at most.
                 http2_busy_grace: (config.shutdown.drain_timeout / 2).min(Duration::from_secs(10)),
                 tls: crate::tls::server_configs(config)?,
+                workers: config.workers,
             },
         })
     }

@@ -717,6 +717,9 @@ fn bad_flag_values_are_usage_errors() {
 fn a_request_head_in_progress_at_the_drain_grace_still_gets_its_answer() {
     let (mut baton, addr) = start(&["--drain-timeout", "20s"]);
     let mut conn = Conn::tcp(addr).unwrap();
+    // Answered first, so that baton has accepted the connection: one still in the listen
+    // backlog when baton stops accepting is reset with the listener.
+    assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
     conn.write_raw(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
     baton.signal(Signal::SIGTERM);

@@ -129,7 +129,7 @@ _baton() {
             return 0
             ;;
         baton__subcmd__serve)
-            opts="-h -V --config --daemon --keeper --listen --root --pidfile --max-connections --header-read-timeout --idle-timeout --send-timeout --drain-timeout --log-level --log-file --access-log --access-log-format --exec --upgrade-timeout --upgrade-probation --startsecs --startretries --not-found-page --error-page --fallback --listing --admin-listener --compress --precompressed --compress-codings --compress-min-size --cache-control --add-header --charset --h2c --h2-max-streams --h2-max-header-list-size --help --version"
+            opts="-h -V --config --daemon --keeper --listen --root --pidfile --workers --max-connections --header-read-timeout --idle-timeout --send-timeout --drain-timeout --log-level --log-file --access-log --access-log-format --exec --upgrade-timeout --upgrade-probation --startsecs --startretries --not-found-page --error-page --fallback --listing --admin-listener --compress --precompressed --compress-codings --compress-min-size --cache-control --add-header --charset --h2c --h2-max-streams --h2-max-header-list-size --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -148,6 +148,10 @@ _baton() {
                     return 0
                     ;;
                 --pidfile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -36,6 +36,7 @@ complete -c baton -n "__fish_baton_using_subcommand serve" -l config -d 'Configu
 complete -c baton -n "__fish_baton_using_subcommand serve" -l listen -d 'Listen on ADDR (IP:PORT, [IPv6]:PORT or unix:/path) under NAME [default name: http]; repeatable; replaces server.listen' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l root -d 'Serve static files from DIR instead of the embedded page (or give DIR without --root)' -r -F
 complete -c baton -n "__fish_baton_using_subcommand serve" -l pidfile -d 'Lock this pidfile for the process\'s life and write the pid into it; a second instance is refused [default with --daemon: /run/baton/baton.pid for root, $XDG_RUNTIME_DIR/baton/baton.pid otherwise]' -r -F
+complete -c baton -n "__fish_baton_using_subcommand serve" -l workers -d 'Threads that serve connections, each with its own event loop; 0: one per CPU [default: 0]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l max-connections -d 'Most client connections open at once; more wait in the listen backlog [default: 10000]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l header-read-timeout -d 'Time a client has to send a complete request head [default: 10s]' -r
 complete -c baton -n "__fish_baton_using_subcommand serve" -l idle-timeout -d 'Close keep-alive connections idle for this long [default: 60s]' -r
