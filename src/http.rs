@@ -561,10 +561,10 @@ fn plain_get(request: &Request<Body>) -> bool {
             .all(|h| !request.headers().contains_key(h))
 }
 
-/// A regular file opened for the zero-copy fast path: the fd, its `fstat`, and the headers
-/// `ServeDir` derives from them.
-pub(crate) struct LargeFile {
-    pub file: std::fs::File,
+/// A regular file the fast path answers for: where its content comes from, its `fstat`, and
+/// the headers `ServeDir` derives from them.
+pub(crate) struct FastFile {
+    pub body: FastBody,
     pub stat: Stat,
     pub content_type: HeaderValue,
     pub last_modified: HeaderValue,
@@ -580,20 +580,30 @@ pub(crate) struct LargeFile {
     pub vary_not_modified: bool,
 }
 
+/// Where a [`FastFile`]'s content comes from.
+pub(crate) enum FastBody {
+    /// Too large for the memory cache: sent from the fd (sendfile(2)).
+    Disk(std::fs::File),
+    /// The cache's copy, which an entry matching the file's `fstat` holds.
+    Cached(Bytes),
+    /// Small but not cached: read once ([`Confined::cache_small`]), then from memory.
+    Uncached(std::fs::File),
+}
+
 impl Confined {
-    /// Opens what `ServeDir` would serve for the request path `uri_path` (no query) and a
-    /// request with these `Accept-Encoding` headers (`accept`), beneath the root, if it is a
-    /// regular file of at least `min_len` bytes that goes out as it is; `None` for anything
-    /// else (a directory, a redirect, not found, a small file, one to compress on the fly:
-    /// `ServeDir` and hyper answer those).
+    /// What `ServeDir` would serve for the request path `uri_path` (no query) and a request
+    /// with these `Accept-Encoding` headers (`accept`), beneath the root, if it is a regular
+    /// file that goes out as it is; `None` for anything else (a directory, a redirect, not
+    /// found, one to compress on the fly: `ServeDir` and hyper answer those).
     ///
-    /// Blocking calls on the runtime, as in [`Beneath`]'s `open`: an open and an `fstat`.
-    pub(crate) fn open_large(
+    /// A small file found in the cache needs no open for reading: as in [`Confined`]'s plain
+    /// path, the inode the path leads to (an `O_PATH` open) must be the entry's, with the same
+    /// `fstat`. Blocking calls on the runtime, as in [`Beneath`]'s `open`.
+    pub(crate) fn open_fast(
         &self,
         uri_path: &str,
-        min_len: u64,
         accept: &axum::http::HeaderMap,
-    ) -> Option<LargeFile> {
+    ) -> Option<FastFile> {
         let mut path = below_root(uri_path)?;
         if uri_path.ends_with('/') {
             path.push("index.html");
@@ -601,49 +611,79 @@ impl Confined {
         let content_type = self.web.headers.content_type(content_type_of(&path));
         let compression = &self.web.compression;
         let compressible = encoding::compressible(&content_type);
-        let large = |file, stat: Stat, coding: Option<Coding>| {
-            if stat.len < min_len {
-                return None;
-            }
-            let (last_modified, etag) = validators(&stat);
-            let on_the_fly = compression.on_the_fly && compressible;
-            Some(LargeFile {
-                file,
-                stat,
-                content_type: content_type.clone(),
-                last_modified,
-                etag,
-                coding,
-                vary: compression.precompressed,
-                vary_late: !compression.precompressed
-                    && coding.is_none()
-                    && on_the_fly
-                    && stat.len >= compression.min_size,
-                vary_not_modified: compressible && (compression.precompressed || on_the_fly),
-            })
-        };
-        for coding in self.web.compression.sidecars(accept, &content_type) {
+        let root = &self.backend.root;
+        let (mut found, mut coding) = (None, None);
+        for candidate in compression.sidecars(accept, &content_type) {
             let mut sidecar = path.clone().into_os_string();
-            sidecar.push(coding.extension());
-            match self.backend.root.open_read(Path::new(&sidecar)) {
-                Ok((file, stat)) if stat.kind == Kind::File => {
-                    return large(file, stat, Some(coding))
+            sidecar.push(candidate.extension());
+            match root.stat(Path::new(&sidecar)) {
+                Ok(stat) if stat.kind == Kind::File => {
+                    (found, coding) = (Some((PathBuf::from(sidecar), stat)), Some(candidate));
+                    break;
                 }
                 Ok(_) => {}
                 Err(e) if absent(&e) => {}
                 Err(_) => return None,
             }
         }
-        let (file, stat) = self.backend.root.open_read(&path).ok()?;
-        if stat.kind != Kind::File {
-            return None;
-        }
-        let compress = self.web.compression.on_the_fly_coding(accept).is_some()
-            && encoding::compressible(&content_type);
-        if compress {
-            return None;
-        }
-        large(file, stat, None)
+        let (path, stat) = match found {
+            Some(found) => found,
+            None => {
+                let compress = compression.on_the_fly_coding(accept).is_some() && compressible;
+                match root.stat(&path) {
+                    Ok(stat) if stat.kind == Kind::File && !compress => (path, stat),
+                    _ => return None,
+                }
+            }
+        };
+        let small = |stat: &Stat| stat.len <= MAX_CACHED_FILE;
+        let hit = match small(&stat) {
+            true => self.backend.cache.get(&(stat.dev, stat.ino)),
+            false => None,
+        };
+        let (body, stat) = match hit.filter(|hit| hit.stat == stat) {
+            Some(hit) => (FastBody::Cached(hit.body.clone()), stat),
+            // What is sent is what this open finds (the path may lead elsewhere by now).
+            None => match root.open_read(&path).ok()? {
+                (_, opened) if opened.kind != Kind::File => return None,
+                (file, opened) if small(&opened) => (FastBody::Uncached(file), opened),
+                (file, opened) => (FastBody::Disk(file), opened),
+            },
+        };
+        let (last_modified, etag) = validators(&stat);
+        let on_the_fly = compression.on_the_fly && compressible;
+        Some(FastFile {
+            body,
+            stat,
+            content_type,
+            last_modified,
+            etag,
+            coding,
+            vary: compression.precompressed,
+            vary_late: !compression.precompressed
+                && coding.is_none()
+                && on_the_fly
+                && stat.len >= compression.min_size,
+            vary_not_modified: compressible && (compression.precompressed || on_the_fly),
+        })
+    }
+
+    /// The content of a small file [`Confined::open_fast`] opened (`stat` is its `fstat`):
+    /// read and cached, or the cache's copy if another request cached it meanwhile. The file
+    /// back if it changed while being read.
+    pub(crate) async fn cache_small(
+        &self,
+        file: std::fs::File,
+        stat: Stat,
+        content_type: &HeaderValue,
+    ) -> io::Result<Result<Bytes, std::fs::File>> {
+        let compressible = encoding::compressible(content_type);
+        // `load` gives only an entry with this very `fstat`.
+        Ok(self
+            .backend
+            .load(file, stat, compressible)
+            .await?
+            .map(|cached| cached.body.clone()))
     }
 
     /// The configured headers of the answers from the root.

@@ -44,8 +44,10 @@ pub struct Metrics {
     pub send_timeouts: Counter,
     /// Idle keep-alive connections closed to make room for a new client at the limit.
     pub idle_closed_for_room: Counter,
-    /// Responses the zero-copy fast path answered (`crate::server::fast`).
+    /// Responses the fast path wrote with sendfile(2) (`crate::server::fast`).
     pub sendfile_responses: Counter,
+    /// Responses the fast path wrote, from memory or with sendfile(2).
+    pub fast_path_responses: Counter,
     /// Access log lines dropped: the writer's queue was full or a write failed.
     pub access_log_dropped: Counter,
     lifecycle: OnceLock<Arc<Stats>>,
@@ -170,6 +172,12 @@ impl Metrics {
             "Responses for large files answered by the zero-copy (sendfile) fast path",
             sendfile_responses.clone(),
         );
+        let fast_path_responses = Counter::default();
+        registry.register(
+            "baton_fast_path_responses",
+            "Responses for files written by baton's fast path rather than hyper: small files from memory, large ones with sendfile",
+            fast_path_responses.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "baton_access_log_dropped",
@@ -192,6 +200,7 @@ impl Metrics {
             send_timeouts,
             idle_closed_for_room,
             sendfile_responses,
+            fast_path_responses,
             access_log_dropped,
             lifecycle: OnceLock::new(),
         }

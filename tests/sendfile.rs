@@ -49,6 +49,14 @@ fn counter<S: Read + Write>(conn: &mut Conn<S>, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
+/// Responses the fast path wrote (from memory or with sendfile).
+fn fast_count(addr: SocketAddr) -> u64 {
+    counter(
+        &mut Conn::tcp(addr).unwrap(),
+        "baton_fast_path_responses_total",
+    )
+}
+
 fn sendfile_count(addr: SocketAddr) -> u64 {
     counter(
         &mut Conn::tcp(addr).unwrap(),
@@ -136,77 +144,100 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
     std::fs::write(root.join("docs/index.html"), pattern(400 << 10, 2)).unwrap();
     let (_baton, addr, sock) = start_both(&root, &[]);
 
-    // The validators of the file, as ServeDir states them.
-    let (lines, _) = exchange(
-        &mut UnixStream::connect(&sock).unwrap(),
-        "HEAD /big.bin HTTP/1.1\r\nHost: t\r\n\r\n",
-        true,
-    );
-    let value = |name: &str| {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
-            .to_owned()
-    };
-    let (etag, last_modified) = (value("etag"), value("last-modified"));
-    let weak = format!("W/{etag}");
-    let list = format!("\"nope\", {etag}");
-
-    let cases: Vec<Case> = vec![
-        ("GET", "/big.bin", vec![]),
-        ("HEAD", "/big.bin", vec![]),
-        ("GET", "/big.bin?x=1", vec![]),
-        ("GET", "/%62ig.bin", vec![]),
-        ("GET", "/page.html", vec![]),
-        ("GET", "/docs/", vec![]),
-        ("GET", "/big.bin", vec![("Range", "bytes=100-199")]),
-        ("GET", "/big.bin", vec![("Range", "bytes=-1000")]),
-        ("GET", "/big.bin", vec![("Range", "bytes=1048000-")]),
-        ("HEAD", "/big.bin", vec![("Range", "bytes=0-0")]),
-        ("GET", "/big.bin", vec![("If-None-Match", &etag)]),
-        ("GET", "/big.bin", vec![("If-None-Match", &weak)]),
-        ("GET", "/big.bin", vec![("If-None-Match", &list)]),
-        ("GET", "/big.bin", vec![("If-None-Match", "*")]),
-        ("HEAD", "/big.bin", vec![("If-None-Match", &etag)]),
-        ("GET", "/big.bin", vec![("If-None-Match", "\"other\"")]),
-        (
-            "GET",
-            "/big.bin",
-            vec![("If-Modified-Since", &last_modified)],
-        ),
-        (
-            "GET",
-            "/big.bin",
-            vec![("If-Modified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")],
-        ),
-        ("GET", "/big.bin", vec![("If-Modified-Since", "not a date")]),
-        (
-            "GET",
-            "/big.bin",
-            vec![
-                ("If-None-Match", "\"other\""),
-                ("If-Modified-Since", &last_modified),
-            ],
-        ),
-        (
-            "GET",
-            "/big.bin",
-            vec![
-                ("If-Modified-Since", &last_modified),
-                ("Range", "bytes=0-9"),
-            ],
-        ),
-        ("GET", "/big.bin", vec![("Connection", "close")]),
-    ];
-    let before = sendfile_count(addr);
-    for (method, path, extra) in &cases {
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n");
+    // Each kind of file: sent with sendfile, at the cache's limit, small; each of the last two
+    // first read into the cache by the fast path, then from memory.
+    std::fs::write(root.join("small.bin"), pattern(1000, 4)).unwrap();
+    let mut cases: Vec<(String, Vec<(&str, String)>)> = Vec::new();
+    for (file, tail) in [
+        ("/big.bin", "bytes=1048000-"),
+        ("/cached.bin", "bytes=262000-"),
+        ("/small.bin", "bytes=990-"),
+    ] {
+        // The validators of the file, as ServeDir states them.
+        let (lines, _) = exchange(
+            &mut UnixStream::connect(&sock).unwrap(),
+            &format!("HEAD {file} HTTP/1.1\r\nHost: t\r\n\r\n"),
+            true,
+        );
+        let value = |name: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
+                .to_owned()
+        };
+        let (etag, last_modified) = (value("etag"), value("last-modified"));
+        let weak = format!("W/{etag}");
+        let list = format!("\"nope\", {etag}");
+        let with = |headers: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+            headers.iter().map(|(k, v)| (*k, v.to_string())).collect()
+        };
+        for (method, target, extra) in [
+            ("GET", file.to_owned(), with(&[])),
+            ("HEAD", file.to_owned(), with(&[])),
+            ("GET", format!("{file}?x=1"), with(&[])),
+            ("GET", file.replacen("/", "/%2e/", 1), with(&[])),
+            ("GET", file.to_owned(), with(&[("Range", "bytes=100-199")])),
+            ("GET", file.to_owned(), with(&[("Range", "bytes=-1000")])),
+            ("GET", file.to_owned(), with(&[("Range", tail)])),
+            ("HEAD", file.to_owned(), with(&[("Range", "bytes=0-0")])),
+            ("GET", file.to_owned(), with(&[("If-None-Match", &etag)])),
+            ("GET", file.to_owned(), with(&[("If-None-Match", &weak)])),
+            ("GET", file.to_owned(), with(&[("If-None-Match", &list)])),
+            ("GET", file.to_owned(), with(&[("If-None-Match", "*")])),
+            ("HEAD", file.to_owned(), with(&[("If-None-Match", &etag)])),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[("If-None-Match", "\"other\"")]),
+            ),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[("If-Modified-Since", &last_modified)]),
+            ),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[("If-Modified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")]),
+            ),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[("If-Modified-Since", "not a date")]),
+            ),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[
+                    ("If-None-Match", "\"other\""),
+                    ("If-Modified-Since", &last_modified),
+                ]),
+            ),
+            (
+                "GET",
+                file.to_owned(),
+                with(&[
+                    ("If-Modified-Since", &last_modified),
+                    ("Range", "bytes=0-9"),
+                ]),
+            ),
+            ("GET", file.to_owned(), with(&[("Connection", "close")])),
+        ] {
+            cases.push((format!("{method} {target}"), extra));
+        }
+    }
+    cases.push(("GET /%62ig.bin".to_owned(), vec![]));
+    cases.push(("GET /page.html".to_owned(), vec![]));
+    cases.push(("GET /docs/".to_owned(), vec![]));
+    let before = fast_count(addr);
+    for (line, extra) in &cases {
+        let mut request = format!("{line} HTTP/1.1\r\nHost: t\r\n");
         for (k, v) in extra {
             request.push_str(&format!("{k}: {v}\r\n"));
         }
         request.push_str("\r\n");
-        let head_only = *method == "HEAD";
+        let head_only = line.starts_with("HEAD");
         let fast = exchange(&mut TcpStream::connect(addr).unwrap(), &request, head_only);
         let reference = exchange(
             &mut UnixStream::connect(&sock).unwrap(),
@@ -221,10 +252,10 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
         );
     }
     // Every case above took the fast path on TCP.
-    assert_eq!(sendfile_count(addr) - before, cases.len() as u64);
+    assert_eq!(fast_count(addr) - before, cases.len() as u64);
 
     // What the fast path leaves to hyper is answered as before (and not counted).
-    let before = sendfile_count(addr);
+    let before = fast_count(addr);
     for (request, status) in [
         ("GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1,5-6\r\n\r\n", 416),
         ("GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=9999999-\r\n\r\n", 416),
@@ -234,15 +265,14 @@ fn fast_path_answers_are_serve_dirs_header_by_header() {
         ("POST /big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405),
         ("GET /docs HTTP/1.1\r\nHost: t\r\n\r\n", 307),
         ("GET /small HTTP/1.1\r\nHost: t\r\n\r\n", 404),
-        // At the cache's limit: from memory, not the fast path.
-        ("GET /cached.bin HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+        ("GET /small.bin HTTP/1.0\r\nHost: t\r\n\r\n", 200),
     ] {
         let fast = exchange(&mut TcpStream::connect(addr).unwrap(), request, false);
         let reference = exchange(&mut UnixStream::connect(&sock).unwrap(), request, false);
         assert_eq!(fast.0, reference.0, "{request}");
         assert!(fast.0[0].contains(&format!(" {status} ")), "{request}: {:?}", fast.0);
     }
-    assert_eq!(sendfile_count(addr), before);
+    assert_eq!(fast_count(addr), before);
     let _ = std::fs::remove_file(&sock);
 }
 
@@ -324,7 +354,7 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
             }
             request.push_str("Connection: close\r\n\r\n");
             let head_only = *method == "HEAD";
-            let before = sendfile_count(addr);
+            let before = fast_count(addr);
             let mut tcp = TcpStream::connect(addr).unwrap();
             let fast = if fast_path {
                 exchange(&mut tcp, &request, head_only)
@@ -350,7 +380,7 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
                 (head, Vec::new())
             };
             assert_eq!(
-                sendfile_count(addr) - before,
+                fast_count(addr) - before,
                 u64::from(fast_path),
                 "{request}: {:?}",
                 fast.0
@@ -409,9 +439,9 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
         format!("GET /page.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: {etag}\r\n\r\n"),
         "GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
     ] {
-        let before = sendfile_count(addr);
+        let before = fast_count(addr);
         let fast = exchange(&mut TcpStream::connect(addr).unwrap(), &request, false);
-        assert_eq!(sendfile_count(addr) - before, 1, "{request}");
+        assert_eq!(fast_count(addr) - before, 1, "{request}");
         let reference = exchange(&mut UnixStream::connect(&sock).unwrap(), &request, false);
         assert_eq!(fast.0, reference.0, "{request}");
         let varies = fast.0.iter().any(|l| l == "vary: accept-encoding");
@@ -707,6 +737,8 @@ fn keep_alive_serves_large_then_small_requests_on_one_connection() {
     let r = conn.get("/big.bin").unwrap();
     assert_eq!((r.status, hash(&r.body)), (200, hash(&big)));
     assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 2);
+    // The small file came from memory.
+    assert_eq!(counter(&mut conn, "baton_fast_path_responses_total"), 3);
 
     // Pipelined: two large requests and a small one in one write, answered in order.
     let mut conn = Conn::tcp(addr).unwrap();
@@ -721,7 +753,9 @@ fn keep_alive_serves_large_then_small_requests_on_one_connection() {
     assert_eq!(r.status, 200);
     let r = conn.read_response(false).unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "small\n"));
-    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 4);
+    // The HEAD sent no body.
+    assert_eq!(counter(&mut conn, "baton_sendfile_responses_total"), 3);
+    assert_eq!(counter(&mut conn, "baton_fast_path_responses_total"), 6);
 }
 
 // ---------------------------------------------------------------- drain and upgrade ----

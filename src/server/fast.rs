@@ -1,9 +1,12 @@
-//! The zero-copy fast path: large files go out with sendfile(2), written by baton itself.
+//! The fast path: files go out written by baton itself, large ones with sendfile(2), small ones
+//! from the memory cache in one send.
 //!
 //! Speaks HTTP/1.1 (RFC 9112) on TCP connections, server side, for one kind of request only;
 //! everything else goes to hyper, which serves the rest of the connection as it always did.
 //! hyper has no zero-copy body (hyper issue 3026, tower-http issue 381), so a response written
-//! with sendfile(2) has to be written by baton, head included.
+//! with sendfile(2) has to be written by baton, head included. Small files take this path too:
+//! a connection hyper never takes holds no hyper buffers (at a thousand keep-alive connections,
+//! 18 MiB of RSS instead of 29 MiB), and a request costs one parse and one send.
 //!
 //! Before hyper takes a connection, `serve` reads the request head itself (httparse, the
 //! parser hyper uses, with the same defaults) and takes the fast path only for
@@ -12,15 +15,17 @@
 //!   but `0`), no `Expect`, no `Upgrade`, a `Host` header hyper's service would accept, an
 //!   origin-form target outside `/-/`;
 //! - a path that leads, through the same lookup beneath the root as [`crate::http::Confined`],
-//!   to a regular file of at least [`SENDFILE_MIN`] bytes;
+//!   to a regular file, which is not to be compressed on the fly;
 //! - conditions `ServeDir` answers with 304 (`If-None-Match`, `If-Modified-Since`) or none;
 //!   `If-Match`, `If-Unmodified-Since`, `If-Range`, a repeated header of these or of `Range`
 //!   take hyper's path;
 //! - no `Range`, or a single satisfiable one (parsed by the very crate `ServeDir` uses: 206).
 //!
 //! The answer has `ServeDir`'s status and headers, in `ServeDir`'s order, plus hyper's `date`
-//! and its `connection: close` (a test compares the two header by header). The head leaves
-//! with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
+//! and its `connection: close` (a test compares the two header by header). A file the memory
+//! cache may hold ([`crate::http::MAX_CACHED_FILE`]) leaves with its head in one sendmsg(2),
+//! from the cache (filled by the first request, as on hyper's path). A larger one: the head
+//! leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
 //! sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
 //! `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a call, yielding to the runtime after each
 //! `MAX_CHUNK` so that one fast client cannot hold a worker. A file that ends early
@@ -54,18 +59,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 
 use super::{ConnState, ResponseDone, Shared, TrackedIo};
 use crate::access_log::{self, Client};
-use crate::http::LargeFile;
+use crate::http::{FastBody, FastFile};
 
-/// Files at least this large take the fast path: the ones too large for the memory cache of
-/// [`crate::http::Confined`] ([`crate::http::MAX_CACHED_FILE`]), which `ServeDir` would read in
-/// 64 KiB chunks through the blocking pool.
-///
-/// Measured with the release build on loopback, `wrk -t2 -c64 -d5s --latency`, server CPU time
-/// (utime + stime from /proc) per request, cache (before) vs sendfile (after), two rounds each
-/// on a noisy 2-core machine: 64 KiB 13-14 vs 15 µs, 128 KiB 39-43 vs 31-42 µs, 256 KiB 32-39
-/// vs 45-52 µs; beyond the cache, ServeDir vs sendfile: 1 MiB 773-810 vs 112-159 µs, 16 MiB
-/// 12.7-13.5 vs 1.7-1.8 ms. sendfile does not beat a copy from memory; it beats reading the file.
-pub const SENDFILE_MIN: u64 = crate::http::MAX_CACHED_FILE + 1;
+// Files up to `MAX_CACHED_FILE` go out from memory, larger ones with sendfile. Measured with the
+// release build on loopback, `wrk -t2 -c64 -d5s --latency`, server CPU time (utime + stime
+// from /proc) per request, cache vs sendfile, two rounds each on a noisy 2-core machine:
+// 64 KiB 13-14 vs 15 µs, 128 KiB 39-43 vs 31-42 µs, 256 KiB 32-39 vs 45-52 µs; beyond the
+// cache, ServeDir vs sendfile: 1 MiB 773-810 vs 112-159 µs, 16 MiB 12.7-13.5 vs 1.7-1.8 ms.
+// sendfile does not beat a copy from memory; it beats reading the file.
 
 /// The most one sendfile(2) call sends, and the most sent between two yields to the runtime
 /// (nginx's `sendfile_max_chunk`).
@@ -133,7 +134,7 @@ pub(super) enum End<I> {
 
 /// A request the fast path answers.
 struct Plan {
-    large: LargeFile,
+    large: FastFile,
     head_only: bool,
     /// Inclusive byte range for a 206.
     range: Option<(u64, u64)>,
@@ -280,7 +281,7 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
         Box::new([header("referer"), header("user-agent"), header("host")])
     });
 
-    let large = files.open_large(path, SENDFILE_MIN, &accept)?;
+    let large = files.open_fast(path, &accept)?;
     let not_modified = not_modified(&large, if_none_match, if_modified_since);
     let range = match range {
         Some(_) if not_modified => None,
@@ -319,7 +320,7 @@ fn once<'a>(slot: &mut Option<&'a [u8]>, value: &'a [u8]) -> bool {
 
 /// `ServeDir`'s 304 decision (RFC 9110 section 13.2.2, steps 3 and 4; `If-Match` and
 /// `If-Unmodified-Since` never get here).
-fn not_modified(large: &LargeFile, if_none_match: Option<&[u8]>, since: Option<&[u8]>) -> bool {
+fn not_modified(large: &FastFile, if_none_match: Option<&[u8]>, since: Option<&[u8]>) -> bool {
     match if_none_match.filter(|v| !v.is_empty()) {
         Some(b"*") => true,
         Some(tags) => large
@@ -440,17 +441,36 @@ where
     );
     shared.metrics.record_status(status);
     shared.metrics.record_version(hyper::Version::HTTP_11);
-    shared.metrics.sendfile_responses.inc();
+    shared.metrics.fast_path_responses.inc();
     if let Some(access) = &mut access {
         access.set_status(status);
     }
     let body = body.filter(|&(_, n)| !plan.head_only && n > 0);
-    write_head(io, &head, body.is_some()).await?;
-    let whole = match body {
-        Some((start, n)) => {
-            send_file(io, Arc::new(plan.large.file), start, n, access.as_mut()).await?
+    let whole = match (body, plan.large.body) {
+        (None, _) => {
+            write_all(io, &head, &[], None).await?;
+            true
         }
-        None => true,
+        (Some((start, n)), FastBody::Cached(content)) => {
+            send_bytes(io, &head, &content, start, n, access.as_mut()).await?
+        }
+        (Some((start, n)), FastBody::Uncached(file)) => {
+            let files = shared
+                .app
+                .files()
+                .ok_or_else(|| io::Error::other("no root"))?;
+            match files
+                .cache_small(file, plan.large.stat, &plan.large.content_type)
+                .await?
+            {
+                Ok(content) => send_bytes(io, &head, &content, start, n, access.as_mut()).await?,
+                // Changed while being read: what the fd holds now, as for a large file.
+                Err(file) => send_disk(io, &head, file, start, n, access.as_mut(), shared).await?,
+            }
+        }
+        (Some((start, n)), FastBody::Disk(file)) => {
+            send_disk(io, &head, file, start, n, access.as_mut(), shared).await?
+        }
     };
     drop(access);
     drop(done);
@@ -529,19 +549,93 @@ fn head(
     head
 }
 
-/// Writes the response head; with `more`, tells the kernel the file follows (`MSG_MORE`), so
-/// that the head and the first bytes of the file share a packet.
-async fn write_head<I>(io: &mut TrackedIo<I>, mut head: &[u8], more: bool) -> io::Result<()>
+/// The head, then `len` bytes of a cached file's `content` from `start`, in one send where
+/// the socket takes it. Always whole (`Ok(true)`): the bytes cannot change.
+async fn send_bytes<I>(
+    io: &mut TrackedIo<I>,
+    head: &[u8],
+    content: &[u8],
+    start: u64,
+    len: u64,
+    access: Option<&mut access_log::Pending>,
+) -> io::Result<bool>
 where
     I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    let (start, len) = (start as usize, len as usize);
+    write_all(io, head, &content[start..start + len], access).await?;
+    Ok(true)
+}
+
+/// The head, then `len` bytes of `file` from `start` with sendfile(2); `Ok(false)` if the file
+/// ended first (truncated meanwhile).
+async fn send_disk<I>(
+    io: &mut TrackedIo<I>,
+    head: &[u8],
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+    access: Option<&mut access_log::Pending>,
+    shared: &Shared,
+) -> io::Result<bool>
+where
+    I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
+{
+    shared.metrics.sendfile_responses.inc();
+    write_head(io, head).await?;
+    send_file(io, Arc::new(file), start, len, access).await
+}
+
+/// Writes the response head and tells the kernel that the file follows (`MSG_MORE`), so that
+/// the head and the first bytes of the file share a packet.
+async fn write_head<I>(io: &mut TrackedIo<I>, head: &[u8]) -> io::Result<()>
+where
+    I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
+{
+    write_parts(io, [head, &[]], libc::MSG_MORE, None).await
+}
+
+/// Writes `head` then `body` (each may be empty), in as few sends as the socket allows.
+async fn write_all<I>(
+    io: &mut TrackedIo<I>,
+    head: &[u8],
+    body: &[u8],
+    access: Option<&mut access_log::Pending>,
+) -> io::Result<()>
+where
+    I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
+{
+    write_parts(io, [head, body], 0, access).await
+}
+
+/// Sends `parts` one after the other (sendmsg(2) with both), with `MSG_NOSIGNAL` and `flags`;
+/// the bytes of the second part sent are counted in `access`.
+async fn write_parts<I>(
+    io: &mut TrackedIo<I>,
+    mut parts: [&[u8]; 2],
+    flags: libc::c_int,
+    mut access: Option<&mut access_log::Pending>,
+) -> io::Result<()>
+where
+    I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let flags = libc::MSG_NOSIGNAL | flags;
     let fd = io.inner.as_raw_fd();
-    while !head.is_empty() {
+    while parts.iter().any(|part| !part.is_empty()) {
         let result = io.inner.try_write_with(|| {
-            // SAFETY: `head` is a live buffer of `head.len()` bytes; `fd` is the connection's
-            // socket, open while `io` is borrowed.
-            let n = unsafe { libc::send(fd, head.as_ptr().cast(), head.len(), flags) };
+            let iov = parts.map(|part| libc::iovec {
+                iov_base: part.as_ptr().cast_mut().cast(),
+                iov_len: part.len(),
+            });
+            // SAFETY: a zeroed msghdr is valid (no address, no control data); `iov` describes
+            // two live buffers of their lengths, and outlives the call.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov.as_ptr().cast_mut();
+                msg.msg_iovlen = iov.len();
+                // `fd` is the connection's socket, open while `io` is borrowed.
+                libc::sendmsg(fd, &msg, flags)
+            };
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -551,7 +645,12 @@ where
         match result {
             Ok(n) => {
                 io.note_write(&Poll::Ready(Ok(n)));
-                head = &head[n..];
+                let of_head = n.min(parts[0].len());
+                parts[0] = &parts[0][of_head..];
+                parts[1] = &parts[1][n - of_head..];
+                if let Some(access) = access.as_deref_mut() {
+                    access.add_bytes((n - of_head) as u64);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 io.note_write(&Poll::Pending);
