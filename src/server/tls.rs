@@ -110,6 +110,10 @@ impl<I: Stream + Sync> Stream for Tls<I> {
     // Bytes written to the socket itself would bypass the session.
     const FAST_PATH: bool = false;
 
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Err(io::ErrorKind::Unsupported.into()))
     }
