@@ -2,7 +2,9 @@
 # bench/upgrade.sh: what an upgrade under load costs, three ways side by side on loopback, each
 # serving the same 1 KiB file as bench/http.sh under the same wrk load (-t2 -c64, keep-alive):
 #
-#   baton    baton's own upgrade: `baton reload --pid <current>`, UPGRADES times
+#   baton    baton's own upgrade, UPGRADES times: SIGUSR2 to the current generation, then
+#            GET /-/version until a new pid answers (TRIGGER=signal), or `baton reload --pid
+#            <current>` (TRIGGER=cli, which also starts a CLI process per upgrade)
 #   nginx    nginx's binary upgrade: USR2 to the master, wait for the new pid file, QUIT to the
 #            old master, wait until it is gone; UPGRADES times
 #   restart  a plain restart of a socket-activated baton: this benchmark holds the listening
@@ -35,7 +37,13 @@
 #   NOISE_MAX [5]       "others" (%) above which a run counts as noisy
 #   RETRIES [1]         reruns of a scenario whose runs were noisy
 #   PROBES [1]          baton: also a "probes" run, with the benchmark's own per-upgrade work
-#                       (baton status, GET /-/metrics) on the same schedule but no upgrade (0: skip)
+#                       (GET /-/version and /-/metrics; with TRIGGER=cli baton status and GET
+#                       /-/metrics) on the same schedule but no upgrade (0: skip)
+#   ROUNDS [1]          steady, probes and upgrade runs per attempt, in turn; latencies are the
+#                       medians over the rounds, failures and upgrades the sums (a run's p99
+#                       alone moves by 2x from one run to the next on a shared 2-core machine)
+#   TRIGGER [signal]    baton: how an upgrade is asked for: signal (kill -USR2, a bash builtin:
+#                       the new generation is the only process started) or cli (baton reload)
 #   SCENARIOS           a subset of "baton nginx restart" [all three]
 #   BATON_BIN           run this baton binary instead of building target/release/baton
 #   KEEP_TMP=1          keep the temporary directory (configs, logs, raw wrk outputs)
@@ -56,6 +64,12 @@ DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-5s}
 NOISE_MAX=${NOISE_MAX:-5}
 RETRIES=${RETRIES:-1}
 PROBES=${PROBES:-1}
+ROUNDS=${ROUNDS:-1}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$ROUNDS'"
+TRIGGER=${TRIGGER:-signal}
+PROBE_TEXT="GET /-/version + GET /-/metrics"
+[[ $TRIGGER == signal ]] || PROBE_TEXT="baton status + GET /-/metrics"
+[[ $TRIGGER == signal || $TRIGGER == cli ]] || die "TRIGGER must be signal or cli, not '$TRIGGER'"
 SCENARIOS=${SCENARIOS:-baton nginx restart}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -191,7 +205,20 @@ start_baton() {
     check_body baton "$URL"
 }
 
+# A sleep that forks nothing: a read with a timeout on a pipe that never has data.
+exec {NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$NAP_FD" || true; }
+
+# Sets V_PID and V_GEN from the /-/version JSON in BODY.
+baton_version() {
+    V_PID= V_GEN=
+    [[ $BODY =~ \"pid\":([0-9]+) ]] && V_PID=${BASH_REMATCH[1]}
+    [[ $BODY =~ \"generation\":([0-9]+) ]] && V_GEN=${BASH_REMATCH[1]}
+    return 0
+}
+
 upgrade_baton() {
+    [[ $TRIGGER == cli ]] || { upgrade_baton_by_signal "$@"; return; }
     local i=$1 t0 t1 rc out old=$BATON_CUR new gen ms
     now_us t0
     if "$BATON" reload --pid "$old" >"$TMP/reload.out" 2>&1; then rc=0; else rc=$?; fi
@@ -220,10 +247,54 @@ upgrade_baton() {
     echo "$i $old $new $gen $M_HANDOFF_US $((t1 - t0)) $ms $t0" >>"$UPG"
 }
 
-# The benchmark's own work of an upgrade without the upgrade: a baton CLI call over the control
-# socket and GET /-/metrics, for the "probes" run.
+# SIGUSR2 to the current generation, then GET /-/version every 2 ms until another pid answers
+# (the old generation answers until it stops accepting).
+upgrade_baton_by_signal() {
+    local i=$1 t0 t1 now old=$BATON_CUR
+    now_us t0
+    if ! kill -USR2 "$old"; then
+        problem "upgrade $i: kill -USR2 $old failed"
+        return 1
+    fi
+    while :; do
+        if http_get "$BATON_PORT" /-/version; then
+            baton_version
+            [[ -n $V_PID && $V_PID != "$old" ]] && break
+        fi
+        now_us now
+        if ((now - t0 > 10000000)); then
+            problem "upgrade $i: no other pid than $old answers /-/version 10 s after SIGUSR2: ${BODY:0:300}"
+            return 1
+        fi
+        nap 0.002
+    done
+    now_us t1
+    BATON_OLD+=("$old"); BATON_CUR=$V_PID
+    if ! http_get "$BATON_PORT" /-/metrics; then
+        problem "upgrade $i: GET $BASE/-/metrics after the upgrade to pid $V_PID failed: ${BODY:0:300}"
+        return 1
+    fi
+    baton_metrics
+    if [[ $M_GEN != "$V_GEN" || -z $M_HANDOFF_US ]]; then
+        problem "upgrade $i: /-/metrics after the upgrade to generation $V_GEN came from generation '$M_GEN' (baton_last_handoff_seconds '$M_HANDOFF_US' us)"
+        return 1
+    fi
+    echo "$i $old $V_PID $V_GEN $M_HANDOFF_US $((t1 - t0)) $(((t1 - t0) / 1000)) $t0" >>"$UPG"
+}
+
+# The benchmark's own work of an upgrade without the upgrade, for the "probes" run: GET
+# /-/version and /-/metrics (TRIGGER=signal), or a baton CLI call over the control socket and
+# GET /-/metrics (TRIGGER=cli).
 probe_baton() {
     local i=$1
+    if [[ $TRIGGER == signal ]]; then
+        if ! http_get "$BATON_PORT" /-/version || ! http_get "$BATON_PORT" /-/metrics; then
+            problem "probe $i: GET $BASE/-/version or /-/metrics failed: ${BODY:0:300}"
+            return 1
+        fi
+        echo "$i" >>"$UPG"
+        return 0
+    fi
     if ! "$BATON" status --pid "$BATON_CUR" >"$TMP/probe.out" 2>&1; then
         problem "probe $i: \`$BATON status --pid $BATON_CUR\` failed: $(<"$TMP/probe.out")"
         return 1
@@ -390,7 +461,7 @@ run() {
     if [[ $kind != steady ]]; then
         action=upgrade_$scn
         [[ $kind == probes ]] && action=probe_$scn UPG=$TMP/$scn-$att.probes
-        : >"$UPG"
+        ((ROUND > 1)) || : >"$UPG"
         for ((i = 1; i <= UPGRADES; i++)); do
             next=$((t0 + LEAD_US + (i - 1) * INTERVAL_US))
             now_us now
@@ -423,7 +494,7 @@ say ""
 say_machine
 say "python:   $(python3 --version 2>&1)"
 say "load:     $(wrk_cmd "$DURATION" 'http://127.0.0.1:PORT/file.bin')  (1 KiB file, keep-alive)"
-say "schedule: per scenario a ${WARMUP} warm-up, a steady run,$([[ $PROBES != 1 ]] || echo ' (baton: a probes run,)') then a run with $UPGRADES upgrades, one every ${INTERVAL}s from ${LEAD}s on"
+say "schedule: per scenario a ${WARMUP} warm-up, then $ROUNDS round(s) of: a steady run,$([[ $PROBES != 1 ]] || echo ' (baton: a probes run,)') a run with $UPGRADES upgrades, one every ${INTERVAL}s from ${LEAD}s on"
 say "noise:    a scenario whose runs show others > ${NOISE_MAX}% is run again (up to $RETRIES time(s)); the quieter attempt counts"
 say ""
 printf '%-8s %-9s %3s %10s %9s %9s %9s %9s %4s %5s %5s %5s %5s %5s %6s %6s %6s\n' scenario run try req/s \
@@ -438,9 +509,11 @@ for scn in $SCENARIOS; do
     best= best_noise=
     for ((att = 1; att <= RETRIES + 1; att++)); do
         nproblems=${#PROBLEMS[@]}
-        run "$scn" steady "$att"
-        if [[ $PROBES == 1 ]] && declare -F "probe_$scn" >/dev/null; then run "$scn" probes "$att"; fi
-        run "$scn" upgrades "$att"
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            run "$scn" steady "$att"
+            if [[ $PROBES == 1 ]] && declare -F "probe_$scn" >/dev/null; then run "$scn" probes "$att"; fi
+            run "$scn" upgrades "$att"
+        done
         noise=$(awk -v a="$att" '$2 == a && $15 > m { m = $15 } END { print m + 0 }' "$TMP/$scn.runs")
         if [[ -z $best ]] || ((noise < best_noise)); then best=$att best_noise=$noise; fi
         # Rerun only for noise, never to get past a failure.
@@ -460,19 +533,26 @@ say " of the machine's CPU charged to neither the server nor this benchmark and 
 say " i.e. noise, plus kernel work no process is charged for, such as loopback softirq time)"
 
 # Fields of a run line (see run): 3 rps 4 p50 5 p99 6 max 7 requests 8-12 failures 15 others 16 done
-runfield() { awk -v k="$2" -v a="$3" -v f="$4" '$1 == k && $2 == a { print $f }' "$TMP/$1.runs"; }
-failed_of() { awk -v k="$2" -v a="$3" '$1 == k && $2 == a { print $8 + $9 + $10 + $11 + $12 }' "$TMP/$1.runs"; }
+# A field of a scenario's runs of one kind and attempt: the median over the rounds (nothing when
+# there is no such run); runsum: the sum.
+runfield() {
+    local v
+    v=$(awk -v k="$2" -v a="$3" -v f="$4" '$1 == k && $2 == a { print $f }' "$TMP/$1.runs")
+    [[ -z $v ]] || median <<<"$v"
+}
+runsum() { awk -v k="$2" -v a="$3" -v f="$4" '$1 == k && $2 == a { s += $f; n++ } END { if (n) print s }' "$TMP/$1.runs"; }
+failed_of() { awk -v k="$2" -v a="$3" '$1 == k && $2 == a { s += $8 + $9 + $10 + $11 + $12 } END { print s + 0 }' "$TMP/$1.runs"; }
 
 declare -A NAME=([baton]="baton upgrade" [nginx]="nginx binary upgrade" [restart]="socket-activated restart")
 for scn in $SCENARIOS; do
     a=BEST_$scn; a=${!a}
     upg=$TMP/$scn-$a.upgrades
-    ndone=$(runfield "$scn" upgrades "$a" 16)
+    ndone=$(runsum "$scn" upgrades "$a" 16)
     f_up=$(failed_of "$scn" upgrades "$a") f_st=$(failed_of "$scn" steady "$a")
     p99_st=$(runfield "$scn" steady "$a" 5) p99_up=$(runfield "$scn" upgrades "$a" 5)
     say ""
-    say "${NAME[$scn]} (attempt $a): $ndone of $UPGRADES done, $(awk -v n="$ndone" 'NR > 1 { s += $NF - p } { p = $NF } END { if (NR > 1) printf "one every %.0f ms on average", s / (NR - 1) / 1e3 }' "$upg")"
-    say "  failed requests: $f_up during the upgrades ($(awk -v k=upgrades -v a="$a" '$1 == k && $2 == a { printf "connect %d, read %d, write %d, timeout %d, non-2xx/3xx %d", $8, $9, $10, $11, $12 }' "$TMP/$scn.runs")), $f_st in the steady run"
+    say "${NAME[$scn]} (attempt $a): $ndone of $((UPGRADES * ROUNDS)) done, $(awk 'NR > 1 && $1 == i + 1 { s += $NF - p; n++ } { p = $NF; i = $1 } END { if (n) printf "one every %.0f ms on average", s / n / 1e3 }' "$upg")"
+    say "  failed requests: $f_up during the upgrades ($(awk -v k=upgrades -v a="$a" '$1 == k && $2 == a { c += $8; r += $9; w += $10; t += $11; n += $12 } END { printf "connect %d, read %d, write %d, timeout %d, non-2xx/3xx %d", c, r, w, t, n }' "$TMP/$scn.runs")), $f_st in the steady runs"
     if ((ndone > 0)); then
         say "  per upgrade: $(awk -v f="$f_up" -v n="$ndone" -v c="$CONNECTIONS" 'BEGIN { printf "%.2f failed requests, %.3f per keep-alive connection (%d connections)", f / n, f / n / c, c }')"
     fi
@@ -482,11 +562,15 @@ for scn in $SCENARIOS; do
         read -r h50 h99 hmax < <(stats "$upg" 5)
         read -r w50 w99 wmax < <(stats "$upg" 6)
         say "  handoff (baton_last_handoff_seconds: signal to new READY) p50/p99/max: $(fmt_ms "$h50") / $(fmt_ms "$h99") / $(fmt_ms "$hmax") ms"
-        say "  \`baton reload\` wall time p50/p99/max: $(fmt_ms "$w50") / $(fmt_ms "$w99") / $(fmt_ms "$wmax") ms"
+        if [[ $TRIGGER == cli ]]; then
+            say "  \`baton reload\` wall time p50/p99/max: $(fmt_ms "$w50") / $(fmt_ms "$w99") / $(fmt_ms "$wmax") ms"
+        else
+            say "  SIGUSR2 to another pid answering /-/version p50/p99/max: $(fmt_ms "$w50") / $(fmt_ms "$w99") / $(fmt_ms "$wmax") ms"
+        fi
         say "  old generations gone at the end: ${BATON_OLD_SUMMARY:-?} (exited with status 0 / upgraded away)"
         if [[ -n $(runfield baton probes "$a" 5) ]]; then
             PROBE_RATIO=$(ratio "$(runfield baton probes "$a" 5)" "$p99_st")
-            say "  probes run (the same schedule, baton status + GET /-/metrics, no upgrade): p50/p99/max $(fmt_us "$(runfield baton probes "$a" 4)") / $(fmt_us "$(runfield baton probes "$a" 5)") / $(fmt_us "$(runfield baton probes "$a" 6)"), p99 probes/steady ${PROBE_RATIO}x, $(failed_of baton probes "$a") failed"
+            say "  probes run (the same schedule, $PROBE_TEXT, no upgrade): p50/p99/max $(fmt_us "$(runfield baton probes "$a" 4)") / $(fmt_us "$(runfield baton probes "$a" 5)") / $(fmt_us "$(runfield baton probes "$a" 6)"), p99 probes/steady ${PROBE_RATIO}x, $(failed_of baton probes "$a") failed"
         fi
         SW_baton="$h50 $h99 $hmax"
         ;;
@@ -517,8 +601,12 @@ for scn in $SCENARIOS; do
     case $scn in
     baton)
         say "  baton:   $BATON_CMD_TEXT   (under bench/supervise.py reap, a subreaper)"
-        say "           upgrade: $BATON reload --pid <current pid>; then GET http://127.0.0.1:PORT/-/metrics (bash /dev/tcp)"
-        [[ $PROBES != 1 ]] || say "           probes run: $BATON status --pid <current pid>; then GET /-/metrics" ;;
+        if [[ $TRIGGER == cli ]]; then
+            say "           upgrade (TRIGGER=cli): $BATON reload --pid <current pid>; then GET http://127.0.0.1:PORT/-/metrics (bash /dev/tcp)"
+        else
+            say "           upgrade (TRIGGER=signal): kill -USR2 <current pid> (bash builtin); GET /-/version every 2 ms until another pid answers; then GET /-/metrics (bash /dev/tcp)"
+        fi
+        [[ $PROBES != 1 ]] || say "           probes run: $PROBE_TEXT" ;;
     nginx)
         say "  nginx:   $NGINX_CMD_TEXT   (daemon on, config below; under bench/supervise.py reap)"
         say "           upgrade: kill -USR2 <master>; wait for a new pid in nginx.pid; kill -QUIT <old master>; wait until it is gone"
@@ -532,12 +620,12 @@ done
 say "  load:    $(wrk_cmd "$DURATION" 'http://127.0.0.1:PORT/file.bin'), steady and during the upgrades; warm-up $(wrk_cmd "$WARMUP" '...')"
 
 say ""
-say "summary: $UPGRADES upgrades per scenario, one every ${INTERVAL}s, in ${DURATION} wrk runs (-t$THREADS -c$CONNECTIONS):"
+say "summary: $UPGRADES upgrades per run, one every ${INTERVAL}s, in ${DURATION} wrk runs (-t$THREADS -c$CONNECTIONS), $ROUNDS round(s): latencies are medians over the rounds"
 printf '%-25s %5s %7s %8s %9s %10s %10s %7s %8s %8s %8s %7s\n' scenario done failed per-upg per-conn \
     p99-steady p99-during ratio sw-p50ms sw-p99ms sw-maxms others
 for scn in $SCENARIOS; do
     a=BEST_$scn; a=${!a}
-    ndone=$(runfield "$scn" upgrades "$a" 16) f=$(failed_of "$scn" upgrades "$a")
+    ndone=$(runsum "$scn" upgrades "$a" 16) f=$(failed_of "$scn" upgrades "$a")
     p99_st=$(runfield "$scn" steady "$a" 5) p99_up=$(runfield "$scn" upgrades "$a" 5)
     sw=SW_$scn; read -r s50 s99 smax <<<"${!sw:-nan nan nan}"
     n=NOISE_$scn
@@ -561,11 +649,11 @@ fi
 
 if [[ " $SCENARIOS " == *" baton "* ]]; then
     a=$BEST_baton
-    f=$(failed_of baton upgrades "$a") ndone=$(runfield baton upgrades "$a" 16)
+    f=$(failed_of baton upgrades "$a") ndone=$(runsum baton upgrades "$a" 16)
     read -r h50 h99 _ <<<"$SW_baton"
     r=$(ratio "$(runfield baton upgrades "$a" 5)" "$(runfield baton steady "$a" 5)")
     misses=()
-    ((ndone == UPGRADES)) || misses+=("only $ndone of $UPGRADES upgrades done")
+    ((ndone == UPGRADES * ROUNDS)) || misses+=("only $ndone of $((UPGRADES * ROUNDS)) upgrades done")
     ((f == 0)) || misses+=("$f failed requests")
     awk -v v="$h50" 'BEGIN { exit !(v != "nan" && v <= 15000) }' || misses+=("handoff p50 $(fmt_ms "$h50") ms > 15 ms")
     awk -v v="$h99" 'BEGIN { exit !(v != "nan" && v <= 50000) }' || misses+=("handoff p99 $(fmt_ms "$h99") ms > 50 ms")
