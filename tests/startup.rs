@@ -148,3 +148,50 @@ fn the_keeper_raises_the_fd_limit_for_itself_and_its_generations() {
     keeper.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(keeper.wait_exit(TIMEOUT).is_some());
 }
+
+/// How many threads of a process serve connections (`baton-conn-N`).
+fn connection_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("baton-conn-"))
+        .count()
+}
+
+#[test]
+fn connections_are_served_by_the_configured_number_of_workers() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let hard = hard_limit();
+    for (workers, expected) in [("3", 3), ("0", cpus)] {
+        let addr = free_addr();
+        let mut baton = start_limited(
+            &["--listen", &addr.to_string(), "--workers", workers],
+            hard,
+            hard,
+        );
+        baton.serves = Some(addr);
+        baton.wait_ready();
+        // A thread takes its name once it runs.
+        let pid = baton.pid();
+        wait_until(TIMEOUT, || connection_workers(pid) >= expected);
+        assert_eq!(connection_workers(pid), expected, "--workers {workers}");
+        // Connections handed out in turn: each is served, keep-alive included.
+        let mut conns: Vec<_> = (0..2 * expected)
+            .map(|_| http::Conn::tcp(addr).unwrap())
+            .collect();
+        for _ in 0..2 {
+            for conn in &mut conns {
+                assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
+            }
+        }
+    }
+    let config = std::env::temp_dir().join(format!("baton-workers-{}.toml", std::process::id()));
+    std::fs::write(&config, "[server]\nworkers = 2000\n").unwrap();
+    let (code, _, err) = common::run_baton(&["check", "--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("server.workers 2000 is more than 1024") && err.lines().count() == 1,
+        "{err}"
+    );
+}
