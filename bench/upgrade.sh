@@ -65,17 +65,17 @@ NOISE_MAX=${NOISE_MAX:-5}
 RETRIES=${RETRIES:-1}
 PROBES=${PROBES:-1}
 ROUNDS=${ROUNDS:-1}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$ROUNDS'"
 TRIGGER=${TRIGGER:-signal}
 PROBE_TEXT="GET /-/version + GET /-/metrics"
 [[ $TRIGGER == signal ]] || PROBE_TEXT="baton status + GET /-/metrics"
-[[ $TRIGGER == signal || $TRIGGER == cli ]] || die "TRIGGER must be signal or cli, not '$TRIGGER'"
 SCENARIOS=${SCENARIOS:-baton nginx restart}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_SCRIPT=bench/upgrade.sh
 # shellcheck source=bench/lib.sh
 source "$REPO/bench/lib.sh"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$ROUNDS'"
+[[ $TRIGGER == signal || $TRIGGER == cli ]] || die "TRIGGER must be signal or cli, not '$TRIGGER'"
 
 # ---------------------------------------------------------------- knobs
 [[ $UPGRADES =~ ^[1-9][0-9]*$ ]] || die "UPGRADES must be a positive integer, not '$UPGRADES'"

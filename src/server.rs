@@ -232,7 +232,16 @@ impl Server {
         settings: Settings,
     ) -> io::Result<Server> {
         let max_connections = settings.limits.max_connections.min(Semaphore::MAX_PERMITS);
-        let workers = Arc::new(Workers::start(settings.workers)?);
+        let workers = Workers::start(settings.workers).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot start the connection worker threads: {e}; set server.workers lower, \
+                     or raise the process's task limit (TasksMax=, ulimit -u)"
+                ),
+            )
+        })?;
+        let workers = Arc::new(workers);
         tracing::debug!(workers = workers.len(), "connection workers started");
         let shared = Arc::new(Shared {
             app,

@@ -715,26 +715,35 @@ fn bad_flag_values_are_usage_errors() {
 
 #[test]
 fn a_request_head_in_progress_at_the_drain_grace_still_gets_its_answer() {
-    let (mut baton, addr) = start(&["--drain-timeout", "20s"]);
-    let mut conn = Conn::tcp(addr).unwrap();
-    // Answered first, so that baton has accepted the connection: one still in the listen
-    // backlog when baton stops accepting is reset with the listener.
-    assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
-    conn.write_raw(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\n")
-        .unwrap();
-    baton.signal(Signal::SIGTERM);
-    baton
-        .stderr
-        .wait_for("event=\"stop\"", Duration::from_secs(10))
-        .expect("stop event");
-    // Past the idle grace (1 s): the connection was not idle, it was sending a request.
-    std::thread::sleep(Duration::from_millis(1500));
-    conn.write_raw(b"\r\n").unwrap();
-    let r = conn.read_response(false).unwrap();
-    assert_eq!(r.status, 200);
-    assert!(r.closes(), "answered with Connection: close");
-    conn.expect_close().unwrap();
-    assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    // On a fresh connection (the fast path reads the head) and on one hyper serves.
+    for first_answered in [false, true] {
+        let (mut baton, addr) = start(&["--drain-timeout", "20s"]);
+        let mut conn = Conn::tcp(addr).unwrap();
+        if first_answered {
+            assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
+        }
+        conn.write_raw(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\n")
+            .unwrap();
+        // Accepted (counted open: it and the metrics request) before the stop: one still in
+        // the listen backlog is reset with the listener.
+        assert!(common::wait_until(Duration::from_secs(10), || {
+            http::get(addr, "/-/metrics")
+                .is_ok_and(|r| r.text().contains("\nbaton_open_connections 2\n"))
+        }));
+        baton.signal(Signal::SIGTERM);
+        baton
+            .stderr
+            .wait_for("event=\"stop\"", Duration::from_secs(10))
+            .expect("stop event");
+        // Past the idle grace (1 s): the connection was not idle, it was sending a request.
+        std::thread::sleep(Duration::from_millis(1500));
+        conn.write_raw(b"\r\n").unwrap();
+        let r = conn.read_response(false).unwrap();
+        assert_eq!(r.status, 200, "first answered: {first_answered}");
+        assert!(r.closes(), "answered with Connection: close");
+        conn.expect_close().unwrap();
+        assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
+    }
 }
 
 #[test]

@@ -198,6 +198,14 @@ where
                 Err(_) => return End::Close,
             }
         };
+        let plan = match read_small(plan, &shared).await {
+            Ok(plan) => plan,
+            // Unreadable after all: hyper and ServeDir answer it, head included.
+            Err(e) => {
+                tracing::debug!(error = %e, "fast path: reading a small file failed: {e}");
+                return End::Hyper(io, buf);
+            }
+        };
         buf.drain(..head_len);
         match respond(&mut io, &shared, &state, plan).await {
             Ok(true) if buf.is_empty() => buf = Vec::new(),
@@ -329,6 +337,29 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
         target: target.to_owned(),
         logged,
     })
+}
+
+/// A small file not in the cache yet, whose content the answer needs: read and cached (or the
+/// fd, to send with sendfile, if the file changed while being read).
+async fn read_small(mut plan: Plan, shared: &Shared) -> io::Result<Plan> {
+    if plan.head_only || plan.not_modified {
+        return Ok(plan);
+    }
+    let Some(files) = shared.app.files() else {
+        return Ok(plan);
+    };
+    let large = &mut plan.large;
+    large.body = match std::mem::replace(&mut large.body, FastBody::Cached(Default::default())) {
+        FastBody::Uncached(file) => match files
+            .cache_small(file, large.stat, &large.content_type)
+            .await?
+        {
+            Ok(content) => FastBody::Cached(content),
+            Err(file) => FastBody::Disk(file),
+        },
+        other => other,
+    };
+    Ok(plan)
 }
 
 /// Fills `slot` with `value`; false if it was filled already (a repeated header).
@@ -472,21 +503,9 @@ where
         (Some((start, n)), FastBody::Cached(content)) => {
             send_bytes(io, &head, &content, start, n, access.as_mut()).await?
         }
-        (Some((start, n)), FastBody::Uncached(file)) => {
-            let files = shared
-                .app
-                .files()
-                .ok_or_else(|| io::Error::other("no root"))?;
-            match files
-                .cache_small(file, plan.large.stat, &plan.large.content_type)
-                .await?
-            {
-                Ok(content) => send_bytes(io, &head, &content, start, n, access.as_mut()).await?,
-                // Changed while being read: what the fd holds now, as for a large file.
-                Err(file) => send_disk(io, &head, file, start, n, access.as_mut(), shared).await?,
-            }
-        }
-        (Some((start, n)), FastBody::Disk(file)) => {
+        // A small file changed while being read ([`read_small`]): what the fd holds now, as
+        // for a large file.
+        (Some((start, n)), FastBody::Disk(file) | FastBody::Uncached(file)) => {
             send_disk(io, &head, file, start, n, access.as_mut(), shared).await?
         }
     };
@@ -650,7 +669,7 @@ where
             let n = unsafe {
                 let mut msg: libc::msghdr = std::mem::zeroed();
                 msg.msg_iov = iov.as_ptr().cast_mut();
-                msg.msg_iovlen = iov.len();
+                msg.msg_iovlen = iov.len() as _;
                 // `fd` is the connection's socket, open while `io` is borrowed.
                 libc::sendmsg(fd, &msg, flags)
             };
@@ -661,6 +680,7 @@ where
             }
         });
         match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 io.note_write(&Poll::Ready(Ok(n)));
                 let of_head = n.min(parts[0].len());

@@ -41,19 +41,35 @@ impl Workers {
         let mut handles = Vec::with_capacity(count);
         let mut stop = Vec::with_capacity(count);
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .thread_name("baton-blocking")
-                .build()?;
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            handles.push(runtime.handle().clone());
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            // The runtime is built and dropped on its own thread: one dropped inside the
+            // caller's runtime (a failed spawn drops its closure) would panic.
             std::thread::Builder::new()
                 .name(format!("baton-conn-{index}"))
                 .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .thread_name("baton-blocking")
+                        // The process's share of tokio's default, not that much per worker.
+                        .max_blocking_threads((512 / count).max(1))
+                        .build();
+                    let runtime = match runtime {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = handle_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = handle_tx.send(Ok(runtime.handle().clone()));
                     // Until `Workers` is dropped; then the runtime, and what is left on it,
                     // is dropped here.
                     let _ = runtime.block_on(stop_rx);
                 })?;
+            let handle = handle_rx
+                .recv()
+                .map_err(|_| io::Error::other("a connection worker ended while starting"))??;
+            handles.push(handle);
             stop.push(stop_tx);
         }
         Ok(Workers {
