@@ -31,6 +31,12 @@ pub(super) struct Workers {
     _stop: Vec<oneshot::Sender<()>>,
 }
 
+/// Each worker's blocking pool (cold file reads): its share of tokio's default of 512 threads,
+/// so that the process keeps that bound, not that much per worker.
+fn blocking_share(workers: usize) -> usize {
+    (512 / workers).max(1)
+}
+
 impl Workers {
     /// Starts `count` workers (0: one per CPU this process may run on).
     pub(super) fn start(count: usize) -> io::Result<Workers> {
@@ -51,8 +57,7 @@ impl Workers {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .thread_name("baton-blocking")
-                        // The process's share of tokio's default, not that much per worker.
-                        .max_blocking_threads((512 / count).max(1))
+                        .max_blocking_threads(blocking_share(count))
                         .build();
                     let runtime = match runtime {
                         Ok(runtime) => runtime,
@@ -113,6 +118,14 @@ mod tests {
             ids,
             ["baton-conn-0", "baton-conn-1", "baton-conn-2"].repeat(2)
         );
+    }
+
+    #[test]
+    fn the_workers_share_the_blocking_threads() {
+        assert_eq!(blocking_share(1), 512);
+        assert_eq!(blocking_share(2), 256);
+        assert_eq!(blocking_share(3), 170);
+        assert_eq!(blocking_share(1024), 1);
     }
 
     #[test]
