@@ -399,22 +399,13 @@ impl Confined {
         let vary = compression.precompressed;
         // The sidecar ServeDir would choose, if it is small too.
         let (mut stat, mut coding) = (stat, None);
-        let candidates: Vec<Coding> = compression
-            .sidecars(request.headers(), &content_type)
-            .collect();
-        for candidate in candidates {
-            let mut sidecar = path.clone().into_os_string();
-            sidecar.push(candidate.extension());
-            match self.backend.root.stat(Path::new(&sidecar)) {
-                Ok(found) if small_file(&found) => {
-                    (path, stat, coding) = (sidecar.into(), found, Some(candidate));
-                    break;
-                }
-                // A large sidecar, or an error ServeDir would not take for "not there".
-                Ok(found) if found.kind == Kind::File => return Err(request),
-                Err(e) if !absent(&e) => return Err(request),
-                _ => {}
+        match self.sidecar(&path, request.headers(), &content_type) {
+            Ok(Some((sidecar, found, candidate))) if small_file(&found) => {
+                (path, stat, coding) = (sidecar, found, Some(candidate));
             }
+            // A large sidecar, or an error ServeDir would not take for "not there".
+            Ok(Some(_)) | Err(()) => return Err(request),
+            Ok(None) => {}
         }
         let compressible = encoding::compressible(&content_type);
         // No sidecar: compressed here, once, and kept with the content (unless a rule says
@@ -431,10 +422,8 @@ impl Confined {
             vary,
             on_the_fly,
         };
-        if let Some(hit) = self.backend.cache.get(&(stat.dev, stat.ino)) {
-            if hit.stat == stat {
-                return Ok(hit.answer(answer));
-            }
+        if let Some(hit) = self.backend.cached(&stat) {
+            return Ok(hit.answer(answer));
         }
         // A miss: what is read and cached is what this open finds (it may be another inode
         // than the one just looked at, if the path was swapped meanwhile).
@@ -591,6 +580,31 @@ pub(crate) enum FastBody {
 }
 
 impl Confined {
+    /// The pre-compressed sidecar of the file at `path` that `ServeDir` would choose for these
+    /// `Accept-Encoding` headers: its path, `stat` (an `O_PATH` open) and coding; `Ok(None)`
+    /// if none of the acceptable ones is a regular file; `Err` on an error `ServeDir` would
+    /// not take for "not there".
+    fn sidecar(
+        &self,
+        path: &Path,
+        accept: &axum::http::HeaderMap,
+        content_type: &HeaderValue,
+    ) -> Result<Option<(PathBuf, Stat, Coding)>, ()> {
+        for coding in self.web.compression.sidecars(accept, content_type) {
+            let mut sidecar = path.to_path_buf().into_os_string();
+            sidecar.push(coding.extension());
+            match self.backend.root.stat(Path::new(&sidecar)) {
+                Ok(stat) if stat.kind == Kind::File => {
+                    return Ok(Some((sidecar.into(), stat, coding)))
+                }
+                Ok(_) => {}
+                Err(e) if absent(&e) => {}
+                Err(_) => return Err(()),
+            }
+        }
+        Ok(None)
+    }
+
     /// What `ServeDir` would serve for the request path `uri_path` (no query) and a request
     /// with these `Accept-Encoding` headers (`accept`), beneath the root, if it is a regular
     /// file that goes out as it is; `None` for anything else (a directory, a redirect, not
@@ -612,36 +626,19 @@ impl Confined {
         let compression = &self.web.compression;
         let compressible = encoding::compressible(&content_type);
         let root = &self.backend.root;
-        let (mut found, mut coding) = (None, None);
-        for candidate in compression.sidecars(accept, &content_type) {
-            let mut sidecar = path.clone().into_os_string();
-            sidecar.push(candidate.extension());
-            match root.stat(Path::new(&sidecar)) {
-                Ok(stat) if stat.kind == Kind::File => {
-                    (found, coding) = (Some((PathBuf::from(sidecar), stat)), Some(candidate));
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if absent(&e) => {}
-                Err(_) => return None,
-            }
-        }
-        let (path, stat) = match found {
-            Some(found) => found,
+        let (path, stat, coding) = match self.sidecar(&path, accept, &content_type).ok()? {
+            Some((sidecar, stat, coding)) => (sidecar, stat, Some(coding)),
             None => {
                 let compress = compression.on_the_fly_coding(accept).is_some() && compressible;
                 match root.stat(&path) {
-                    Ok(stat) if stat.kind == Kind::File && !compress => (path, stat),
+                    Ok(stat) if stat.kind == Kind::File && !compress => (path, stat, None),
                     _ => return None,
                 }
             }
         };
         let small = |stat: &Stat| stat.len <= MAX_CACHED_FILE;
-        let hit = match small(&stat) {
-            true => self.backend.cache.get(&(stat.dev, stat.ino)),
-            false => None,
-        };
-        let (body, stat) = match hit.filter(|hit| hit.stat == stat) {
+        let hit = small(&stat).then(|| self.backend.cached(&stat)).flatten();
+        let (body, stat) = match hit {
             Some(hit) => (FastBody::Cached(hit.body.clone()), stat),
             // What is sent is what this open finds (the path may lead elsewhere by now).
             None => match root.open_read(&path).ok()? {
@@ -934,6 +931,14 @@ impl Backend for Beneath {
 }
 
 impl Beneath {
+    /// The cache's entry for the file with this `fstat`: same inode, and the same size, mtime
+    /// and ctime.
+    fn cached(&self, stat: &Stat) -> Option<Arc<CachedFile>> {
+        self.cache
+            .get(&(stat.dev, stat.ino))
+            .filter(|hit| hit.stat == *stat)
+    }
+
     /// The cached content of a small regular file just opened (`stat` is its `fstat`): from
     /// the cache if an entry matches it, else read from `file` and cached. The file back if it
     /// changed while being read, or another version was cached meanwhile.
@@ -945,7 +950,7 @@ impl Beneath {
     ) -> io::Result<Result<Arc<CachedFile>, std::fs::File>> {
         let cache = &self.cache;
         let key = (stat.dev, stat.ino);
-        if let Some(hit) = cache.get(&key).filter(|hit| hit.stat == stat) {
+        if let Some(hit) = self.cached(&stat) {
             return Ok(Ok(hit));
         }
         // One request fills an entry while the others for the same file wait for it: a new
