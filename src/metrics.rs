@@ -169,7 +169,7 @@ impl Metrics {
         let sendfile_responses = Counter::default();
         registry.register(
             "baton_sendfile_responses",
-            "Responses for large files answered by the zero-copy (sendfile) fast path",
+            "Responses whose body the fast path sent with sendfile (files larger than the memory cache)",
             sendfile_responses.clone(),
         );
         let fast_path_responses = Counter::default();

@@ -145,7 +145,7 @@ pub(super) enum End<I> {
 
 /// A request the fast path answers.
 struct Plan {
-    large: FastFile,
+    file: FastFile,
     head_only: bool,
     /// Inclusive byte range for a 206.
     range: Option<(u64, u64)>,
@@ -307,8 +307,8 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
         Box::new([header("referer"), header("user-agent"), header("host")])
     });
 
-    let large = files.open_fast(path, &accept)?;
-    let not_modified = not_modified(&large, if_none_match, if_modified_since);
+    let file = files.open_fast(path, &accept)?;
+    let not_modified = not_modified(&file, if_none_match, if_modified_since);
     let range = match range {
         Some(_) if not_modified => None,
         // ServeDir reads the header only as visible ASCII (`to_str`).
@@ -321,14 +321,14 @@ fn plan(request: &httparse::Request<'_, '_>, shared: &Shared) -> Option<Plan> {
                 return None;
             }
             // Unsatisfiable: ServeDir's 416.
-            let mut ranges = parsed.validate(large.stat.len).ok()?;
+            let mut ranges = parsed.validate(file.stat.len).ok()?;
             let range = ranges.pop()?;
             Some((*range.start(), *range.end()))
         }
         None => None,
     };
     Some(Plan {
-        large,
+        file,
         head_only: method == "HEAD",
         range,
         not_modified,
@@ -348,15 +348,14 @@ async fn read_small(mut plan: Plan, shared: &Shared) -> io::Result<Plan> {
     let Some(files) = shared.app.files() else {
         return Ok(plan);
     };
-    let large = &mut plan.large;
-    large.body = match std::mem::replace(&mut large.body, FastBody::Cached(Default::default())) {
-        FastBody::Uncached(file) => match files
-            .cache_small(file, large.stat, &large.content_type)
-            .await?
-        {
-            Ok(content) => FastBody::Cached(content),
-            Err(file) => FastBody::Disk(file),
-        },
+    plan.file.body = match plan.file.body {
+        FastBody::Uncached(fd) => {
+            let (stat, content_type) = (plan.file.stat, &plan.file.content_type);
+            match files.cache_small(fd, stat, content_type).await? {
+                Ok(content) => FastBody::Cached(content),
+                Err(fd) => FastBody::Disk(fd),
+            }
+        }
         other => other,
     };
     Ok(plan)
@@ -369,10 +368,10 @@ fn once<'a>(slot: &mut Option<&'a [u8]>, value: &'a [u8]) -> bool {
 
 /// `ServeDir`'s 304 decision (RFC 9110 section 13.2.2, steps 3 and 4; `If-Match` and
 /// `If-Unmodified-Since` never get here).
-fn not_modified(large: &FastFile, if_none_match: Option<&[u8]>, since: Option<&[u8]>) -> bool {
+fn not_modified(file: &FastFile, if_none_match: Option<&[u8]>, since: Option<&[u8]>) -> bool {
     match if_none_match.filter(|v| !v.is_empty()) {
         Some(b"*") => true,
-        Some(tags) => large
+        Some(tags) => file
             .etag
             .as_ref()
             .is_some_and(|etag| any_etag(tags, |tag| weak_eq(etag.as_bytes(), tag))),
@@ -383,7 +382,7 @@ fn not_modified(large: &FastFile, if_none_match: Option<&[u8]>, since: Option<&[
             else {
                 return false;
             };
-            let last_modified = httpdate::HttpDate::from(large.stat.modified());
+            let last_modified = httpdate::HttpDate::from(file.stat.modified());
             last_modified <= since
         }
     }
@@ -475,7 +474,7 @@ where
     let close = plan.close
         || shared.draining.load(Ordering::SeqCst)
         || state.close_after.load(Ordering::SeqCst);
-    let len = plan.large.stat.len;
+    let len = plan.file.stat.len;
     let (status, body) = match (plan.not_modified, plan.range) {
         (true, _) => (304, None),
         (false, Some((start, end))) => (206, Some((start, end + 1 - start))),
@@ -495,7 +494,7 @@ where
         access.set_status(status);
     }
     let body = body.filter(|&(_, n)| !plan.head_only && n > 0);
-    let whole = match (body, plan.large.body) {
+    let whole = match (body, plan.file.body) {
         (None, _) => {
             write_all(io, &head, &[], None).await?;
             true
@@ -530,7 +529,7 @@ fn head(
     close: bool,
     configured: Option<&crate::http::headers::Headers>,
 ) -> Vec<u8> {
-    let large = &plan.large;
+    let file = &plan.file;
     let mut head = Vec::with_capacity(320);
     head.extend_from_slice(match status {
         304 => b"HTTP/1.1 304 Not Modified\r\n".as_slice(),
@@ -544,25 +543,25 @@ fn head(
         head.extend_from_slice(b"\r\n");
     };
     if status == 304 {
-        if let Some(etag) = &large.etag {
+        if let Some(etag) = &file.etag {
             line("etag", etag.as_bytes());
         }
-        line("last-modified", large.last_modified.as_bytes());
+        line("last-modified", file.last_modified.as_bytes());
     } else {
-        line("content-type", large.content_type.as_bytes());
+        line("content-type", file.content_type.as_bytes());
         line("accept-ranges", b"bytes");
-        if let Some(coding) = large.coding {
+        if let Some(coding) = file.coding {
             line("content-encoding", coding.token().as_bytes());
         }
-        if large.vary {
+        if file.vary {
             line("vary", b"accept-encoding");
         }
-        line("last-modified", large.last_modified.as_bytes());
-        if let Some(etag) = &large.etag {
+        line("last-modified", file.last_modified.as_bytes());
+        if let Some(etag) = &file.etag {
             line("etag", etag.as_bytes());
         }
         if let Some((start, end)) = plan.range {
-            let range = format!("bytes {start}-{end}/{}", large.stat.len);
+            let range = format!("bytes {start}-{end}/{}", file.stat.len);
             line("content-range", range.as_bytes());
         }
         line("content-length", content_length.to_string().as_bytes());
@@ -570,9 +569,9 @@ fn head(
     if let Some(configured) = configured.filter(|c| !c.none_configured()) {
         let path = plan.target.split('?').next().unwrap_or_default();
         let path = crate::http::normalized_path(path);
-        configured.extra_lines(&path, &large.content_type, &mut line);
+        configured.extra_lines(&path, &file.content_type, &mut line);
     }
-    if (status == 304 && large.vary_not_modified) || (status != 304 && large.vary_late) {
+    if (status == 304 && file.vary_not_modified) || (status != 304 && file.vary_late) {
         line("vary", b"accept-encoding");
     }
     if close {
