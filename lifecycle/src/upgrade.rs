@@ -99,13 +99,22 @@ fn read_bounded_line(reader: &mut impl BufRead, line: &mut String) -> io::Result
 /// [`BoundedLines::next_line`] is cancel-safe, as tokio's `Lines::next_line` is: a partial line
 /// stays in the struct.
 pub struct BoundedLines<R> {
+    /// Bytes read from the channel before it came here: they come first.
+    buffered: Vec<u8>,
     reader: tokio::io::BufReader<R>,
     partial: Vec<u8>,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> BoundedLines<R> {
     pub fn new(read: R) -> BoundedLines<R> {
+        BoundedLines::with_buffered(Vec::new(), read)
+    }
+
+    /// Lines from `buffered`, then from `read`: for a channel whose first bytes another reader
+    /// took in already.
+    pub fn with_buffered(buffered: Vec<u8>, read: R) -> BoundedLines<R> {
         BoundedLines {
+            buffered,
             reader: tokio::io::BufReader::new(read),
             partial: Vec::new(),
         }
@@ -116,7 +125,11 @@ impl<R: tokio::io::AsyncRead + Unpin> BoundedLines<R> {
     pub async fn next_line(&mut self) -> io::Result<Option<String>> {
         use tokio::io::AsyncBufReadExt;
         loop {
-            let available = self.reader.fill_buf().await?;
+            let from_buffered = !self.buffered.is_empty();
+            let available = match from_buffered {
+                true => &self.buffered[..],
+                false => self.reader.fill_buf().await?,
+            };
             let (taken, done) = match available.iter().position(|b| *b == b'\n') {
                 Some(i) => (i + 1, true),
                 None if available.is_empty() => (0, true),
@@ -126,7 +139,10 @@ impl<R: tokio::io::AsyncRead + Unpin> BoundedLines<R> {
                 return Err(line_too_long());
             }
             self.partial.extend_from_slice(&available[..taken]);
-            self.reader.consume(taken);
+            match from_buffered {
+                true => drop(self.buffered.drain(..taken)),
+                false => self.reader.consume(taken),
+            }
             if !done {
                 continue;
             }
@@ -674,7 +690,7 @@ impl Launch {
             go: Some(go_write),
         };
         drop((self.child_end, go_read, self._handed));
-        let (pid, early, channel) = read_successor_pid(self.parent_end)?;
+        let (pid, buffered, channel) = read_successor_pid(self.parent_end)?;
         // From now on N is killed through a pidfd, which cannot hit a recycled pid: N stays
         // the intermediate's child (a zombie at worst) until the intermediate is released.
         let pidfd = ProcessHandle::open(pid as u32)?;
@@ -684,7 +700,7 @@ impl Launch {
             pidfd,
             intermediate: Some(intermediate),
             channel,
-            early,
+            buffered,
             promoted: false,
             killed: false,
         })
@@ -719,35 +735,29 @@ impl Launch {
     }
 }
 
-/// Reads the intermediate's `pid <n>` (within [`STEP_TIMEOUT`]) and N's first message if it
-/// came before or with it: the two race, and N sends one line before it needs an answer.
-/// Returns the channel in blocking mode without a timeout.
-fn read_successor_pid(channel: StdUnixStream) -> io::Result<(i32, Option<String>, StdUnixStream)> {
+/// Reads the intermediate's `pid <n>` (within [`STEP_TIMEOUT`]). N's first message races
+/// with it and may come before or with it; what came besides the pid line is returned to be
+/// read first (it may be a part of a line only). Returns the channel in blocking mode without
+/// a timeout.
+fn read_successor_pid(channel: StdUnixStream) -> io::Result<(i32, Vec<u8>, StdUnixStream)> {
     channel.set_read_timeout(Some(STEP_TIMEOUT))?;
     let mut reader = BufReader::new(channel);
-    let mut early = None;
+    let mut early = Vec::new();
     let pid = loop {
         let mut line = String::new();
         read_bounded_line(&mut reader, &mut line)?;
-        let line = line.trim_end();
-        match NewToOld::parse(line) {
+        match NewToOld::parse(line.trim_end()) {
             Some(NewToOld::Pid(pid)) if pid > 0 => break pid,
-            _ if !line.is_empty() && early.is_none() => early = Some(line.to_owned()),
+            _ if line.ends_with('\n') && early.is_empty() => early = line.into_bytes(),
             _ => {
                 return Err(io::Error::other(format!(
-                    "the intermediate process could not fork N: {line:?}"
+                    "the intermediate process could not fork N: {:?}",
+                    line.trim_end()
                 )))
             }
         }
     };
-    // N writes whole lines in one write each: what the reader holds beyond the pid line is
-    // a message of N's, e.g. its exec error.
-    if early.is_none() {
-        early = String::from_utf8_lossy(reader.buffer())
-            .lines()
-            .next()
-            .map(str::to_owned);
-    }
+    early.extend_from_slice(reader.buffer());
     let channel = reader.into_inner();
     channel.set_read_timeout(None)?;
     Ok((pid, early, channel))
@@ -810,8 +820,8 @@ pub struct Spawned {
     pidfd: ProcessHandle,
     intermediate: Option<Intermediate>,
     channel: StdUnixStream,
-    /// A message from N that came before its pid.
-    early: Option<String>,
+    /// What N wrote that came before or with its pid: the first bytes of its messages.
+    buffered: Vec<u8>,
     /// N is the main pid: nothing to kill.
     promoted: bool,
     /// N was killed already (`Spawned::kill`).
@@ -1185,7 +1195,7 @@ impl OldEnd {
             // while registered.
             .and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok());
         Ok(OldEnd {
-            lines: BoundedLines::new(read),
+            lines: BoundedLines::with_buffered(spawned.buffered.clone(), read),
             write,
             exit_watch,
         })
@@ -1200,18 +1210,14 @@ impl OldEnd {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<String>, UpgradeError> {
         let pid = spawned.pid;
-        let first =
-            match spawned.early.clone() {
-                Some(line) => Ok(Ok(Some(line))),
-                None => tokio::time::timeout(upgrader.timeout, async {
-                    tokio::select! {
-                        _ = cancel.cancelled() => Err(io::Error::other("called off")),
-                        line = self.lines.next_line() => line,
-                        _ = exited(&mut self.exit_watch) => Ok(last_words(&mut self.lines).await),
-                    }
-                })
-                .await,
-            };
+        let first = tokio::time::timeout(upgrader.timeout, async {
+            tokio::select! {
+                _ = cancel.cancelled() => Err(io::Error::other("called off")),
+                line = self.lines.next_line() => line,
+                _ = exited(&mut self.exit_watch) => Ok(last_words(&mut self.lines).await),
+            }
+        })
+        .await;
         let exe = || upgrader.exe.clone();
         match first {
             Err(_) => Err(UpgradeError::NotReady {
@@ -1759,6 +1765,53 @@ mod tests {
         let input = "p".repeat(MAX_LINE + 1);
         let mut reader = std::io::BufReader::new(input.as_bytes());
         assert!(read_bounded_line(&mut reader, &mut String::new()).is_err());
+    }
+
+    /// N's first message races with the intermediate's pid line: whatever the pid reader took
+    /// in beyond it (a whole line, a part of one, or the start of an endless one) must be read
+    /// as if it had never been taken in.
+    #[test]
+    fn what_came_with_the_pid_is_read_first() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let endless = "a".repeat(3 * MAX_LINE);
+        let cases: [(&str, &[&str], Result<&str, &str>); 5] = [
+            ("ready\npid 7\n", &[], Ok("ready")),
+            ("pid 7\nexec-error 2\nexit 256\n", &[], Ok("exec-error 2")),
+            ("pid 7\nerr", &["or x\n"], Ok("error x")),
+            ("pid 7\n", &["ready\n"], Ok("ready")),
+            ("pid 7\n", &[&endless], Err("longer than 4096 bytes")),
+        ];
+        for (with_pid, later, expected) in cases {
+            let (mut new, old) = StdUnixStream::pair().unwrap();
+            let input = format!("{with_pid}{}", later.concat());
+            let (pid, buffered, old) = if later.is_empty() || later[0].len() > MAX_LINE {
+                // Everything is there before the pid reader starts, so it takes it all in.
+                std::io::Write::write_all(&mut new, input.as_bytes()).unwrap();
+                read_successor_pid(old).unwrap()
+            } else {
+                std::io::Write::write_all(&mut new, with_pid.as_bytes()).unwrap();
+                let read = read_successor_pid(old).unwrap();
+                std::io::Write::write_all(&mut new, later.concat().as_bytes()).unwrap();
+                read
+            };
+            assert_eq!(pid, 7, "{with_pid:?}");
+            old.set_nonblocking(true).unwrap();
+            let got = rt.block_on(async {
+                let old = tokio::net::UnixStream::from_std(old).unwrap();
+                BoundedLines::with_buffered(buffered, old)
+                    .next_line()
+                    .await
+                    .map(Option::unwrap)
+                    .map_err(|e| e.to_string())
+            });
+            match expected {
+                Ok(line) => assert_eq!(got.as_deref(), Ok(line), "{with_pid:?}"),
+                Err(e) => assert!(got.as_ref().unwrap_err().contains(e), "{got:?}"),
+            }
+        }
     }
 
     #[test]
