@@ -169,13 +169,13 @@ impl Metrics {
         let sendfile_responses = Counter::default();
         registry.register(
             "baton_sendfile_responses",
-            "Responses whose body the fast path sent with sendfile (files larger than the memory cache)",
+            "Responses whose body the fast path sent with sendfile (files of 16 KiB or more)",
             sendfile_responses.clone(),
         );
         let fast_path_responses = Counter::default();
         registry.register(
             "baton_fast_path_responses",
-            "Responses for files written by baton's fast path rather than hyper: small files from memory, large ones with sendfile",
+            "Responses for files written by baton's fast path rather than hyper: files under 16 KiB from memory, larger ones with sendfile",
             fast_path_responses.clone(),
         );
         let access_log_dropped = Counter::default();

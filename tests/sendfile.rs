@@ -480,6 +480,65 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
 
 // ---------------------------------------------------------------- whole bodies, timeouts ----
 
+/// The fds of `pid` that lead to `file` (`/proc/PID/fd` links), deleted or not.
+fn fds_of(pid: u32, file: &std::path::Path) -> Vec<String> {
+    let file = file.to_string_lossy().into_owned();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.starts_with(&file))
+        .collect()
+}
+
+#[test]
+fn a_cached_file_goes_out_from_its_kept_fd_until_it_changes_or_is_deleted() {
+    let dir = TempDir::new("sendfile-held");
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("held.bin");
+    std::fs::write(&file, pattern(64 << 10, 1)).unwrap();
+    let (baton, addr) = start(&["--root", root.to_str().unwrap()]);
+    let mut conn = Conn::tcp(addr).unwrap();
+    let sent_before = sendfile_count(addr);
+    for _ in 0..2 {
+        let response = conn.get("/held.bin").unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(hash(&response.body), hash(&pattern(64 << 10, 1)));
+    }
+    assert_eq!(sendfile_count(addr) - sent_before, 2, "both from the fd");
+    assert_eq!(
+        fds_of(baton.pid(), &file).len(),
+        1,
+        "the cache keeps one fd"
+    );
+
+    // Rewritten in place (the same inode): the new content, not the kept fd's old entry.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_all(&pattern(64 << 10, 2))
+        .unwrap();
+    let response = conn.get("/held.bin").unwrap();
+    assert_eq!(hash(&response.body), hash(&pattern(64 << 10, 2)));
+
+    // Deleted: a later miss lets the fd go, so that its disk space is freed.
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(conn.get("/held.bin").unwrap().status, 404);
+    let mut n = 0;
+    let released = wait_until(Duration::from_secs(10), || {
+        n += 1;
+        let other = root.join(format!("other-{n}.bin"));
+        std::fs::write(&other, pattern(20 << 10, 3)).unwrap();
+        assert_eq!(conn.get(&format!("/other-{n}.bin")).unwrap().status, 200);
+        fds_of(baton.pid(), &file).is_empty()
+    });
+    assert!(released, "still open: {:?}", fds_of(baton.pid(), &file));
+    drop(conn);
+    drop(baton);
+}
+
 #[test]
 fn a_64_mib_download_arrives_byte_identical() {
     let root = TempDir::new("sendfile-64m");

@@ -117,6 +117,41 @@ fn a_low_soft_fd_limit_is_raised_to_the_hard_limit_and_a_bound_socket_has_the_ba
 }
 
 #[test]
+fn the_file_cache_keeps_at_most_a_sixteenth_of_the_fd_limit_open() {
+    let dir = common::TempDir::new("held-fds");
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let body: Vec<u8> = (0..20 << 10).map(|i| (i % 253) as u8).collect();
+    for i in 0..40 {
+        std::fs::write(root.join(format!("{i}.bin")), &body).unwrap();
+    }
+    let addr = free_addr();
+    let args = [
+        "--listen",
+        &addr.to_string(),
+        "--root",
+        root.to_str().unwrap(),
+    ];
+    let mut baton = start_limited(&args, 256, 256);
+    baton.serves = Some(addr);
+    baton.wait_ready();
+    for i in 0..40 {
+        let response = http::get(addr, &format!("/{i}.bin")).unwrap();
+        assert_eq!((response.status, response.body.len()), (200, body.len()));
+        assert!(response.body == body, "{i}.bin");
+    }
+    let root = root.to_string_lossy().into_owned();
+    let held = std::fs::read_dir(format!("/proc/{}/fd", baton.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|target| target.starts_with(&root) && target.ends_with(".bin"))
+        .count();
+    assert_eq!(held, 256 / 16, "fds of cached files under a limit of 256");
+    drop(baton);
+}
+
+#[test]
 fn the_keeper_raises_the_fd_limit_for_itself_and_its_generations() {
     let hard = hard_limit();
     let addr = free_addr();

@@ -1,5 +1,5 @@
-//! The fast path: files go out written by baton itself, large ones with sendfile(2), small ones
-//! from the memory cache in one send.
+//! The fast path: files go out written by baton itself, the smallest from the memory cache in one
+//! send, the others with sendfile(2).
 //!
 //! Speaks HTTP/1.1 (RFC 9112) on TCP connections, server side, for one kind of request only;
 //! everything else goes to hyper, which serves the rest of the connection as it always did.
@@ -22,10 +22,11 @@
 //! - no `Range`, or a single satisfiable one (parsed by the very crate `ServeDir` uses: 206).
 //!
 //! The answer has `ServeDir`'s status and headers, in `ServeDir`'s order, plus hyper's `date`
-//! and its `connection: close` (a test compares the two header by header). A file the memory
-//! cache may hold ([`crate::http::MAX_CACHED_FILE`]) leaves with its head in one sendmsg(2),
-//! from the cache (filled by the first request, as on hyper's path). A larger one: the head
-//! leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
+//! and its `connection: close` (a test compares the two header by header). A file below
+//! [`crate::http::SENDFILE_FROM`] (16 KiB) leaves with its head in one sendmsg(2), from the
+//! memory cache (filled by the first request, as on hyper's path). A larger one that the cache
+//! holds ([`crate::http::MAX_CACHED_FILE`]) goes out from the fd its entry keeps, an even larger
+//! one from the fd just opened; either way the head leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
 //! sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
 //! `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a call, yielding to the runtime after each
 //! `MAX_CHUNK` so that one fast client cannot hold a worker. A file that ends early
@@ -61,12 +62,13 @@ use super::{ConnState, ResponseDone, Shared, TrackedIo};
 use crate::access_log::{self, Client};
 use crate::http::{FastBody, FastFile};
 
-// Files up to `MAX_CACHED_FILE` go out from memory, larger ones with sendfile. Measured with the
-// release build on loopback, `wrk -t2 -c64 -d5s --latency`, server CPU time (utime + stime
-// from /proc) per request, cache vs sendfile, two rounds each on a noisy 2-core machine:
-// 64 KiB 13-14 vs 15 µs, 128 KiB 39-43 vs 31-42 µs, 256 KiB 32-39 vs 45-52 µs; beyond the
-// cache, ServeDir vs sendfile: 1 MiB 773-810 vs 112-159 µs, 16 MiB 12.7-13.5 vs 1.7-1.8 ms.
-// sendfile does not beat a copy from memory; it beats reading the file.
+// Why cached files from 16 KiB on go out with sendfile from a kept fd, not from memory: the
+// server's own CPU per request is about the same either way (at 64 KiB, `wrk -t2 -c64`: 13-14
+// µs from memory, 15 µs with an open per request), but the client's is not. On loopback at 64
+// KiB and 1,000 connections, wrk spent 22.8-24.6 µs per response from memory against 18.8-23.1
+// µs from nginx's sendfile, and 21.0-22.7 µs from baton's: a receiver copies pages just written
+// by another core more slowly than page-cache pages. Beyond the cache, ServeDir vs sendfile:
+// 1 MiB 773-810 vs 112-159 µs, 16 MiB 12.7-13.5 vs 1.7-1.8 ms of server CPU per request.
 
 /// The most one sendfile(2) call sends, and the most sent between two yields to the runtime
 /// (nginx's `sendfile_max_chunk`).
@@ -351,10 +353,7 @@ async fn read_small(mut plan: Plan, shared: &Shared) -> io::Result<Plan> {
     plan.file.body = match plan.file.body {
         FastBody::Uncached(fd) => {
             let (stat, content_type) = (plan.file.stat, &plan.file.content_type);
-            match files.cache_small(fd, stat, content_type).await? {
-                Ok(content) => FastBody::Cached(content),
-                Err(fd) => FastBody::Disk(fd),
-            }
+            files.cache_small(fd, stat, content_type).await?
         }
         other => other,
     };
@@ -505,6 +504,9 @@ where
         // A small file changed while being read ([`read_small`]): what the fd holds now, as
         // for a large file.
         (Some((start, n)), FastBody::Disk(file) | FastBody::Uncached(file)) => {
+            send_disk(io, &head, Arc::new(file), start, n, access.as_mut(), shared).await?
+        }
+        (Some((start, n)), FastBody::CachedFd(file)) => {
             send_disk(io, &head, file, start, n, access.as_mut(), shared).await?
         }
     };
@@ -608,7 +610,7 @@ where
 async fn send_disk<I>(
     io: &mut TrackedIo<I>,
     head: &[u8],
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     start: u64,
     len: u64,
     access: Option<&mut access_log::Pending>,
@@ -619,7 +621,7 @@ where
 {
     shared.metrics.sendfile_responses.inc();
     write_head(io, head).await?;
-    send_file(io, Arc::new(file), start, len, access).await
+    send_file(io, file, start, len, access).await
 }
 
 /// Writes the response head and tells the kernel that the file follows (`MSG_MORE`), so that
