@@ -44,6 +44,10 @@
 #                       alone moves by 2x from one run to the next on a shared 2-core machine)
 #   TRIGGER [signal]    baton: how an upgrade is asked for: signal (kill -USR2, a bash builtin:
 #                       the new generation is the only process started) or cli (baton reload)
+#   PIN                 SERVER/LOAD, CPU lists for taskset, e.g. 0/1: each server and what it
+#                       starts run on SERVER, wrk and this script on LOAD. On a 2-core machine
+#                       wrk and the server otherwise preempt each other, and a run's p99 moves
+#                       by 2x from one run to the next [unset: no pinning]
 #   SCENARIOS           a subset of "baton nginx restart" [all three]
 #   BATON_BIN           run this baton binary instead of building target/release/baton
 #   KEEP_TMP=1          keep the temporary directory (configs, logs, raw wrk outputs)
@@ -99,6 +103,14 @@ DUR_US=$((${DURATION%s} * 1000000))
 bench_tools
 command -v python3 >/dev/null || die "python3 is needed (bench/supervise.py)"
 SUPERVISE=(python3 "$REPO/bench/supervise.py")
+PIN=${PIN:-} PIN_TEXT="none"
+if [[ -n $PIN ]]; then
+    [[ $PIN =~ ^([0-9,-]+)/([0-9,-]+)$ ]] || die "PIN must be SERVER_CPUS/LOAD_CPUS like 0/1, not '$PIN'"
+    command -v taskset >/dev/null || die "PIN needs taskset (util-linux)"
+    taskset -cp "${BASH_REMATCH[2]}" $$ >/dev/null || die "cannot run this script on CPUs ${BASH_REMATCH[2]}"
+    SUPERVISE=(taskset -c "${BASH_REMATCH[1]}" "${SUPERVISE[@]}")
+    PIN_TEXT="servers on CPUs ${BASH_REMATCH[1]}, wrk and this script on CPUs ${BASH_REMATCH[2]}"
+fi
 export SUPERVISE_KILL_AFTER=4 # below cleanup's 5 s per process
 bench_baton
 bench_tmp
@@ -492,6 +504,7 @@ say_machine
 say "python:   $(python3 --version 2>&1)"
 say "load:     $(wrk_cmd "$DURATION" 'http://127.0.0.1:PORT/file.bin')  (1 KiB file, keep-alive)"
 say "schedule: per scenario a ${WARMUP} warm-up, then $ROUNDS round(s) of: a steady run,$([[ $PROBES != 1 ]] || echo ' (baton: a probes run,)') a run with $UPGRADES upgrades, one every ${INTERVAL}s from ${LEAD}s on"
+say "pinning:  $PIN_TEXT"
 say "noise:    a scenario whose runs show others > ${NOISE_MAX}% is run again (up to $RETRIES time(s)); the quieter attempt counts"
 say ""
 printf '%-8s %-9s %3s %10s %9s %9s %9s %9s %4s %5s %5s %5s %5s %5s %6s %6s %6s\n' scenario run try req/s \

@@ -523,16 +523,21 @@ impl AcceptContext {
             let Some(acceptor) = tls else {
                 return serve_connection(io, shared, role, versions, permit).await;
             };
-            let timeout = shared.settings.limits.header_read_timeout;
-            match tls::handshake(&acceptor, io, timeout).await {
-                Some((io, versions)) => {
-                    shared.metrics.tls_handshakes.inc();
-                    serve_connection(io, shared, role, versions, permit).await
+            // Boxed: a TLS connection's state is several times a plain one's, and a task is
+            // as large as its largest state.
+            Box::pin(async move {
+                let timeout = shared.settings.limits.header_read_timeout;
+                match tls::handshake(&acceptor, io, timeout).await {
+                    Some((io, versions)) => {
+                        shared.metrics.tls_handshakes.inc();
+                        serve_connection(io, shared, role, versions, permit).await
+                    }
+                    None => {
+                        shared.metrics.tls_handshakes_failed.inc();
+                    }
                 }
-                None => {
-                    shared.metrics.tls_handshakes_failed.inc();
-                }
-            }
+            })
+            .await
         };
         self.connections.spawn_on(connection, self.workers.next());
     }
