@@ -436,7 +436,7 @@ impl Confined {
         let backend = self.backend.clone();
         let mut files = self.files.clone();
         Ok(Box::pin(async move {
-            match backend.load(file, stat, compressible).await {
+            match backend.load(file, stat, compressible, false).await {
                 Ok(Ok(cached)) => cached.answer(answer).await,
                 // Changed while being read, or unreadable: ServeDir decides.
                 _ => {
@@ -573,13 +573,15 @@ pub(crate) struct FastFile {
 
 /// Where a [`FastFile`]'s content comes from.
 pub(crate) enum FastBody {
-    /// Too large for the memory cache: sent from the fd (sendfile(2)).
+    /// Too large for the memory cache, or changed while being read for it: sent from the fd
+    /// (sendfile(2)).
     Disk(std::fs::File),
     /// The cache's copy, which an entry matching the file's `fstat` holds.
     Cached(Bytes),
     /// The fd a cache entry keeps open ([`SENDFILE_FROM`]): sent with sendfile(2).
     CachedFd(Arc<std::fs::File>),
-    /// Small but not cached: read once ([`Confined::cache_small`]), then from memory.
+    /// Small but not cached: read once ([`Confined::cache_small`]), then as the new entry
+    /// says (from memory, or from the fd it keeps).
     Uncached(std::fs::File),
 }
 
@@ -680,10 +682,12 @@ impl Confined {
     ) -> io::Result<FastBody> {
         let compressible = encoding::compressible(content_type);
         // `load` gives only an entry with this very `fstat`.
-        Ok(match self.backend.load(file, stat, compressible).await? {
-            Ok(cached) => cached.fast_body(),
-            Err(file) => FastBody::Disk(file),
-        })
+        Ok(
+            match self.backend.load(file, stat, compressible, true).await? {
+                Ok(cached) => cached.fast_body(),
+                Err(file) => FastBody::Disk(file),
+            },
+        )
     }
 
     /// The configured headers of the answers from the root.
@@ -935,7 +939,7 @@ impl Backend for Beneath {
                 return Ok(Opened::disk(file, stat));
             }
             let compressible = encoding::compressible(&content_type_of(&path));
-            Ok(match backend.load(file, stat, compressible).await? {
+            Ok(match backend.load(file, stat, compressible, false).await? {
                 Ok(cached) => Opened::memory(cached.body.clone(), stat),
                 Err(file) => Opened::disk(file, stat),
             })
@@ -954,19 +958,37 @@ impl Beneath {
     /// The cache's entry for the file with this `fstat`: same inode, and the same size, mtime
     /// and ctime.
     fn cached(&self, stat: &Stat) -> Option<Arc<CachedFile>> {
+        self.sweep_soon();
         self.cache
             .get(&(stat.dev, stat.ino))
             .filter(|hit| hit.stat == *stat)
     }
 
+    /// Closes the kept fds of deleted files on the blocking pool, if there are kept fds and
+    /// the last sweep is a second old: every lookup asks, so a deleted file's fd is closed
+    /// within about a second of the next request, whatever that request is for.
+    fn sweep_soon(&self) {
+        if HELD_FDS.load(Ordering::Relaxed) == 0 || !sweep_due() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let cache = self.cache.clone();
+            drop(runtime.spawn_blocking(move || drop_deleted(&cache)));
+        }
+    }
+
     /// The cached content of a small regular file just opened (`stat` is its `fstat`): from
     /// the cache if an entry matches it, else read from `file` and cached. The file back if it
-    /// changed while being read, or another version was cached meanwhile.
+    /// changed while being read, or another version was cached meanwhile. A new entry keeps
+    /// the fd (`keep_fd`, for the fast path's sendfile) if the file is large enough and the
+    /// budget allows; one that hyper's path fills keeps none (nothing there would use it), and
+    /// the fast path sends its copy in memory.
     async fn load(
         &self,
         file: std::fs::File,
         stat: Stat,
         compressible: bool,
+        keep_fd: bool,
     ) -> io::Result<Result<Arc<CachedFile>, std::fs::File>> {
         let cache = &self.cache;
         let key = (stat.dev, stat.ino);
@@ -976,16 +998,12 @@ impl Beneath {
         // One request fills an entry while the others for the same file wait for it: a new
         // generation starts with an empty cache, and all its clients arrive at once.
         cache.remove_if(&key, |old| old.stat != stat);
-        let sweep = sweep_due().then(|| cache.clone());
         let guard = match cache.get_value_or_guard_async(&key).await {
             Ok(hit) if hit.stat == stat => return Ok(Ok(hit)),
             Ok(_) => return Ok(Err(file)),
             Err(guard) => guard,
         };
         let (file, read) = tokio::task::spawn_blocking(move || {
-            if let Some(cache) = sweep {
-                drop_deleted(&cache);
-            }
             let read = read_whole(&file, stat);
             (file, read)
         })
@@ -993,9 +1011,8 @@ impl Beneath {
         .map_err(io::Error::other)?;
         Ok(match read? {
             Some(body) => {
-                let fd = (stat.len >= SENDFILE_FROM)
-                    .then(|| HeldFd::new(file))
-                    .flatten();
+                let keep = keep_fd && stat.len >= SENDFILE_FROM;
+                let fd = keep.then(|| HeldFd::new(file)).flatten();
                 let cached = Arc::new(CachedFile::new(stat, body, fd, compressible));
                 let _ = guard.insert(cached.clone());
                 Ok(cached)
@@ -1040,7 +1057,7 @@ impl Drop for HeldFd {
     }
 }
 
-/// Whether a miss should look for entries of deleted files: at most once a second.
+/// Whether it is time to look for entries of deleted files: at most once a second.
 fn sweep_due() -> bool {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     static NEXT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1056,8 +1073,7 @@ fn sweep_due() -> bool {
 }
 
 /// Drops the entries whose kept fd is of a file deleted since (or replaced by a rename, as a
-/// deploy does): the fd would keep its disk space in use until the entry is evicted. Done on
-/// a miss ([`sweep_due`]), because the new files of a replaced site are missed.
+/// deploy does): the fd would keep its disk space in use until the entry is evicted.
 fn drop_deleted(cache: &FileCache) {
     use std::os::unix::fs::MetadataExt;
     cache.retain(|_, cached| match &cached.fd {

@@ -169,7 +169,7 @@ impl Metrics {
         let sendfile_responses = Counter::default();
         registry.register(
             "baton_sendfile_responses",
-            "Responses whose body the fast path sent with sendfile (files of 16 KiB or more)",
+            "Responses whose body the fast path sent with sendfile (files of 16 KiB or more, unless the cache's fd budget is spent)",
             sendfile_responses.clone(),
         );
         let fast_path_responses = Counter::default();

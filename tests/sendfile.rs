@@ -497,14 +497,18 @@ fn a_cached_file_goes_out_from_its_kept_fd_until_it_changes_or_is_deleted() {
     let root = dir.join("www");
     std::fs::create_dir_all(&root).unwrap();
     let file = root.join("held.bin");
+    let live = root.join("live.bin");
     std::fs::write(&file, pattern(64 << 10, 1)).unwrap();
+    std::fs::write(&live, pattern(20 << 10, 3)).unwrap();
     let (baton, addr) = start(&["--root", root.to_str().unwrap()]);
     let mut conn = Conn::tcp(addr).unwrap();
     let sent_before = sendfile_count(addr);
+    let mut etag = None;
     for _ in 0..2 {
         let response = conn.get("/held.bin").unwrap();
         assert_eq!(response.status, 200);
         assert_eq!(hash(&response.body), hash(&pattern(64 << 10, 1)));
+        etag = response.header("etag").map(str::to_owned);
     }
     assert_eq!(sendfile_count(addr) - sent_before, 2, "both from the fd");
     assert_eq!(
@@ -512,8 +516,11 @@ fn a_cached_file_goes_out_from_its_kept_fd_until_it_changes_or_is_deleted() {
         1,
         "the cache keeps one fd"
     );
+    assert_eq!(conn.get("/live.bin").unwrap().status, 200);
+    assert_eq!(fds_of(baton.pid(), &live).len(), 1);
 
-    // Rewritten in place (the same inode): the new content, not the kept fd's old entry.
+    // Rewritten in place (the same inode, a new mtime and ctime): a new entry, with new
+    // validators, in place of the old one and its fd.
     std::fs::OpenOptions::new()
         .write(true)
         .open(&file)
@@ -522,20 +529,59 @@ fn a_cached_file_goes_out_from_its_kept_fd_until_it_changes_or_is_deleted() {
         .unwrap();
     let response = conn.get("/held.bin").unwrap();
     assert_eq!(hash(&response.body), hash(&pattern(64 << 10, 2)));
+    assert_ne!(
+        response.header("etag").map(str::to_owned),
+        etag,
+        "new validators"
+    );
+    assert_eq!(
+        fds_of(baton.pid(), &file).len(),
+        1,
+        "the old entry's fd is closed"
+    );
 
-    // Deleted: a later miss lets the fd go, so that its disk space is freed.
+    // Deleted: a later request, for any file, gets the fd closed, so that its disk space is
+    // freed; the fd of a file still there stays.
     std::fs::remove_file(&file).unwrap();
     assert_eq!(conn.get("/held.bin").unwrap().status, 404);
-    let mut n = 0;
     let released = wait_until(Duration::from_secs(10), || {
-        n += 1;
-        let other = root.join(format!("other-{n}.bin"));
-        std::fs::write(&other, pattern(20 << 10, 3)).unwrap();
-        assert_eq!(conn.get(&format!("/other-{n}.bin")).unwrap().status, 200);
+        assert_eq!(conn.get("/live.bin").unwrap().status, 200);
         fds_of(baton.pid(), &file).is_empty()
     });
     assert!(released, "still open: {:?}", fds_of(baton.pid(), &file));
+    assert_eq!(
+        fds_of(baton.pid(), &live).len(),
+        1,
+        "a live file's fd stays"
+    );
     drop(conn);
+    drop(baton);
+}
+
+#[test]
+fn an_entry_hyper_filled_keeps_no_fd_and_the_fast_path_sends_its_copy() {
+    let dir = TempDir::new("sendfile-hyper-entry");
+    let root = TempDir(dir.join("www"));
+    std::fs::create_dir_all(root.path()).unwrap();
+    let file = root.join("mid.bin");
+    std::fs::write(&file, pattern(64 << 10, 5)).unwrap();
+    let (baton, addr, sock) = start_both(&root, &[]);
+    let request = "GET /mid.bin HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (_, body) = exchange(&mut UnixStream::connect(&sock).unwrap(), request, false);
+    assert_eq!(hash(&body), hash(&pattern(64 << 10, 5)));
+    assert!(
+        fds_of(baton.pid(), &file).is_empty(),
+        "only the fast path uses a kept fd"
+    );
+    let (fast, sent) = (fast_count(addr), sendfile_count(addr));
+    let (_, body) = exchange(&mut TcpStream::connect(addr).unwrap(), request, false);
+    assert_eq!(hash(&body), hash(&pattern(64 << 10, 5)));
+    assert_eq!(fast_count(addr) - fast, 1);
+    assert_eq!(
+        sendfile_count(addr) - sent,
+        0,
+        "from the entry's copy in memory"
+    );
     drop(baton);
 }
 

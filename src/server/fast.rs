@@ -24,9 +24,11 @@
 //! The answer has `ServeDir`'s status and headers, in `ServeDir`'s order, plus hyper's `date`
 //! and its `connection: close` (a test compares the two header by header). A file below
 //! [`crate::http::SENDFILE_FROM`] (16 KiB) leaves with its head in one sendmsg(2), from the
-//! memory cache (filled by the first request, as on hyper's path). A larger one that the cache
-//! holds ([`crate::http::MAX_CACHED_FILE`]) goes out from the fd its entry keeps, an even larger
-//! one from the fd just opened; either way the head leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
+//! memory cache (filled by the first request, as on hyper's path), as does a larger cached one
+//! whose entry keeps no fd (the fd budget was spent). A larger one that the cache holds
+//! ([`crate::http::MAX_CACHED_FILE`]) goes out from the fd its entry keeps, an even larger one
+//! (or one that changed while being read) from the fd just opened: what the file holds when it
+//! is sent, as nginx sends it. Either way the head leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
 //! sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
 //! `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a call, yielding to the runtime after each
 //! `MAX_CHUNK` so that one fast client cannot hold a worker. A file that ends early
