@@ -730,7 +730,10 @@ where
             let at = offset;
             let _ = tokio::task::spawn_blocking(move || {
                 // SAFETY: readahead only reads the fd, which `file` keeps open.
-                unsafe { libc::readahead(file.as_raw_fd(), at, count) }
+                unsafe { libc::readahead(file.as_raw_fd(), at, count) };
+                // readahead may return before its reads complete: wait here, not in sendfile
+                // on the worker, for the chunk's last page (the reads go in order).
+                let _ = file.read_at(&mut [0u8], at as u64 + count as u64 - 1);
             })
             .await;
         }
@@ -949,9 +952,18 @@ mod tests {
             eprintln!("this file system does not report cold pages (RWF_NOWAIT)");
             return;
         }
-        // What send_file does for a cold chunk.
+        // What send_file does for a cold chunk. readahead(2) starts the reads and may return
+        // before they complete (the page is then locked, and RWF_NOWAIT still says EAGAIN):
+        // the page comes in soon after.
         // SAFETY: the fd is open (`file`).
         assert!(unsafe { libc::readahead(file.as_raw_fd(), 0, 1 << 20) } == 0);
-        assert!(in_page_cache(&file, 0));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !in_page_cache(&file, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not in the page cache 10 s after readahead"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
