@@ -1187,6 +1187,7 @@ impl File for Opened {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn the_cache_keeps_a_sixteenth_of_the_fd_limit_open_at_most_1024() {
@@ -1196,7 +1197,6 @@ mod tests {
         assert_eq!(held_fd_budget(1 << 20), 1024);
         assert_eq!(held_fd_budget(15), 0);
     }
-    use axum::http::StatusCode;
 
     type Answer = (StatusCode, Vec<(String, Vec<u8>)>, Bytes);
 

@@ -483,10 +483,8 @@ fn fast_path_sidecars_and_configured_headers_are_serve_dirs() {
 /// The fds of `pid` that lead to `file` (`/proc/PID/fd` links), deleted or not.
 fn fds_of(pid: u32, file: &std::path::Path) -> Vec<String> {
     let file = file.to_string_lossy().into_owned();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .map(|target| target.to_string_lossy().into_owned())
+    common::open_files(pid)
+        .into_iter()
         .filter(|target| target.starts_with(&file))
         .collect()
 }

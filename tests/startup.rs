@@ -141,10 +141,8 @@ fn the_file_cache_keeps_at_most_a_sixteenth_of_the_fd_limit_open() {
         assert!(response.body == body, "{i}.bin");
     }
     let root = root.to_string_lossy().into_owned();
-    let held = std::fs::read_dir(format!("/proc/{}/fd", baton.pid()))
-        .unwrap()
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .map(|target| target.to_string_lossy().into_owned())
+    let held = common::open_files(baton.pid())
+        .into_iter()
         .filter(|target| target.starts_with(&root) && target.ends_with(".bin"))
         .count();
     assert_eq!(held, 256 / 16, "fds of cached files under a limit of 256");

@@ -953,10 +953,9 @@ fn fds_inherited_by_the_first_generation_do_not_travel_on() {
     unsafe { libc::close(stray) };
     drop(file);
     let holds_stray = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .any(|target| target == stray_path)
+        common::open_files(pid)
+            .iter()
+            .any(|target| std::path::Path::new(target) == stray_path)
     };
     assert!(
         holds_stray(baton.pid()),
@@ -978,11 +977,7 @@ fn the_intermediate_process_keeps_none_of_the_old_generations_fds_during_the_pro
     assert_eq!(code, 0, "{err}");
     let children = common::children(baton.pid());
     assert_eq!(children.len(), 1, "the intermediate: {children:?}");
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", children[0]))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|t| t.display().to_string())
-        .collect();
+    let fds = common::open_files(children[0]);
     // stdin, stdout, stderr, the handshake channel, its pipe from the old generation, and
     // N's pidfd.
     assert!(fds.len() <= 6, "{fds:#?}");

@@ -1111,7 +1111,7 @@ pub async fn start(
         new_pid = pid,
         "started generation {next} as pid {pid}; waiting until it is ready"
     );
-    let (channel, warnings) = match until_committed(&spawned, upgrader, cancel).await {
+    let (channel, warnings) = match until_committed(&mut spawned, upgrader, cancel).await {
         Ok(committed) => committed,
         Err(e) => {
             // N is killed and its intermediate reaped before the failure is told: whoever asked
@@ -1136,7 +1136,7 @@ pub async fn start(
 
 /// Steps 3 and 4: N says it is ready (or fails, or the upgrade is called off), then O commits.
 async fn until_committed(
-    spawned: &Spawned,
+    spawned: &mut Spawned,
     upgrader: &Upgrader,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(OldEnd, Vec<String>), UpgradeError> {
@@ -1177,7 +1177,7 @@ struct OldEnd {
 }
 
 impl OldEnd {
-    fn open(spawned: &Spawned) -> Result<OldEnd, UpgradeError> {
+    fn open(spawned: &mut Spawned) -> Result<OldEnd, UpgradeError> {
         let channel = spawned
             .channel
             .try_clone()
@@ -1195,7 +1195,7 @@ impl OldEnd {
             // while registered.
             .and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok());
         Ok(OldEnd {
-            lines: BoundedLines::with_buffered(spawned.buffered.clone(), read),
+            lines: BoundedLines::with_buffered(std::mem::take(&mut spawned.buffered), read),
             write,
             exit_watch,
         })

@@ -28,8 +28,8 @@
 //! whose entry keeps no fd (the fd budget was spent). A larger one that the cache holds
 //! ([`crate::http::MAX_CACHED_FILE`]) goes out from the fd its entry keeps, an even larger one
 //! (or one that changed while being read) from the fd just opened: what the file holds when it
-//! is sent, as nginx sends it. Either way the head leaves with `MSG_MORE`, so that it shares a packet with the first bytes of the file; then
-//! sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
+//! is sent, as nginx sends it. Either way the head leaves with `MSG_MORE`, so that it shares a
+//! packet with the first bytes of the file; then sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
 //! `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a call, yielding to the runtime after each
 //! `MAX_CHUNK` so that one fast client cannot hold a worker. A file that ends early
 //! (truncated while being sent) closes the connection: the client sees a short body, never a
@@ -503,8 +503,8 @@ where
         (Some((start, n)), FastBody::Cached(content)) => {
             send_bytes(io, &head, &content, start, n, access.as_mut()).await?
         }
-        // A small file changed while being read ([`read_small`]): what the fd holds now, as
-        // for a large file.
+        // A file too large for the cache, or a small one that changed while being read
+        // ([`read_small`]): what the fd holds now.
         (Some((start, n)), FastBody::Disk(file) | FastBody::Uncached(file)) => {
             send_disk(io, &head, Arc::new(file), start, n, access.as_mut(), shared).await?
         }

@@ -425,6 +425,15 @@ pub fn children(pid: u32) -> Vec<u32> {
     all
 }
 
+/// What the fds of `pid` lead to (`/proc/PID/fd` links: paths, `socket:[N]`, ...).
+pub fn open_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect()
+}
+
 /// The pid a pidfile names, if any.
 pub fn pidfile_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
