@@ -681,6 +681,84 @@ fn a_client_that_never_reads_is_closed_by_the_send_timeout() {
     assert!(got < len, "the whole body arrived after the send timeout");
 }
 
+/// A connection whose receive buffer is as small as the kernel allows, set before the connect
+/// so that the window it offers is small from the start: the server's writes soon block.
+fn tiny_window(addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    // The kernel raises it to its minimum (a few KiB).
+    socket::setsockopt(&fd, sockopt::RcvBuf, &1).unwrap();
+    let SocketAddr::V4(v4) = addr else {
+        panic!("{addr} is not IPv4")
+    };
+    socket::connect(fd.as_raw_fd(), &SockaddrIn::from(v4)).unwrap();
+    TcpStream::from(fd)
+}
+
+#[test]
+fn a_client_that_never_reads_cached_files_is_closed_by_the_send_timeout() {
+    // The two ways a cached file leaves: under 16 KiB from memory, larger from its kept fd.
+    let root = TempDir::new("sendfile-stall-cached");
+    std::fs::write(root.join("small.bin"), pattern(12 << 10, 21)).unwrap();
+    std::fs::write(root.join("kept.bin"), pattern(200 << 10, 22)).unwrap();
+    let (_baton, addr) = start(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "--send-timeout",
+        "1s",
+    ]);
+    let mut watcher = Conn::tcp(addr).unwrap();
+    for (cut, path, size, sendfile) in [
+        (1, "/small.bin", 12 << 10, false),
+        (2, "/kept.bin", 200 << 10, true),
+    ] {
+        // Cached by a first request.
+        assert_eq!(http::get(addr, path).unwrap().status, 200);
+        let fast = counter(&mut watcher, "baton_fast_path_responses_total");
+        let sent = counter(&mut watcher, "baton_sendfile_responses_total");
+        // A thousand pipelined requests, far more than the socket buffers hold (4 MiB at
+        // most on the sending side), and not a byte read.
+        let mut stalled = tiny_window(addr);
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        stalled.write_all(request.repeat(1000).as_bytes()).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(15), || counter(
+                &mut watcher,
+                "baton_send_timeouts_total"
+            ) == cut),
+            "{path}: no send timeout counted"
+        );
+        // The fast path wrote them, from memory or from the kept fd.
+        assert!(counter(&mut watcher, "baton_fast_path_responses_total") > fast);
+        let sendfiles = counter(&mut watcher, "baton_sendfile_responses_total") - sent;
+        assert_eq!(
+            sendfiles > 0,
+            sendfile,
+            "{path}: {sendfiles} sent with sendfile"
+        );
+        // Reading now finds the end of the connection before the thousandth answer.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match stalled.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        assert!(
+            got < 1000 * size,
+            "{path}: every answer arrived after the send timeout"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- connection phases ----
 
 #[test]
