@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# bench/upgrade-timeline.sh: when, after a SIGUSR2, an upgrade's slow requests happen, request by
+# request. bench/upgrade.sh gives wrk's p99 during upgrades against a steady run; this one
+# records every request of the same kind of load (keep-alive GETs of a 1 KiB file, one at a
+# time per connection) with its start time, so that the requests slower than the steady p99 can
+# be placed in time after each SIGUSR2: the spawn of the new generation, its start, the handover
+# and the reconnects of the drained connections each have their window.
+#
+# Per round: a steady run and a run with UPGRADES upgrades (SIGUSR2 to the current generation,
+# then GET /-/version over bash's /dev/tcp every 2 ms until another pid answers), one every
+# INTERVAL seconds from LEAD on, each with a fresh baton. The load is bench/timeline.rs, built
+# here with rustc -O. bench/timeline.py prints the table.
+#
+# A benchmark that prints figures, not a test: it exits 0 whatever the figures say.
+#
+# Environment (defaults in brackets):
+#   ROUNDS [3]          steady and upgrade runs, in turn
+#   UPGRADES [10]       upgrades per run
+#   INTERVAL [1]        seconds between upgrades
+#   LEAD [2]            seconds of load before the first upgrade
+#   CONNECTIONS [64]    connections of the load
+#   THREADS [1]         threads of the load
+#   PIN [0/1]           SERVER/LOAD CPU lists for taskset: baton (and what it starts) on
+#                       SERVER, the load and this script on LOAD; empty: no pinning. One
+#                       thread of load on its own CPU keeps the load's own scheduling out of
+#                       the latencies
+#   BATON_BIN           run this baton instead of building target/release/baton
+#   KEEP_TMP=1          keep the temporary directory (records, logs)
+
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+UPGRADES=${UPGRADES:-10}
+INTERVAL=${INTERVAL:-1}
+LEAD=${LEAD:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+PIN=${PIN-0/1}
+# In µs, for bash's integer arithmetic (awk's %d stops at 2^31 in mawk).
+LEAD_US=$(awk -v s="$LEAD" 'BEGIN { printf "%.0f", s * 1e6 }')
+INTERVAL_US=$(awk -v s="$INTERVAL" 'BEGIN { printf "%.0f", s * 1e6 }')
+CPUS=$(nproc)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_SCRIPT=bench/upgrade-timeline.sh
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
+
+SERVER_PIN=() LOAD_PIN=()
+if [[ -n $PIN ]]; then
+    [[ $PIN == */* ]] || die "PIN=$PIN: give SERVER/LOAD CPU lists, e.g. 0/1"
+    command -v taskset >/dev/null || die "PIN needs taskset (util-linux)"
+    SERVER_PIN=(taskset -c "${PIN%/*}") LOAD_PIN=(taskset -c "${PIN#*/}")
+    taskset -cp "${PIN#*/}" $$ >/dev/null || die "cannot pin this script to CPU ${PIN#*/}"
+fi
+command -v rustc >/dev/null || die "rustc is needed (it comes with cargo)"
+command -v python3 >/dev/null || die "python3 is needed"
+command -v curl >/dev/null || die "curl is needed"
+command -v ss >/dev/null || die "ss (iproute2) is needed"
+
+bench_tmp
+bench_baton
+bench_content
+rustc -O --edition 2021 -o "$TMP/timeline" "$REPO/bench/timeline.rs" || die "cannot build bench/timeline.rs"
+
+# A sleep that forks nothing: a read with a timeout on a pipe that never has data.
+exec {NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$NAP_FD" || true; }
+
+# GET PATH over bash's /dev/tcp (no process started); sets BODY.
+get() {
+    local fd
+    exec {fd}<>"/dev/tcp/127.0.0.1/$PORT" || return 1
+    printf 'GET %s HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' "$1" >&"$fd"
+    BODY=$(cat <&"$fd")
+    exec {fd}>&-
+}
+
+# One run: KIND (steady|upgrades) NAME. Writes $TMP/NAME.lat and $TMP/NAME.up.
+one_run() {
+    local kind=$1 name=$2 cur pid i t0 next now seconds
+    PORT=$(free_port)
+    "${SERVER_PIN[@]}" "$BATON" serve --listen "127.0.0.1:$PORT" --root "$TMP/www" >"$TMP/$name.log" 2>&1 &
+    cur=$!
+    wait_up baton "http://127.0.0.1:$PORT/file.bin" "$cur" "$TMP/$name.log"
+    seconds=$(((LEAD_US + UPGRADES * INTERVAL_US) / 1000000 + 2))
+    "${LOAD_PIN[@]}" "$TMP/timeline" "127.0.0.1:$PORT" /file.bin "$THREADS" "$CONNECTIONS" "$seconds" "$TMP/$name.lat" &
+    local load=$!
+    : >"$TMP/$name.up"
+    t0=${EPOCHREALTIME//[!0-9]/}
+    for ((i = 0; i < UPGRADES; i++)); do
+        next=$((t0 + LEAD_US + i * INTERVAL_US))
+        now=${EPOCHREALTIME//[!0-9]/}
+        ((next <= now)) || nap "$(printf '%d.%06d' $(((next - now) / 1000000)) $(((next - now) % 1000000)))"
+        echo "${EPOCHREALTIME//[!0-9]/}" >>"$TMP/$name.up"
+        [[ $kind == upgrades ]] || continue
+        kill -USR2 "$cur"
+        for _ in $(seq 5000); do
+            pid=
+            get /-/version && [[ $BODY =~ \"pid\":([0-9]+) ]] && pid=${BASH_REMATCH[1]}
+            [[ -n $pid && $pid != "$cur" ]] && break
+            nap 0.002
+        done
+        [[ -n $pid && $pid != "$cur" ]] || die "$name: no other pid than $cur answers 10 s after SIGUSR2"
+        cur=$pid
+    done
+    wait "$load" || die "$name: the load failed (a request lost?)"
+    kill -TERM "$cur" 2>/dev/null || true
+    # Every generation of this run gone (the last old one stands by until its probation ends).
+    for _ in $(seq 300); do
+        pgrep -f "127.0.0.1:$PORT" >/dev/null || break
+        nap 0.1
+    done
+    pkill -KILL -f "127.0.0.1:$PORT" 2>/dev/null || true
+}
+
+say "baton:    $BATON ($("$BATON" --version 2>/dev/null | head -1))"
+say "load:     bench/timeline.rs, $THREADS thread(s), $CONNECTIONS keep-alive connections, GET /file.bin (1 KiB)${PIN:+, PIN=$PIN}"
+say "schedule: $ROUNDS round(s) of a steady run and a run with $UPGRADES upgrades (SIGUSR2), one every ${INTERVAL}s from ${LEAD}s on"
+say "machine:  $CPUS CPUs, $(uname -r)"
+STEADY=() UPGRADED=()
+for ((r = 1; r <= ROUNDS; r++)); do
+    say "round $r: steady ..."
+    one_run steady "steady-$r"
+    STEADY+=("$TMP/steady-$r")
+    say "round $r: upgrades ..."
+    one_run upgrades "upgrades-$r"
+    UPGRADED+=("$TMP/upgrades-$r")
+done
+say ""
+python3 "$REPO/bench/timeline.py" "${STEADY[@]}" -- "${UPGRADED[@]}"
