@@ -2,16 +2,18 @@
 //! ranges with `curl --cacert`, ALPN choosing h2 or http/1.1, each bad certificate refused by
 //! `baton check` and by a reload (the old generation serving on), a key from
 //! `$CREDENTIALS_DIRECTORY`, and a certificate swapped on disk then reloaded under HTTPS load:
-//! the new one served (its serial checked), no request failed.
+//! the new one served (its serial checked), no request failed; and clients that stall in the
+//! handshake (silent, half a record, a byte at a time) cut at the header timeout.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{reaper, run, run_baton, start_generation, TempDir};
 use rcgen::{
@@ -192,6 +194,89 @@ fn sni_chooses_the_certificate_of_the_host_asked_for() {
     );
     assert_eq!(serial_for(addr, "unknown.test"), "serial=01");
     assert_eq!(served_serial(addr), "serial=01");
+}
+
+/// Whether the server ended `stream` within `within` (a close or a reset).
+fn closed_by_server(stream: &mut TcpStream, within: Duration) -> Option<()> {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(()),
+            // An alert before the close, if rustls sends one.
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Some(()),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn clients_that_stall_in_the_handshake_are_cut_at_the_header_timeout() {
+    let setup = Setup::new("tls-stall");
+    let config = setup.good_config();
+    let (_baton, addr) = start_generation(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--header-read-timeout",
+            "500ms",
+        ],
+        &[],
+    );
+    // One says nothing; one sends the start of a handshake record (announcing 512 bytes) and
+    // stops; one trickles a byte every 100 ms into a record announced as 16 KiB, which it never
+    // finishes: progress alone must not keep a handshake alive.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut partial = TcpStream::connect(addr).unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    let mut trickle = TcpStream::connect(addr).unwrap();
+    trickle.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mut out, stop) = (trickle.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) && out.write_all(&[0x01]).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    for (name, stream) in [
+        ("silent", &mut silent),
+        ("partial", &mut partial),
+        ("trickling", &mut trickle),
+    ] {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(10)).is_some(),
+            "the {name} client was not cut within 10 s of a 500 ms header timeout"
+        );
+        // Cut by the timeout, not refused on sight: none of them sent anything wrong yet.
+        let since = started.elapsed();
+        assert!(
+            since >= Duration::from_millis(450),
+            "the {name} client was cut after {since:?}, before the header timeout"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    // Counted as failed handshakes, and the listener serves on.
+    let (_, status, text) = setup.curl(addr, &["--http1.1"], "/-/metrics");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    let failed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_tls_handshakes_total{result=\"failed\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no failed handshakes counted in:\n{text}"));
+    assert!(failed >= 3, "{failed} failed handshakes counted");
+    let (_, status, body) = setup.curl(addr, &["--http1.1"], "/a.txt");
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"hello over TLS\n".as_slice())
+    );
 }
 
 #[test]
