@@ -708,7 +708,7 @@ fn a_client_that_never_reads_cached_files_is_closed_by_the_send_timeout() {
     let root = TempDir::new("sendfile-stall-cached");
     std::fs::write(root.join("small.bin"), pattern(12 << 10, 21)).unwrap();
     std::fs::write(root.join("kept.bin"), pattern(200 << 10, 22)).unwrap();
-    let (_baton, addr) = start(&[
+    let (baton, addr) = start(&[
         "--root",
         root.path().to_str().unwrap(),
         "--send-timeout",
@@ -719,8 +719,12 @@ fn a_client_that_never_reads_cached_files_is_closed_by_the_send_timeout() {
         (1, "/small.bin", 12 << 10, false),
         (2, "/kept.bin", 200 << 10, true),
     ] {
-        // Cached by a first request.
+        // Cached by a first request; the larger one keeps its fd open, the smaller one not.
         assert_eq!(http::get(addr, path).unwrap().status, 200);
+        let held = common::open_files(baton.pid())
+            .iter()
+            .any(|target| target.ends_with(path));
+        assert_eq!(held, sendfile, "{path}: fd kept open: {held}");
         let fast = counter(&mut watcher, "baton_fast_path_responses_total");
         let sent = counter(&mut watcher, "baton_sendfile_responses_total");
         // A thousand pipelined requests, far more than the socket buffers hold (4 MiB at
@@ -743,13 +747,21 @@ fn a_client_that_never_reads_cached_files_is_closed_by_the_send_timeout() {
             sendfile,
             "{path}: {sendfiles} sent with sendfile"
         );
-        // Reading now finds the end of the connection before the thousandth answer.
+        // Reading now finds the end of the connection (a close or a reset) before the
+        // thousandth answer.
         let mut got = 0usize;
         let mut buf = vec![0u8; 1 << 20];
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         loop {
             match stalled.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => {
+                    panic!("{path}: the connection is still open after its send timeout: {e}")
+                }
             }
         }
         assert!(
