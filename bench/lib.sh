@@ -91,6 +91,26 @@ wait_up() { # name url pid log
     cat "$4" >&2; die "$1 did not answer $2 within 10 s"
 }
 
+# baton's log as it grows, read from LOG_FD (the caller opens it on the log file; a read at its
+# end returns at once). Sets SERVING_PID and SERVING_GEN from the last "serving generation G (pid
+# P)" line, which a generation logs once it accepts. Reading a regular file, bash's read takes
+# whole blocks: a scan costs a few syscalls, where a GET over /dev/tcp costs one read per byte.
+log_scan() {
+    local line
+    while :; do
+        if IFS= read -r -u "$LOG_FD" line; then
+            line=$LOG_PART$line LOG_PART=
+            if [[ $line =~ serving\ generation\ ([0-9]+)\ \(pid\ ([0-9]+)\) ]]; then
+                SERVING_GEN=${BASH_REMATCH[1]} SERVING_PID=${BASH_REMATCH[2]}
+            fi
+        else
+            # A line still being written: kept until its end arrives.
+            LOG_PART+=$line
+            return 0
+        fi
+    done
+}
+
 # ---------------------------------------------------------------- content and nginx
 # $TMP/www/file.bin: 1024 random bytes, readable by nginx's unprivileged workers.
 bench_content() {

@@ -14,6 +14,10 @@
 //! script's `EPOCHREALTIME`; latency_us: from that write to the last byte of the answer (as
 //! wrk counts, without the connect); connect_us: the connect before it, if it came on a new
 //! connection (0 otherwise); reconnected: 1 if it did.
+//!
+//! A reconnect is a blocking connect(2): immediate on loopback, where the kernel completes the
+//! handshake within the call. A SYN the server's full backlog dropped would hold the whole
+//! thread for a second, and show as such.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,7 +32,7 @@ struct PollFd {
 }
 
 extern "C" {
-    fn poll(fds: *mut PollFd, n: u64, timeout: i32) -> i32;
+    fn poll(fds: *mut PollFd, n: std::os::raw::c_ulong, timeout: i32) -> i32;
 }
 
 const POLLIN: i16 = 1;
@@ -101,13 +105,15 @@ impl Conn {
     }
 }
 
+/// Runs the load until `until`, recording into `records`; on an error, what was recorded before
+/// it stays there.
 fn run(
     addr: SocketAddr,
     request: &[u8],
     connections: usize,
     until: Instant,
-) -> io::Result<Vec<Record>> {
-    let mut records = Vec::with_capacity(2_000_000);
+    records: &mut Vec<Record>,
+) -> io::Result<()> {
     let mut conns = (0..connections)
         .map(|_| Conn::open(addr, false))
         .collect::<io::Result<Vec<_>>>()?;
@@ -124,7 +130,7 @@ fn run(
             revents: 0,
         }));
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
-        if unsafe { poll(fds.as_mut_ptr(), fds.len() as u64, 100) } < 0 {
+        if unsafe { poll(fds.as_mut_ptr(), fds.len() as std::os::raw::c_ulong, 100) } < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -173,7 +179,7 @@ fn run(
             }
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 fn main() {
@@ -199,7 +205,11 @@ fn main() {
         .map(|t| {
             let request = request.clone();
             let n = connections / threads + usize::from(t < connections % threads);
-            std::thread::spawn(move || run(addr, &request, n, until))
+            std::thread::spawn(move || {
+                let mut records = Vec::with_capacity(2_000_000);
+                let result = run(addr, &request, n, until, &mut records);
+                (records, result)
+            })
         })
         .collect();
     let mut out = io::BufWriter::new(std::fs::File::create(&args[6]).unwrap_or_else(|e| {
@@ -208,26 +218,24 @@ fn main() {
     }));
     let mut failed = false;
     for worker in workers {
-        match worker
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("a thread panicked")))
-        {
-            Ok(records) => {
-                for r in records {
-                    let _ = writeln!(
-                        out,
-                        "{} {} {} {}",
-                        r.start_wall,
-                        r.latency_us,
-                        r.connect_us,
-                        u8::from(r.reconnected)
-                    );
-                }
-            }
-            Err(e) => {
-                eprintln!("timeline: {e}");
-                failed = true;
-            }
+        let Ok((records, result)) = worker.join() else {
+            eprintln!("timeline: a thread panicked");
+            failed = true;
+            continue;
+        };
+        for r in records {
+            let _ = writeln!(
+                out,
+                "{} {} {} {}",
+                r.start_wall,
+                r.latency_us,
+                r.connect_us,
+                u8::from(r.reconnected)
+            );
+        }
+        if let Err(e) = result {
+            eprintln!("timeline: {e}");
+            failed = true;
         }
     }
     if out.flush().is_err() || failed {

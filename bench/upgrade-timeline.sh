@@ -7,7 +7,7 @@
 # and the reconnects of the drained connections each have their window.
 #
 # Per round: a steady run and a run with UPGRADES upgrades (SIGUSR2 to the current generation,
-# then GET /-/version over bash's /dev/tcp every 2 ms until another pid answers), one every
+# then its log read every millisecond until another generation says it serves), one every
 # INTERVAL seconds from LEAD on, each with a fresh baton. The load is bench/timeline.rs, built
 # here with rustc -O. bench/timeline.py prints the table.
 #
@@ -40,6 +40,8 @@ PIN=${PIN-0/1}
 LEAD_US=$(awk -v s="$LEAD" 'BEGIN { printf "%.0f", s * 1e6 }')
 INTERVAL_US=$(awk -v s="$INTERVAL" 'BEGIN { printf "%.0f", s * 1e6 }')
 CPUS=$(nproc)
+# How long a steady run reads the log after each mark, as an upgrade run does until the switch.
+SWITCH_US=15000
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_SCRIPT=bench/upgrade-timeline.sh
 # shellcheck source=bench/lib.sh
@@ -66,22 +68,22 @@ rustc -O --edition 2021 -o "$TMP/timeline" "$REPO/bench/timeline.rs" || die "can
 exec {NAP_FD}<> <(:)
 nap() { read -r -t "$1" -u "$NAP_FD" || true; }
 
-# GET PATH over bash's /dev/tcp (no process started); sets BODY.
-get() {
-    local fd
-    exec {fd}<>"/dev/tcp/127.0.0.1/$PORT" || return 1
-    printf 'GET %s HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' "$1" >&"$fd"
-    BODY=$(cat <&"$fd")
-    exec {fd}>&-
-}
-
 # One run: KIND (steady|upgrades) NAME. Writes $TMP/NAME.lat and $TMP/NAME.up.
+# An upgrade is SIGUSR2, then the log read every millisecond until another generation says it
+# serves (see log_scan in bench/lib.sh: a read of a regular file, no GET, no process started,
+# so the script's own work on the load's CPU stays small). A steady run reads the log the same
+# way for as long as a switch takes, without the signal.
 one_run() {
-    local kind=$1 name=$2 cur pid i t0 next now seconds
+    local kind=$1 name=$2 cur prev= i t0 next now seconds wait_s pids=() pid
     PORT=$(free_port)
     "${SERVER_PIN[@]}" "$BATON" serve --listen "127.0.0.1:$PORT" --root "$TMP/www" >"$TMP/$name.log" 2>&1 &
     cur=$!
+    pids+=("$cur")
     wait_up baton "http://127.0.0.1:$PORT/file.bin" "$cur" "$TMP/$name.log"
+    exec {LOG_FD}<"$TMP/$name.log"
+    LOG_PART= SERVING_PID= SERVING_GEN=
+    log_scan
+    [[ $SERVING_PID == "$cur" ]] || die "$name: baton (pid $cur) serves, but its log says no \"serving generation G (pid $cur)\""
     seconds=$(((LEAD_US + UPGRADES * INTERVAL_US) / 1000000 + 2))
     "${LOAD_PIN[@]}" "$TMP/timeline" "127.0.0.1:$PORT" /file.bin "$THREADS" "$CONNECTIONS" "$seconds" "$TMP/$name.lat" &
     local load=$!
@@ -90,27 +92,33 @@ one_run() {
     for ((i = 0; i < UPGRADES; i++)); do
         next=$((t0 + LEAD_US + i * INTERVAL_US))
         now=${EPOCHREALTIME//[!0-9]/}
-        ((next <= now)) || nap "$(printf '%d.%06d' $(((next - now) / 1000000)) $(((next - now) % 1000000)))"
-        echo "${EPOCHREALTIME//[!0-9]/}" >>"$TMP/$name.up"
-        [[ $kind == upgrades ]] || continue
-        kill -USR2 "$cur"
-        for _ in $(seq 5000); do
-            pid=
-            get /-/version && [[ $BODY =~ \"pid\":([0-9]+) ]] && pid=${BASH_REMATCH[1]}
-            [[ -n $pid && $pid != "$cur" ]] && break
-            nap 0.002
+        if ((next > now)); then
+            printf -v wait_s '%d.%06d' $(((next - now) / 1000000)) $(((next - now) % 1000000))
+            nap "$wait_s"
+        fi
+        now=${EPOCHREALTIME//[!0-9]/}
+        echo "$now" >>"$TMP/$name.up"
+        [[ $kind == upgrades ]] && kill -USR2 "$cur"
+        while log_scan; [[ $SERVING_PID == "$cur" ]]; do
+            if [[ $kind == steady ]] && ((${EPOCHREALTIME//[!0-9]/} - now > SWITCH_US)); then break; fi
+            ((${EPOCHREALTIME//[!0-9]/} - now < 10000000)) || die "$name: no other generation than pid $cur serves 10 s after SIGUSR2"
+            nap 0.001
         done
-        [[ -n $pid && $pid != "$cur" ]] || die "$name: no other pid than $cur answers 10 s after SIGUSR2"
-        cur=$pid
+        [[ $kind == upgrades ]] || continue
+        prev=$cur cur=$SERVING_PID
+        pids+=("$cur")
     done
     wait "$load" || die "$name: the load failed (a request lost?)"
-    kill -TERM "$cur" 2>/dev/null || true
-    # Every generation of this run gone (the last old one stands by until its probation ends).
+    # The last generation is on probation: SIGTERM to the one standing by stops both (SIGTERM
+    # to the new one would make the old one take over again).
+    kill -TERM "${prev:-$cur}" 2>/dev/null || true
     for _ in $(seq 300); do
-        pgrep -f "127.0.0.1:$PORT" >/dev/null || break
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+        [[ -n $pid ]] || break
         nap 0.1
     done
-    pkill -KILL -f "127.0.0.1:$PORT" 2>/dev/null || true
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    exec {LOG_FD}<&-
 }
 
 say "baton:    $BATON ($("$BATON" --version 2>/dev/null | head -1))"

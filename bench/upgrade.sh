@@ -5,7 +5,8 @@
 #   baton    baton's own upgrade, UPGRADES times: SIGUSR2 to the current generation, then
 #            its log read until another generation says it serves (TRIGGER=signal), or `baton
 #            reload --pid <current>` (TRIGGER=cli, which also starts a CLI process per upgrade);
-#            then one GET /-/version, which must come from the new generation
+#            then GET /-/version, which must come from the new generation (asked again
+#            while the old one still answers)
 #   nginx    nginx's binary upgrade: USR2 to the master, wait for the new pid file, QUIT to the
 #            old master, wait until it is gone; UPGRADES times
 #   restart  a plain restart of a socket-activated baton: this benchmark holds the listening
@@ -252,7 +253,7 @@ record_upgrade() { # i old new gen t0 t1 ms(baton's own measure)
     local tries
     BATON_OLD+=("$old"); BATON_CUR=$new
     # The old generation stops accepting only once the new one serves: for a moment both
-    # answer, so the old one's answer is asked again (a millisecond later, for a second).
+    # answer, so the old one's answer is asked again (a millisecond later, up to 1000 times).
     for ((tries = 1; ; tries++)); do
         if ! http_get "$BATON_PORT" /-/version; then
             problem "upgrade $i: GET $BASE/-/version after the upgrade to pid $new failed: ${BODY:0:300}"
@@ -268,26 +269,6 @@ record_upgrade() { # i old new gen t0 t1 ms(baton's own measure)
     done
     # i old new generation handoff_us wall_us baton's-own-ms start_us
     echo "$i $old $new $gen - $((t1 - t0)) $ms $t0" >>"$UPG"
-}
-
-# The log as it grows, read from LOG_FD (opened by start_baton on $TMP/baton.log; a read at its
-# end returns at once). Sets SERVING_PID and SERVING_GEN from the last "serving generation G (pid
-# P)" line, which a generation logs once it accepts. Reading a regular file, bash's read takes
-# whole blocks: a scan costs a few syscalls, where a GET over /dev/tcp costs one read per byte.
-log_scan() {
-    local line
-    while :; do
-        if IFS= read -r -u "$LOG_FD" line; then
-            line=$LOG_PART$line LOG_PART=
-            if [[ $line =~ serving\ generation\ ([0-9]+)\ \(pid\ ([0-9]+)\) ]]; then
-                SERVING_GEN=${BASH_REMATCH[1]} SERVING_PID=${BASH_REMATCH[2]}
-            fi
-        else
-            # A line still being written: kept until its end arrives.
-            LOG_PART+=$line
-            return 0
-        fi
-    done
 }
 
 # Column 5 of each upgrade line: the handoff (the signal to the new generation serving), as the
@@ -362,8 +343,10 @@ probe_baton() {
 stop_baton() { # checks that every generation exited, and exited 0
     local pid st n=0 ok=0 bad=()
     for pid in "${BATON_OLD[@]}"; do
-        # Each old generation drains for up to DRAIN_TIMEOUT after its upgrade.
-        wait_for $((${DRAIN_TIMEOUT%s} * 1000 + 3000)) eval '! alive '"$pid"' && [[ -n $(exit_status "$TMP/baton.procs" '"$pid"') ]]' || true
+        # Each old generation stands by while its successor is on probation (10 s by default;
+        # the next upgrade ends it early), then drains for up to DRAIN_TIMEOUT. A SIGTERM to the
+        # last generation before its probation ended would make the old one take over again.
+        wait_for $((${DRAIN_TIMEOUT%s} * 1000 + 13000)) eval '! alive '"$pid"' && [[ -n $(exit_status "$TMP/baton.procs" '"$pid"') ]]' || true
         n=$((n + 1))
         st=$(exit_status "$TMP/baton.procs" "$pid")
         if [[ $st == 0 ]]; then ok=$((ok + 1))
