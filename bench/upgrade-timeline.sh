@@ -20,6 +20,8 @@
 #   LEAD [2]            seconds of load before the first upgrade
 #   CONNECTIONS [64]    connections of the load
 #   THREADS [1]         threads of the load
+#   BESIDE_WRK [0]      also run wrk -t1 with this many connections beside the load, on the
+#                       same CPU, and print its p99 per run: the same upgrades as wrk sees them
 #   PIN [0/1]           SERVER/LOAD CPU lists for taskset: baton (and what it starts) on
 #                       SERVER, the load and this script on LOAD; empty: no pinning. One
 #                       thread of load on its own CPU keeps the load's own scheduling out of
@@ -35,6 +37,7 @@ INTERVAL=${INTERVAL:-1}
 LEAD=${LEAD:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
+BESIDE_WRK=${BESIDE_WRK:-0}
 PIN=${PIN-0/1}
 # In µs, for bash's integer arithmetic (awk's %d stops at 2^31 in mawk).
 LEAD_US=$(awk -v s="$LEAD" 'BEGIN { printf "%.0f", s * 1e6 }')
@@ -55,6 +58,9 @@ if [[ -n $PIN ]]; then
     taskset -cp "${PIN#*/}" $$ >/dev/null || die "cannot pin this script to CPU ${PIN#*/}"
 fi
 command -v rustc >/dev/null || die "rustc is needed (it comes with cargo)"
+if ((BESIDE_WRK > 0)); then
+    WRK=$(command -v wrk) || die "BESIDE_WRK needs wrk (apt-get install wrk)"
+fi
 command -v python3 >/dev/null || die "python3 is needed"
 command -v curl >/dev/null || die "curl is needed"
 command -v ss >/dev/null || die "ss (iproute2) is needed"
@@ -86,7 +92,11 @@ one_run() {
     [[ $SERVING_PID == "$cur" ]] || die "$name: baton (pid $cur) serves, but its log says no \"serving generation G (pid $cur)\""
     seconds=$(((LEAD_US + UPGRADES * INTERVAL_US) / 1000000 + 2))
     "${LOAD_PIN[@]}" "$TMP/timeline" "127.0.0.1:$PORT" /file.bin "$THREADS" "$CONNECTIONS" "$seconds" "$TMP/$name.lat" &
-    local load=$!
+    local load=$! beside=
+    if ((BESIDE_WRK > 0)); then
+        "${LOAD_PIN[@]}" "$WRK" -t1 -c"$BESIDE_WRK" -d"${seconds}s" --latency "http://127.0.0.1:$PORT/file.bin" >"$TMP/$name.wrk" 2>&1 &
+        beside=$!
+    fi
     : >"$TMP/$name.up"
     t0=${EPOCHREALTIME//[!0-9]/}
     for ((i = 0; i < UPGRADES; i++)); do
@@ -109,6 +119,7 @@ one_run() {
         pids+=("$cur")
     done
     wait "$load" || die "$name: the load failed (a request lost?)"
+    [[ -z $beside ]] || wait "$beside" || die "$name: wrk failed: $(cat "$TMP/$name.wrk")"
     # The last generation is on probation: SIGTERM to the one standing by stops both (SIGTERM
     # to the new one would make the old one take over again).
     kill -TERM "${prev:-$cur}" 2>/dev/null || true
@@ -122,7 +133,7 @@ one_run() {
 }
 
 say "baton:    $BATON ($("$BATON" --version 2>/dev/null | head -1))"
-say "load:     bench/timeline.rs, $THREADS thread(s), $CONNECTIONS keep-alive connections, GET /file.bin (1 KiB)${PIN:+, PIN=$PIN}"
+say "load:     bench/timeline.rs, $THREADS thread(s), $CONNECTIONS keep-alive connections, GET /file.bin (1 KiB)${PIN:+, PIN=$PIN}$( ((BESIDE_WRK == 0)) || echo "; beside it wrk -t1 -c$BESIDE_WRK")"
 say "schedule: $ROUNDS round(s) of a steady run and a run with $UPGRADES upgrades (SIGUSR2), one every ${INTERVAL}s from ${LEAD}s on"
 say "machine:  $CPUS CPUs, $(uname -r)"
 STEADY=() UPGRADED=()
@@ -136,3 +147,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 say ""
 python3 "$REPO/bench/timeline.py" "${STEADY[@]}" -- "${UPGRADED[@]}"
+if ((BESIDE_WRK > 0)); then
+    say ""
+    say "wrk -t1 -c$BESIDE_WRK beside it, p99 per run (wrk --latency):"
+    for run in "${STEADY[@]}" "${UPGRADED[@]}"; do
+        say "  ${run##*/}: $(awk '$1 == "99%" { print $2 }' "$run.wrk")"
+    done
+fi
