@@ -749,21 +749,10 @@ fn a_client_that_never_reads_cached_files_is_closed_by_the_send_timeout() {
         );
         // Reading now finds the end of the connection (a close or a reset) before the
         // thousandth answer.
-        let mut got = 0usize;
-        let mut buf = vec![0u8; 1 << 20];
-        stalled
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        loop {
-            match stalled.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-                Err(e) => {
-                    panic!("{path}: the connection is still open after its send timeout: {e}")
-                }
-            }
-        }
+        let got =
+            http::read_until_closed(&mut stalled, Duration::from_secs(10)).unwrap_or_else(|e| {
+                panic!("{path}: the connection is still open after its send timeout: {e}")
+            });
         assert!(
             got < 1000 * size,
             "{path}: every answer arrived after the send timeout"

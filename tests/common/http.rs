@@ -190,6 +190,23 @@ impl<S: Read + Write> Conn<S> {
     }
 }
 
+/// Reads and drops what arrives on `stream` until the server ends the connection (a close or a
+/// reset); the bytes read by then. An error if it is still open after `within` without a byte.
+pub fn read_until_closed(stream: &mut TcpStream, within: Duration) -> io::Result<usize> {
+    stream.set_read_timeout(Some(within))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(got),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Starts downloading `path` over a fresh keep-alive connection: sends the GET, reads the
 /// response head, and returns the connection (positioned at the body) and the body's length.
 /// Reading the body slowly, or not at all, keeps the response in flight.
