@@ -47,6 +47,18 @@ bench_baton() {
     [[ -x $BATON ]] || die "$BATON is not executable"
 }
 
+# ---------------------------------------------------------------- sleeps that fork nothing
+# A read with a timeout on a pipe that never has data: no sleep(1) started while the benchmark's
+# own work competes with the load for the CPU.
+exec {NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$NAP_FD" || true; } # seconds, e.g. 0.002
+sleep_us() { # microseconds
+    local s
+    (($1 > 0)) || return 0
+    printf -v s '%d.%06d' $(($1 / 1000000)) $(($1 % 1000000))
+    nap "$s"
+}
+
 # ---------------------------------------------------------------- processes and cleanup
 # Creates TMP and installs the traps: on exit, Ctrl-C or SIGTERM, cleanup_extra (if defined)
 # runs, then every pid in PIDS is stopped (SIGTERM, 5 s, SIGKILL) and TMP is removed.

@@ -70,17 +70,13 @@ bench_baton
 bench_content
 rustc -O --edition 2021 -o "$TMP/timeline" "$REPO/bench/timeline.rs" || die "cannot build bench/timeline.rs"
 
-# A sleep that forks nothing: a read with a timeout on a pipe that never has data.
-exec {NAP_FD}<> <(:)
-nap() { read -r -t "$1" -u "$NAP_FD" || true; }
-
 # One run: KIND (steady|upgrades) NAME. Writes $TMP/NAME.lat and $TMP/NAME.up.
 # An upgrade is SIGUSR2, then the log read every millisecond until another generation says it
 # serves (see log_scan in bench/lib.sh: a read of a regular file, no GET, no process started,
 # so the script's own work on the load's CPU stays small). A steady run reads the log the same
 # way for as long as a switch takes, without the signal.
 one_run() {
-    local kind=$1 name=$2 cur prev= i t0 next now seconds wait_s pids=() pid
+    local kind=$1 name=$2 cur prev= i t0 next now seconds pids=() pid
     PORT=$(free_port)
     "${SERVER_PIN[@]}" "$BATON" serve --listen "127.0.0.1:$PORT" --root "$TMP/www" >"$TMP/$name.log" 2>&1 &
     cur=$!
@@ -102,10 +98,7 @@ one_run() {
     for ((i = 0; i < UPGRADES; i++)); do
         next=$((t0 + LEAD_US + i * INTERVAL_US))
         now=${EPOCHREALTIME//[!0-9]/}
-        if ((next > now)); then
-            printf -v wait_s '%d.%06d' $(((next - now) / 1000000)) $(((next - now) % 1000000))
-            nap "$wait_s"
-        fi
+        sleep_us $((next - now))
         now=${EPOCHREALTIME//[!0-9]/}
         echo "$now" >>"$TMP/$name.up"
         [[ $kind == upgrades ]] && kill -USR2 "$cur"

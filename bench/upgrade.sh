@@ -118,8 +118,6 @@ export SUPERVISE_KILL_AFTER=4 # below cleanup's 5 s per process
 bench_baton
 bench_tmp
 bench_content
-mkfifo "$TMP/sleep.fifo"
-exec 9<>"$TMP/sleep.fifo" # read -t on it: a sleep that forks nothing
 
 # ---------------------------------------------------------------- processes
 # Every process here runs under a supervise.py (in PIDS); cleanup_extra stops wrk and the
@@ -140,12 +138,6 @@ alive() {
     { read -r s <"/proc/$1/stat"; } 2>/dev/null || return 1
     s=${s##*) }
     [[ ${s:0:1} != Z ]]
-}
-sleep_us() { # microseconds
-    local s
-    (($1 > 0)) || return 0
-    printf -v s '%d.%06d' $(($1 / 1000000)) $(($1 % 1000000))
-    read -r -t "$s" -u 9 _ || true
 }
 # Waits up to ms milliseconds for a command to succeed, polling every millisecond.
 wait_for() { # ms command...
@@ -212,10 +204,6 @@ start_baton() {
     log_scan
     [[ $SERVING_PID == "$BATON_CUR" ]] || die "baton (pid $BATON_CUR) serves, but its log has no \"serving generation G (pid $BATON_CUR)\" line (last seen: pid '$SERVING_PID')"
 }
-
-# A sleep that forks nothing: a read with a timeout on a pipe that never has data.
-exec {NAP_FD}<> <(:)
-nap() { read -r -t "$1" -u "$NAP_FD" || true; }
 
 # Sets V_PID and V_GEN from the /-/version JSON in BODY.
 baton_version() {
