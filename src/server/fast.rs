@@ -29,13 +29,13 @@
 //! ([`crate::http::MAX_CACHED_FILE`]) goes out from the fd its entry keeps, an even larger one
 //! (or one that changed while being read) from the fd just opened: what the file holds when it
 //! is sent, as nginx sends it. Either way the head leaves with `MSG_MORE`, so that it shares a
-//! packet with the first bytes of the file; then sendfile(2) in a writable-readiness loop (`try_io`, which clears tokio's readiness on
-//! `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a call, yielding to the runtime after each
-//! `MAX_CHUNK` so that one fast client cannot hold a worker. A file that ends early
-//! (truncated while being sent) closes the connection: the client sees a short body, never a
-//! padded one. A file renamed over while being sent is still the fd that was opened: the old
-//! content, whole. `ENOSYS`/`EINVAL` from sendfile (a file system without it) fall back to
-//! reading and writing the file through a buffer.
+//! packet with the first bytes of the file; then sendfile(2) in a writable-readiness loop
+//! (`try_io`, which clears tokio's readiness on `WouldBlock`), at most `MAX_CHUNK` (2 MiB) a
+//! call, yielding to the runtime after each `MAX_CHUNK` so that one fast client cannot hold a
+//! worker. A file that ends early (truncated while being sent) closes the connection: the client
+//! sees a short body, never a padded one. A file renamed over while being sent is still the fd
+//! that was opened: the old content, whole. `ENOSYS`/`EINVAL` from sendfile (a file system
+//! without it) fall back to reading and writing the file through a buffer.
 //!
 //! The open and `fstat` run on the runtime, as in [`crate::http::Beneath`] (a few microseconds
 //! for a cached tree). The file's pages are another matter: sendfile on a worker would wait for
