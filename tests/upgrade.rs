@@ -676,12 +676,12 @@ fn upgrade_old_kept(baton: &Baton, addr: SocketAddr) -> u32 {
 #[test]
 fn a_new_process_that_never_confirms_it_serves_is_killed_and_the_old_one_serves_on() {
     let dir = TempDir::new("unconfirmed");
-    // Speaks the handshake up to the commit (the channel is fd 4: one socket, then it), then
-    // goes silent.
+    // Speaks the handshake up to the commit (on the channel the old generation announces),
+    // then goes silent.
     let exe = script(
         &dir,
         "baton",
-        "echo ready >&4; read commit <&4; exec sleep 600",
+        "echo ready >&$BATON_UPGRADE_FD; read commit <&$BATON_UPGRADE_FD; exec sleep 600",
     );
     let (mut baton, addr) = start(&["--exec", &exe], &[]);
     let (code, _, err) = reload(baton.pid());
@@ -729,7 +729,7 @@ fn a_new_process_that_dies_right_after_taking_over_is_rolled_back_without_an_out
     let exe = script(
         &dir,
         "baton",
-        "echo ready >&4; read commit <&4; echo serving >&4; exit 7",
+        "fd=$BATON_UPGRADE_FD; echo ready >&$fd; read commit <&$fd; echo serving >&$fd; exit 7",
     );
     let addr = unheld_port();
     let listen = addr.to_string();

@@ -70,7 +70,7 @@ pub fn identity() -> &'static Identity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Var(usize);
 
-const SUFFIXES: [&str; 12] = [
+const SUFFIXES: [&str; 13] = [
     "FOR_PID",
     "GENERATION",
     "UPGRADE_FD",
@@ -83,6 +83,7 @@ const SUFFIXES: [&str; 12] = [
     "KEEPER_STATE",
     "SOCKET_UNITS",
     "STATE_FD",
+    "CONNECTIONS_FD",
 ];
 
 impl Var {
@@ -111,6 +112,8 @@ impl Var {
     pub const SOCKET_UNITS: Var = Var(10);
     /// A memfd with the state an old generation hands its successor.
     pub const STATE_FD: Var = Var(11);
+    /// N's end of the socket pair on which O passes open connections on ([`crate::handoff`]).
+    pub const CONNECTIONS_FD: Var = Var(12);
 
     /// The variable's name, `<PREFIX>_<suffix>`, for this process's [`identity`].
     pub fn name(self) -> &'static str {
@@ -162,10 +165,11 @@ impl std::fmt::Display for Var {
 
 /// The private variables: honoured only when meant for this very process
 /// ([`private_env_trusted`]).
-pub static PRIVATE_VARS: LazyLock<[&str; 10]> = LazyLock::new(|| {
+pub static PRIVATE_VARS: LazyLock<[&str; 11]> = LazyLock::new(|| {
     [
         Var::UPGRADE_FD.name(),
         Var::STATE_FD.name(),
+        Var::CONNECTIONS_FD.name(),
         Var::UPGRADE_STARTED_USEC.name(),
         Var::UPGRADES.name(),
         Var::GENERATION.name(),
@@ -179,7 +183,7 @@ pub static PRIVATE_VARS: LazyLock<[&str; 10]> = LazyLock::new(|| {
 
 /// Variables of an old generation's environment that the new one must not inherit as they are
 /// (the upgrade sets its own values).
-pub static NOT_INHERITED: LazyLock<[&str; 13]> = LazyLock::new(|| {
+pub static NOT_INHERITED: LazyLock<[&str; 14]> = LazyLock::new(|| {
     [
         "LISTEN_PID",
         "LISTEN_FDS",
@@ -192,6 +196,7 @@ pub static NOT_INHERITED: LazyLock<[&str; 13]> = LazyLock::new(|| {
         Var::UPGRADE_STARTED_USEC.name(),
         Var::UPGRADES.name(),
         Var::STATE_FD.name(),
+        Var::CONNECTIONS_FD.name(),
         Var::PIDFILE_FD.name(),
         Var::FOR_PID.name(),
     ]

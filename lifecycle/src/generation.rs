@@ -39,6 +39,7 @@ use crate::activation::{self, ListenSpec, Listener};
 use crate::control::{self, Request};
 use crate::daemon::Readiness;
 use crate::env::Var;
+use crate::handoff;
 use crate::notify;
 use crate::pidfile::{Pidfile, PIDFILE_FD_ENV};
 use crate::signals::{Event, SignalMap, Signals};
@@ -187,7 +188,7 @@ impl Process {
             .map(|l| l.as_fd().as_raw_fd())
             .collect();
         fds.extend(self.upgrader.fds());
-        fds.extend(self.handshake.as_ref().map(|h| h.fd()));
+        fds.extend(self.handshake.iter().flat_map(|h| h.fds()));
         fds.extend(self.pidfile.as_ref().map(|p| p.fd()));
         fds
     }
@@ -811,14 +812,15 @@ impl<W: Workload> Generation<W> {
 
     /// The new generation serves: this one stops accepting, drains, and stands by as the main
     /// pid for the probation (or hands over at once without one).
-    async fn begin_probation(&mut self, successor: Successor) -> Option<End> {
+    async fn begin_probation(&mut self, mut successor: Successor) -> Option<End> {
         let Phase::Upgrading { waiters, .. } = std::mem::replace(&mut self.phase, Phase::Serving)
         else {
             return None;
         };
         // Every new connection is the successor's from now on. The upgrader keeps this
-        // process's copies of the sockets, so nothing is shut down for it.
-        self.stop_accepting().await;
+        // process's copies of the sockets, so nothing is shut down for it. The open ones go
+        // over too where the workload can pass them on.
+        self.stop_accepting(successor.take_pass_on()).await;
         let generation = self.generation;
         let (pid, next, probation) = (successor.pid, successor.generation, self.probation);
         let (waiting, answered): (Vec<Waiter>, Vec<Waiter>) = if probation.is_zero() {
@@ -1007,10 +1009,14 @@ impl<W: Workload> Generation<W> {
         }
     }
 
-    /// Stops accepting: the server goes on draining in the background.
-    async fn stop_accepting(&mut self) {
+    /// Stops accepting: the server goes on draining in the background, after passing on what
+    /// it can to a successor that adopts connections.
+    async fn stop_accepting(&mut self, pass_on: Option<handoff::PassOn>) {
         if let Some(mut server) = self.server.take() {
             server.stop_accepting().await;
+            if let Some(to) = pass_on {
+                server.pass_on(to);
+            }
             let timeout = self.drain_timeout;
             self.draining
                 .push(tokio::spawn(async move { server.drain(timeout).await }));
@@ -1059,7 +1065,7 @@ impl<W: Workload> Generation<W> {
             }
         }
         self.announce_end(&end, successor_to_stop.as_ref());
-        self.stop_accepting().await;
+        self.stop_accepting(None).await;
         // This process's copies of the sockets go with its accept loops: a copy left open would
         // queue new clients where nobody accepts them anymore. (After a handover the new main
         // pid holds its own.)
@@ -1182,10 +1188,12 @@ impl<W: Workload> Generation<W> {
             generation = self.generation,
             open_at_start = report.open_at_start,
             forced = report.forced,
+            passed_on = report.passed_on,
             drain_ms = report.duration.as_millis() as u64,
-            "drained {} connection(s) in {:?}, {} closed at the deadline; exiting",
+            "drained {} connection(s) in {:?}, {} passed on to the next generation, {} closed at the deadline; exiting",
             report.open_at_start,
             report.duration,
+            report.passed_on,
             report.forced
         );
         match channel {
@@ -1254,15 +1262,12 @@ impl<W: Workload> Generation<W> {
                 control.close(Duration::from_secs(2)).await;
             };
             let servers = async {
-                let mut total = DrainReport {
-                    open_at_start: 0,
-                    forced: 0,
-                    duration: Duration::ZERO,
-                };
+                let mut total = DrainReport::default();
                 for task in draining {
                     if let Ok(report) = task.await {
                         total.open_at_start += report.open_at_start;
                         total.forced += report.forced;
+                        total.passed_on += report.passed_on;
                         total.duration = total.duration.max(report.duration);
                     }
                 }
@@ -1373,17 +1378,25 @@ fn listening_lines(listeners: &[Listener]) -> Vec<ListeningLine> {
 /// A new generation: says `ready`, waits for its predecessor's commit (until then it may still
 /// be called off), starts accepting, and tells the predecessor it serves.
 async fn accept_after_commit<S: Serving>(
-    handshake: Handshake,
+    mut handshake: Handshake,
     warnings: &[String],
     signals: &mut Signals,
     server: &mut S,
     stats: &Stats,
 ) -> anyhow::Result<Predecessor> {
+    let adopts = match handshake.take_connections().map(handoff::Adopted::new) {
+        Some(Ok(adopted)) => server.adopt(adopted).is_ok(),
+        Some(Err(e)) => {
+            tracing::warn!("cannot take the connections the old process passes on: {e}; it drains them instead");
+            false
+        }
+        None => false,
+    };
     let committed = tokio::select! {
         // A commit that arrived is taken even if a stop arrived too: O goes on with the
         // upgrade and stops this process gracefully if it is stopping.
         biased;
-        committed = handshake.ready(warnings) => committed.context("the upgrade was called off by the old process")?,
+        committed = handshake.ready(warnings, adopts) => committed.context("the upgrade was called off by the old process")?,
         _ = next_stop(signals) => anyhow::bail!("stopped before the old process handed over"),
     };
     if let Some(took) = committed.handoff {

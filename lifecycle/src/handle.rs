@@ -422,6 +422,7 @@ impl Serving for AcceptSession {
         DrainReport {
             open_at_start,
             forced,
+            passed_on: 0,
             duration: started.elapsed(),
         }
     }

@@ -114,6 +114,11 @@
 //! reason and serves on; if it dies during the probation, the old one accepts again on its own
 //! copies of the sockets. The full protocol is in [`upgrade`] and [`generation`].
 //!
+//! A service with its own connection handling can spare its clients the reconnect at each
+//! upgrade: the old generation passes idle connections on to the new one over a socket pair
+//! ([`handoff`], with [`workload::Serving::pass_on`] and [`workload::Serving::adopt`]); baton
+//! does so for its plain HTTP/1.1 keep-alive connections.
+//!
 //! # Readiness
 //!
 //! [`Lifecycle::serve`] (or [`Lifecycle::run`]) is the ready step: until it is called, a new
@@ -155,6 +160,7 @@ mod exec;
 pub mod fdstore;
 pub mod generation;
 mod handle;
+pub mod handoff;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 pub mod keeper;

@@ -23,14 +23,17 @@
 //!    leaves it unreaped until O says it holds the pidfd). I stays N's parent during the
 //!    probation: if N dies, I reaps it and reports `exit <wait status>`. N runs in a process
 //!    group of its own, gets the sockets at fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and
-//!    its own `LISTEN_PID`, the handshake channel at the next fd (`BATON_UPGRADE_FD`), and
-//!    `BATON_GENERATION` one higher.
+//!    its own `LISTEN_PID`, a socket pair's end for passed-on connections
+//!    (`BATON_CONNECTIONS_FD`, [`crate::handoff`]), the handshake channel at the last fd
+//!    (`BATON_UPGRADE_FD`), and `BATON_GENERATION` one higher.
 //! 3. N starts (fresh config, sockets, server) without accepting and without notifying, then
-//!    says `ready`. Anything that goes wrong in N before that is reported as `error <message>`.
+//!    says `ready` (saying whether its workload adopts connections). Anything that goes wrong
+//!    in N before that is reported as `error <message>`.
 //! 4. O says `commit`; N starts accepting and says `serving`. Up to the commit a stop calls the
 //!    upgrade off.
-//! 5. O stops accepting (its copies of the sockets stay open), drains, and stands by as the
-//!    main pid for the probation, watching N's pidfd.
+//! 5. O stops accepting (its copies of the sockets stay open), passes connections on if N
+//!    adopts them ([`Successor::take_pass_on`]), drains the rest, and stands by as the main pid
+//!    for the probation, watching N's pidfd.
 //! 6. The probation passed ([`Successor::promote`]): O releases and reaps I, so N is PID 1's
 //!    child (or the nearest subreaper's) before it is ever named the main pid; sends
 //!    `MAINPID=N` and a `BARRIER=1`; says `main`, and is silent towards systemd from then on
@@ -40,7 +43,7 @@
 //!    N died on probation ([`SuccessorEvent::Exited`]): O kills N's group and serves again.
 //!
 //! Messages on the channel are text lines. N → O: `pid <n>` and `exit <status>` (from I),
-//! `exec-error <errno>`, `error <text>`, `ready` (or `ready {"warnings":[..]}`), `serving`, `promote` (N was asked to
+//! `exec-error <errno>`, `error <text>`, `ready` (or `ready {"warnings":[..],"adopts":true}`), `serving`, `promote` (N was asked to
 //! upgrade: end my probation). O → N: `commit`, `main`, `stop`, `drained <ms> <forced>`.
 //!
 //! Before `commit` N accepts nothing, so killing it loses no request; a guard kills N on every
@@ -198,10 +201,11 @@ pub enum NewToOld {
     ExecError(i32),
     /// `error <text>`: N failed to start (one line).
     Error(String),
-    /// `ready` or `ready {"warnings":[..]}`: N started and waits for `commit`. Anything after
-    /// `ready ` that is not such an object means no warnings (an older O reads only the first
-    /// word).
-    Ready { warnings: Vec<String> },
+    /// `ready` or `ready {"warnings":[..],"adopts":true}`: N started and waits for `commit`;
+    /// with `adopts`, it takes the connections O passes on ([`crate::handoff`]). Anything after
+    /// `ready ` that is not such an object means no warnings and no adoption (an older O reads
+    /// only the first word).
+    Ready { warnings: Vec<String>, adopts: bool },
     /// `serving`: N accepts since the commit.
     Serving,
     /// `promote`: N was asked for an upgrade itself and asks O to end the probation now.
@@ -221,9 +225,10 @@ impl NewToOld {
             ("exit", Some(n)) => NewToOld::Exit(n.parse().ok()?),
             ("exec-error", Some(n)) => NewToOld::ExecError(n.parse().ok()?),
             ("error", message) => NewToOld::Error(message.unwrap_or("").to_owned()),
-            ("ready", extra) => NewToOld::Ready {
-                warnings: extra.map(ready_warnings).unwrap_or_default(),
-            },
+            ("ready", extra) => {
+                let (warnings, adopts) = extra.map(ready_extra).unwrap_or_default();
+                NewToOld::Ready { warnings, adopts }
+            }
             ("serving", None) => NewToOld::Serving,
             ("promote", None) => NewToOld::Promote,
             _ => return None,
@@ -245,10 +250,22 @@ impl std::fmt::Display for NewToOld {
             NewToOld::Exit(n) => write!(f, "{EXIT_WORD}{n}"),
             NewToOld::ExecError(n) => write!(f, "{EXEC_ERROR_WORD}{n}"),
             NewToOld::Error(message) => write!(f, "error {message}"),
-            NewToOld::Ready { warnings } if warnings.is_empty() => f.write_str("ready"),
-            NewToOld::Ready { warnings } => {
-                write!(f, "ready {}", serde_json::json!({ "warnings": warnings }))
-            }
+            NewToOld::Ready {
+                warnings,
+                adopts: false,
+            } if warnings.is_empty() => f.write_str("ready"),
+            NewToOld::Ready {
+                warnings,
+                adopts: false,
+            } => write!(f, "ready {}", serde_json::json!({ "warnings": warnings })),
+            NewToOld::Ready {
+                warnings,
+                adopts: true,
+            } => write!(
+                f,
+                "ready {}",
+                serde_json::json!({ "warnings": warnings, "adopts": true })
+            ),
             NewToOld::Serving => f.write_str("serving"),
             NewToOld::Promote => f.write_str("promote"),
         }
@@ -585,7 +602,9 @@ impl Upgrader {
     /// exec plan.
     fn prepare(&self, started_usec: i128, counts: Counts) -> io::Result<Launch> {
         let (parent_end, child_end) = StdUnixStream::pair()?; // both CLOEXEC
+        let (pass_on, connections) = crate::handoff::pair()?;
         let state = self.state_memfd()?;
+        let has_state = state.is_some();
         // N gets them at 3.. in this order; the channel comes last.
         let mut handed = self
             .sockets
@@ -593,6 +612,7 @@ impl Upgrader {
             .map(|l| l.as_fd().try_clone_to_owned())
             .chain(self.extra.iter().map(|(fd, _)| fd.try_clone()))
             .collect::<io::Result<Vec<OwnedFd>>>()?;
+        handed.push(connections);
         handed.extend(state);
         let mut fds: Vec<RawFd> = handed.iter().map(AsRawFd::as_raw_fd).collect();
         fds.push(child_end.as_raw_fd());
@@ -602,12 +622,13 @@ impl Upgrader {
                 format!("{} fds to hand over; at most {MAX_FDS}", fds.len()),
             ));
         }
-        let env = self.successor_env(started_usec, counts, fds.len());
+        let env = self.successor_env(started_usec, counts, fds.len(), has_state);
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
         Ok(Launch {
             exec,
             parent_end,
             child_end,
+            pass_on,
             _handed: handed,
         })
     }
@@ -633,9 +654,15 @@ impl Upgrader {
     /// N's environment: this process's own without the private variables
     /// ([`crate::env::NOT_INHERITED`]),
     /// plus what announces the `n_fds` fds N gets at 3.. (the sockets, the extra fds, the
-    /// state if any, the channel last), its generation and the counts. `LISTEN_PID` and
-    /// `BATON_FOR_PID` are N's to fill in ([`ExecPlan`]).
-    fn successor_env(&self, started_usec: i128, counts: Counts, n_fds: usize) -> Vec<Vec<u8>> {
+    /// pair for passed-on connections, the state if any, the channel last), its generation and
+    /// the counts. `LISTEN_PID` and `BATON_FOR_PID` are N's to fill in ([`ExecPlan`]).
+    fn successor_env(
+        &self,
+        started_usec: i128,
+        counts: Counts,
+        n_fds: usize,
+        has_state: bool,
+    ) -> Vec<Vec<u8>> {
         let first = 3;
         let n_sockets = self.sockets.len();
         let channel_fd = first + n_fds - 1;
@@ -654,10 +681,11 @@ impl Upgrader {
         for (i, (_, var)) in self.extra.iter().enumerate() {
             env.push(format!("{var}={}", first + n_sockets + i).into_bytes());
         }
-        // The state's memfd, if any, sits between the extra fds and the channel.
-        let state_fd = first + n_sockets + self.extra.len();
-        if state_fd < channel_fd {
-            env.push(format!("{STATE_FD_ENV}={state_fd}").into_bytes());
+        // Then the pair for passed-on connections, and the state's memfd, if any.
+        let connections_fd = first + n_sockets + self.extra.len();
+        env.push(format!("{}={connections_fd}", crate::handoff::CONNECTIONS_FD_ENV).into_bytes());
+        if has_state {
+            env.push(format!("{STATE_FD_ENV}={}", connections_fd + 1).into_bytes());
         }
         env.push(format!("{}={}", Var::GENERATION, self.generation + 1).into_bytes());
         env.push(format!("{UPGRADE_FD_ENV}={channel_fd}").into_bytes());
@@ -673,6 +701,8 @@ struct Launch {
     exec: ExecPlan,
     parent_end: StdUnixStream,
     child_end: StdUnixStream,
+    /// O's end of the pair for passed-on connections.
+    pass_on: crate::handoff::PassOn,
     /// Copies of the fds that `exec` hands to N: open until the fork is done.
     _handed: Vec<OwnedFd>,
 }
@@ -701,6 +731,7 @@ impl Launch {
             intermediate: Some(intermediate),
             channel,
             buffered,
+            pass_on: Some(self.pass_on),
             promoted: false,
             killed: false,
         })
@@ -822,6 +853,8 @@ pub struct Spawned {
     channel: StdUnixStream,
     /// What N wrote that came before or with its pid: the first bytes of its messages.
     buffered: Vec<u8>,
+    /// O's end of the pair for passed-on connections, until N says whether it adopts them.
+    pass_on: Option<crate::handoff::PassOn>,
     /// N is the main pid: nothing to kill.
     promoted: bool,
     /// N was killed already (`Spawned::kill`).
@@ -1053,6 +1086,8 @@ pub struct Successor {
     pub serving_since: Instant,
     /// What N warned about at start (one line each), e.g. a socket it cannot change.
     pub warnings: Vec<String>,
+    /// Where to pass connections on, if N adopts them ([`crate::handoff`]).
+    pass_on: Option<crate::handoff::PassOn>,
     spawned: Spawned,
     lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     write: tokio::net::unix::OwnedWriteHalf,
@@ -1060,6 +1095,14 @@ pub struct Successor {
     exit_watch: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
     /// The channel reached its end: N and its intermediate are gone.
     channel_closed: bool,
+}
+
+impl Successor {
+    /// Where to pass connections on instead of draining them, if N adopts them
+    /// ([`crate::handoff`]); `None` after the first call.
+    pub fn take_pass_on(&mut self) -> Option<crate::handoff::PassOn> {
+        self.pass_on.take()
+    }
 }
 
 /// What a successor on probation did.
@@ -1111,7 +1154,7 @@ pub async fn start(
         new_pid = pid,
         "started generation {next} as pid {pid}; waiting until it is ready"
     );
-    let (channel, warnings) = match until_committed(&mut spawned, upgrader, cancel).await {
+    let (channel, warnings, adopts) = match until_committed(&mut spawned, upgrader, cancel).await {
         Ok(committed) => committed,
         Err(e) => {
             // N is killed and its intermediate reaped before the failure is told: whoever asked
@@ -1126,6 +1169,7 @@ pub async fn start(
         took: started.elapsed(),
         serving_since: Instant::now(),
         warnings,
+        pass_on: spawned.pass_on.take().filter(|_| adopts),
         spawned,
         lines: channel.lines,
         write: channel.write,
@@ -1139,14 +1183,14 @@ async fn until_committed(
     spawned: &mut Spawned,
     upgrader: &Upgrader,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<(OldEnd, Vec<String>), UpgradeError> {
+) -> Result<(OldEnd, Vec<String>, bool), UpgradeError> {
     let mut channel = OldEnd::open(spawned)?;
-    let warnings = channel.wait_ready(spawned, upgrader, cancel).await?;
+    let (warnings, adopts) = channel.wait_ready(spawned, upgrader, cancel).await?;
     if cancel.is_cancelled() {
         return Err(UpgradeError::CalledOff);
     }
     channel.commit(spawned.pid).await?;
-    Ok((channel, warnings))
+    Ok((channel, warnings, adopts))
 }
 
 /// Step 2: the double fork ([`Upgrader::spawn`]), on the blocking pool.
@@ -1202,13 +1246,14 @@ impl OldEnd {
     }
 
     /// Step 3: N's first message (one that came with its pid counts) within the upgrade
-    /// timeout: `ready` gives N's warnings; anything else fails the upgrade.
+    /// timeout: `ready` gives N's warnings and whether it adopts connections; anything else
+    /// fails the upgrade.
     async fn wait_ready(
         &mut self,
         spawned: &Spawned,
         upgrader: &Upgrader,
         cancel: &tokio_util::sync::CancellationToken,
-    ) -> Result<Vec<String>, UpgradeError> {
+    ) -> Result<(Vec<String>, bool), UpgradeError> {
         let pid = spawned.pid;
         let first = tokio::time::timeout(upgrader.timeout, async {
             tokio::select! {
@@ -1232,7 +1277,7 @@ impl OldEnd {
                 how: None,
             }),
             Ok(Ok(Some(line))) => match NewToOld::parse(&line) {
-                Some(NewToOld::Ready { warnings }) => Ok(warnings),
+                Some(NewToOld::Ready { warnings, adopts }) => Ok((warnings, adopts)),
                 Some(NewToOld::ExecError(errno)) => Err(UpgradeError::Exec {
                     exe: exe(),
                     source: io::Error::from_raw_os_error(errno),
@@ -1299,19 +1344,22 @@ impl OldEnd {
     }
 }
 
-/// The warnings N sent with `ready`: `ready {"warnings":[...]}` (a plain `ready` has none; an
-/// older O reads only the first word).
-fn ready_warnings(extra: &str) -> Vec<String> {
-    serde_json::from_str::<serde_json::Value>(extra)
-        .ok()
-        .and_then(|v| {
-            v["warnings"].as_array().map(|a| {
-                a.iter()
-                    .filter_map(|w| w.as_str().map(str::to_owned))
-                    .collect()
-            })
+/// The warnings N sent with `ready`, and whether it adopts connections:
+/// `ready {"warnings":[...],"adopts":true}` (a plain `ready` has neither; an older O reads only
+/// the first word).
+fn ready_extra(extra: &str) -> (Vec<String>, bool) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(extra) else {
+        return (Vec::new(), false);
+    };
+    let warnings = v["warnings"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|w| w.as_str().map(str::to_owned))
+                .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (warnings, v["adopts"] == serde_json::Value::Bool(true))
 }
 
 /// Resolves once the watched process has exited (never without a watch).
@@ -1523,6 +1571,8 @@ fn monotonic_usec() -> i128 {
 /// N's side of the channel.
 pub struct Handshake {
     channel: StdUnixStream,
+    /// N's end of the pair for passed-on connections, if O made one ([`crate::handoff`]).
+    connections: Option<OwnedFd>,
     /// When O began the upgrade (CLOCK_MONOTONIC, µs).
     pub started_usec: Option<i128>,
 }
@@ -1687,8 +1737,11 @@ impl Handshake {
             return Ok(None);
         };
         let channel = StdUnixStream::from(fd);
+        // SAFETY: as above.
+        let connections = unsafe { crate::handoff::take_from_env() }?;
         Ok(Some(Handshake {
             channel,
+            connections,
             started_usec: started.and_then(|s| s.parse().ok()),
         }))
     }
@@ -1696,6 +1749,18 @@ impl Handshake {
     /// The channel's fd.
     pub fn fd(&self) -> RawFd {
         self.channel.as_raw_fd()
+    }
+
+    /// The fds this process must keep: the channel's, and the pair's for passed-on connections.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let connections = self.connections.as_ref().map(AsRawFd::as_raw_fd);
+        std::iter::once(self.fd()).chain(connections).collect()
+    }
+
+    /// N's end of the pair on which O passes connections on, if O made one; take it to adopt
+    /// them ([`crate::handoff::Adopted`]), and say so with [`Handshake::ready`]'s `adopts`.
+    pub fn take_connections(&mut self) -> Option<OwnedFd> {
+        self.connections.take()
     }
 
     /// Reports a startup failure to O, which relays it to whoever asked for the upgrade.
@@ -1714,12 +1779,14 @@ impl Handshake {
     }
 
     /// Says `ready` (with the start's `warnings`, which O relays to whoever asked for the
-    /// upgrade) and waits for `commit`. An error means O is gone or refused: N must exit.
-    pub async fn ready(self, warnings: &[String]) -> io::Result<Committed> {
+    /// upgrade, and whether this process adopts the connections O passes on) and waits for
+    /// `commit`. An error means O is gone or refused: N must exit.
+    pub async fn ready(self, warnings: &[String], adopts: bool) -> io::Result<Committed> {
         self.channel.set_nonblocking(true)?;
         let mut channel = tokio::net::UnixStream::from_std(self.channel)?;
         let ready = NewToOld::Ready {
             warnings: warnings.to_vec(),
+            adopts,
         };
         channel.write_all(ready.to_line().as_bytes()).await?;
         let mut lines = BoundedLines::new(&mut channel);
@@ -1823,12 +1890,26 @@ mod tests {
             (NewToOld::ExecError(2), "exec-error 2"),
             (NewToOld::Error("no config: x".into()), "error no config: x"),
             (NewToOld::Error(String::new()), "error "),
-            (NewToOld::Ready { warnings: vec![] }, "ready"),
+            (
+                NewToOld::Ready {
+                    warnings: vec![],
+                    adopts: false,
+                },
+                "ready",
+            ),
             (
                 NewToOld::Ready {
                     warnings: vec!["a \"b\"".into(), "c".into()],
+                    adopts: false,
                 },
                 r#"ready {"warnings":["a \"b\"","c"]}"#,
+            ),
+            (
+                NewToOld::Ready {
+                    warnings: vec!["w".into()],
+                    adopts: true,
+                },
+                r#"ready {"adopts":true,"warnings":["w"]}"#,
             ),
             (NewToOld::Serving, "serving"),
             (NewToOld::Promote, "promote"),
@@ -1845,7 +1926,18 @@ mod tests {
         );
         assert_eq!(
             NewToOld::parse("ready {\"later\":1}"),
-            Some(NewToOld::Ready { warnings: vec![] })
+            Some(NewToOld::Ready {
+                warnings: vec![],
+                adopts: false
+            })
+        );
+        // Only `true` adopts.
+        assert_eq!(
+            NewToOld::parse("ready {\"adopts\":\"yes\"}"),
+            Some(NewToOld::Ready {
+                warnings: vec![],
+                adopts: false
+            })
         );
         for junk in [
             "",
@@ -2045,7 +2137,7 @@ mod tests {
                 Some(bytes) => format!("state: {}", String::from_utf8_lossy(&bytes)),
                 None => "no state".to_owned(),
             };
-            let committed = handshake.ready(&[warning]).await.unwrap();
+            let committed = handshake.ready(&[warning], false).await.unwrap();
             let mut predecessor = committed.serving().await.unwrap();
             loop {
                 if let PredecessorEvent::Main | PredecessorEvent::Stop | PredecessorEvent::Gone =

@@ -4,7 +4,9 @@
 //! The lifecycle never looks inside a connection. It asks a [`Workload`] to serve the sockets
 //! at start (a new generation only once its predecessor committed), tells the [`Serving`] it got
 //! to stop accepting when a successor serves or a stop begins, and waits for its drain. After a
-//! rollback it asks the workload to serve the sockets again. [`Stats`] are the lifecycle's
+//! rollback it asks the workload to serve the sockets again. A workload may also hand its open
+//! connections on to the next generation instead of draining them ([`Serving::pass_on`],
+//! [`Serving::adopt`]). [`Stats`] are the lifecycle's
 //! counters (upgrades, handoff and drain times), for the service's own metrics.
 
 use std::future::Future;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::activation::Listener;
+use crate::handoff::{Adopted, PassOn};
 use crate::upgrade::Counts;
 
 /// A service's part of a generation: it serves the listening sockets it is given.
@@ -47,6 +50,23 @@ pub trait Serving: Send + 'static {
     /// Lets the open connections finish, closing those still open after `timeout`.
     fn drain(self, timeout: Duration) -> impl Future<Output = DrainReport> + Send;
 
+    /// Takes the connections the previous generation passes on during an upgrade
+    /// ([`crate::handoff`]), to serve them once accepting starts, alongside the accepted ones.
+    /// Called before [`Serving::start_accepting`], in a new generation only. By default the
+    /// workload declines (`Err` gives them back), and the old generation drains its
+    /// connections instead.
+    fn adopt(&mut self, connections: Adopted) -> Result<(), Adopted> {
+        Err(connections)
+    }
+
+    /// The new generation adopts connections: pass on, instead of draining, those that can be
+    /// (see [`crate::handoff`] for when). Called after [`Serving::stop_accepting`] and before
+    /// [`Serving::drain`], which still waits for the connections not passed on. Nothing by
+    /// default.
+    fn pass_on(&mut self, to: PassOn) {
+        drop(to);
+    }
+
     /// Completes, with why, if serving ends on its own while it should accept (an accept loop
     /// that returned or panicked): the generation then stops and fails, so that a service
     /// manager restarts it, or an upgrade's old generation rolls back. Never, by default.
@@ -62,6 +82,8 @@ pub struct DrainReport {
     pub open_at_start: usize,
     /// Connections closed forcibly at the deadline.
     pub forced: u64,
+    /// Connections passed on to the next generation instead ([`Serving::pass_on`]).
+    pub passed_on: u64,
     /// How long it took.
     pub duration: Duration,
 }
