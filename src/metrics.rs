@@ -50,6 +50,10 @@ pub struct Metrics {
     pub fast_path_responses: Counter,
     /// Access log lines dropped: the writer's queue was full or a write failed.
     pub access_log_dropped: Counter,
+    /// Keep-alive connections this process passed on to the next generation in an upgrade.
+    pub connections_passed_on: Counter,
+    /// Keep-alive connections this process adopted from the previous generation.
+    pub connections_adopted: Counter,
     lifecycle: OnceLock<Arc<Stats>>,
 }
 
@@ -184,6 +188,18 @@ impl Metrics {
             "Access log lines dropped because the writer's queue was full or a write failed (a full disk, a slow journal)",
             access_log_dropped.clone(),
         );
+        let connections_passed_on = Counter::default();
+        registry.register(
+            "baton_connections_passed_on",
+            "Keep-alive connections this process passed on to the next generation in an upgrade, instead of closing them",
+            connections_passed_on.clone(),
+        );
+        let connections_adopted = Counter::default();
+        registry.register(
+            "baton_connections_adopted",
+            "Keep-alive connections this process adopted from the previous generation in an upgrade",
+            connections_adopted.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -202,6 +218,8 @@ impl Metrics {
             sendfile_responses,
             fast_path_responses,
             access_log_dropped,
+            connections_passed_on,
+            connections_adopted,
             lifecycle: OnceLock::new(),
         }
     }

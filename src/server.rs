@@ -34,6 +34,16 @@
 //!   with a client that is just sending its next request on it, so idle connections get
 //!   `shutdown.idle_grace` to send one more request before they are closed. Whatever is still
 //!   open at the drain deadline is closed forcibly and counted.
+//! - **Passing on** (in an upgrade whose new generation adopts connections,
+//!   [`baton_lifecycle::handoff`]): instead of being closed, a connection still on the fast
+//!   path goes over to the new generation as soon as it is between two requests (at once if it
+//!   is idle, after its response otherwise), with the bytes of a next request already read;
+//!   its client never notices, and no response of the drain says `Connection: close`. The new
+//!   generation serves it as its listener's accept loop would (counted in
+//!   `baton_connections_passed_on_total` and `baton_connections_adopted_total`). Connections
+//!   hyper serves (TLS, HTTP/2, unix sockets, a request the fast path left to hyper) hold state
+//!   in hyper and drain as above, as does one whose passing fails (the new generation's queue
+//!   is full, or it died).
 //!
 //! On TCP connections, requests for large files take the zero-copy fast path ([`fast`]:
 //! sendfile(2), written by baton) until the first request that is not for it; hyper serves the
@@ -50,7 +60,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -71,6 +81,7 @@ use crate::access_log::{self, AccessLog, Client};
 use crate::activation::{Listener, Socket};
 use crate::config;
 use crate::metrics::Metrics;
+use baton_lifecycle::handoff::{Adopted, Connection, PassOn};
 
 /// A keep-alive connection is closed to make room only after it has been idle this long: a
 /// client that is in the middle of a burst of requests sends its next one sooner.
@@ -79,6 +90,10 @@ pub const IDLE_FOR_ROOM: Duration = Duration::from_millis(250);
 /// While a client waits for room at the limit, how often the accept loop looks again for a
 /// connection to close (connections do not report becoming idle).
 const ROOM_RECHECK: Duration = Duration::from_millis(50);
+
+/// How soon the watcher looks again at a draining connection that the fast path is to pass on
+/// once its response is out (in case passing it fails: then it closes as any other).
+const PASS_ON_RECHECK_MS: u64 = 50;
 
 /// An idle connection asked to close that is still open after this long no longer holds up
 /// the choice of another.
@@ -144,6 +159,8 @@ pub struct Server {
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
     connections: TaskTracker,
     workers: Arc<Workers>,
+    /// Connections the previous generation passes on, served once accepting starts.
+    adopted: Option<Adopted>,
 }
 
 enum Pending {
@@ -163,9 +180,19 @@ struct Shared {
     /// The open connections, by id (in accept order), for closing idle ones to make room.
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     next_id: AtomicU64,
+    /// The next generation, which adopts the connections this one passes on during its drain.
+    pass_on: OnceLock<PassOn>,
+    /// Connections passed on.
+    passed_on: AtomicU64,
 }
 
 impl Shared {
+    /// Whether the drain passes this connection on to the next generation rather than closing
+    /// it (unless passing it failed once). Set just before the drain starts.
+    fn passes_on(&self, state: &ConnState) -> bool {
+        self.pass_on.get().is_some() && !state.pass_failed.load(Ordering::SeqCst)
+    }
+
     /// Milliseconds since the server started, plus one: 0 stays free to mean "unset".
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -254,6 +281,8 @@ impl Server {
             forced: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            pass_on: OnceLock::new(),
+            passed_on: AtomicU64::new(0),
         });
         let pending = listeners
             .into_iter()
@@ -279,42 +308,60 @@ impl Server {
             accept_loops: Vec::new(),
             connections: TaskTracker::new(),
             workers,
+            adopted: None,
         })
     }
 
-    /// Starts the accept loops.
+    /// Starts the accept loops, and the adoption of the connections the previous generation
+    /// passes on.
     pub fn start_accepting(&mut self) {
-        let limit = self.limit.clone();
         let names: Vec<String> = self.pending.iter().map(|(n, _)| n.clone()).collect();
-        for (name, listener) in self.pending.drain(..) {
-            let versions = match self.shared.settings.http2.cleartext.contains(&name) {
-                true => Versions::Http1OrPrior,
-                false => Versions::Http1,
-            };
-            let tls = self
-                .shared
-                .settings
-                .tls
-                .get(&name)
-                .map(|config| tokio_rustls::TlsAcceptor::from(config.clone()));
-            let ctx = AcceptContext {
-                tls,
-                role: self
-                    .shared
-                    .app
-                    .role(&name, names.iter().map(String::as_str)),
-                versions,
-                name,
-                shared: self.shared.clone(),
-                limit: limit.clone(),
-                stop: self.stop_accepting.clone(),
-                connections: self.connections.clone(),
-                workers: self.workers.clone(),
-            };
+        let mut contexts = HashMap::new();
+        for (name, listener) in std::mem::take(&mut self.pending) {
+            let ctx = Arc::new(self.context(&name, &names));
+            contexts.insert(name, ctx.clone());
             self.accept_loops.push(match listener {
                 Pending::Tcp(l) => tokio::spawn(ctx.run(l)),
                 Pending::Unix(l) => tokio::spawn(ctx.run(l)),
             });
+        }
+        if let Some(adopted) = self.adopted.take() {
+            let template = self.context("", &names);
+            self.accept_loops
+                .push(tokio::spawn(adopt(adopted, contexts, template, names)));
+        }
+    }
+
+    /// What the accept loop of the listener `name` (one of `names`) serves its connections
+    /// with.
+    fn context(&self, name: &str, names: &[String]) -> AcceptContext {
+        let versions = match self
+            .shared
+            .settings
+            .http2
+            .cleartext
+            .iter()
+            .any(|n| n == name)
+        {
+            true => Versions::Http1OrPrior,
+            false => Versions::Http1,
+        };
+        let tls = self
+            .shared
+            .settings
+            .tls
+            .get(name)
+            .map(|config| tokio_rustls::TlsAcceptor::from(config.clone()));
+        AcceptContext {
+            tls,
+            role: self.shared.app.role(name, names.iter().map(String::as_str)),
+            versions,
+            name: name.into(),
+            shared: self.shared.clone(),
+            limit: self.limit.clone(),
+            stop: self.stop_accepting.clone(),
+            connections: self.connections.clone(),
+            workers: self.workers.clone(),
         }
     }
 
@@ -347,6 +394,7 @@ impl Server {
         DrainReport {
             open_at_start,
             forced: self.shared.forced.load(Ordering::SeqCst),
+            passed_on: self.shared.passed_on.load(Ordering::SeqCst),
             duration: start.elapsed(),
         }
     }
@@ -368,6 +416,15 @@ impl baton_lifecycle::workload::Serving for Server {
 
     async fn drain(self, timeout: Duration) -> DrainReport {
         Server::drain(&self, timeout).await
+    }
+
+    fn adopt(&mut self, connections: Adopted) -> Result<(), Adopted> {
+        self.adopted = Some(connections);
+        Ok(())
+    }
+
+    fn pass_on(&mut self, to: PassOn) {
+        let _ = self.shared.pass_on.set(to);
     }
 }
 
@@ -413,8 +470,9 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
+#[derive(Clone)]
 struct AcceptContext {
-    name: String,
+    name: Arc<str>,
     /// What the listener answers ([`crate::http::admin`]).
     role: Role,
     /// The HTTP versions its connections may speak (over TLS, ALPN chooses).
@@ -431,8 +489,66 @@ struct AcceptContext {
 /// The accept loop was told to stop.
 struct Stopped;
 
+/// Serves the connections the previous generation passes on ([`baton_lifecycle::handoff`]),
+/// each as its listener's accept loop would, until accepting stops (then the ones already
+/// queued are served too, and the previous generation drains the rest itself) or the previous
+/// generation is gone. They were plain HTTP/1 there (the fast path passes on no other), and
+/// stay so here. `template` serves those of a listener this configuration no longer names.
+async fn adopt(
+    mut adopted: Adopted,
+    contexts: HashMap<String, Arc<AcceptContext>>,
+    template: AcceptContext,
+    names: Vec<String>,
+) {
+    let serve = |connection: Connection| {
+        let (socket, listener, unanswered) = match connection.into_tcp() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a connection from the previous generation: {e}");
+                return;
+            }
+        };
+        let ctx = match contexts.get(&listener) {
+            Some(ctx) => AcceptContext {
+                tls: None,
+                versions: Versions::Http1,
+                ..(**ctx).clone()
+            },
+            None => AcceptContext {
+                role: template
+                    .shared
+                    .app
+                    .role(&listener, names.iter().map(String::as_str)),
+                name: listener.into(),
+                ..template.clone()
+            },
+        };
+        ctx.shared.metrics.connections_adopted.inc();
+        // Beyond the limit if need be: the connection is open already.
+        let permit = ctx.limit.clone().try_acquire_owned().ok();
+        ctx.spawn_connection::<tokio::net::TcpListener>(socket, permit, unanswered);
+    };
+    loop {
+        let next = tokio::select! {
+            _ = template.stop.cancelled() => {
+                adopted.close().into_iter().for_each(serve);
+                return;
+            }
+            next = adopted.next() => next,
+        };
+        match next {
+            Ok(Some(connection)) => serve(connection),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take further connections from the previous generation: {e}");
+                return;
+            }
+        }
+    }
+}
+
 impl AcceptContext {
-    async fn run<L: Accept>(self, listener: L) {
+    async fn run<L: Accept>(self: Arc<Self>, listener: L) {
         // A client accepted at the limit, waiting for an idle connection to make room.
         let mut waiting: Option<L::Io> = None;
         loop {
@@ -503,15 +619,24 @@ impl AcceptContext {
     /// Serves one accepted client on the next worker: its TLS handshake first on a TLS
     /// listener.
     fn serve<L: Accept>(&self, io: L::Io, permit: Option<OwnedSemaphorePermit>) {
-        let socket = match L::detach(io) {
-            Ok(socket) => socket,
+        match L::detach(io) {
+            Ok(socket) => self.spawn_connection::<L>(socket, permit, Vec::new()),
             Err(e) => {
                 tracing::debug!(listener = %self.name, error = %e, "dropping a client: {e}");
-                return;
             }
-        };
+        }
+    }
+
+    /// Serves a connection on the next worker, starting with the bytes `unanswered` (read by
+    /// a previous generation).
+    fn spawn_connection<L: Accept>(
+        &self,
+        socket: L::Detached,
+        permit: Option<OwnedSemaphorePermit>,
+        unanswered: Vec<u8>,
+    ) {
         let (shared, role, versions) = (self.shared.clone(), self.role, self.versions);
-        let tls = self.tls.clone();
+        let (tls, listener) = (self.tls.clone(), self.name.clone());
         let connection = async move {
             let io = match L::attach(socket) {
                 Ok(io) => io,
@@ -520,8 +645,13 @@ impl AcceptContext {
                     return;
                 }
             };
+            let conn = Conn {
+                listener,
+                role,
+                unanswered,
+            };
             let Some(acceptor) = tls else {
-                return serve_connection(io, shared, role, versions, permit).await;
+                return serve_connection(io, shared, conn, versions, permit).await;
             };
             // Boxed: a TLS connection's state is several times a plain one's, and a task is
             // as large as its largest state.
@@ -530,7 +660,7 @@ impl AcceptContext {
                 match tls::handshake(&acceptor, io, timeout).await {
                     Some((io, versions)) => {
                         shared.metrics.tls_handshakes.inc();
-                        serve_connection(io, shared, role, versions, permit).await
+                        serve_connection(io, shared, conn, versions, permit).await
                     }
                     None => {
                         shared.metrics.tls_handshakes_failed.inc();
@@ -599,12 +729,17 @@ struct ConnState {
     evict: Notify,
     /// The watcher asked the fast path to close the connection after the response in flight.
     close_after: AtomicBool,
+    /// Passing the connection on to the next generation failed: it drains here.
+    pass_failed: AtomicBool,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
     /// What the connection's listener answers.
     role: Role,
     /// Who is at the other end (only looked up with an access log).
     client: Client,
+    /// The name of the listener that accepted it (the next generation serves it as that
+    /// listener's).
+    listener: Arc<str>,
 }
 
 impl ConnState {
@@ -707,12 +842,22 @@ enum Event<I> {
     ToHyper(I, Vec<u8>),
 }
 
+/// Where a connection comes from.
+struct Conn {
+    /// The name of the listener that accepted it.
+    listener: Arc<str>,
+    role: Role,
+    /// What a previous generation read from it and did not answer (it passed it on).
+    unanswered: Vec<u8>,
+}
+
 /// Serves one connection: registers it (so that an accept loop can evict it when idle), runs
-/// the fast path and hyper on it, and watches its deadlines until it ends.
+/// the fast path and hyper on it, and watches its deadlines until it ends, or until the fast
+/// path passes it on to the next generation.
 async fn serve_connection<I>(
     io: I,
     shared: Arc<Shared>,
-    role: Role,
+    conn: Conn,
     versions: Versions,
     _permit: Option<OwnedSemaphorePermit>,
 ) where
@@ -723,7 +868,12 @@ async fn serve_connection<I>(
         Some(_) => io.client(),
         None => Client::Unknown,
     };
-    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role, client);
+    let Conn {
+        listener,
+        role,
+        unanswered,
+    } = conn;
+    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role, client, listener);
     let io = TrackedIo {
         inner: io,
         state: state.clone(),
@@ -758,9 +908,14 @@ async fn serve_connection<I>(
     // The admin listener serves no file.
     let fast = I::FAST_PATH && shared.app.files().is_some() && role != Role::Admin;
     let mut phase = match versions {
-        _ if fast => Phase::Fast(Box::pin(fast::serve(io, shared.clone(), state.clone()))),
-        Versions::Http1OrPrior => Phase::Sniff(Box::pin(sniff(io))),
-        _ => Phase::Hyper(hyper_conn(io, Vec::new())),
+        _ if fast => Phase::Fast(Box::pin(fast::serve(
+            io,
+            shared.clone(),
+            state.clone(),
+            unanswered,
+        ))),
+        Versions::Http1OrPrior if unanswered.is_empty() => Phase::Sniff(Box::pin(sniff(io))),
+        _ => Phase::Hyper(hyper_conn(io, unanswered)),
     };
 
     let mut watch = Watch::new(&shared, &state);
@@ -776,7 +931,7 @@ async fn serve_connection<I>(
         let conn = std::future::poll_fn(|cx| match &mut phase {
             Phase::Fast(fast) => fast.as_mut().poll(cx).map(|end| match end {
                 fast::End::Hyper(io, prefix) => Event::ToHyper(io, prefix),
-                fast::End::Close => Event::Step(Step::Close),
+                fast::End::Close | fast::End::PassedOn => Event::Step(Step::Close),
             }),
             Phase::Sniff(sniffing) => sniffing.as_mut().poll(cx).map(|read| match read {
                 Some((io, prefix)) => Event::ToHyper(io, prefix),
@@ -810,6 +965,13 @@ async fn serve_connection<I>(
                 phase = Phase::Hyper(conn);
             }
             Event::Step(Step::Close) => break,
+            // The fast path passes the connection on after the response in flight (or closes it
+            // if that fails); the watcher looks again shortly.
+            Event::Step(Step::Shutdown)
+                if matches!(phase, Phase::Fast(_)) && shared.passes_on(&state) =>
+            {
+                watch.drain_close_at = Some(shared.now_ms().saturating_add(PASS_ON_RECHECK_MS));
+            }
             Event::Step(Step::Shutdown) => {
                 watch.shutdown_sent = true;
                 match &mut phase {
@@ -836,6 +998,7 @@ fn register_connection(
     fd: RawFd,
     role: Role,
     client: Client,
+    listener: Arc<str>,
 ) -> (Arc<ConnState>, Registered) {
     let now = shared.now_ms();
     let state = Arc::new(ConnState {
@@ -848,9 +1011,11 @@ fn register_connection(
         evict_requested: AtomicU64::new(0),
         evict: Notify::new(),
         close_after: AtomicBool::new(false),
+        pass_failed: AtomicBool::new(false),
         fd,
         role,
         client,
+        listener,
     });
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     shared

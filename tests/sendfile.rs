@@ -1,7 +1,8 @@
 //! The zero-copy fast path (sendfile) on real processes and sockets: the same answers as
 //! `ServeDir` (which still serves unix-socket listeners, so the two can be compared request by
 //! request), whole bodies, the send timeout, files truncated or replaced while being sent,
-//! keep-alive across the two paths, the drain and upgrades with large downloads in flight.
+//! keep-alive across the two paths, the drain and upgrades with large downloads in flight, and
+//! keep-alive connections passed on to the new generation in an upgrade.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::http::{self, Conn};
@@ -1048,27 +1049,35 @@ fn an_upgrade_with_large_downloads_in_flight_loses_none() {
         &[],
     );
     let old = baton.pid();
-    // Three downloads under way, read slowly so that they outlast the handoff.
+    // Three downloads under way, read slowly so that they outlast the handoff and the idle
+    // grace (1 s). Once the last byte is out, the old generation passes each connection on:
+    // the next request on it is the new generation's.
+    let new_pid = Arc::new(OnceLock::<u32>::new());
     let downloads: Vec<_> = (0..3)
         .map(|_| {
             let (mut conn, len) = http::start_download(addr, "/big.bin");
             let first = conn.read_body(1 << 20).unwrap();
-            let big = big.clone();
+            let (big, new_pid) = (big.clone(), new_pid.clone());
             std::thread::spawn(move || {
                 let mut got = first;
                 while got.len() < len {
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(50));
                     let n = (1 << 20).min(len - got.len());
                     got.extend(conn.read_body(n).expect("cut off"));
                 }
                 assert_eq!(hash(&got), hash(&big), "a download arrived damaged");
-                conn.expect_close().expect("no clean close after the drain");
+                let v = conn
+                    .get("/-/version")
+                    .expect("the connection was not passed on");
+                assert!(!v.closes(), "{:?}", v.headers);
+                assert_eq!(v.json()["pid"].as_u64(), Some(*new_pid.wait() as u64));
             })
         })
         .collect();
     let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
     assert_eq!(code, 0, "reload failed: {err}");
     let new = common::reload_new_pid(&out);
+    new_pid.set(new).unwrap();
     // New downloads go to the new generation, over its fast path.
     let r = http::get(addr, "/big.bin").unwrap();
     assert_eq!(hash(&r.body), hash(&big));
@@ -1079,5 +1088,121 @@ fn an_upgrade_with_large_downloads_in_flight_loses_none() {
     assert!(status.success(), "{status:?}");
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM);
     assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    drop(baton);
+}
+
+/// The bytes the kernel holds unread on the server's end of the connection from `client` (an
+/// IPv4 loopback connection to `server`), from /proc/net/tcp.
+fn server_unread(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("IPv4 loopback only"),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let queues = fields.get(4)?;
+        u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+    })
+}
+
+#[test]
+fn an_upgrade_passes_keep_alive_connections_on_without_a_reconnect() {
+    let root = TempDir::new("pass-on");
+    let small = pattern(1000, 13);
+    std::fs::write(root.join("small.bin"), &small).unwrap();
+    let (baton, addr) = common::start_generation(
+        &[
+            "--root",
+            root.path().to_str().unwrap(),
+            "--drain-timeout",
+            "30s",
+        ],
+        &[],
+    );
+    let old = baton.pid();
+    // Idle keep-alive connections, each after one answer from the fast path.
+    let mut idle: Vec<Conn<TcpStream>> = (0..8)
+        .map(|_| {
+            let mut conn = Conn::tcp(addr).unwrap();
+            let r = conn.get("/small.bin").unwrap();
+            assert!(r.body == small && !r.closes());
+            conn
+        })
+        .collect();
+    // One that has sent half of its next request, which the old generation has read: it goes
+    // over with those bytes.
+    let mut half = Conn::tcp(addr).unwrap();
+    assert!(half.get("/small.bin").unwrap().body == small);
+    half.write_raw(b"GET /-/version HTTP/1.1\r\nHo").unwrap();
+    let client = half.stream().local_addr().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || server_unread(addr, client)
+            == Some(0)),
+        "the old generation did not read the half request"
+    );
+
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new = common::reload_new_pid(&out);
+    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
+    assert!(status.success(), "{status:?}");
+    let log = baton.stderr.text();
+    assert!(
+        log.contains("9 passed on to the next generation, 0 closed at the deadline"),
+        "{log}"
+    );
+    // With every connection passed on, the old generation's drain ended at once, not after the
+    // idle grace (1 s) that closes idle connections otherwise.
+    let took = log
+        .split("drained 9 connection(s) in ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no drain in the log: {log}"));
+    let ms = |number: &str, per_ms: f64| number.parse::<f64>().ok().map(|n| n / per_ms);
+    let took_ms = None
+        .or_else(|| ms(took.strip_suffix("ns")?, 1e6))
+        .or_else(|| ms(took.strip_suffix("µs")?, 1e3))
+        .or_else(|| ms(took.strip_suffix("ms")?, 1.0))
+        .or_else(|| ms(took.strip_suffix('s')?, 1e-3))
+        .unwrap_or_else(|| panic!("a drain time of {took:?}"));
+    assert!(took_ms < 500.0, "the drain took {took}");
+
+    // The same connections, no reconnect: the new generation answers on them.
+    for conn in &mut idle {
+        let v = conn
+            .get("/-/version")
+            .expect("an idle connection was not passed on");
+        assert!(!v.closes(), "{:?}", v.headers);
+        assert_eq!(v.json()["pid"].as_u64(), Some(new as u64));
+        let r = conn.get("/small.bin").unwrap();
+        assert!(r.body == small && !r.closes());
+    }
+    half.write_raw(b"st: t\r\n\r\n").unwrap();
+    let v = half
+        .read_response(false)
+        .expect("the half request was lost");
+    assert_eq!(v.json()["pid"].as_u64(), Some(new as u64));
+    let mut metrics = Conn::tcp(addr).unwrap();
+    assert_eq!(counter(&mut metrics, "baton_connections_adopted_total"), 9);
+    assert_eq!(
+        counter(&mut metrics, "baton_connections_passed_on_total"),
+        0
+    );
+
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM);
+    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    // A stop passes nothing on: the connections end cleanly.
+    for conn in &mut idle {
+        conn.expect_close().unwrap();
+    }
     drop(baton);
 }

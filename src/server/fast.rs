@@ -145,6 +145,8 @@ pub(super) enum End<I> {
     /// Closed (or to be closed): the client is gone, a response could not be finished, or it
     /// said `Connection: close`.
     Close,
+    /// Passed on to the next generation: close this process's copy, nothing more.
+    PassedOn,
 }
 
 /// A request the fast path answers.
@@ -162,18 +164,26 @@ struct Plan {
     logged: Option<Box<[Option<hyper::header::HeaderValue>; 3]>>,
 }
 
-/// Serves requests on `io` while they are for the fast path (see the module docs).
+/// Serves requests on `io` while they are for the fast path (see the module docs), starting
+/// with the bytes `buf` (read by a previous generation, which passed the connection on). In a
+/// drain that passes connections on, it passes this one on between two requests.
 pub(super) async fn serve<I>(
     mut io: TrackedIo<I>,
     shared: Arc<Shared>,
     state: Arc<ConnState>,
+    mut buf: Vec<u8>,
 ) -> End<TrackedIo<I>>
 where
     I: Stream + AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         let (head_len, plan) = loop {
+            if shared.passes_on(&state) && pass_on(&io, &buf, &shared, &state).await {
+                return End::PassedOn;
+            }
+            // Until the drain starts, waits below end with it too, so that an idle connection
+            // is passed on at once.
+            let before_drain = !shared.draining.load(Ordering::SeqCst);
             if !buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut request = httparse::Request::new(&mut headers);
@@ -190,12 +200,22 @@ where
             if buf.is_empty() {
                 // No buffer is held while a connection waits for its next request (nginx
                 // frees its own too): at a thousand connections, megabytes.
-                if io.inner.readable().await.is_err() {
-                    return End::Close;
+                tokio::select! {
+                    biased;
+                    readable = io.inner.readable() => if readable.is_err() {
+                        return End::Close;
+                    },
+                    _ = shared.drain_started.cancelled(), if before_drain => continue,
                 }
             }
             buf.reserve(buf.len().max(FIRST_READ));
-            match io.read_buf(&mut buf).await {
+            // Cancel-safe: a read that took bytes completes.
+            let read = tokio::select! {
+                biased;
+                read = io.read_buf(&mut buf) => read,
+                _ = shared.drain_started.cancelled(), if before_drain => continue,
+            };
+            match read {
                 Ok(0) if buf.is_empty() => return End::Close,
                 Ok(0) => return End::Hyper(io, buf),
                 Ok(_) => {}
@@ -227,6 +247,44 @@ where
             }
         }
     }
+}
+
+/// How often, and how long apart, passing a connection on is tried while the next generation's
+/// queue is full.
+const PASS_ON_TRIES: u32 = 20;
+const PASS_ON_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Passes the connection on to the next generation, with `unanswered`, the bytes read and not
+/// answered yet. False if that failed: it then drains here, as without a next generation that
+/// adopts connections.
+async fn pass_on<I: Stream>(
+    io: &TrackedIo<I>,
+    unanswered: &[u8],
+    shared: &Shared,
+    state: &ConnState,
+) -> bool {
+    let Some(to) = shared.pass_on.get() else {
+        return false;
+    };
+    let mut tries = 0;
+    let failed = loop {
+        match to.send(io.inner.as_fd(), &state.listener, unanswered) {
+            Ok(()) => {
+                shared.metrics.connections_passed_on.inc();
+                shared.passed_on.fetch_add(1, Ordering::SeqCst);
+                return true;
+            }
+            // The new generation takes them in one task: it catches up within milliseconds.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < PASS_ON_TRIES => {
+                tries += 1;
+                tokio::time::sleep(PASS_ON_RETRY).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    tracing::debug!(error = %failed, "cannot pass a connection on to the next generation: {failed}; it drains here");
+    state.pass_failed.store(true, Ordering::SeqCst);
+    false
 }
 
 /// The fast path's answer to a complete request head, or `None` for hyper's path.
@@ -472,8 +530,9 @@ where
         }
         _ => None,
     };
+    // A drain that passes the connection on keeps it alive.
     let close = plan.close
-        || shared.draining.load(Ordering::SeqCst)
+        || (shared.draining.load(Ordering::SeqCst) && !shared.passes_on(state))
         || state.close_after.load(Ordering::SeqCst);
     let len = plan.file.stat.len;
     let (status, body) = match (plan.not_modified, plan.range) {
