@@ -526,7 +526,7 @@ async fn adopt(
         ctx.shared.metrics.connections_adopted.inc();
         // Beyond the limit if need be: the connection is open already.
         let permit = ctx.limit.clone().try_acquire_owned().ok();
-        ctx.spawn_connection::<tokio::net::TcpListener>(socket, permit, unanswered);
+        ctx.spawn_connection::<tokio::net::TcpListener>(socket, permit, unanswered, true);
     };
     loop {
         let next = tokio::select! {
@@ -541,6 +541,7 @@ async fn adopt(
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot take further connections from the previous generation: {e}");
+                adopted.close().into_iter().for_each(serve);
                 return;
             }
         }
@@ -620,7 +621,7 @@ impl AcceptContext {
     /// listener.
     fn serve<L: Accept>(&self, io: L::Io, permit: Option<OwnedSemaphorePermit>) {
         match L::detach(io) {
-            Ok(socket) => self.spawn_connection::<L>(socket, permit, Vec::new()),
+            Ok(socket) => self.spawn_connection::<L>(socket, permit, Vec::new(), false),
             Err(e) => {
                 tracing::debug!(listener = %self.name, error = %e, "dropping a client: {e}");
             }
@@ -634,6 +635,7 @@ impl AcceptContext {
         socket: L::Detached,
         permit: Option<OwnedSemaphorePermit>,
         unanswered: Vec<u8>,
+        adopted: bool,
     ) {
         let (shared, role, versions) = (self.shared.clone(), self.role, self.versions);
         let (tls, listener) = (self.tls.clone(), self.name.clone());
@@ -649,6 +651,7 @@ impl AcceptContext {
                 listener,
                 role,
                 unanswered,
+                adopted,
             };
             let Some(acceptor) = tls else {
                 return serve_connection(io, shared, conn, versions, permit).await;
@@ -849,6 +852,8 @@ struct Conn {
     role: Role,
     /// What a previous generation read from it and did not answer (it passed it on).
     unanswered: Vec<u8>,
+    /// A previous generation passed it on.
+    adopted: bool,
 }
 
 /// Serves one connection: registers it (so that an accept loop can evict it when idle), runs
@@ -872,8 +877,11 @@ async fn serve_connection<I>(
         listener,
         role,
         unanswered,
+        adopted,
     } = conn;
-    let (state, _registered) = register_connection(&shared, io.as_raw_fd(), role, client, listener);
+    let idle = adopted && unanswered.is_empty();
+    let (state, _registered) =
+        register_connection(&shared, io.as_raw_fd(), role, client, listener, idle);
     let io = TrackedIo {
         inner: io,
         state: state.clone(),
@@ -970,7 +978,7 @@ async fn serve_connection<I>(
             Event::Step(Step::Shutdown)
                 if matches!(phase, Phase::Fast(_)) && shared.passes_on(&state) =>
             {
-                watch.drain_close_at = Some(shared.now_ms().saturating_add(PASS_ON_RECHECK_MS));
+                watch.pass_recheck = Some(shared.now_ms().saturating_add(PASS_ON_RECHECK_MS));
             }
             Event::Step(Step::Shutdown) => {
                 watch.shutdown_sent = true;
@@ -999,11 +1007,14 @@ fn register_connection(
     role: Role,
     client: Client,
     listener: Arc<str>,
+    idle: bool,
 ) -> (Arc<ConnState>, Registered) {
     let now = shared.now_ms();
     let state = Arc::new(ConnState {
         in_flight: AtomicU32::new(0),
-        awaiting_head_since: AtomicU64::new(now),
+        // A new client owes its first request head within the header timeout; a connection
+        // passed on between two requests is idle (the idle timeout applies).
+        awaiting_head_since: AtomicU64::new(if idle { 0 } else { now }),
         input_since_call: AtomicBool::new(false),
         idle_since: AtomicU64::new(now),
         write_blocked_since: AtomicU64::new(0),
@@ -1057,6 +1068,9 @@ struct Watch<'a> {
     drain_close_at: Option<u64>,
     /// When the drain started.
     drain_started_at: u64,
+    /// The fast path is to pass the connection on after its response: until then, no idle or
+    /// drain deadline closes it (but the header and send timeouts still do).
+    pass_recheck: Option<u64>,
     /// The connection speaks HTTP/2.
     http2: bool,
 }
@@ -1081,6 +1095,7 @@ impl<'a> Watch<'a> {
             shutdown_sent: false,
             drain_close_at: None,
             drain_started_at: 0,
+            pass_recheck: None,
             http2: false,
         }
     }
@@ -1098,7 +1113,9 @@ impl<'a> Watch<'a> {
         if blocked != 0 {
             due = due.min(blocked.saturating_add(self.send_ms));
         }
-        if !self.shutdown_sent {
+        if let Some(at) = self.pass_recheck.filter(|_| !self.shutdown_sent) {
+            due = due.min(at);
+        } else if !self.shutdown_sent {
             // Deferred while a head is in progress (see below): no busy loop over a past time.
             if let Some(at) = self.drain_close_at.filter(|_| awaiting == 0) {
                 due = due.min(at);
@@ -1176,6 +1193,12 @@ impl<'a> Watch<'a> {
                     Step::Close
                 }
             };
+        }
+        if let Some(at) = self.pass_recheck {
+            if now < at {
+                return Step::Wait;
+            }
+            self.pass_recheck = None;
         }
         let idle = awaiting == 0 && state.in_flight.load(Ordering::SeqCst) == 0;
         let idle_expired = idle

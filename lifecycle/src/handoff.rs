@@ -2,7 +2,9 @@
 //! an upgrade instead of reconnecting.
 //!
 //! For each upgrade O makes a `SOCK_SEQPACKET` socket pair and hands N one end with the
-//! listening sockets (announced in `<PREFIX>_CONNECTIONS_FD`, a private variable). N's
+//! listening sockets, announced in `<PREFIX>_CONNECTIONS_FD=<fd>:<N's generation>` (a private
+//! variable; the generation keeps a stale one out, which an older N that does not know the
+//! variable would pass on to its own successor). N's
 //! [`crate::workload::Serving`] takes it ([`Adopted`]) or not; N's `ready` says which
 //! (`"adopts":true`), and only then does O's draining [`crate::workload::Serving`] get the other
 //! end ([`PassOn`]). Either side may decline: a connection that is not passed on drains as it
@@ -100,7 +102,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The socket as a TCP stream, if it is one (checked: the peer could pass anything).
+    /// The socket as a non-blocking TCP stream, if it is one (checked: the peer could pass
+    /// anything).
     pub fn into_tcp(self) -> io::Result<(std::net::TcpStream, String, Vec<u8>)> {
         let stream_type = getsockopt(&self.socket, sockopt::SockType)?;
         let family =
@@ -113,11 +116,9 @@ impl Connection {
                 "the connection passed on is not a TCP socket",
             ));
         }
-        Ok((
-            std::net::TcpStream::from(self.socket),
-            self.listener,
-            self.unanswered,
-        ))
+        let stream = std::net::TcpStream::from(self.socket);
+        stream.set_nonblocking(true)?;
+        Ok((stream, self.listener, self.unanswered))
     }
 }
 
@@ -125,6 +126,7 @@ impl Connection {
 #[derive(Debug)]
 pub struct Adopted {
     socket: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
 }
 
 impl Adopted {
@@ -143,15 +145,18 @@ impl Adopted {
         )?;
         // SAFETY: the AsyncFd owns the fd, which stays open and unchanged while registered.
         let socket = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
-        Ok(Adopted { socket })
+        Ok(Adopted {
+            socket,
+            buf: vec![0u8; MAX_MESSAGE],
+        })
     }
 
     /// Takes no further connections: O's next sends fail (it drains those connections itself),
     /// and the ones it sent already are returned, so that none is lost in the queue.
     pub fn close(self) -> Vec<Connection> {
+        let mut buf = self.buf;
         let socket = self.socket.into_inner();
         let _ = nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
-        let mut buf = vec![0u8; MAX_MESSAGE];
         let mut queued = Vec::new();
         loop {
             match receive(socket.as_fd(), &mut buf) {
@@ -165,10 +170,10 @@ impl Adopted {
     /// The next connection; `None` once O closed its end (it exited). A malformed message
     /// (no socket, several, cut short) is dropped, its sockets closed. Cancel-safe.
     pub async fn next(&mut self) -> io::Result<Option<Connection>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             let mut guard = self.socket.readable().await?;
-            let received = guard.try_io(|socket| receive(socket.get_ref().as_fd(), &mut buf));
+            let buf = &mut self.buf;
+            let received = guard.try_io(|socket| receive(socket.get_ref().as_fd(), buf));
             match received {
                 Ok(Ok(Some(Received::Connection(connection)))) => return Ok(Some(connection)),
                 Ok(Ok(Some(Received::Malformed(why)))) => {
@@ -191,7 +196,7 @@ enum Received {
 
 /// One message; `Ok(None)` at the end of the stream, `WouldBlock` when none is queued.
 fn receive(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Received>> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 253]);
     let (bytes, flags, mut fds) = {
         let mut iov = [IoSliceMut::new(buf)];
         let msg = loop {
@@ -206,23 +211,33 @@ fn receive(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Received
                 Err(e) => return Err(e.into()),
             }
         };
+        // With MSG_CTRUNC nix gives no control messages. The buffer holds the most fds a
+        // message can carry (SCM_MAX_FD), so the kernel cuts them short only when this
+        // process is out of fds, and then installs none of a message with a single one.
         let mut fds = Vec::new();
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just installed these fds in this process; nothing else
-                // knows them.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: the kernel just installed these fds in this process; nothing
+                    // else knows them.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
             }
         }
         (msg.bytes, msg.flags, fds)
     };
+    if flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Ok(Some(Received::Malformed(
+            "its socket did not fit (this process is out of fds)",
+        )));
+    }
     if bytes == 0 && fds.is_empty() {
         return Ok(None);
     }
-    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+    if flags.contains(MsgFlags::MSG_TRUNC) {
         return Ok(Some(Received::Malformed("the message was cut short")));
     }
     if fds.len() != 1 {
@@ -262,13 +277,48 @@ pub(crate) fn pair() -> io::Result<(PassOn, OwnedFd)> {
     ))
 }
 
-/// N's end, announced in `<PREFIX>_CONNECTIONS_FD`, if any; removes the variable.
+/// How O announces N's end at `fd` to N of generation `generation`.
+pub(crate) fn env_entry(fd: usize, generation: u64) -> Vec<u8> {
+    format!("{CONNECTIONS_FD_ENV}={fd}:{generation}").into_bytes()
+}
+
+/// N's end, announced in `<PREFIX>_CONNECTIONS_FD`, if it is meant for this process (trusted
+/// private variables, this generation's number) and is a `SOCK_SEQPACKET` socket other than
+/// `channel`; removes the variable. Anything else means no adoption, not an error: O drains
+/// its connections itself then.
 ///
 /// # Safety
-/// Changes the environment: call it before any other thread exists.
-pub(crate) unsafe fn take_from_env() -> Result<Option<OwnedFd>, crate::env::EnvError> {
+/// Changes the environment: call it before any other thread exists, and before the
+/// generation's variable is taken.
+pub(crate) unsafe fn take_from_env(channel: RawFd) -> Option<OwnedFd> {
     // SAFETY: the caller promises that no other thread exists.
-    unsafe { crate::env::take_fd(CONNECTIONS_FD_ENV) }
+    let trusted = unsafe { crate::env::init() };
+    let value = CONNECTIONS_FD_ENV.get().filter(|_| trusted);
+    // SAFETY: as above.
+    unsafe { CONNECTIONS_FD_ENV.remove() };
+    let fd = checked_entry(&value?, Var::GENERATION.get().as_deref(), channel)?;
+    // SAFETY: an open socket, handed to this process alone for this upgrade.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Some(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// The fd in `<fd>:<generation>` if it is meant for `generation`, is not `channel`, and is an
+/// open `SOCK_SEQPACKET` socket; it is only looked at, not taken.
+fn checked_entry(value: &str, generation: Option<&str>, channel: RawFd) -> Option<RawFd> {
+    let (fd, meant_for) = value.split_once(':')?;
+    if Some(meant_for) != generation {
+        return None;
+    }
+    let fd: RawFd = fd.parse().ok().filter(|&fd| fd >= 3 && fd != channel)?;
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open (checked above); it is only borrowed for the check.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    (getsockopt(&borrowed, sockopt::SockType).ok()? == SockType::SeqPacket).then_some(fd)
 }
 
 #[cfg(test)]
@@ -369,6 +419,28 @@ mod tests {
             let e = pass_on.send(a.as_fd(), "web", b"3").unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
         });
+    }
+
+    #[test]
+    fn only_this_generations_seqpacket_socket_is_taken_from_the_environment() {
+        let (_pass_on, theirs) = pair().unwrap();
+        let (stream, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (fd, channel) = (theirs.as_raw_fd(), stream.as_raw_fd());
+        assert_eq!(
+            checked_entry(&format!("{fd}:3"), Some("3"), channel),
+            Some(fd)
+        );
+        // Meant for another generation: a stale variable an older one passed on.
+        assert_eq!(checked_entry(&format!("{fd}:2"), Some("3"), channel), None);
+        assert_eq!(checked_entry(&format!("{fd}:3"), None, channel), None);
+        assert_eq!(checked_entry(&format!("{fd}"), Some("3"), channel), None);
+        // The handshake channel (or any other socket), an fd that is not open, stdin.
+        assert_eq!(checked_entry(&format!("{channel}:3"), Some("3"), fd), None);
+        assert_eq!(checked_entry(&format!("{channel}:3"), Some("3"), -1), None);
+        // An fd number no process here has open (a closed fd's number could be reused at once
+        // by a test running beside this one).
+        assert_eq!(checked_entry("1000000:3", Some("3"), channel), None);
+        assert_eq!(checked_entry("0:3", Some("3"), channel), None);
     }
 
     #[test]

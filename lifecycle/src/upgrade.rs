@@ -683,7 +683,10 @@ impl Upgrader {
         }
         // Then the pair for passed-on connections, and the state's memfd, if any.
         let connections_fd = first + n_sockets + self.extra.len();
-        env.push(format!("{}={connections_fd}", crate::handoff::CONNECTIONS_FD_ENV).into_bytes());
+        env.push(crate::handoff::env_entry(
+            connections_fd,
+            self.generation + 1,
+        ));
         if has_state {
             env.push(format!("{STATE_FD_ENV}={}", connections_fd + 1).into_bytes());
         }
@@ -1738,7 +1741,7 @@ impl Handshake {
         };
         let channel = StdUnixStream::from(fd);
         // SAFETY: as above.
-        let connections = unsafe { crate::handoff::take_from_env() }?;
+        let connections = unsafe { crate::handoff::take_from_env(channel.as_raw_fd()) };
         Ok(Some(Handshake {
             channel,
             connections,

@@ -178,12 +178,13 @@ where
 {
     loop {
         let (head_len, plan) = loop {
+            // Until the drain starts, waits below end with it too, so that an idle connection
+            // is passed on at once. Read first: the next generation is known before the drain
+            // starts, so a drain seen here is one that passes connections on.
+            let before_drain = !shared.draining.load(Ordering::SeqCst);
             if shared.passes_on(&state) && pass_on(&io, &buf, &shared, &state).await {
                 return End::PassedOn;
             }
-            // Until the drain starts, waits below end with it too, so that an idle connection
-            // is passed on at once.
-            let before_drain = !shared.draining.load(Ordering::SeqCst);
             if !buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut request = httparse::Request::new(&mut headers);
