@@ -492,8 +492,9 @@ struct Stopped;
 /// Serves the connections the previous generation passes on ([`baton_lifecycle::handoff`]),
 /// each as its listener's accept loop would, until accepting stops (then the ones already
 /// queued are served too, and the previous generation drains the rest itself) or the previous
-/// generation is gone. They were plain HTTP/1 there (the fast path passes on no other), and
-/// stay so here. `template` serves those of a listener this configuration no longer names.
+/// generation is gone. They were plain there (the fast path passes on no other), HTTP/1 or, on
+/// an h2c listener, not yet sure. `template` serves those of a listener this configuration no
+/// longer names.
 async fn adopt(
     mut adopted: Adopted,
     contexts: HashMap<String, Arc<AcceptContext>>,
@@ -508,10 +509,16 @@ async fn adopt(
                 return;
             }
         };
+        // A plain connection, whatever the listener is now (its TLS, had the configuration
+        // added it, would take the client by surprise); one on an h2c listener may still send
+        // the HTTP/2 preface, if it has not sent its first request yet.
         let ctx = match contexts.get(&listener) {
             Some(ctx) => AcceptContext {
+                versions: match ctx.tls {
+                    Some(_) => Versions::Http1,
+                    None => ctx.versions,
+                },
                 tls: None,
-                versions: Versions::Http1,
                 ..(**ctx).clone()
             },
             None => AcceptContext {
@@ -822,12 +829,12 @@ impl<I: AsyncRead + AsyncWrite + Stream + Unpin + Send + 'static> HyperConn<I> {
     }
 }
 
-/// Reads until the bytes are the HTTP/2 preface's first line or cannot be; `None` if the
-/// connection ends first.
-async fn sniff<I: AsyncRead + Unpin>(mut io: I) -> Option<(I, Vec<u8>)> {
+/// Reads, after the bytes `prefix` read before, until the bytes are the HTTP/2 preface's first
+/// line or cannot be; `None` if the connection ends first.
+async fn sniff<I: AsyncRead + Unpin>(mut io: I, mut prefix: Vec<u8>) -> Option<(I, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let line = &H2_PREFACE[..16];
-    let mut prefix = Vec::with_capacity(64);
+    prefix.reserve(64);
     while prefix.len() < line.len() && line.starts_with(&prefix) {
         match io.read_buf(&mut prefix).await {
             Ok(0) | Err(_) if prefix.is_empty() => return None,
@@ -922,7 +929,7 @@ async fn serve_connection<I>(
             state.clone(),
             unanswered,
         ))),
-        Versions::Http1OrPrior if unanswered.is_empty() => Phase::Sniff(Box::pin(sniff(io))),
+        Versions::Http1OrPrior => Phase::Sniff(Box::pin(sniff(io, unanswered))),
         _ => Phase::Hyper(hyper_conn(io, unanswered)),
     };
 

@@ -241,6 +241,58 @@ fn ten_upgrades_under_http2_load_lose_nothing() {
     assert!(reaper::wait_exit(pid, EXIT_TIMEOUT).is_some_and(|s| s.success()));
 }
 
+/// The server's first frame after the client's preface: (type, stream).
+fn first_frame(stream: &mut std::net::TcpStream) -> (u8, u32) {
+    use std::io::Read;
+    let mut header = [0u8; 9];
+    stream
+        .read_exact(&mut header)
+        .expect("no frame after the preface");
+    let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    (header[3], id)
+}
+
+#[test]
+fn h2c_clients_that_have_not_spoken_yet_are_passed_on_and_speak_http2() {
+    use std::io::Write;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let root = root();
+    let (baton, addr) = start_generation(
+        &["--root", root.path().to_str().unwrap(), "--h2c", "http"],
+        &[],
+    );
+    let old = baton.pid();
+    // One silent client, one that has sent the first bytes of the preface (which the old
+    // generation may have read: they go over with the connection).
+    let connect = || {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let (mut silent, mut started) = (connect(), connect());
+    started.write_all(&PREFACE[..9]).unwrap();
+    // Both are accepted by the old generation before the upgrade.
+    assert!(http::get(addr, "/-/version").is_ok());
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let new = common::reload_new_pid(&out);
+    assert!(reaper::wait_exit(old, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    silent.write_all(PREFACE).unwrap();
+    started.write_all(&PREFACE[9..]).unwrap();
+    // The server's preface is a SETTINGS frame (type 4) on stream 0, as HTTP/2 wants.
+    assert_eq!(first_frame(&mut silent), (4, 0));
+    assert_eq!(first_frame(&mut started), (4, 0));
+    assert_eq!(metric(addr, "baton_connections_adopted_total"), 2);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    drop(baton);
+}
+
 #[test]
 fn bad_http2_settings_are_one_line_each() {
     // Other tests of this binary start baton under the subreaper; its commands are run as
