@@ -346,6 +346,9 @@ mod tests {
             let connection = adopted.next().await.unwrap().unwrap();
             assert_eq!(connection.listener, "web");
             assert_eq!(connection.unanswered, b"GET / HT");
+            // Received close-on-exec: a process this one starts does not inherit it.
+            let flags = nix::fcntl::fcntl(&connection.socket, nix::fcntl::FcntlArg::F_GETFD);
+            assert_eq!(flags.unwrap() & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
             let (mut stream, _, _) = connection.into_tcp().unwrap();
             // The same connection: what the client sends arrives at the adopted socket.
             client.write_all(b"TP/1.1\r\n").unwrap();
@@ -401,6 +404,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         pass_on
+            .send(a.as_fd(), "web", &vec![b'x'; MAX_MESSAGE - 3])
+            .unwrap_err();
+        // "web", its newline and the bytes: exactly the most a message holds.
+        pass_on
             .send(a.as_fd(), "web", &vec![b'x'; MAX_MESSAGE - 4])
             .unwrap();
     }
@@ -434,13 +441,42 @@ mod tests {
         assert_eq!(checked_entry(&format!("{fd}:2"), Some("3"), channel), None);
         assert_eq!(checked_entry(&format!("{fd}:3"), None, channel), None);
         assert_eq!(checked_entry(&format!("{fd}"), Some("3"), channel), None);
-        // The handshake channel (or any other socket), an fd that is not open, stdin.
+        // Not close-on-exec, as an exec hands it over.
+        nix::fcntl::fcntl(
+            &theirs,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        assert_eq!(
+            checked_entry(&format!("{fd}:3"), Some("3"), channel),
+            Some(fd)
+        );
+        // The handshake channel, even were it a SOCK_SEQPACKET socket; another socket, an fd
+        // that is not open, stdin.
+        assert_eq!(checked_entry(&format!("{fd}:3"), Some("3"), fd), None);
         assert_eq!(checked_entry(&format!("{channel}:3"), Some("3"), fd), None);
         assert_eq!(checked_entry(&format!("{channel}:3"), Some("3"), -1), None);
         // An fd number no process here has open (a closed fd's number could be reused at once
         // by a test running beside this one).
         assert_eq!(checked_entry("1000000:3", Some("3"), channel), None);
         assert_eq!(checked_entry("0:3", Some("3"), channel), None);
+    }
+
+    #[test]
+    fn a_full_queue_is_would_block_not_a_wait() {
+        let (pass_on, _theirs) = pair().unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let full = (0..100_000)
+            .map(|_| pass_on.send(a.as_fd(), "web", b""))
+            .find_map(Result::err)
+            .expect("the queue never filled");
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
+    }
+
+    #[test]
+    fn the_environment_entry_names_the_fd_and_the_generation() {
+        let entry = String::from_utf8(env_entry(7, 4)).unwrap();
+        assert_eq!(entry, format!("{CONNECTIONS_FD_ENV}=7:4"));
     }
 
     #[test]
