@@ -304,24 +304,50 @@ pub fn report_ignored_private_env() {
 /// handed to this process alone (it becomes an `OwnedFd`).
 pub unsafe fn take_fd(var: Var) -> Result<Option<OwnedFd>, EnvError> {
     // SAFETY: the caller promises that no other thread exists.
-    let trusted = unsafe { init() };
-    let value = std::env::var(var).ok().filter(|_| trusted);
-    // SAFETY: as above.
-    unsafe { std::env::remove_var(var) };
-    let Some(value) = value else { return Ok(None) };
+    let Some(value) = (unsafe { take_value(var) }) else {
+        return Ok(None);
+    };
     let fd: RawFd = value
         .parse()
         .ok()
-        // SAFETY: F_GETFD only asks whether the fd is open.
-        .filter(|fd| *fd >= 3 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+        .filter(|&fd| is_open_above_stdio(fd))
         .ok_or_else(|| EnvError::NotAnFd {
             var: var.name().to_owned(),
             value,
         })?;
     // SAFETY: the fd is open and, per the contract, ours alone.
+    Ok(Some(unsafe { own_fd(fd) }))
+}
+
+/// The value of the private variable `var` if it is meant for this process; removes the
+/// variable either way.
+///
+/// # Safety
+/// Changes the environment: call it before any other thread exists.
+pub(crate) unsafe fn take_value(var: Var) -> Option<String> {
+    // SAFETY: the caller promises that no other thread exists.
+    let trusted = unsafe { init() };
+    let value = std::env::var(var).ok().filter(|_| trusted);
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(var) };
+    value
+}
+
+/// Whether `fd` is an open fd above stdio.
+pub(crate) fn is_open_above_stdio(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    fd >= 3 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
+/// `fd`, owned, and marked FD_CLOEXEC so that nothing this process starts inherits it.
+///
+/// # Safety
+/// `fd` is open and was handed to this process alone.
+pub(crate) unsafe fn own_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: per the contract, an open fd that nothing else owns.
     unsafe {
         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        Ok(Some(OwnedFd::from_raw_fd(fd)))
+        OwnedFd::from_raw_fd(fd)
     }
 }
 

@@ -292,16 +292,10 @@ pub(crate) fn env_entry(fd: usize, generation: u64) -> Vec<u8> {
 /// generation's variable is taken.
 pub(crate) unsafe fn take_from_env(channel: RawFd) -> Option<OwnedFd> {
     // SAFETY: the caller promises that no other thread exists.
-    let trusted = unsafe { crate::env::init() };
-    let value = CONNECTIONS_FD_ENV.get().filter(|_| trusted);
-    // SAFETY: as above.
-    unsafe { CONNECTIONS_FD_ENV.remove() };
-    let fd = checked_entry(&value?, Var::GENERATION.get().as_deref(), channel)?;
+    let value = unsafe { crate::env::take_value(CONNECTIONS_FD_ENV) }?;
+    let fd = checked_entry(&value, Var::GENERATION.get().as_deref(), channel)?;
     // SAFETY: an open socket, handed to this process alone for this upgrade.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        Some(OwnedFd::from_raw_fd(fd))
-    }
+    Some(unsafe { crate::env::own_fd(fd) })
 }
 
 /// The fd in `<fd>:<generation>` if it is meant for `generation`, is not `channel`, and is an
@@ -311,11 +305,10 @@ fn checked_entry(value: &str, generation: Option<&str>, channel: RawFd) -> Optio
     if Some(meant_for) != generation {
         return None;
     }
-    let fd: RawFd = fd.parse().ok().filter(|&fd| fd >= 3 && fd != channel)?;
-    // SAFETY: F_GETFD only asks whether the fd is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return None;
-    }
+    let fd: RawFd = fd
+        .parse()
+        .ok()
+        .filter(|&fd| fd != channel && crate::env::is_open_above_stdio(fd))?;
     // SAFETY: the fd is open (checked above); it is only borrowed for the check.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     (getsockopt(&borrowed, sockopt::SockType).ok()? == SockType::SeqPacket).then_some(fd)
