@@ -187,10 +187,12 @@ struct Shared {
 }
 
 impl Shared {
-    /// Whether the drain passes this connection on to the next generation rather than closing
-    /// it (unless passing it failed once). Set just before the drain starts.
-    fn passes_on(&self, state: &ConnState) -> bool {
-        self.pass_on.get().is_some() && !state.pass_failed.load(Ordering::SeqCst)
+    /// Where the drain passes this connection on to, rather than closing it: the next
+    /// generation, unless passing it failed once. Set just before the drain starts.
+    fn passes_on(&self, state: &ConnState) -> Option<&PassOn> {
+        self.pass_on
+            .get()
+            .filter(|_| !state.pass_failed.load(Ordering::SeqCst))
     }
 
     /// Milliseconds since the server started, plus one: 0 stays free to mean "unset".
@@ -983,7 +985,7 @@ async fn serve_connection<I>(
             // The fast path passes the connection on after the response in flight (or closes it
             // if that fails); the watcher looks again shortly.
             Event::Step(Step::Shutdown)
-                if matches!(phase, Phase::Fast(_)) && shared.passes_on(&state) =>
+                if matches!(phase, Phase::Fast(_)) && shared.passes_on(&state).is_some() =>
             {
                 watch.pass_recheck = Some(shared.now_ms().saturating_add(PASS_ON_RECHECK_MS));
             }

@@ -63,6 +63,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 use super::{ConnState, ResponseDone, Shared, TrackedIo};
 use crate::access_log::{self, Client};
 use crate::http::{FastBody, FastFile};
+use baton_lifecycle::handoff::PassOn;
 
 // Why cached files from 16 KiB on go out with sendfile from a kept fd, not from memory: the
 // server's own CPU per request is about the same either way (at 64 KiB, `wrk -t2 -c64`: 13-14
@@ -182,8 +183,10 @@ where
             // is passed on at once. Read first: the next generation is known before the drain
             // starts, so a drain seen here is one that passes connections on.
             let before_drain = !shared.draining.load(Ordering::SeqCst);
-            if shared.passes_on(&state) && pass_on(&io, &buf, &shared, &state).await {
-                return End::PassedOn;
+            if let Some(to) = shared.passes_on(&state) {
+                if pass_on(to, &io, &buf, &shared, &state).await {
+                    return End::PassedOn;
+                }
             }
             if !buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -259,14 +262,12 @@ const PASS_ON_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 /// answered yet. False if that failed: it then drains here, as without a next generation that
 /// adopts connections.
 async fn pass_on<I: Stream>(
+    to: &PassOn,
     io: &TrackedIo<I>,
     unanswered: &[u8],
     shared: &Shared,
     state: &ConnState,
 ) -> bool {
-    let Some(to) = shared.pass_on.get() else {
-        return false;
-    };
     let mut tries = 0;
     let failed = loop {
         match to.send(io.inner.as_fd(), &state.listener, unanswered) {
@@ -533,7 +534,7 @@ where
     };
     // A drain that passes the connection on keeps it alive.
     let close = plan.close
-        || (shared.draining.load(Ordering::SeqCst) && !shared.passes_on(state))
+        || (shared.draining.load(Ordering::SeqCst) && shared.passes_on(state).is_none())
         || state.close_after.load(Ordering::SeqCst);
     let len = plan.file.stat.len;
     let (status, body) = match (plan.not_modified, plan.range) {
