@@ -23,6 +23,11 @@
 # nginx run under a subreaper (bench/supervise.py), so every process an upgrade leaves behind is
 # seen to exit, with its status, and its CPU time is accounted for.
 #
+# wrk's latency percentiles are corrected for coordinated omission (wrk's stats_correct): a
+# request that took L adds samples at L minus each multiple of the mean time between requests,
+# so a stall of a few ms on all connections weighs far more in wrk's p99 than in what the
+# requests took. bench/wrk-stalls.sh prints both, with the stalls.
+#
 # A benchmark that prints figures, not a test: it exits 0 whatever the verdict (non-zero only
 # when it cannot run). The machine is assumed noisy: the "others" column is the share of CPU
 # that neither the server nor the benchmark's own processes used; a scenario whose runs exceed
