@@ -129,8 +129,9 @@ impl ExecPlan {
             // A process group of its own: a terminal's ^C reaches the keeper alone (which forwards
             // it once), and killing a failed N kills whatever it started too.
             libc::setpgid(0, 0);
-            // Our own (copy-on-write) copy of the environment: writing the digits in place
-            // allocates nothing. Each slot lies within its allocation: prefix, then PID_DIGITS + 1
+            // Writing the digits in place allocates nothing. The environment is the caller's
+            // memory, or shared with a suspended parent (the upgrade's `CLONE_VFORK`), which
+            // does not read it. Each slot lies within its allocation: prefix, then PID_DIGITS + 1
             // bytes, the last of which stays NUL.
             let pid = libc::getpid() as u64;
             for slot in [self.listen_pid, self.for_pid] {

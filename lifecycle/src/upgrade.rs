@@ -626,6 +626,7 @@ impl Upgrader {
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
         Ok(Launch {
             exec,
+            successor_stack: vec![0; SUCCESSOR_STACK].into_boxed_slice(),
             parent_end,
             child_end,
             pass_on,
@@ -702,6 +703,9 @@ impl Upgrader {
 /// [`start`] can run it on the blocking pool.
 struct Launch {
     exec: ExecPlan,
+    /// N's stack from its clone to its execve ([`clone_successor`]): allocated here, since
+    /// nothing may allocate after the fork.
+    successor_stack: Box<[u8]>,
     parent_end: StdUnixStream,
     child_end: StdUnixStream,
     /// O's end of the pair for passed-on connections.
@@ -759,6 +763,7 @@ impl Launch {
         let forked = unsafe {
             fork_and_exec(
                 &mut self.exec,
+                &mut self.successor_stack,
                 self.child_end.as_raw_fd(),
                 go_read.as_raw_fd(),
                 go_write.as_raw_fd(),
@@ -936,15 +941,16 @@ impl Reap {
 /// The most fds N can be handed (sockets, the pidfile, the state, the channel).
 const MAX_FDS: usize = 64;
 
-/// Forks the intermediate, which forks N, reports `pid <N>` on `channel`, waits for EOF on
-/// `go` and exits. Returns the intermediate's pid.
+/// Forks the intermediate, which starts N ([`clone_successor`]), reports `pid <N>` on
+/// `channel`, waits for EOF on `go` and exits. Returns the intermediate's pid.
 ///
 /// # Safety
-/// The children run only async-signal-safe code (fork, fcntl, dup2, close, read, sigprocmask,
-/// sigaction, getpid, write, execve, _exit) on memory prepared before the fork. Call it with
-/// every signal blocked.
+/// The children run only async-signal-safe code (fork, clone, fcntl, dup2, close, read,
+/// sigprocmask, sigaction, getpid, write, execve, _exit) on memory prepared before the fork.
+/// Call it with every signal blocked.
 unsafe fn fork_and_exec(
     exec: &mut ExecPlan,
+    successor_stack: &mut [u8],
     channel: RawFd,
     go: RawFd,
     go_write: RawFd,
@@ -954,10 +960,7 @@ unsafe fn fork_and_exec(
         match libc::fork() {
             -1 => Err(io::Error::last_os_error()),
             0 => {
-                let pid = libc::fork();
-                if pid == 0 {
-                    exec_successor(exec);
-                }
+                let pid = clone_successor(exec, successor_stack);
                 if pid > 0 {
                     write_line(channel, PID_WORD, pid as u64);
                     // This process's own copy of the write end must go first, or no EOF would
@@ -974,6 +977,42 @@ unsafe fn fork_and_exec(
             }
             intermediate => Ok(intermediate),
         }
+    }
+}
+
+/// Room for N's stack from its clone to its execve: [`exec_successor`] goes a few frames deep.
+const SUCCESSOR_STACK: usize = 64 * 1024;
+
+/// Starts N from the intermediate as `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)`,
+/// N on a stack of its own, sharing the intermediate's memory until its execve. A fork would
+/// copy the page tables of the whole old generation (the intermediate is a fork of it) only
+/// for the execve to tear them down again, on the CPU the old generation serves on. Returns
+/// N's pid, or -1 with errno set.
+///
+/// N writes into the memory they share (the pid slots of `exec`, errno) while the
+/// intermediate is suspended (`CLONE_VFORK`), and the intermediate reads none of it later. N's
+/// fd table and signal actions are copies of its own (no `CLONE_FILES`, no `CLONE_SIGHAND`).
+///
+/// # Safety
+/// In the intermediate only, with every signal blocked; see [`fork_and_exec`].
+unsafe fn clone_successor(exec: &mut ExecPlan, stack: &mut [u8]) -> libc::pid_t {
+    extern "C" fn successor(plan: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `plan` is the `&mut ExecPlan` given to clone below, which nothing else
+        // touches until N's execve; this runs in N, between clone and execve.
+        unsafe { exec_successor(&mut *plan.cast::<ExecPlan>()) }
+    }
+    // The stack grows down from its end, which the ABI wants 16-byte aligned.
+    let end = stack.as_mut_ptr_range().end;
+    let top = end.wrapping_sub(end as usize % 16);
+    // SAFETY: `top` is the aligned end of a stack N alone uses; `exec` outlives N's use of it,
+    // since the intermediate is suspended until N's execve or exit (CLONE_VFORK).
+    unsafe {
+        libc::clone(
+            successor,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (exec as *mut ExecPlan).cast(),
+        )
     }
 }
 
