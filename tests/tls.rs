@@ -2,8 +2,9 @@
 //! ranges with `curl --cacert`, ALPN choosing h2 or http/1.1, each bad certificate refused by
 //! `baton check` and by a reload (the old generation serving on), a key from
 //! `$CREDENTIALS_DIRECTORY`, and a certificate swapped on disk then reloaded under HTTPS load:
-//! the new one served (its serial checked), no request failed; and clients that stall in the
-//! handshake (silent, half a record, a byte at a time) cut at the header timeout.
+//! the new one served (its serial checked), no request failed; clients that stall in the
+//! handshake (silent, half a record, a byte at a time) cut at the header timeout; and a plain
+//! keep-alive connection passed on by an upgrade that gives its listener TLS stays plain.
 
 mod common;
 
@@ -469,4 +470,45 @@ fn a_certificate_renewed_on_disk_is_served_after_a_reload_under_load() {
         nix::sys::signal::Signal::SIGTERM,
     );
     assert!(reaper::wait_exit(pid, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+}
+
+/// A keep-alive connection the old generation passes on stays plain HTTP when the new
+/// configuration puts TLS on its listener: the client spoke plain HTTP on it and keeps doing
+/// so, answered by the new generation without a reconnect, while new connections get TLS.
+#[test]
+fn a_connection_passed_on_stays_plain_when_its_listener_gains_tls() {
+    let setup = Setup::new("tls-gained");
+    let config = setup.path("baton.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nroot = {:?}\n", setup.path("www")),
+    )
+    .unwrap();
+    let (baton, addr) = start_generation(&["--config", config.to_str().unwrap()], &[]);
+    let old = baton.pid();
+    // Answered by the fast path, the only one that passes connections on.
+    let mut conn = common::http::Conn::tcp(addr).unwrap();
+    let first = conn.get("/a.txt").unwrap();
+    assert!(first.body == b"hello over TLS\n" && !first.closes());
+
+    setup.good_config();
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new = common::reload_new_pid(&out);
+    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
+    assert!(status.success(), "{status:?}");
+    let log = baton.stderr.text();
+    assert!(
+        log.contains("1 passed on to the next generation"),
+        "the connection was not passed on: {log}"
+    );
+
+    // The same connection, in plain HTTP, now answered by the new generation.
+    let again = conn.get("/a.txt").expect("the passed-on connection broke");
+    assert_eq!(again.body, b"hello over TLS\n");
+    let version = conn.get("/-/version").unwrap();
+    assert_eq!(version.json()["pid"].as_u64(), Some(new as u64));
+    // New connections get TLS, and plain HTTP is no request there any more.
+    assert_eq!(setup.curl(addr, &["--http1.1"], "/a.txt").1, 200);
+    assert!(common::http::get(addr, "/a.txt").is_err());
 }
