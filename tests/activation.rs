@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::http::{self, Conn};
-use common::{tcp_listener, Baton, Spawn, TempDir};
+use common::{free_port, tcp_listener, Baton, Spawn, TempDir};
 
 fn version(addr: SocketAddr) -> serde_json::Value {
     http::get(addr, "/-/version").unwrap().json()
@@ -131,11 +131,6 @@ fn bind_failure_is_one_line() {
         Spawn::serve(&["--listen", &addr]).start(),
         &format!("listener http={addr}: cannot bind {addr}"),
     );
-}
-
-/// A port that was free a moment ago, for tools that bind by themselves.
-fn free_port() -> u16 {
-    tcp_listener().1.port()
 }
 
 /// `systemd-socket-activate` binds, waits for the first connection, then execs baton with

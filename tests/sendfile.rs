@@ -2,7 +2,8 @@
 //! `ServeDir` (which still serves unix-socket listeners, so the two can be compared request by
 //! request), whole bodies, the send timeout, files truncated or replaced while being sent,
 //! keep-alive across the two paths, the drain and upgrades with large downloads in flight, and
-//! keep-alive connections passed on to the new generation in an upgrade.
+//! keep-alive connections passed on to the new generation in an upgrade, even from a listener
+//! the new configuration drops.
 
 mod common;
 
@@ -17,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::http::{self, Conn};
-use common::{reaper, run_baton, tcp_listener, wait_until, Baton, Spawn, TempDir};
+use common::{free_port, reaper, run_baton, tcp_listener, wait_until, Baton, Spawn, TempDir};
 use nix::sys::signal::Signal;
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1265,4 +1266,79 @@ fn an_upgrade_passes_keep_alive_connections_on_without_a_reconnect() {
         conn.expect_close().unwrap();
     }
     drop(baton);
+}
+
+/// A connection on a listener that the new configuration no longer has is passed on all the
+/// same, and served as the new configuration would serve a listener of that name: here, beside
+/// an admin listener, its files and the public endpoints, not the others.
+#[test]
+fn a_connection_on_a_listener_the_new_configuration_drops_is_passed_on() {
+    reaper::init();
+    let root = TempDir::new("pass-on-dropped");
+    let small = pattern(1000, 17);
+    std::fs::write(root.join("small.bin"), &small).unwrap();
+    let etc = TempDir::new("pass-on-dropped-etc");
+    let config = etc.join("baton.toml");
+    let (web, admin, other) = (free_port(), free_port(), free_port());
+    let write_config = |listeners: &[(&str, u16)]| {
+        let listen: Vec<String> = listeners
+            .iter()
+            .map(|(name, port)| format!("\"{name}=127.0.0.1:{port}\""))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nroot = {:?}\nlisten = [{}]\n",
+                root.path(),
+                listen.join(", ")
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&[("http", web), ("admin", admin), ("other", other)]);
+    let mut baton = Spawn::serve(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--upgrade-probation",
+        "0s",
+    ])
+    .start();
+    baton.wait_ready();
+    let old = baton.pid();
+    let other_addr: SocketAddr = format!("127.0.0.1:{other}").parse().unwrap();
+    let mut conn = Conn::tcp(other_addr).unwrap();
+    assert!(conn.get("/small.bin").unwrap().body == small);
+
+    write_config(&[("http", web), ("admin", admin)]);
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new = common::reload_new_pid(&out);
+    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
+    assert!(status.success(), "{status:?}");
+    let log = baton.stderr.text();
+    assert!(
+        log.contains("1 passed on to the next generation"),
+        "the connection was not passed on: {log}"
+    );
+
+    assert!(
+        conn.get("/small.bin")
+            .expect("the passed-on connection broke")
+            .body
+            == small
+    );
+    assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
+    assert_eq!(
+        conn.get("/-/version").unwrap().status,
+        404,
+        "only the admin listener answers it"
+    );
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let version = http::get(admin_addr, "/-/version").unwrap();
+    assert_eq!(version.json()["pid"].as_u64(), Some(new as u64));
+    // The dropped listener's socket is closed in the new generation.
+    assert!(
+        Conn::tcp(other_addr).is_err(),
+        "the dropped listener still accepts"
+    );
 }

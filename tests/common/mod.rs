@@ -388,6 +388,12 @@ pub fn tcp_listener() -> (std::net::TcpListener, std::net::SocketAddr) {
     (l, a)
 }
 
+/// A port that was free a moment ago, for what binds by itself (a tool, or baton's own
+/// listeners).
+pub fn free_port() -> u16 {
+    tcp_listener().1.port()
+}
+
 /// `baton serve ARGS` on a handed-over loopback listener, ready.
 pub fn start(args: &[&str]) -> (Baton, std::net::SocketAddr) {
     let (listener, addr) = tcp_listener();
