@@ -1310,11 +1310,7 @@ fn a_connection_on_a_listener_the_new_configuration_drops_is_passed_on() {
     assert!(conn.get("/small.bin").unwrap().body == small);
 
     write_config(&[("http", web), ("admin", admin)]);
-    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
-    assert_eq!(code, 0, "reload failed: {err}");
-    let new = common::reload_new_pid(&out);
-    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
-    assert!(status.success(), "{status:?}");
+    let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
     let log = baton.stderr.text();
     assert!(
         log.contains("1 passed on to the next generation"),

@@ -492,11 +492,7 @@ fn a_connection_passed_on_stays_plain_when_its_listener_gains_tls() {
     assert!(first.body == b"hello over TLS\n" && !first.closes());
 
     setup.good_config();
-    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
-    assert_eq!(code, 0, "reload failed: {err}");
-    let new = common::reload_new_pid(&out);
-    let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
-    assert!(status.success(), "{status:?}");
+    let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
     let log = baton.stderr.text();
     assert!(
         log.contains("1 passed on to the next generation"),

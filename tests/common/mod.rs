@@ -482,6 +482,17 @@ pub fn reload_new_pid(out: &str) -> u32 {
         .unwrap_or_else(|| panic!("no new pid in {out:?}"))
 }
 
+/// `baton reload --pid old`, which must succeed, then the old generation's exit, which must be
+/// a success (without a probation it exits once it has drained): the new generation's pid.
+pub fn reload_and_wait_exit(old: u32, timeout: Duration) -> u32 {
+    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let new = reload_new_pid(&out);
+    let status = reaper::wait_exit(old, timeout).expect("the old generation did not exit");
+    assert!(status.success(), "{status:?}");
+    new
+}
+
 /// A first generation on a handed-over loopback listener, ready. Without a probation unless
 /// `args` name one, so that an upgrade is over when its old process exits.
 pub fn start_generation(args: &[&str], env: &[(&str, &str)]) -> (Baton, std::net::SocketAddr) {
