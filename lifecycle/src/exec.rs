@@ -2,10 +2,11 @@
 //!
 //! Two places start a generation with fds at 3.. (`LISTEN_FDS` and what follows): the keeper
 //! ([`crate::keeper`]) forks each generation as its child, and an upgrade ([`crate::upgrade`])
-//! double-forks N from a threaded process (tokio). Between fork and exec in a threaded process
-//! only async-signal-safe calls are allowed: no allocation, no locks. So everything execve needs
-//! is made before the fork ([`ExecPlan::new`]), and the child ([`ExecPlan::exec`]) only moves
-//! fds, resets signals, writes its pid into room kept for it and calls execve. The keeper is
+//! forks an intermediate from a threaded process (tokio), which starts N with a vfork-style
+//! clone. Between fork and exec in a threaded process only async-signal-safe calls are allowed:
+//! no allocation, no locks. So everything execve needs is made before the fork
+//! ([`ExecPlan::new`]), and the child ([`ExecPlan::exec`]) only moves fds, resets signals,
+//! writes its pid into room kept for it and calls execve. The keeper is
 //! single-threaded and would not need this care, but one careful path is easier to trust than
 //! two.
 
@@ -105,15 +106,15 @@ impl ExecPlan {
         })
     }
 
-    /// In the child, after the fork: the fds into place ([`place_fds`]), a clean signal state,
-    /// a process group of its own, `LISTEN_PID` and `<PREFIX>_FOR_PID`, execve. Returns only on
+    /// In the child, after the fork (or clone): the fds into place ([`place_fds`]), a process
+    /// group of its own, a clean signal state, `LISTEN_PID` and `<PREFIX>_FOR_PID`, execve. Returns only on
     /// failure.
     ///
     /// # Safety
     /// Call it in a child process only, between fork and exec: it takes over the fd table.
     /// It makes async-signal-safe calls alone (fcntl, dup2, close_range, sigaction,
     /// sigprocmask, setpgid, getpid, execve) and allocates nothing, so a child of a threaded
-    /// process may call it. Signals should be blocked when the child is forked (see
+    /// process may call it. Signals should be blocked when the child is started (see
     /// [`reset_signals`]).
     pub(crate) unsafe fn exec(&mut self) -> ExecFailed {
         // SAFETY: this function's contract: in a child between fork and exec, async-signal-safe calls only.
@@ -125,10 +126,11 @@ impl ExecPlan {
                     report_fd: last,
                 };
             }
-            reset_signals();
             // A process group of its own: a terminal's ^C reaches the keeper alone (which forwards
-            // it once), and killing a failed N kills whatever it started too.
+            // it once), and killing a failed N kills whatever it started too. Before the signals
+            // are unblocked, so that no job-control signal to the parent's group stops it first.
             libc::setpgid(0, 0);
+            reset_signals();
             // Writing the digits in place allocates nothing. The environment is the caller's
             // memory, or shared with a suspended parent (the upgrade's `CLONE_VFORK`), which
             // does not read it. Each slot lies within its allocation: prefix, then PID_DIGITS + 1

@@ -18,9 +18,10 @@
 //!
 //! Step by step ([`start`], then [`Successor`]):
 //! 1. O sends `RELOADING=1` + `MONOTONIC_USEC` + `STATUS=`.
-//! 2. O double-forks ([`Upgrader::spawn`]): the intermediate (I) reports N's pid on the handshake
-//!    channel; O opens a pidfd for N (which cannot be recycled meanwhile: N is I's child, and I
-//!    leaves it unreaped until O says it holds the pidfd). I stays N's parent during the
+//! 2. O forks the intermediate (I), which starts N as `posix_spawn` would ([`Upgrader::spawn`]);
+//!    N says its pid on the handshake channel before its execve; O opens a pidfd for N (which
+//!    cannot be recycled meanwhile: N is I's child, and I leaves it unreaped until O says it
+//!    holds the pidfd). I stays N's parent during the
 //!    probation: if N dies, I reaps it and reports `exit <wait status>`. N runs in a process
 //!    group of its own, gets the sockets at fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and
 //!    its own `LISTEN_PID`, a socket pair's end for passed-on connections
@@ -178,8 +179,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long O waits for systemd to process `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The words the intermediate and N's child write between fork and exec, where nothing may
-/// allocate: shared with [`NewToOld`] so that both spell them alike.
+/// The words the intermediate and N write before N's exec, where nothing may allocate: shared with [`NewToOld`] so that both spell them alike.
 const PID_WORD: &str = "pid ";
 const EXIT_WORD: &str = "exit ";
 const EXEC_ERROR_WORD: &str = "exec-error ";
@@ -191,9 +191,9 @@ const FORK_FAILED_WORD: &str = "fork-failed ";
 /// an upgrade): one line each, the first word says what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NewToOld {
-    /// `pid <n>`: the intermediate forked N.
+    /// `pid <n>`: N's pid, which N says itself before its execve.
     Pid(i32),
-    /// `fork-failed <errno>`: the intermediate could not fork N.
+    /// `fork-failed <errno>`: the intermediate could not start N (its clone failed).
     ForkFailed(i32),
     /// `exit <wait status>`: N died; its intermediate reaped it.
     Exit(u32),
@@ -774,9 +774,9 @@ impl Launch {
     }
 }
 
-/// Reads the intermediate's `pid <n>` (within [`STEP_TIMEOUT`]). N's first message races
-/// with it and may come before or with it; what came besides the pid line is returned to be
-/// read first (it may be a part of a line only). Returns the channel in blocking mode without
+/// Reads N's `pid <n>` (within [`STEP_TIMEOUT`]), or the intermediate's `fork-failed`. N's
+/// next messages may come with it; what came besides the pid line is returned to be read first
+/// (it may be a part of a line only). Returns the channel in blocking mode without
 /// a timeout.
 fn read_successor_pid(channel: StdUnixStream) -> io::Result<(i32, Vec<u8>, StdUnixStream)> {
     channel.set_read_timeout(Some(STEP_TIMEOUT))?;
@@ -831,7 +831,21 @@ impl Intermediate {
         result
     }
 
+    /// Waits for the released intermediate's exit, which comes at once, unless it still waits
+    /// for a N that never reached its execve (stopped, or stuck in it): after
+    /// [`RELEASE_WAIT`] it is killed, which ends that wait. Such a N, killed already or never
+    /// named to O, is left to its new parent.
     fn reap(&self) -> io::Result<()> {
+        if let Ok(handle) = ProcessHandle::open(self.pid as u32) {
+            if !handle.wait_exit(RELEASE_WAIT).unwrap_or(false) {
+                tracing::warn!(
+                    pid = self.pid,
+                    "the intermediate process did not exit within {}; killed",
+                    humantime::format_duration(RELEASE_WAIT)
+                );
+                handle.kill();
+            }
+        }
         loop {
             match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None) {
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -871,6 +885,9 @@ pub struct Spawned {
 
 /// How long a killed N may take to die before its intermediate is released all the same.
 const KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a released intermediate may take to exit before it is killed ([`Intermediate::reap`]).
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for Spawned {
     /// Kills N unless it became the main pid. Waiting for its death blocks (up to
@@ -941,8 +958,8 @@ impl Reap {
 /// The most fds N can be handed (sockets, the pidfile, the state, the channel).
 const MAX_FDS: usize = 64;
 
-/// Forks the intermediate, which starts N ([`clone_successor`]), reports `pid <N>` on
-/// `channel`, waits for EOF on `go` and exits. Returns the intermediate's pid.
+/// Forks the intermediate, which starts N ([`clone_successor`]; N reports `pid <N>` on
+/// `channel`), waits for EOF on `go` and exits. Returns the intermediate's pid.
 ///
 /// # Safety
 /// The children run only async-signal-safe code (fork, clone, fcntl, dup2, close, read,
@@ -960,9 +977,10 @@ unsafe fn fork_and_exec(
         match libc::fork() {
             -1 => Err(io::Error::last_os_error()),
             0 => {
-                let pid = clone_successor(exec, successor_stack);
+                block_every_signal();
+                let pid = clone_successor(exec, channel, successor_stack);
                 if pid > 0 {
-                    write_line(channel, PID_WORD, pid as u64);
+                    // N said its pid itself (before its execve, which this process waited for).
                     // This process's own copy of the write end must go first, or no EOF would
                     // come; N's copy goes at its exec. Every other fd of O goes too (client
                     // connections among them), so that a connection O closes during the
@@ -983,40 +1001,75 @@ unsafe fn fork_and_exec(
 /// Room for N's stack from its clone to its execve: [`exec_successor`] goes a few frames deep.
 const SUCCESSOR_STACK: usize = 64 * 1024;
 
+/// Blocks every signal in the intermediate with the raw syscall: glibc's `sigprocmask` leaves
+/// its own two (`SIGCANCEL`, `SIGSETXID`) unblocked, and no handler may run while N shares this
+/// memory. As `posix_spawn` does.
+///
+/// # Safety
+/// In the intermediate only (a plain syscall, async-signal-safe).
+unsafe fn block_every_signal() {
+    let every: u64 = !0;
+    // SAFETY: a plain syscall on a mask that lives across the call; 8 is the kernel's sigset size.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &every as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8,
+        )
+    };
+}
+
+/// What N gets from [`clone_successor`].
+struct SuccessorArgs {
+    exec: *mut ExecPlan,
+    channel: RawFd,
+}
+
 /// Starts N from the intermediate as `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)`,
 /// N on a stack of its own, sharing the intermediate's memory until its execve. A fork would
 /// copy the page tables of the whole old generation (the intermediate is a fork of it) only
 /// for the execve to tear them down again, on the CPU the old generation serves on. Returns
 /// N's pid, or -1 with errno set.
 ///
-/// N writes into the memory they share (the pid slots of `exec`, errno) while the
-/// intermediate is suspended (`CLONE_VFORK`), and the intermediate reads none of it later. N's
-/// fd table and signal actions are copies of its own (no `CLONE_FILES`, no `CLONE_SIGHAND`).
+/// N first says `pid <n>` on `channel` itself: the intermediate is suspended until N's execve
+/// (`CLONE_VFORK`), and O must have N's pid, to kill it, also when N never gets that far (N
+/// stopped, or stuck in an execve from a hung file system). N writes into the memory they
+/// share (the plan's pid slots and fd scratch space, errno) while the intermediate waits, and
+/// the intermediate reads none of it later. N's fd table and signal actions are copies of its
+/// own (no `CLONE_FILES`, no `CLONE_SIGHAND`).
 ///
 /// # Safety
-/// In the intermediate only, with every signal blocked; see [`fork_and_exec`].
-unsafe fn clone_successor(exec: &mut ExecPlan, stack: &mut [u8]) -> libc::pid_t {
-    extern "C" fn successor(plan: *mut libc::c_void) -> libc::c_int {
-        // SAFETY: `plan` is the `&mut ExecPlan` given to clone below, which nothing else
-        // touches until N's execve; this runs in N, between clone and execve.
-        unsafe { exec_successor(&mut *plan.cast::<ExecPlan>()) }
+/// In the intermediate only, with every signal blocked ([`block_every_signal`]); see
+/// [`fork_and_exec`].
+unsafe fn clone_successor(exec: &mut ExecPlan, channel: RawFd, stack: &mut [u8]) -> libc::pid_t {
+    extern "C" fn successor(args: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `args` points to the `SuccessorArgs` on the suspended intermediate's stack,
+        // which nothing else touches until N's execve; this runs in N, between clone and execve.
+        unsafe {
+            let args = &*args.cast::<SuccessorArgs>();
+            write_line(args.channel, PID_WORD, libc::getpid() as u64);
+            exec_successor(&mut *args.exec)
+        }
     }
+    let mut args = SuccessorArgs { exec, channel };
     // The stack grows down from its end, which the ABI wants 16-byte aligned.
     let end = stack.as_mut_ptr_range().end;
     let top = end.wrapping_sub(end as usize % 16);
-    // SAFETY: `top` is the aligned end of a stack N alone uses; `exec` outlives N's use of it,
-    // since the intermediate is suspended until N's execve or exit (CLONE_VFORK).
+    // SAFETY: `top` is the aligned end of a stack N alone uses; `args` and the plan outlive N's
+    // use of them, since the intermediate is suspended until N's execve or exit (CLONE_VFORK).
     unsafe {
         libc::clone(
             successor,
             top.cast(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (exec as *mut ExecPlan).cast(),
+            (&mut args as *mut SuccessorArgs).cast(),
         )
     }
 }
 
-/// The intermediate after the fork of N: stays N's parent until O releases it (EOF on
+/// The intermediate once N has exec'd (or died): stays N's parent until O releases it (EOF on
 /// `go`: O closed its end, or died) or N dies. Once O holds N's pidfd (a byte on `go`), it
 /// reaps N when N dies and reports its wait status as `exit <status>` on `channel`, so
 /// that O can say how N ended.
@@ -1071,7 +1124,7 @@ unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
     }
 }
 
-/// N, between fork and exec: [`ExecPlan::exec`] (signals are blocked, see
+/// N, between clone and exec: [`ExecPlan::exec`] (signals are blocked, see
 /// `Launch::fork_intermediate`). Never returns; a failure is reported as `exec-error <errno>` on
 /// the channel, the last of the handed fds (at its original number if the fds were not placed
 /// yet).
@@ -1079,7 +1132,7 @@ unsafe fn stay_parent(pid: libc::pid_t, channel: RawFd, go: RawFd) {
 /// # Safety
 /// In N only, as [`ExecPlan::exec`].
 unsafe fn exec_successor(exec: &mut ExecPlan) -> ! {
-    // SAFETY: this function's contract: in N, between fork and exec.
+    // SAFETY: this function's contract: in N, between clone and exec.
     unsafe {
         let failed = exec.exec();
         write_line(failed.report_fd, EXEC_ERROR_WORD, failed.errno as u64);
@@ -1876,8 +1929,71 @@ mod tests {
         assert!(read_bounded_line(&mut reader, &mut String::new()).is_err());
     }
 
-    /// N's first message races with the intermediate's pid line: whatever the pid reader took
-    /// in beyond it (a whole line, a part of one, or the start of an endless one) must be read
+    /// Releases `intermediate` on another thread; how long the reap took, or None after 15 s.
+    fn release_timed(intermediate: Intermediate) -> Option<Duration> {
+        let (done, took) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            intermediate.release_and_reap().unwrap();
+            let _ = done.send(start.elapsed());
+        });
+        took.recv_timeout(Duration::from_secs(15)).ok()
+    }
+
+    /// An intermediate exits when released (EOF on its pipe), and is reaped at once.
+    #[test]
+    fn a_released_intermediate_is_reaped_at_once() {
+        let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // Reaped by the `Intermediate` under test (waitpid on its pid).
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::from(go_read))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let took = release_timed(Intermediate {
+            pid,
+            go: Some(go_write),
+        })
+        .expect("the reap hung");
+        assert!(took < RELEASE_WAIT, "{took:?}");
+        assert_eq!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+    }
+
+    /// An intermediate that does not exit when released (it still waits for a N that never
+    /// reached its execve) is killed after `RELEASE_WAIT`: the reap cannot hang O's stop.
+    #[test]
+    fn an_intermediate_that_does_not_exit_is_killed_not_waited_for() {
+        let (_go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // Reaped by the `Intermediate` under test (waitpid on its pid).
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+        let took = release_timed(Intermediate {
+            pid: pid.as_raw(),
+            go: Some(go_write),
+        });
+        if took.is_none() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let took = took.expect("the reap hung on an intermediate that does not exit");
+        assert!(took >= RELEASE_WAIT && took < RELEASE_WAIT * 3, "{took:?}");
+        assert_eq!(
+            nix::sys::signal::kill(pid, None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+    }
+
+    /// N's next messages may come with its pid line: whatever the pid reader took in beyond it (a whole line, a part of one, or the start of an endless one) must be read
     /// as if it had never been taken in.
     #[test]
     fn what_came_with_the_pid_is_read_first() {
