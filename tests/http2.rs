@@ -275,21 +275,14 @@ fn h2c_clients_that_have_not_spoken_yet_are_passed_on_and_speak_http2() {
     started.write_all(&PREFACE[..9]).unwrap();
     // Both are accepted by the old generation before the upgrade.
     assert!(http::get(addr, "/-/version").is_ok());
-    let (code, out, err) = run_baton(&["reload", "--pid", &old.to_string()]);
-    assert_eq!(code, 0, "{err}");
-    let new = common::reload_new_pid(&out);
-    assert!(reaper::wait_exit(old, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
     silent.write_all(PREFACE).unwrap();
     started.write_all(&PREFACE[9..]).unwrap();
     // The server's preface is a SETTINGS frame (type 4) on stream 0, as HTTP/2 wants.
     assert_eq!(first_frame(&mut silent), (4, 0));
     assert_eq!(first_frame(&mut started), (4, 0));
     assert_eq!(metric(addr, "baton_connections_adopted_total"), 2);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(new as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    common::stop_and_wait_exit(new, EXIT_TIMEOUT);
     drop(baton);
 }
 

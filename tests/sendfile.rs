@@ -1087,8 +1087,7 @@ fn an_upgrade_with_large_downloads_in_flight_loses_none() {
     }
     let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
     assert!(status.success(), "{status:?}");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM);
-    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    common::stop_and_wait_exit(new, EXIT_TIMEOUT);
     drop(baton);
 }
 
@@ -1131,8 +1130,7 @@ fn a_connection_the_new_generation_cannot_take_any_more_drains_in_the_old_one() 
     download.expect_close().unwrap();
     let log = baton.stderr.text();
     assert!(log.contains("upgrade to generation 2 rolled back"), "{log}");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), Signal::SIGTERM);
-    assert!(reaper::wait_exit(old, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    common::stop_and_wait_exit(old, EXIT_TIMEOUT);
     drop(baton);
 }
 
@@ -1259,8 +1257,7 @@ fn an_upgrade_passes_keep_alive_connections_on_without_a_reconnect() {
         0
     );
 
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM);
-    assert!(reaper::wait_exit(new, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    common::stop_and_wait_exit(new, EXIT_TIMEOUT);
     // A stop passes nothing on: the connections end cleanly.
     for conn in &mut idle {
         conn.expect_close().unwrap();
@@ -1337,4 +1334,5 @@ fn a_connection_on_a_listener_the_new_configuration_drops_is_passed_on() {
         Conn::tcp(other_addr).is_err(),
         "the dropped listener still accepts"
     );
+    common::stop_and_wait_exit(new, EXIT_TIMEOUT);
 }

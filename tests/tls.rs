@@ -507,4 +507,5 @@ fn a_connection_passed_on_stays_plain_when_its_listener_gains_tls() {
     // New connections get TLS, and plain HTTP is no request there any more.
     assert_eq!(setup.curl(addr, &["--http1.1"], "/a.txt").1, 200);
     assert!(common::http::get(addr, "/a.txt").is_err());
+    common::stop_and_wait_exit(new, EXIT_TIMEOUT);
 }

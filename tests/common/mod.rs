@@ -482,6 +482,15 @@ pub fn reload_new_pid(out: &str) -> u32 {
         .unwrap_or_else(|| panic!("no new pid in {out:?}"))
 }
 
+/// SIGTERM to `pid`, a generation this test started or upgraded to, and its clean exit.
+pub fn stop_and_wait_exit(pid: u32, timeout: Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(reaper::wait_exit(pid, timeout).is_some_and(|s| s.success()));
+}
+
 /// `baton reload --pid old`, which must succeed, then the old generation's exit, which must be
 /// a success (without a probation it exits once it has drained): the new generation's pid.
 pub fn reload_and_wait_exit(old: u32, timeout: Duration) -> u32 {
