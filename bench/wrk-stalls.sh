@@ -17,7 +17,8 @@
 #   BATON_BIN           run this binary instead of building target/release/baton
 #   KEEP_TMP=1          keep the temporary directory (logs, request files)
 #
-# Needs wrk, cc, python3, curl and taskset, and cargo unless BATON_BIN.
+# Needs wrk (installed with apt-get when missing, with nginx, as by the other benchmarks), cc,
+# python3, curl, ss and taskset, and cargo unless BATON_BIN.
 
 set -euo pipefail
 
@@ -26,66 +27,51 @@ DURATION=${DURATION:-15}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PROBATION=${PROBATION:-10s}
+THREADS=1
 CONNECTIONS=64
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_SCRIPT=bench/wrk-stalls.sh
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
-die() { printf 'wrk-stalls.sh: %s\n' "$*" >&2; exit 1; }
-for tool in wrk cc python3 curl taskset; do
-    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install wrk gcc python3 curl util-linux"
-done
 (( DURATION >= 4 )) || die "DURATION=$DURATION: give at least 4 seconds (a second of lead, upgrades, a tail)"
-
-TMP=$(mktemp -d /tmp/wrk-stalls.XXXXXX)
-SERVER=
-cleanup() {
-    [[ -n $SERVER ]] && pkill -TERM -f -- "--pidfile $TMP/baton.pid" 2>/dev/null || true
-    if [[ ${KEEP_TMP:-} == 1 ]]; then echo "kept $TMP"; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-
-if [[ -n ${BATON_BIN:-} ]]; then
-    BATON=$BATON_BIN
-else
-    (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
-    BATON=$REPO/target/release/baton
-fi
-[[ -x $BATON ]] || die "$BATON is not an executable"
+bench_tools
+for tool in cc python3 taskset; do
+    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install gcc python3 util-linux"
+done
+bench_tmp
+# Every generation of a run, whatever its pid after the upgrades.
+cleanup_extra() { pkill -TERM -f -- "--pidfile $TMP/baton.pid" 2>/dev/null || true; }
+bench_baton
+bench_content
 cc -O2 -shared -fPIC -o "$TMP/wrk-requests.so" "$REPO/bench/wrk-requests.c" -ldl \
     || die "cannot build bench/wrk-requests.c"
-mkdir "$TMP/www"
-head -c 1024 /dev/urandom >"$TMP/www/file.bin"
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 URL=http://127.0.0.1:$PORT/file.bin
 
 run() { # kind round
-    local kind=$1 round=$2 log=$TMP/$1-$2.log requests=$TMP/$1-$2.requests pid i
+    local kind=$1 round=$2 log=$TMP/$1-$2.log requests=$TMP/$1-$2.requests i
     rm -f "$TMP/baton.pid"
-    SERVER=1
     taskset -c "$SERVER_CPU" "$BATON" serve --listen "127.0.0.1:$PORT" --root "$TMP/www" \
         --pidfile "$TMP/baton.pid" --upgrade-probation "$PROBATION" >"$log" 2>&1 &
-    for i in $(seq 200); do
-        curl -sf -o /dev/null "$URL" && break
-        (( i < 200 )) || die "baton did not answer within 10 s: $(tail -3 "$log")"
-        sleep 0.05
-    done
-    taskset -c "$LOAD_CPU" wrk -t1 -c$CONNECTIONS -d2s "$URL" >/dev/null
+    wait_up baton "$URL" $! "$log"
+    taskset -c "$LOAD_CPU" "$WRK" -t$THREADS -c$CONNECTIONS -d2s "$URL" >/dev/null
     WRK_REQUESTS_OUT=$requests LD_PRELOAD=$TMP/wrk-requests.so \
-        taskset -c "$LOAD_CPU" wrk -t1 -c$CONNECTIONS -d"${DURATION}s" --latency "$URL" >"$TMP/$kind-$round.wrk" &
+        taskset -c "$LOAD_CPU" "$WRK" -t$THREADS -c$CONNECTIONS -d"${DURATION}s" --latency "$URL" \
+        >"$TMP/$kind-$round.wrk" &
     local load=$!
     if [[ $kind == upgrades ]]; then
-        sleep 1
+        nap 1
         for i in $(seq $((DURATION - 3))); do
             # The pidfile names the main process; during a probation that is the old generation,
             # which ends the probation and has the new one upgrade.
-            pid=$(cat "$TMP/baton.pid")
-            kill -USR2 "$pid"
-            sleep 1
+            kill -USR2 "$(<"$TMP/baton.pid")"
+            nap 1
         done
     fi
     wait "$load"
-    pkill -TERM -f -- "--pidfile $TMP/baton.pid" || true
-    for i in $(seq 100); do pgrep -f -- "--pidfile $TMP/baton.pid" >/dev/null || break; sleep 0.1; done
-    SERVER=
+    cleanup_extra
+    for i in $(seq 100); do pgrep -f -- "--pidfile $TMP/baton.pid" >/dev/null || break; nap 0.1; done
     printf '%-8s round %s: wrk p99 %s; ' "$kind" "$round" "$(awk '$1 == "99%" {print $2}' "$TMP/$kind-$round.wrk")"
     if [[ $kind == upgrades ]]; then
         python3 "$REPO/bench/wrk-requests.py" $CONNECTIONS "$requests" "$log"
@@ -94,7 +80,7 @@ run() { # kind round
     fi
 }
 
-echo "baton on CPU $SERVER_CPU, wrk -t1 -c$CONNECTIONS -d${DURATION}s on CPU $LOAD_CPU; $(nproc) CPUs"
+say "baton on CPU $SERVER_CPU, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s on CPU $LOAD_CPU; $(nproc) CPUs"
 for round in $(seq "$ROUNDS"); do
     run steady "$round"
     run upgrades "$round"
