@@ -6,9 +6,8 @@
 //! clone. Between fork and exec in a threaded process only async-signal-safe calls are allowed:
 //! no allocation, no locks. So everything execve needs is made before the fork
 //! ([`ExecPlan::new`]), and the child ([`ExecPlan::exec`]) only moves fds, resets signals,
-//! writes its pid into room kept for it and calls execve. The keeper is
-//! single-threaded and would not need this care, but one careful path is easier to trust than
-//! two.
+//! writes its pid into room kept for it and calls execve. The keeper is single-threaded and
+//! would not need this care, but one careful path is easier to trust than two.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -107,8 +106,8 @@ impl ExecPlan {
     }
 
     /// In the child, after the fork (or clone): the fds into place ([`place_fds`]), a process
-    /// group of its own, a clean signal state, `LISTEN_PID` and `<PREFIX>_FOR_PID`, execve. Returns only on
-    /// failure.
+    /// group of its own, a clean signal state, `LISTEN_PID` and `<PREFIX>_FOR_PID`, execve.
+    /// Returns only on failure.
     ///
     /// # Safety
     /// Call it in a child process only, between fork and exec: it takes over the fd table.

@@ -21,8 +21,8 @@
 //! 2. O forks the intermediate (I), which starts N as `posix_spawn` would ([`Upgrader::spawn`]);
 //!    N says its pid on the handshake channel before its execve; O opens a pidfd for N (which
 //!    cannot be recycled meanwhile: N is I's child, and I leaves it unreaped until O says it
-//!    holds the pidfd). I stays N's parent during the
-//!    probation: if N dies, I reaps it and reports `exit <wait status>`. N runs in a process
+//!    holds the pidfd). I stays N's parent during the probation: if N dies, I reaps it and
+//!    reports `exit <wait status>`. N runs in a process
 //!    group of its own, gets the sockets at fds `3..` with `LISTEN_FDS`, `LISTEN_FDNAMES` and
 //!    its own `LISTEN_PID`, a socket pair's end for passed-on connections
 //!    (`BATON_CONNECTIONS_FD`, [`crate::handoff`]), the handshake channel at the last fd
@@ -179,7 +179,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long O waits for systemd to process `MAINPID=`.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The words the intermediate and N write before N's exec, where nothing may allocate: shared with [`NewToOld`] so that both spell them alike.
+/// The words the intermediate and N write before N's exec, where nothing may allocate: shared
+/// with [`NewToOld`] so that both spell them alike.
 const PID_WORD: &str = "pid ";
 const EXIT_WORD: &str = "exit ";
 const EXEC_ERROR_WORD: &str = "exec-error ";
@@ -746,19 +747,14 @@ impl Launch {
 
     /// Forks the intermediate with every signal blocked: no signal handler may run in the
     /// children (tokio's would report the signal to this process through the pipe they
-    /// share). N resets the handlers before it unblocks.
+    /// share, and N shares the intermediate's memory until its execve). N resets the handlers
+    /// before it unblocks.
     fn fork_intermediate(
         &mut self,
         go_read: &OwnedFd,
         go_write: &OwnedFd,
     ) -> io::Result<libc::pid_t> {
-        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
-        let mut previous = SigSet::empty();
-        pthread_sigmask(
-            SigmaskHow::SIG_SETMASK,
-            Some(&SigSet::all()),
-            Some(&mut previous),
-        )?;
+        let previous = set_signal_mask(!0)?;
         // SAFETY: see fork_and_exec; every signal is blocked.
         let forked = unsafe {
             fork_and_exec(
@@ -769,9 +765,31 @@ impl Launch {
                 go_write.as_raw_fd(),
             )
         };
-        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&previous), None)?;
+        set_signal_mask(previous)?;
         forked
     }
+}
+
+/// Sets this thread's signal mask (a bit per signal, bit 0 for signal 1) and returns the one
+/// before. The raw syscall, as `posix_spawn` uses: glibc's `sigprocmask` leaves its own two
+/// signals (`SIGCANCEL`, `SIGSETXID`) unblocked, and every signal must be blocked around the
+/// fork of the intermediate.
+fn set_signal_mask(mask: u64) -> io::Result<u64> {
+    let mut previous: u64 = 0;
+    // SAFETY: both pointers are valid for the call; 8 bytes is the kernel's signal set.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            &mut previous as *mut u64,
+            8,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(previous)
 }
 
 /// Reads N's `pid <n>` (within [`STEP_TIMEOUT`]), or the intermediate's `fork-failed`. N's
@@ -977,7 +995,6 @@ unsafe fn fork_and_exec(
         match libc::fork() {
             -1 => Err(io::Error::last_os_error()),
             0 => {
-                block_every_signal();
                 let pid = clone_successor(exec, channel, successor_stack);
                 if pid > 0 {
                     // N said its pid itself (before its execve, which this process waited for).
@@ -1001,26 +1018,6 @@ unsafe fn fork_and_exec(
 /// Room for N's stack from its clone to its execve: [`exec_successor`] goes a few frames deep.
 const SUCCESSOR_STACK: usize = 64 * 1024;
 
-/// Blocks every signal in the intermediate with the raw syscall: glibc's `sigprocmask` leaves
-/// its own two (`SIGCANCEL`, `SIGSETXID`) unblocked, and no handler may run while N shares this
-/// memory. As `posix_spawn` does.
-///
-/// # Safety
-/// In the intermediate only (a plain syscall, async-signal-safe).
-unsafe fn block_every_signal() {
-    let every: u64 = !0;
-    // SAFETY: a plain syscall on a mask that lives across the call; 8 is the kernel's sigset size.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &every as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8,
-        )
-    };
-}
-
 /// What N gets from [`clone_successor`].
 struct SuccessorArgs {
     exec: *mut ExecPlan,
@@ -1041,8 +1038,7 @@ struct SuccessorArgs {
 /// own (no `CLONE_FILES`, no `CLONE_SIGHAND`).
 ///
 /// # Safety
-/// In the intermediate only, with every signal blocked ([`block_every_signal`]); see
-/// [`fork_and_exec`].
+/// In the intermediate only, with every signal blocked; see [`fork_and_exec`].
 unsafe fn clone_successor(exec: &mut ExecPlan, channel: RawFd, stack: &mut [u8]) -> libc::pid_t {
     extern "C" fn successor(args: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `args` points to the `SuccessorArgs` on the suspended intermediate's stack,
@@ -1993,8 +1989,9 @@ mod tests {
         );
     }
 
-    /// N's next messages may come with its pid line: whatever the pid reader took in beyond it (a whole line, a part of one, or the start of an endless one) must be read
-    /// as if it had never been taken in.
+    /// N's next messages may come with its pid line: whatever the pid reader took in beyond it
+    /// (a whole line, a part of one, or the start of an endless one) must be read as if it had
+    /// never been taken in.
     #[test]
     fn what_came_with_the_pid_is_read_first() {
         let rt = tokio::runtime::Builder::new_current_thread()
