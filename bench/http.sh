@@ -16,6 +16,9 @@
 #   WARMUP [1s]               wrk -d of one warm-up run per server and point (0 to skip)
 #   THREADS [2]               wrk -t
 #   TIMEOUT [10s]             wrk --timeout (a 16 MiB file at 1000 connections takes seconds)
+#   DISCARD=1                 wrk drops response bodies in the kernel (recv with MSG_TRUNC,
+#                             bench/wrk-discard.c, built with cc) instead of copying them: where
+#                             wrk's copying is the bottleneck (16 MiB), this measures the servers
 #   RESULTS                   write the medians here too, tab-separated [in the temporary dir]
 #   PLOT                      draw the table into this SVG file (bench/plot-http.py)
 #   BATON_BIN                 run this baton binary instead of building target/release/baton
@@ -38,6 +41,7 @@ THREADS=${THREADS:-2}
 TIMEOUT=${TIMEOUT:-10s}
 RESULTS=${RESULTS:-}
 PLOT=${PLOT:-}
+DISCARD=${DISCARD:-0}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_SCRIPT=bench/http.sh
@@ -45,6 +49,7 @@ BENCH_SCRIPT=bench/http.sh
 source "$REPO/bench/lib.sh"
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, not '$ROUNDS'"
+[[ $DISCARD == 0 || $DISCARD == 1 ]] || die "DISCARD must be 0 or 1, not '$DISCARD'"
 bytes_of() { # 1k, 64k, 1m, 16m, 1000
     case $1 in
         *[kK]) echo $((${1%?} * 1024)) ;;
@@ -74,6 +79,13 @@ bench_tools
 bench_baton
 bench_tmp
 RESULTS=${RESULTS:-$TMP/results.tsv}
+WRK_ENV=() DISCARD_NOTE=
+if [[ $DISCARD == 1 ]]; then
+    command -v cc >/dev/null || die "DISCARD=1 needs a C compiler: apt-get install gcc"
+    cc -O2 -shared -fPIC -o "$TMP/wrk-discard.so" "$REPO/bench/wrk-discard.c" -ldl \
+        || die "cannot build bench/wrk-discard.c"
+    WRK_ENV=(env LD_PRELOAD="$TMP/wrk-discard.so") DISCARD_NOTE=", bodies discarded"
+fi
 
 # ---------------------------------------------------------------- content and servers
 bench_content
@@ -121,10 +133,10 @@ say "check: both answer 200 with the same body for every size ($SIZES)"
 
 # ---------------------------------------------------------------- run
 wrk_point() { # connections duration url: the command, for the header
-    echo "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
+    echo ${WRK_ENV[@]+"${WRK_ENV[@]}"} "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
 }
 run_wrk() { # connections duration url
-    "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
+    ${WRK_ENV[@]+"${WRK_ENV[@]}"} "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
 }
 say ""
 say_machine
@@ -191,7 +203,7 @@ p99_of() { # rps p99_us
 col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2-$3.txt" | median; }
 colmax() { awk -v c="$1" '$c > m { m = $c } END { print m + 0 }' "$TMP/results-$2-$3.txt"; }
 say ""
-say "medians of $ROUNDS rounds ($DURATION each, wrk -t$THREADS); rss: the largest after a round"
+say "medians of $ROUNDS rounds ($DURATION each, wrk -t$THREADS$DISCARD_NOTE); rss: the largest after a round"
 say "(baton: its process; nginx: master + workers); ratios baton/nginx"
 printf '%-8s %5s %12s %12s %7s %10s %10s %7s %10s %10s %6s %6s %6s\n' size conns baton-req/s nginx-req/s \
     ratio baton-p99 nginx-p99 ratio baton-rss nginx-rss errors b-cpu n-cpu
@@ -242,6 +254,6 @@ fi
 
 if [[ -n $PLOT ]]; then
     python3 "$REPO/bench/plot-http.py" "$RESULTS" "$PLOT" \
-        "$(date -u +%F): medians of $ROUNDS rounds of $DURATION, wrk -t$THREADS, $(nproc) cores shared with wrk" \
+        "$(date -u +%F): medians of $ROUNDS rounds of $DURATION, wrk -t$THREADS$DISCARD_NOTE, $(nproc) cores shared with wrk" \
         && say "plot: $PLOT"
 fi
