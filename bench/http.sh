@@ -7,6 +7,8 @@
 # rounds alternate between the servers (baton then nginx, then nginx then baton, ...) and the
 # table shows the median of the rounds per server. Both servers run all along; RSS is read after
 # every round (baton: its one process; nginx: master + workers) and the table shows the largest.
+# The verdict names the points where baton misses a goal, and of those the ties: points where
+# baton was ahead in some rounds and behind in others.
 #
 # Environment (defaults in brackets):
 #   SIZES ["1k 64k 1m 16m"]   file sizes (k = KiB, m = MiB, or bytes)
@@ -201,6 +203,13 @@ p99_of() { # rps p99_us
     if awk -v r="$1" 'BEGIN { exit !(r > 0) }'; then fmt_us "$2"; else echo "none-done"; fi
 }
 col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2-$3.txt" | median; }
+# The lowest and highest of the per-round ratios baton/nginx of column $2 at point $1 ("lo hi"):
+# the rounds alternate the servers, so round r of one is next to round r of the other.
+round_ratios() {
+    paste -d' ' "$TMP/results-$1-baton.txt" "$TMP/results-$1-nginx.txt" | awk -v c="$2" '
+        { b = $c; n = $(c + 9); if (n > 0) { r = b / n; if (!seen || r < lo) lo = r; if (!seen || r > hi) hi = r; seen = 1 } }
+        END { printf "%.2f %.2f\n", lo, hi }'
+}
 colmax() { awk -v c="$1" '$c > m { m = $c } END { print m + 0 }' "$TMP/results-$2-$3.txt"; }
 say ""
 say "medians of $ROUNDS rounds ($DURATION each, wrk -t$THREADS$DISCARD_NOTE); rss: the largest after a round"
@@ -208,7 +217,7 @@ say "(baton: its process; nginx: master + workers); ratios baton/nginx"
 printf '%-8s %5s %12s %12s %7s %10s %10s %7s %10s %10s %6s %6s %6s\n' size conns baton-req/s nginx-req/s \
     ratio baton-p99 nginx-p99 ratio baton-rss nginx-rss errors b-cpu n-cpu
 printf 'bytes\tconnections\tbaton_rps\tnginx_rps\tbaton_p99_us\tnginx_p99_us\tbaton_rss_kib\tnginx_rss_kib\terrors\n' >"$RESULTS"
-misses=()
+misses=() ties=()
 errors_total=0
 # Set by the declares below, per point.
 rps_baton='' rps_nginx='' p99_baton='' p99_nginx='' rss_baton='' rss_nginx='' cpu_baton='' cpu_nginx=''
@@ -228,8 +237,16 @@ for c in "${CONN_LIST[@]}"; do
             "$(fmt_kib "$rss_baton" | tr -d ' ')" "$(fmt_kib "$rss_nginx" | tr -d ' ')" "$errs" "$cpu_baton" "$cpu_nginx"
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$c" "$rps_baton" "$rps_nginx" \
             "$p99_baton" "$p99_nginx" "$rss_baton" "$rss_nginx" "$errs" >>"$RESULTS"
-        awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }' || misses+=("$label/$c req/s ${rr}x")
-        awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }' || misses+=("$label/$c p99 ${pr}x")
+        if ! awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }'; then
+            misses+=("$label/$c req/s ${rr}x")
+            read -r lo hi < <(round_ratios "$point" 1)
+            awk -v h="$hi" 'BEGIN { exit !(h >= 1) }' && ties+=("$label/$c req/s (rounds ${lo}-${hi}x)")
+        fi
+        if ! awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }'; then
+            misses+=("$label/$c p99 ${pr}x")
+            read -r lo hi < <(round_ratios "$point" 3)
+            awk -v l="$lo" -v r="$rps_baton" 'BEGIN { exit !(l <= 1 && r > 0) }' && ties+=("$label/$c p99 (rounds ${lo}-${hi}x)")
+        fi
         if ((c == max_conns)); then
             awk -v a="$rss_baton" -v n="$rss_nginx" 'BEGIN { exit !(a <= n) }' || misses+=("$label/$c rss ${rss_baton}>${rss_nginx} KiB")
         fi
@@ -250,6 +267,11 @@ if [[ ${#misses[@]} -eq 0 ]]; then
 else
     joined=$(printf '%s; ' "${misses[@]}")
     say "verdict: baton MISSES the goals ($goals): ${joined%; }"
+    if [[ ${#ties[@]} -gt 0 ]]; then
+        joined=$(printf '%s; ' "${ties[@]}")
+        say "         of those, baton was ahead in some rounds and behind in others (a tie within this"
+        say "         machine's noise, not a lead either way): ${joined%; }"
+    fi
 fi
 
 if [[ -n $PLOT ]]; then
