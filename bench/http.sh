@@ -19,8 +19,9 @@
 #   THREADS [2]               wrk -t
 #   TIMEOUT [10s]             wrk --timeout (a 16 MiB file at 1000 connections takes seconds)
 #   DISCARD=1                 wrk drops response bodies in the kernel (recv with MSG_TRUNC,
-#                             bench/wrk-discard.c, built with cc) instead of copying them: where
-#                             wrk's copying is the bottleneck (16 MiB), this measures the servers
+#                             bench/wrk-discard.c, built with cc) instead of copying them: at
+#                             16 MiB and 64 connections, where wrk's copying is the bottleneck,
+#                             this measures the servers
 #   RESULTS                   write the medians here too, tab-separated [in the temporary dir]
 #   PLOT                      draw the table into this SVG file (bench/plot-http.py)
 #   BATON_BIN                 run this baton binary instead of building target/release/baton
@@ -135,7 +136,7 @@ say "check: both answer 200 with the same body for every size ($SIZES)"
 
 # ---------------------------------------------------------------- run
 wrk_point() { # connections duration url: the command, for the header
-    echo ${WRK_ENV[@]+"${WRK_ENV[@]}"} "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
+    echo ${WRK_ENV[@]+"LD_PRELOAD=<bench/wrk-discard.c, built>"} "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
 }
 run_wrk() { # connections duration url
     ${WRK_ENV[@]+"${WRK_ENV[@]}"} "$WRK" -t"$THREADS" -c"$1" -d"$2" --timeout "$TIMEOUT" --latency "$3"
@@ -205,10 +206,22 @@ p99_of() { # rps p99_us
 col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2-$3.txt" | median; }
 # The lowest and highest of the per-round ratios baton/nginx of column $2 at point $1 ("lo hi"):
 # the rounds alternate the servers, so round r of one is next to round r of the other.
-round_ratios() {
+# A third word says whether the rounds went both ways: "tie" if baton was ahead (req/s: ratio >=
+# 1; p99: <= 1) in some rounds and behind in others, "-" if not. Rounds in which either server
+# completed no request have no p99 and are left out.
+round_ratios() { # point column
     paste -d' ' "$TMP/results-$1-baton.txt" "$TMP/results-$1-nginx.txt" | awk -v c="$2" '
-        { b = $c; n = $(c + 9); if (n > 0) { r = b / n; if (!seen || r < lo) lo = r; if (!seen || r > hi) hi = r; seen = 1 } }
-        END { printf "%.2f %.2f\n", lo, hi }'
+        $1 > 0 && $10 > 0 && $(c + 9) > 0 {
+            r = $c / $(c + 9)
+            if (!seen || r < lo) lo = r
+            if (!seen || r > hi) hi = r
+            seen = 1
+        }
+        END {
+            ahead = (c == 1) ? hi >= 1 : lo <= 1
+            behind = (c == 1) ? lo < 1 : hi > 1
+            printf "%.2f %.2f %s\n", lo, hi, (seen && ahead && behind) ? "tie" : "-"
+        }'
 }
 colmax() { awk -v c="$1" '$c > m { m = $c } END { print m + 0 }' "$TMP/results-$2-$3.txt"; }
 say ""
@@ -239,13 +252,13 @@ for c in "${CONN_LIST[@]}"; do
             "$p99_baton" "$p99_nginx" "$rss_baton" "$rss_nginx" "$errs" >>"$RESULTS"
         if ! awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }'; then
             misses+=("$label/$c req/s ${rr}x")
-            read -r lo hi < <(round_ratios "$point" 1)
-            awk -v h="$hi" 'BEGIN { exit !(h >= 1) }' && ties+=("$label/$c req/s (rounds ${lo}-${hi}x)")
+            read -r lo hi tie < <(round_ratios "$point" 1)
+            [[ $tie == tie ]] && ties+=("$label/$c req/s (rounds ${lo}-${hi}x)")
         fi
         if ! awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }'; then
             misses+=("$label/$c p99 ${pr}x")
-            read -r lo hi < <(round_ratios "$point" 3)
-            awk -v l="$lo" -v r="$rps_baton" 'BEGIN { exit !(l <= 1 && r > 0) }' && ties+=("$label/$c p99 (rounds ${lo}-${hi}x)")
+            read -r lo hi tie < <(round_ratios "$point" 3)
+            [[ $tie == tie ]] && ties+=("$label/$c p99 (rounds ${lo}-${hi}x)")
         fi
         if ((c == max_conns)); then
             awk -v a="$rss_baton" -v n="$rss_nginx" 'BEGIN { exit !(a <= n) }' || misses+=("$label/$c rss ${rss_baton}>${rss_nginx} KiB")
