@@ -207,11 +207,11 @@ col() { awk -v c="$1" '{ print $c }' "$TMP/results-$2-$3.txt" | median; }
 # The lowest and highest of the per-round ratios baton/nginx of column $2 at point $1 ("lo hi"):
 # the rounds alternate the servers, so round r of one is next to round r of the other.
 # A third word says whether the rounds went both ways: "tie" if baton was ahead (req/s: ratio >=
-# 1; p99: <= 1) in some rounds and behind in others, "-" if not. Rounds in which either server
-# completed no request have no p99 and are left out.
+# 1; p99: <= 1) in some rounds and behind in others, "-" if not. For p99, rounds in which either
+# server completed no request have no p99 and are left out.
 round_ratios() { # point column
     paste -d' ' "$TMP/results-$1-baton.txt" "$TMP/results-$1-nginx.txt" | awk -v c="$2" '
-        $1 > 0 && $10 > 0 && $(c + 9) > 0 {
+        (c == 1 || ($1 > 0 && $10 > 0)) && $(c + 9) > 0 {
             r = $c / $(c + 9)
             if (!seen || r < lo) lo = r
             if (!seen || r > hi) hi = r
@@ -231,6 +231,14 @@ printf '%-8s %5s %12s %12s %7s %10s %10s %7s %10s %10s %6s %6s %6s\n' size conns
     ratio baton-p99 nginx-p99 ratio baton-rss nginx-rss errors b-cpu n-cpu
 printf 'bytes\tconnections\tbaton_rps\tnginx_rps\tbaton_p99_us\tnginx_p99_us\tbaton_rss_kib\tnginx_rss_kib\terrors\n' >"$RESULTS"
 misses=() ties=()
+# A missed goal at the point of the loop below (label, c, point): what (req/s, p99), its column
+# in the results files, the ratio of the medians; and whether the rounds call it a tie.
+missed() {
+    misses+=("$label/$c $1 ${3}x")
+    local lo hi tie
+    read -r lo hi tie < <(round_ratios "$point" "$2")
+    if [[ $tie == tie ]]; then ties+=("$label/$c $1 (rounds ${lo}-${hi}x)"); fi
+}
 errors_total=0
 # Set by the declares below, per point.
 rps_baton='' rps_nginx='' p99_baton='' p99_nginx='' rss_baton='' rss_nginx='' cpu_baton='' cpu_nginx=''
@@ -250,16 +258,8 @@ for c in "${CONN_LIST[@]}"; do
             "$(fmt_kib "$rss_baton" | tr -d ' ')" "$(fmt_kib "$rss_nginx" | tr -d ' ')" "$errs" "$cpu_baton" "$cpu_nginx"
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$c" "$rps_baton" "$rps_nginx" \
             "$p99_baton" "$p99_nginx" "$rss_baton" "$rss_nginx" "$errs" >>"$RESULTS"
-        if ! awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }'; then
-            misses+=("$label/$c req/s ${rr}x")
-            read -r lo hi tie < <(round_ratios "$point" 1)
-            [[ $tie == tie ]] && ties+=("$label/$c req/s (rounds ${lo}-${hi}x)")
-        fi
-        if ! awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }'; then
-            misses+=("$label/$c p99 ${pr}x")
-            read -r lo hi tie < <(round_ratios "$point" 3)
-            [[ $tie == tie ]] && ties+=("$label/$c p99 (rounds ${lo}-${hi}x)")
-        fi
+        awk -v a="$rps_baton" -v n="$rps_nginx" 'BEGIN { exit !(a >= n) }' || missed req/s 1 "$rr"
+        awk -v a="$p99_baton" -v n="$p99_nginx" -v r="$rps_baton" 'BEGIN { exit !(a <= n && r > 0) }' || missed p99 3 "$pr"
         if ((c == max_conns)); then
             awk -v a="$rss_baton" -v n="$rss_nginx" 'BEGIN { exit !(a <= n) }' || misses+=("$label/$c rss ${rss_baton}>${rss_nginx} KiB")
         fi
