@@ -234,11 +234,7 @@ fn ten_upgrades_under_http2_load_lose_nothing() {
         "the load did not span the upgrades: {runs:?}"
     );
     assert_eq!(metric(addr, "baton_generation"), 11);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    assert!(reaper::wait_exit(pid, EXIT_TIMEOUT).is_some_and(|s| s.success()));
+    common::stop_and_wait_exit(pid, EXIT_TIMEOUT);
 }
 
 /// The server's first frame after the client's preface: (type, stream).
