@@ -49,8 +49,9 @@
 //! to hyper with the bytes already read put back in front (`Rewind`), and hyper serves the
 //! connection from then on.
 
+use std::cell::Cell;
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
@@ -642,12 +643,34 @@ fn head(
     if close {
         line("connection", b"close");
     }
-    line(
-        "date",
-        httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
-    );
+    line("date", &http_date());
     head.extend_from_slice(b"\r\n");
     head
+}
+
+/// hyper's `date` for now: formatted once a second by each thread, as hyper caches its own.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static LAST: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    LAST.with(|last| match last.get() {
+        (of, date) if of == second => date,
+        _ => {
+            // Always 29 bytes: "Sun, 06 Nov 1994 08:49:37 GMT".
+            let mut date = [0; 29];
+            let _ = write!(
+                &mut date.as_mut_slice(),
+                "{}",
+                httpdate::HttpDate::from(now)
+            );
+            last.set((second, date));
+            date
+        }
+    })
 }
 
 /// The head, then `len` bytes of a cached file's `content` from `start`, in one send where
@@ -964,6 +987,25 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_date_is_formatted_again_when_the_second_changes() {
+        let started = std::time::Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        // Calls until two seconds have been seen (a second boundary crossed), each checked
+        // against the clock read around it.
+        while seen.len() < 2 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            let before = httpdate::fmt_http_date(std::time::SystemTime::now());
+            let date = String::from_utf8(http_date().to_vec()).unwrap();
+            let after = httpdate::fmt_http_date(std::time::SystemTime::now());
+            assert!(
+                date == before || date == after,
+                "{date} is neither {before} nor {after}"
+            );
+            seen.insert(date);
+        }
+    }
 
     #[test]
     fn entity_tag_lists_split_as_serve_dir_does() {
