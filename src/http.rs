@@ -647,6 +647,7 @@ impl Confined {
         let small = |stat: &Stat| stat.len <= MAX_CACHED_FILE;
         let hit = small(&stat).then(|| self.backend.cached(&stat)).flatten();
         let (body, stat, (last_modified, etag)) = match hit {
+            // The entry's `fstat` is this one (`cached`), and the validators come from it alone.
             Some(hit) => (
                 hit.fast_body(),
                 stat,
@@ -712,17 +713,24 @@ fn content_type_of(path: &Path) -> HeaderValue {
         static LAST: RefCell<Option<(OsString, HeaderValue)>> = const { RefCell::new(None) };
     }
     let extension = path.extension().unwrap_or_default();
-    LAST.with_borrow_mut(|last| match last {
-        Some((of, content_type)) if of.as_os_str() == extension => content_type.clone(),
-        _ => {
-            let content_type = mime_guess::from_path(path).first_raw().map_or(
-                HeaderValue::from_static("application/octet-stream"),
-                HeaderValue::from_static,
-            );
-            *last = Some((extension.to_owned(), content_type.clone()));
-            content_type
+    LAST.with_borrow_mut(|last| {
+        let (of, content_type) = last.get_or_insert_with(|| (extension.to_owned(), guess(path)));
+        if of.as_os_str() != extension {
+            // The key's buffer is reused: no allocation once it has held the longest one.
+            of.clear();
+            of.push(extension);
+            *content_type = guess(path);
         }
+        content_type.clone()
     })
+}
+
+/// mime_guess's `Content-Type` for `path`.
+fn guess(path: &Path) -> HeaderValue {
+    mime_guess::from_path(path).first_raw().map_or(
+        HeaderValue::from_static("application/octet-stream"),
+        HeaderValue::from_static,
+    )
 }
 
 /// `Last-Modified` and `ETag` as `ServeDir` writes them for a file with this `fstat`.
@@ -1209,18 +1217,36 @@ impl File for Opened {
 mod tests {
     use super::*;
     use axum::http::StatusCode;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn content_types_follow_each_extension_through_the_threads_memo() {
-        let guess = |path: &str| {
+        let expected = |path: &Path| {
             mime_guess::from_path(path)
                 .first_raw()
                 .unwrap_or("application/octet-stream")
         };
-        for path in [
-            "a.html", "b.html", "c.css", "d.html", "e", "f.tar.gz", "g", "h.HTML", "i.css", "j.",
-        ] {
-            assert_eq!(content_type_of(Path::new(path)), guess(path), "{path}");
+        // Hits and misses of the memo in turn: the same extension twice, another one, no
+        // extension and an empty one, another case, an extension that is not UTF-8.
+        let paths: [&[u8]; 14] = [
+            b"a.html",
+            b"b.html",
+            b"c.css",
+            b"d.html",
+            b"e",
+            b"g",
+            b"j.",
+            b"f.tar.gz",
+            b"h.html",
+            b"h.HTML",
+            b"i.css",
+            b"x.\xff",
+            b"y.\xff",
+            b"z.css",
+        ];
+        for path in paths {
+            let path = Path::new(std::ffi::OsStr::from_bytes(path));
+            assert_eq!(content_type_of(path), expected(path), "{path:?}");
         }
     }
 
