@@ -627,7 +627,7 @@ impl Upgrader {
         let exec = ExecPlan::new(&self.exe, &self.args, env, fds)?;
         Ok(Launch {
             exec,
-            successor_stack: vec![0; SUCCESSOR_STACK].into_boxed_slice(),
+            successor_stack: SuccessorStack::new()?,
             parent_end,
             child_end,
             pass_on,
@@ -704,9 +704,9 @@ impl Upgrader {
 /// [`start`] can run it on the blocking pool.
 struct Launch {
     exec: ExecPlan,
-    /// N's stack from its clone to its execve ([`clone_successor`]): allocated here, since
+    /// N's stack from its clone to its execve ([`clone_successor`]): mapped here, since
     /// nothing may allocate after the fork.
-    successor_stack: Box<[u8]>,
+    successor_stack: SuccessorStack,
     parent_end: StdUnixStream,
     child_end: StdUnixStream,
     /// O's end of the pair for passed-on connections.
@@ -759,7 +759,7 @@ impl Launch {
         let forked = unsafe {
             fork_and_exec(
                 &mut self.exec,
-                &mut self.successor_stack,
+                self.successor_stack.usable(),
                 self.child_end.as_raw_fd(),
                 go_read.as_raw_fd(),
                 go_write.as_raw_fd(),
@@ -1018,6 +1018,67 @@ unsafe fn fork_and_exec(
 /// Room for N's stack from its clone to its execve: [`exec_successor`] goes a few frames deep.
 const SUCCESSOR_STACK: usize = 64 * 1024;
 
+/// N's stack from its clone to its execve: a mapping of its own with an inaccessible page
+/// below it, as a thread's stack has. N shares the intermediate's memory until its execve, so
+/// without that page a stack overflow in N would write, unnoticed, into whatever lies below
+/// (on the heap: the intermediate's); with it, N dies of SIGSEGV, which O reports as N's end.
+struct SuccessorStack {
+    /// The whole mapping, guard page first.
+    mapping: std::ptr::NonNull<libc::c_void>,
+    guard: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone (unmapped on drop, lent out only through
+// `&mut self`), like a `Box<[u8]>`.
+unsafe impl Send for SuccessorStack {}
+
+impl SuccessorStack {
+    fn new() -> io::Result<SuccessorStack> {
+        use nix::sys::mman::{mmap_anonymous, mprotect, MapFlags, ProtFlags};
+        let guard = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |page| page as usize);
+        const STACK: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(SUCCESSOR_STACK) {
+            Some(size) => size,
+            None => panic!("SUCCESSOR_STACK is 0"),
+        };
+        let len = STACK.saturating_add(guard);
+        // SAFETY: a new private anonymous mapping, aliasing nothing.
+        let mapping = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_STACK,
+            )
+        }?;
+        let stack = SuccessorStack { mapping, guard };
+        // SAFETY: the first page of the mapping just made, which nothing refers to yet.
+        unsafe { mprotect(mapping, guard, ProtFlags::PROT_NONE) }?;
+        Ok(stack)
+    }
+
+    /// The stack above the guard page.
+    fn usable(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `guard + SUCCESSOR_STACK` bytes, readable and writable above
+        // the guard page, and borrowed mutably with `self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.mapping.as_ptr().cast::<u8>().add(self.guard),
+                SUCCESSOR_STACK,
+            )
+        }
+    }
+}
+
+impl Drop for SuccessorStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, whole; no borrow of it outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.mapping, self.guard + SUCCESSOR_STACK) };
+    }
+}
+
 /// What N gets from [`clone_successor`].
 struct SuccessorArgs {
     exec: *mut ExecPlan,
@@ -1025,10 +1086,10 @@ struct SuccessorArgs {
 }
 
 /// Starts N from the intermediate as `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)`,
-/// N on a stack of its own, sharing the intermediate's memory until its execve. A fork would
-/// copy the page tables of the whole old generation (the intermediate is a fork of it) only
-/// for the execve to tear them down again, on the CPU the old generation serves on. Returns
-/// N's pid, or -1 with errno set.
+/// N on a stack of its own ([`SuccessorStack`], with a guard page), sharing the intermediate's
+/// memory until its execve. A fork would copy the page tables of the whole old generation (the
+/// intermediate is a fork of it) only for the execve to tear them down again, on the CPU the
+/// old generation serves on. Returns N's pid, or -1 with errno set.
 ///
 /// N first says `pid <n>` on `channel` itself: the intermediate is suspended until N's execve
 /// (`CLONE_VFORK`), and O must have N's pid, to kill it, also when N never gets that far (N
@@ -1898,6 +1959,39 @@ impl Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes one byte at `at` in a child process: how the child ended.
+    fn write_in_child(at: *mut u8) -> nix::sys::wait::WaitStatus {
+        // SAFETY: the child makes only a volatile write and _exit, both async-signal-safe.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => unsafe {
+                at.write_volatile(1);
+                libc::_exit(0)
+            },
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).unwrap()
+            }
+        }
+    }
+
+    #[test]
+    fn the_successors_stack_has_a_guard_page_below_it() {
+        use nix::sys::wait::WaitStatus;
+        let mut stack = SuccessorStack::new().unwrap();
+        let usable = stack.usable();
+        assert_eq!(usable.len(), SUCCESSOR_STACK);
+        // The whole stack is writable, its lowest byte and its highest.
+        usable[0] = 1;
+        usable[SUCCESSOR_STACK - 1] = 1;
+        let lowest = usable.as_mut_ptr();
+        assert!(matches!(write_in_child(lowest), WaitStatus::Exited(_, 0)));
+        // One byte below it, an overflow's first write, kills the writer.
+        let below = lowest.wrapping_sub(1);
+        assert!(matches!(
+            write_in_child(below),
+            WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSEGV, _)
+        ));
+    }
 
     #[test]
     fn handshake_lines_are_bounded() {
