@@ -654,13 +654,14 @@ impl Confined {
                 (hit.last_modified.clone(), hit.etag.clone()),
             ),
             // What is sent is what this open finds (the path may lead elsewhere by now).
-            None => match root.open_read(&path).ok()? {
-                (_, opened) if opened.kind != Kind::File => return None,
-                (file, opened) if small(&opened) => {
-                    (FastBody::Uncached(file), opened, validators(&opened))
-                }
-                (file, opened) => (FastBody::Disk(file), opened, validators(&opened)),
-            },
+            None => {
+                let (body, opened) = match root.open_read(&path).ok()? {
+                    (_, opened) if opened.kind != Kind::File => return None,
+                    (file, opened) if small(&opened) => (FastBody::Uncached(file), opened),
+                    (file, opened) => (FastBody::Disk(file), opened),
+                };
+                (body, opened, validators(&opened))
+            }
         };
         let on_the_fly = compression.on_the_fly && compressible;
         Some(FastFile {
