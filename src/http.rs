@@ -581,7 +581,7 @@ pub(crate) enum FastBody {
     /// The cache's copy, which an entry matching the file's `fstat` holds.
     Cached(Bytes),
     /// The fd a cache entry keeps open ([`SENDFILE_FROM`]): sent with sendfile(2).
-    CachedFd(Arc<std::fs::File>),
+    CachedFd(Arc<SentFile>),
     /// Small but not cached: read once ([`Confined::cache_small`]), then as the new entry
     /// says (from memory, or from the fd it keeps).
     Uncached(std::fs::File),
@@ -847,7 +847,7 @@ impl CachedFile {
     /// What the fast path sends: from the fd if the entry keeps one, else from memory.
     fn fast_body(&self) -> FastBody {
         match &self.fd {
-            Some(held) => FastBody::CachedFd(held.file.clone()),
+            Some(held) => FastBody::CachedFd(held.sent.clone()),
             None => FastBody::Cached(self.body.clone()),
         }
     }
@@ -1055,7 +1055,48 @@ impl Beneath {
 /// An fd of a file a cache entry keeps open. How many there are at once is bounded by a
 /// share of the fd limit, so that the cache never takes the fds connections need.
 struct HeldFd {
-    file: Arc<std::fs::File>,
+    sent: Arc<SentFile>,
+}
+
+/// A file the fast path sends with sendfile(2).
+pub(crate) struct SentFile {
+    pub file: std::fs::File,
+    /// Of a file a cache entry keeps open: when a probe last found it in the page cache, in
+    /// [`monotonic_ms`] (0: never). `None` for a file opened for one request.
+    warm_at_ms: Option<std::sync::atomic::AtomicU64>,
+}
+
+impl SentFile {
+    /// A file opened for one request: every chunk of it is probed.
+    pub(crate) fn opened(file: std::fs::File) -> SentFile {
+        SentFile {
+            file,
+            warm_at_ms: None,
+        }
+    }
+
+    /// A file a cache entry keeps open.
+    pub(crate) fn held(file: std::fs::File) -> SentFile {
+        SentFile {
+            file,
+            warm_at_ms: Some(0.into()),
+        }
+    }
+
+    /// When a probe last found this kept file in the page cache, if it is one and one did.
+    pub(crate) fn warm_at_ms(&self) -> Option<u64> {
+        self.warm_at_ms
+            .as_ref()
+            .map(|at| at.load(Ordering::Relaxed))
+            .filter(|&at| at != 0)
+    }
+
+    /// Notes that a probe found this file in the page cache at `now_ms` (kept files only).
+    pub(crate) fn found_warm(&self, now_ms: u64) {
+        if let Some(at) = &self.warm_at_ms {
+            at.store(now_ms, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How many [`HeldFd`]s there are.
@@ -1076,7 +1117,7 @@ impl HeldFd {
             return None;
         }
         Some(HeldFd {
-            file: Arc::new(file),
+            sent: Arc::new(SentFile::held(file)),
         })
     }
 }
@@ -1087,14 +1128,20 @@ impl Drop for HeldFd {
     }
 }
 
-/// Whether it is time to look for entries of deleted files: at most once a second.
-fn sweep_due() -> bool {
+/// Milliseconds on the monotonic clock since the first call, from 1.
+pub(crate) fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    static NEXT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = START
+    START
         .get_or_init(std::time::Instant::now)
         .elapsed()
-        .as_millis() as u64;
+        .as_millis() as u64
+        + 1
+}
+
+/// Whether it is time to look for entries of deleted files: at most once a second.
+fn sweep_due() -> bool {
+    static NEXT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = monotonic_ms();
     let next = NEXT_MS.load(Ordering::Relaxed);
     now >= next
         && NEXT_MS
@@ -1107,7 +1154,7 @@ fn sweep_due() -> bool {
 fn drop_deleted(cache: &FileCache) {
     use std::os::unix::fs::MetadataExt;
     cache.retain(|_, cached| match &cached.fd {
-        Some(held) => held.file.metadata().is_ok_and(|m| m.nlink() > 0),
+        Some(held) => held.sent.file.metadata().is_ok_and(|m| m.nlink() > 0),
         None => true,
     });
 }

@@ -41,7 +41,8 @@
 //! for a cached tree). The file's pages are another matter: sendfile on a worker would wait for
 //! the disk with every connection of that worker. So before each chunk its first page is probed
 //! (`preadv2` of one byte with `RWF_NOWAIT`), and a chunk not in the page cache is read ahead
-//! (`readahead(2)`) on the blocking pool first.
+//! (`readahead(2)`) on the blocking pool first. A file a cache entry keeps open, once found in
+//! the page cache, is not probed again for the next 100 ms (`WARM_FOR_MS`).
 //!
 //! The connection keeps its phases for the watcher of [`super`]: a head being read is header
 //! time, a response in flight is busy, the send timer runs while a write stays pending, and
@@ -63,7 +64,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 
 use super::{ConnState, ResponseDone, Shared, TrackedIo};
 use crate::access_log::{self, Client};
-use crate::http::{FastBody, FastFile};
+use crate::http::{FastBody, FastFile, SentFile};
 use baton_lifecycle::handoff::PassOn;
 
 // Why cached files from 16 KiB on go out with sendfile from a kept fd, not from memory: the
@@ -568,7 +569,8 @@ where
         // A file too large for the cache, or a small one that changed while being read
         // ([`read_small`]): what the fd holds now.
         (Some((start, n)), FastBody::Disk(file) | FastBody::Uncached(file)) => {
-            send_disk(io, &head, Arc::new(file), start, n, access.as_mut(), shared).await?
+            let file = Arc::new(SentFile::opened(file));
+            send_disk(io, &head, file, start, n, access.as_mut(), shared).await?
         }
         (Some((start, n)), FastBody::CachedFd(file)) => {
             send_disk(io, &head, file, start, n, access.as_mut(), shared).await?
@@ -696,7 +698,7 @@ where
 async fn send_disk<I>(
     io: &mut TrackedIo<I>,
     head: &[u8],
-    file: Arc<std::fs::File>,
+    file: Arc<SentFile>,
     start: u64,
     len: u64,
     access: Option<&mut access_log::Pending>,
@@ -792,7 +794,7 @@ where
 /// first (truncated meanwhile).
 async fn send_file<I>(
     io: &mut TrackedIo<I>,
-    file: Arc<std::fs::File>,
+    file: Arc<SentFile>,
     start: u64,
     len: u64,
     mut access: Option<&mut access_log::Pending>,
@@ -807,17 +809,17 @@ where
     let mut next_probe = offset;
     while (offset as u64) < end {
         let count = (end - offset as u64).min(MAX_CHUNK as u64) as usize;
-        if offset >= next_probe && !in_page_cache(&file, offset as u64) {
+        if offset >= next_probe && may_be_cold(&file, offset as u64) {
             // A cold file: the disk read happens on the blocking pool, not in sendfile on a
             // worker every connection of it shares.
             let file = file.clone();
             let at = offset;
             let _ = tokio::task::spawn_blocking(move || {
                 // SAFETY: readahead only reads the fd, which `file` keeps open.
-                unsafe { libc::readahead(file.as_raw_fd(), at, count) };
+                unsafe { libc::readahead(file.file.as_raw_fd(), at, count) };
                 // readahead may return before its reads complete: wait here, not in sendfile
                 // on the worker, for the chunk's last page (the reads go in order).
-                let _ = file.read_at(&mut [0u8], at as u64 + count as u64 - 1);
+                let _ = file.file.read_at(&mut [0u8], at as u64 + count as u64 - 1);
             })
             .await;
         }
@@ -825,7 +827,8 @@ where
             next_probe = offset + count as libc::off_t;
         }
         let result = io.inner.try_write_with(|| {
-            nix::sys::sendfile::sendfile(io.inner.as_fd(), file.as_fd(), Some(&mut offset), count)
+            let file = file.file.as_fd();
+            nix::sys::sendfile::sendfile(io.inner.as_fd(), file, Some(&mut offset), count)
                 .map_err(io::Error::from)
         });
         match result {
@@ -862,7 +865,7 @@ where
 /// through the tracked socket. `Ok(false)` if the file ended early.
 async fn copy_buffered<I>(
     io: &mut TrackedIo<I>,
-    file: Arc<std::fs::File>,
+    file: Arc<SentFile>,
     mut offset: u64,
     end: u64,
     mut access: Option<&mut access_log::Pending>,
@@ -876,7 +879,7 @@ where
         let want = (end - offset).min(BUFFER as u64) as usize;
         let file = file.clone();
         let (read, back) = tokio::task::spawn_blocking(move || {
-            let read = file.read_at(&mut buf[..want], offset);
+            let read = file.file.read_at(&mut buf[..want], offset);
             (read, buf)
         })
         .await
@@ -893,6 +896,34 @@ where
         offset += n as u64;
     }
     Ok(true)
+}
+
+/// How long a file a cache entry keeps open, once a probe found it in the page cache, is taken
+/// to be there still without another probe. Such a file is at most
+/// [`crate::http::MAX_CACHED_FILE`] long (one chunk), and each response that skips the probe
+/// reads it again, which keeps its pages at the warm end of the page cache's LRU. Skipping the
+/// probe saves a system call on a file every connection shares: 0.7-1.0 µs, 4-5% of baton's CPU
+/// per 64 KiB response at 1,000 connections (`bench/http.sh`, docs/benchmarks.md). A page
+/// dropped within the window anyway (by `drop_caches`, say) costs one sendfile a disk read on
+/// the worker, a risk the rest of a chunk always had: the probe looks at its first page only.
+const WARM_FOR_MS: u64 = 100;
+
+/// Whether the page at `offset` of `file` may have to come from the disk: probed
+/// ([`in_page_cache`]), unless `file` is one a cache entry keeps and a probe found it in the
+/// page cache less than [`WARM_FOR_MS`] ago.
+fn may_be_cold(file: &SentFile, offset: u64) -> bool {
+    let now = crate::http::monotonic_ms();
+    if file
+        .warm_at_ms()
+        .is_some_and(|at| now.saturating_sub(at) < WARM_FOR_MS)
+    {
+        return false;
+    }
+    let warm = in_page_cache(&file.file, offset);
+    if warm {
+        file.found_warm(now);
+    }
+    !warm
 }
 
 /// Whether the page at `offset` of `file` is in the page cache (a read would not wait for the
@@ -1030,31 +1061,86 @@ mod tests {
         assert_eq!(all, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 
-    #[test]
-    fn pages_in_and_out_of_the_page_cache_are_told_apart() {
-        use std::io::Write;
-        let path = std::env::temp_dir().join(format!("baton-fast-{}", std::process::id()));
+    /// A file written, written back and dropped from the page cache, or `None` where the file
+    /// system cannot tell cold pages (`RWF_NOWAIT`).
+    fn cold_file(name: &str, len: usize) -> Option<std::fs::File> {
+        let path = std::env::temp_dir().join(format!("baton-{name}-{}", std::process::id()));
         let mut file = std::fs::File::create(&path).unwrap();
-        file.write_all(&vec![7u8; 1 << 20]).unwrap();
-        // Just written: in the page cache.
-        assert!(in_page_cache(&file, 0));
-        assert!(in_page_cache(&file, 4096));
-        // Written back and dropped from the cache: cold, unless the file system cannot tell
-        // (then every page counts as cached, and sendfile simply reads it).
+        file.write_all(&vec![7u8; len]).unwrap();
         file.sync_all().unwrap();
         let file = std::fs::File::open(&path).unwrap();
         let _ = std::fs::remove_file(&path);
+        drop_from_page_cache(&file);
+        if in_page_cache(&file, 0) {
+            eprintln!("this file system does not report cold pages (RWF_NOWAIT)");
+            return None;
+        }
+        Some(file)
+    }
+
+    fn drop_from_page_cache(file: &std::fs::File) {
         nix::fcntl::posix_fadvise(
-            &file,
+            file,
             0,
             0,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         )
         .unwrap();
-        if in_page_cache(&file, 0) {
-            eprintln!("this file system does not report cold pages (RWF_NOWAIT)");
+    }
+
+    #[test]
+    fn a_kept_file_found_warm_is_not_probed_again_for_a_while() {
+        let Some(file) = cold_file("warm", 64 << 10) else {
             return;
-        }
+        };
+        let held = SentFile::held(file.try_clone().unwrap());
+        // Never found warm: probed, and cold.
+        assert!(may_be_cold(&held, 0));
+        assert_eq!(held.warm_at_ms(), None);
+        // Found warm just now: taken to be warm without a probe (the page is in fact cold).
+        held.found_warm(crate::http::monotonic_ms());
+        assert!(!may_be_cold(&held, 0));
+        // Found warm a window ago: probed again.
+        held.found_warm(crate::http::monotonic_ms().saturating_sub(WARM_FOR_MS));
+        assert!(may_be_cold(&held, 0));
+        // A file opened for one request keeps no time: always probed.
+        let opened = SentFile::opened(file);
+        opened.found_warm(crate::http::monotonic_ms());
+        assert_eq!(opened.warm_at_ms(), None);
+        assert!(may_be_cold(&opened, 0));
+    }
+
+    #[test]
+    fn a_probe_that_finds_a_kept_file_warm_notes_the_time() {
+        let Some(file) = cold_file("probed", 64 << 10) else {
+            return;
+        };
+        // Read back in.
+        let _ = file.read_at(&mut [0u8], 0);
+        let held = SentFile::held(file);
+        let before = crate::http::monotonic_ms();
+        assert!(!may_be_cold(&held, 0), "just read, so in the page cache");
+        assert!(held.warm_at_ms().is_some_and(|at| at >= before));
+        // Dropped from the cache since: within the window, not probed.
+        drop_from_page_cache(&held.file);
+        assert!(!in_page_cache(&held.file, 0));
+        assert!(!may_be_cold(&held, 0));
+    }
+
+    #[test]
+    fn pages_in_and_out_of_the_page_cache_are_told_apart() {
+        let path = std::env::temp_dir().join(format!("baton-fast-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&vec![7u8; 1 << 20]).unwrap();
+        let _ = std::fs::remove_file(&path);
+        // Just written: in the page cache.
+        assert!(in_page_cache(&file, 0));
+        assert!(in_page_cache(&file, 4096));
+        // Written back and dropped from the cache: cold, unless the file system cannot tell
+        // (then every page counts as cached, and sendfile simply reads it).
+        let Some(file) = cold_file("cold", 1 << 20) else {
+            return;
+        };
         // What send_file does for a cold chunk. readahead(2) starts the reads and may return
         // before they complete (the page is then locked, and RWF_NOWAIT still says EAGAIN):
         // the page comes in soon after.
