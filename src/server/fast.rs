@@ -270,25 +270,39 @@ async fn pass_on<I: Stream>(
     shared: &Shared,
     state: &ConnState,
 ) -> bool {
-    let mut tries = 0;
-    let failed = loop {
-        match to.send(io.inner.as_fd(), &state.listener, unanswered) {
-            Ok(()) => {
-                shared.metrics.connections_passed_on.inc();
-                shared.passed_on.fetch_add(1, Ordering::SeqCst);
-                return true;
-            }
-            // The new generation takes them in one task: it catches up within milliseconds.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < PASS_ON_TRIES => {
-                tries += 1;
-                tokio::time::sleep(PASS_ON_RETRY).await;
-            }
-            Err(e) => break e,
+    let send = || to.send(io.inner.as_fd(), &state.listener, unanswered);
+    match send_while_full(send, PASS_ON_TRIES, PASS_ON_RETRY).await {
+        Ok(()) => {
+            shared.metrics.connections_passed_on.inc();
+            shared.passed_on.fetch_add(1, Ordering::SeqCst);
+            true
         }
-    };
-    tracing::debug!(error = %failed, "cannot pass a connection on to the next generation: {failed}; it drains here");
-    state.pass_failed.store(true, Ordering::SeqCst);
-    false
+        Err(failed) => {
+            tracing::debug!(error = %failed, "cannot pass a connection on to the next generation: {failed}; it drains here");
+            state.pass_failed.store(true, Ordering::SeqCst);
+            false
+        }
+    }
+}
+
+/// `send()`, tried again up to `tries` more times, `interval` apart, while it fails with
+/// `WouldBlock` (the next generation's queue is full: it takes connections in one task and
+/// catches up within milliseconds). Any other error ends it at once.
+async fn send_while_full(
+    mut send: impl FnMut() -> io::Result<()>,
+    tries: u32,
+    interval: std::time::Duration,
+) -> io::Result<()> {
+    let mut tried = 0;
+    loop {
+        match send() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tried < tries => {
+                tried += 1;
+                tokio::time::sleep(interval).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// The fast path's answer to a complete request head, or `None` for hyper's path.
@@ -1036,6 +1050,83 @@ mod tests {
             );
             seen.insert(date);
         }
+    }
+
+    /// A datagram socket whose peer never reads, sent to until its queue is full.
+    fn full_socket() -> (
+        std::os::unix::net::UnixDatagram,
+        std::os::unix::net::UnixDatagram,
+    ) {
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let full = (0..1_000_000)
+            .map(|_| ours.send(b"connection"))
+            .find_map(Result::err)
+            .expect("the queue never filled");
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
+        (ours, theirs)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_tried_again_until_it_has_room() {
+        let (ours, theirs) = full_socket();
+        let mut tries = 0;
+        let sent = send_while_full(
+            || {
+                tries += 1;
+                if tries == 3 {
+                    // The next generation takes one connection off its queue.
+                    theirs.recv(&mut [0u8; 64]).unwrap();
+                }
+                ours.send(b"connection").map(drop)
+            },
+            PASS_ON_TRIES,
+            std::time::Duration::from_millis(1),
+        )
+        .await;
+        assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(tries, 3);
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_stays_full_is_given_up_after_the_last_try() {
+        let (ours, _theirs) = full_socket();
+        let mut tries = 0;
+        let interval = std::time::Duration::from_millis(2);
+        let started = std::time::Instant::now();
+        let sent = send_while_full(
+            || {
+                tries += 1;
+                ours.send(b"connection").map(drop)
+            },
+            5,
+            interval,
+        )
+        .await;
+        assert_eq!(sent.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(tries, 6, "the first try and five more");
+        assert!(
+            started.elapsed() >= interval * 5,
+            "the tries were not apart"
+        );
+    }
+
+    #[tokio::test]
+    async fn any_other_error_is_not_tried_again() {
+        let (ours, theirs) = full_socket();
+        drop(theirs);
+        let mut tries = 0;
+        let sent = send_while_full(
+            || {
+                tries += 1;
+                ours.send(b"connection").map(drop)
+            },
+            PASS_ON_TRIES,
+            std::time::Duration::from_millis(1),
+        )
+        .await;
+        assert_ne!(sent.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(tries, 1);
     }
 
     #[test]
