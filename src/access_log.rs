@@ -216,6 +216,42 @@ pub struct Entry {
     pub referer: Option<HeaderValue>,
     pub user_agent: Option<HeaderValue>,
     pub host: Option<HeaderValue>,
+    /// Of a request hyper could not parse and answered itself (400, 414, 431): its request line
+    /// as received, at most [`MAX_FIELD`] bytes (empty if unknown). `method`, `target` and
+    /// `version` then say nothing, and are not logged.
+    pub unparsed: Option<Box<[u8]>>,
+}
+
+impl Entry {
+    /// A request hyper could not parse and answered with `status`, whose request line began
+    /// with `line` (see [`request_line_of`]; empty if unknown).
+    pub fn unparsed(client: Client, status: u16, line: Box<[u8]>) -> Entry {
+        Entry {
+            client,
+            method: hyper::Method::GET,
+            target: "".into(),
+            version: hyper::Version::HTTP_11,
+            status,
+            bytes: 0,
+            end: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            referer: None,
+            user_agent: None,
+            host: None,
+            unparsed: Some(line),
+        }
+    }
+}
+
+/// The request line at the start of `head` (up to its first CR or LF), at most [`MAX_FIELD`]
+/// bytes of it.
+pub fn request_line_of(head: &[u8]) -> Box<[u8]> {
+    let end = head
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(head.len())
+        .min(MAX_FIELD);
+    head[..end].into()
 }
 
 /// A request being answered: logged when dropped, i.e. once the response is finished or
@@ -565,8 +601,13 @@ fn time_local(t: SystemTime, out: &mut String) {
     );
 }
 
-/// The request line, as nginx's `$request`.
+/// The request line, as nginx's `$request` (`-` when unknown).
 fn request_line(entry: &Entry, out: &mut String) {
+    match entry.unparsed.as_deref() {
+        Some([]) => return out.push('-'),
+        Some(line) => return escape(line, out),
+        None => {}
+    }
     escape(entry.method.as_str().as_bytes(), out);
     out.push(' ');
     escape(entry.target.as_bytes(), out);
@@ -602,13 +643,14 @@ fn lossy(value: Option<&HeaderValue>) -> Option<String> {
 pub fn json(entry: &Entry, generation: u64, out: &mut String) {
     let mut time = String::new();
     time_local(entry.end, &mut time);
-    let value = serde_json::json!({
+    let parsed = entry.unparsed.is_none();
+    let mut value = serde_json::json!({
         "time": crate::http::rfc3339(entry.end),
         "time_local": time,
         "client": entry.client.to_string(),
-        "method": entry.method.as_str(),
-        "path": &*entry.target,
-        "protocol": protocol(entry.version),
+        "method": parsed.then(|| entry.method.as_str()),
+        "path": parsed.then_some(&*entry.target),
+        "protocol": parsed.then(|| protocol(entry.version)),
         "status": entry.status,
         "bytes": entry.bytes,
         "duration_us": entry.duration.as_micros() as u64,
@@ -617,6 +659,9 @@ pub fn json(entry: &Entry, generation: u64, out: &mut String) {
         "host": lossy(entry.host.as_ref()),
         "generation": generation,
     });
+    if let Some(line) = &entry.unparsed {
+        value["request"] = String::from_utf8_lossy(line).into();
+    }
     let _ = write!(out, "{value}");
 }
 
@@ -644,9 +689,14 @@ fn journal_datagram(entry: &Entry, generation: u64) -> Vec<u8> {
     journal_field(&mut d, "SYSLOG_IDENTIFIER", b"baton");
     journal_field(&mut d, "BATON_EVENT", b"access");
     journal_field(&mut d, "BATON_CLIENT", entry.client.to_string().as_bytes());
-    journal_field(&mut d, "BATON_METHOD", entry.method.as_str().as_bytes());
-    journal_field(&mut d, "BATON_PATH", entry.target.as_bytes());
-    journal_field(&mut d, "BATON_PROTOCOL", protocol(entry.version).as_bytes());
+    match &entry.unparsed {
+        Some(line) => journal_field(&mut d, "BATON_REQUEST", line),
+        None => {
+            journal_field(&mut d, "BATON_METHOD", entry.method.as_str().as_bytes());
+            journal_field(&mut d, "BATON_PATH", entry.target.as_bytes());
+            journal_field(&mut d, "BATON_PROTOCOL", protocol(entry.version).as_bytes());
+        }
+    }
     journal_field(&mut d, "BATON_STATUS", entry.status.to_string().as_bytes());
     journal_field(&mut d, "BATON_BYTES", entry.bytes.to_string().as_bytes());
     let micros = entry.duration.as_micros().to_string();
@@ -685,6 +735,7 @@ mod tests {
             referer: Some(HeaderValue::from_static("http://x/\"q\"")),
             user_agent: Some(HeaderValue::from_bytes(b"curl/8 \xff\\").unwrap()),
             host: Some(HeaderValue::from_static("example.org")),
+            unparsed: None,
         }
     }
 
@@ -730,6 +781,49 @@ mod tests {
         assert_eq!(v["host"], "example.org");
         assert_eq!(v["generation"], 7);
         assert_eq!(v["time"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn a_request_hyper_could_not_parse_is_logged_as_received() {
+        let client = Client::Tcp("127.0.0.1:5555".parse().unwrap());
+        let line = request_line_of(b"BAD\x01 /\"x\" HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(&*line, b"BAD\x01 /\"x\" HTTP/1.1");
+        let e = Entry::unparsed(client, 400, line);
+        let mut text = String::new();
+        combined(&e, &mut text);
+        assert!(
+            text.ends_with(r#"] "BAD\x01 /\x22x\x22 HTTP/1.1" 400 0 "-" "-""#),
+            "{text}"
+        );
+        let mut text = String::new();
+        json(&e, 7, &mut text);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["request"], "BAD\u{1} /\"x\" HTTP/1.1");
+        assert_eq!(v["status"], 400);
+        for absent in ["method", "path", "protocol"] {
+            assert_eq!(v[absent], serde_json::Value::Null, "{absent}");
+        }
+        let datagram = String::from_utf8(journal_datagram(&e, 7)).unwrap();
+        assert!(datagram.contains("\nBATON_REQUEST=BAD\u{1} /\"x\" HTTP/1.1\n"));
+        assert!(datagram.contains("\nBATON_STATUS=400\n"));
+        assert!(!datagram.contains("BATON_METHOD"), "{datagram}");
+        // No request line at all: nginx's "-".
+        let e = Entry::unparsed(client, 400, request_line_of(b"\r\n"));
+        let mut text = String::new();
+        combined(&e, &mut text);
+        assert!(text.ends_with(r#"] "-" 400 0 "-" "-""#), "{text}");
+    }
+
+    #[test]
+    fn a_request_line_ends_at_cr_or_lf_and_is_cut_to_the_field_limit() {
+        assert_eq!(
+            &*request_line_of(b"GET / HTTP/1.1\nHost: a"),
+            b"GET / HTTP/1.1"
+        );
+        assert_eq!(&*request_line_of(b"GET / HT"), b"GET / HT");
+        assert_eq!(&*request_line_of(b""), b"");
+        let long = [b'a'; MAX_FIELD + 10];
+        assert_eq!(request_line_of(&long).len(), MAX_FIELD);
     }
 
     #[test]

@@ -743,6 +743,8 @@ struct ConnState {
     close_after: AtomicBool,
     /// Passing the connection on to the next generation failed: it drains here.
     pass_failed: AtomicBool,
+    /// hyper has handed a request of this connection to the service.
+    hyper_called: AtomicBool,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
     /// What the connection's listener answers.
@@ -852,6 +854,8 @@ enum Event<I> {
     Step(Step),
     /// The fast path hands the connection to hyper.
     ToHyper(I, Vec<u8>),
+    /// hyper is done with the connection.
+    HyperEnded(hyper::Result<()>),
 }
 
 /// Where a connection comes from.
@@ -935,6 +939,8 @@ async fn serve_connection<I>(
         _ => Phase::Hyper(hyper_conn(io, unanswered)),
     };
 
+    // The request line hyper was handed first, for the access log if it rejects that request.
+    let mut handed_line: Box<[u8]> = Box::default();
     let mut watch = Watch::new(&shared, &state);
     watch.http2 = matches!(phase, Phase::Hyper(HyperConn::Http2(_)));
     let sleep = tokio::time::sleep(Duration::ZERO);
@@ -954,12 +960,7 @@ async fn serve_connection<I>(
                 Some((io, prefix)) => Event::ToHyper(io, prefix),
                 None => Event::Step(Step::Close),
             }),
-            Phase::Hyper(conn) => conn.poll(cx).map(|result| {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error: {e}");
-                }
-                Event::Step(Step::Close)
-            }),
+            Phase::Hyper(conn) => conn.poll(cx).map(Event::HyperEnded),
         });
         let event = tokio::select! {
             biased;
@@ -977,9 +978,23 @@ async fn serve_connection<I>(
         };
         match event {
             Event::ToHyper(io, prefix) => {
+                handed_line = access_log::request_line_of(&prefix);
                 let conn = hyper_conn(io, prefix);
                 watch.http2 = matches!(conn, HyperConn::Http2(_));
                 phase = Phase::Hyper(conn);
+            }
+            Event::HyperEnded(Ok(())) => break,
+            Event::HyperEnded(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended with an error: {e}");
+                if let Some(status) = rejected_status(&e) {
+                    // Known only if it is the first request hyper saw.
+                    let line = match state.hyper_called.load(Ordering::Relaxed) {
+                        false => std::mem::take(&mut handed_line),
+                        true => Box::default(),
+                    };
+                    note_rejected(&shared, &state, status, line);
+                }
+                break;
             }
             Event::Step(Step::Close) => break,
             // The fast path passes the connection on after the response in flight (or closes it
@@ -1009,6 +1024,34 @@ async fn serve_connection<I>(
     shared.metrics.open_connections.dec();
 }
 
+/// The status hyper answered a request it could not parse with (its h1 `Server::on_error`),
+/// or `None` if it answered none (an HTTP/2 error, a closed connection, a timeout).
+fn rejected_status(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        // hyper's two kinds of too large differ only in their messages.
+        return Some(if e.to_string() == "URI too long" {
+            414
+        } else {
+            431
+        });
+    }
+    let answered = e.is_parse()
+        && !e.is_parse_version_h2()
+        && !e.is_parse_status()
+        && !e.to_string().starts_with("internal error");
+    answered.then_some(400)
+}
+
+/// Counts a request hyper rejected (see [`rejected_status`]) and logs it: nginx logs its own
+/// 400s too, and they are what a scanner or a broken client leaves.
+fn note_rejected(shared: &Shared, state: &ConnState, status: u16, line: Box<[u8]>) {
+    shared.metrics.record_status(status);
+    if let Some(log) = &shared.settings.access_log {
+        let entry = access_log::Entry::unparsed(state.client, status, line);
+        drop(access_log::Pending::new(log.clone(), entry));
+    }
+}
+
 /// A new connection's state, entered in [`Shared::conns`] until the returned guard drops.
 fn register_connection(
     shared: &Arc<Shared>,
@@ -1032,6 +1075,7 @@ fn register_connection(
         evict: Notify::new(),
         close_after: AtomicBool::new(false),
         pass_failed: AtomicBool::new(false),
+        hyper_called: AtomicBool::new(false),
         fd,
         role,
         client,
@@ -1397,6 +1441,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.state.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.state.hyper_called.store(true, Ordering::Relaxed);
         self.state.awaiting_head_since.store(0, Ordering::SeqCst);
         self.state.input_since_call.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
@@ -1465,6 +1510,7 @@ fn entry<B>(request: &Request<B>, client: Client) -> access_log::Entry {
         referer: header(hyper::header::REFERER),
         user_agent: header(hyper::header::USER_AGENT),
         host,
+        unparsed: None,
     }
 }
 

@@ -247,6 +247,75 @@ fn a_slow_sendfile_download_logs_its_real_duration_and_bytes() {
     );
 }
 
+/// Requests hyper cannot parse never reach the service: hyper answers them itself (400, 414,
+/// 431). They are logged and counted all the same, with the request line as received, as nginx
+/// logs its own 400s.
+#[test]
+fn requests_hyper_rejects_are_logged_with_their_request_line() {
+    let dir = TempDir::new("access-rejected");
+    let root = root_with_files(&dir);
+    let log = dir.join("access.log");
+    let (baton, addr) = start(&[
+        "--root",
+        root.to_str().unwrap(),
+        "--access-log",
+        log.to_str().unwrap(),
+    ]);
+    // A control character in the method: 400.
+    let mut conn = Conn::tcp(addr).unwrap();
+    conn.write_raw(b"BA\x01D /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(conn.read_head().unwrap().0, 400);
+    // A target longer than hyper takes (65534 bytes): 414, its line logged cut to 2048 bytes.
+    let mut conn = Conn::tcp(addr).unwrap();
+    let target = format!("/{}", "a".repeat(70_000));
+    conn.write_raw(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(conn.read_head().unwrap().0, 414);
+    // A head that has not ended when hyper's buffer (about 400 KiB) is full: 431. hyper closes
+    // the connection with the rest unread, so the answer may be lost to a reset: the log is
+    // what is checked.
+    let mut conn = Conn::tcp(addr).unwrap();
+    let big = format!(
+        "GET /a.txt HTTP/1.1\r\nHost: x\r\nX-Big: {}",
+        "b".repeat(500_000)
+    );
+    let _ = conn.write_raw(big.as_bytes());
+    let lines = wait_lines(&log, &baton, |l| l.len() >= 3);
+    // On a connection hyper has served already, the bad request's line is not known: "-".
+    let mut conn = Conn::tcp(addr).unwrap();
+    assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
+    conn.write_raw(b"GET /a.txt HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n")
+        .unwrap();
+    assert_eq!(conn.read_head().unwrap().0, 400);
+    let all = wait_lines(&log, &baton, |l| l.len() >= 5);
+    assert_eq!(all[..3], lines[..3]);
+    assert!(
+        lines[0].ends_with(r#" "BA\x01D /a.txt HTTP/1.1" 400 0 "-" "-""#),
+        "{}",
+        lines[0]
+    );
+    let cut = format!(r#" "GET {}" 414 0 "-" "-""#, &target[..2048 - "GET ".len()]);
+    assert!(lines[1].ends_with(&cut), "{}", lines[1]);
+    assert!(
+        lines[2].ends_with(r#" "GET /a.txt HTTP/1.1" 431 0 "-" "-""#),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        all[3].contains(r#" "GET /-/healthy HTTP/1.1" 200 "#),
+        "{}",
+        all[3]
+    );
+    assert!(all[4].ends_with(r#" "-" 400 0 "-" "-""#), "{}", all[4]);
+    // And counted: four 4xx answers.
+    let metrics = http::get(addr, "/-/metrics").unwrap().text();
+    assert!(
+        metrics.contains("baton_http_requests_total{class=\"4xx\"} 4"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn a_full_disk_costs_no_request() {
     let (baton, addr) = start(&["--access-log", "/dev/full"]);

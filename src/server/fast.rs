@@ -543,6 +543,7 @@ where
                     referer,
                     user_agent,
                     host,
+                    unparsed: None,
                 },
             ))
         }
