@@ -51,6 +51,20 @@ fn root_with_files(dir: &TempDir) -> PathBuf {
     root
 }
 
+/// baton serving `root`, logging to `dir/access.log` (returned) with `extra` arguments.
+fn start_logging(dir: &TempDir, root: &Path, extra: &[&str]) -> (Baton, SocketAddr, PathBuf) {
+    let log = dir.join("access.log");
+    let mut args = vec![
+        "--root",
+        root.to_str().unwrap(),
+        "--access-log",
+        log.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (baton, addr) = start(&args);
+    (baton, addr, log)
+}
+
 /// A sparse file of `len` bytes (a hole reads as zeros; sendfile sends it all the same).
 fn large_file(path: &Path, len: u64) {
     std::fs::File::create(path).unwrap().set_len(len).unwrap();
@@ -60,13 +74,7 @@ fn large_file(path: &Path, len: u64) {
 fn combined_has_every_field_as_nginx_writes_it() {
     let dir = TempDir::new("access-combined");
     let root = root_with_files(&dir);
-    let log = dir.join("access.log");
-    let (baton, addr) = start(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--access-log",
-        log.to_str().unwrap(),
-    ]);
+    let (baton, addr, log) = start_logging(&dir, &root, &[]);
     let mut conn = Conn::tcp(addr).unwrap();
     let local = conn.stream().local_addr().unwrap();
     let r = conn
@@ -114,15 +122,7 @@ fn combined_has_every_field_as_nginx_writes_it() {
 fn json_has_every_field() {
     let dir = TempDir::new("access-json");
     let root = root_with_files(&dir);
-    let log = dir.join("access.log");
-    let (baton, addr) = start(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ]);
+    let (baton, addr, log) = start_logging(&dir, &root, &["--access-log-format", "json"]);
     let mut conn = Conn::tcp(addr).unwrap();
     let local = conn.stream().local_addr().unwrap();
     let r = conn
@@ -189,15 +189,7 @@ fn a_slow_sendfile_download_logs_its_real_duration_and_bytes() {
     let root = root_with_files(&dir);
     large_file(&root.join("big.bin"), LEN);
     large_file(&root.join("cut.bin"), LEN);
-    let log = dir.join("access.log");
-    let (baton, addr) = start(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ]);
+    let (baton, addr, log) = start_logging(&dir, &root, &["--access-log-format", "json"]);
 
     // Slow: four pauses of 300 ms early on, while the server still has most of the file to
     // send (the socket buffers hold a few MiB at most), then the rest at full speed.
@@ -254,13 +246,7 @@ fn a_slow_sendfile_download_logs_its_real_duration_and_bytes() {
 fn requests_hyper_rejects_are_logged_with_their_request_line() {
     let dir = TempDir::new("access-rejected");
     let root = root_with_files(&dir);
-    let log = dir.join("access.log");
-    let (baton, addr) = start(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--access-log",
-        log.to_str().unwrap(),
-    ]);
+    let (baton, addr, log) = start_logging(&dir, &root, &[]);
     // A control character in the method: 400.
     let mut conn = Conn::tcp(addr).unwrap();
     conn.write_raw(b"BA\x01D /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -384,13 +370,7 @@ fn goaccess_reads_the_combined_log() {
         );
     let dir = TempDir::new("access-goaccess");
     let root = root_with_files(&dir);
-    let log = dir.join("access.log");
-    let (baton, addr) = start(&[
-        "--root",
-        root.to_str().unwrap(),
-        "--access-log",
-        log.to_str().unwrap(),
-    ]);
+    let (baton, addr, log) = start_logging(&dir, &root, &[]);
     let mut conn = Conn::tcp(addr).unwrap();
     for i in 0..5 {
         conn.request(
