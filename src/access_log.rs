@@ -224,7 +224,7 @@ pub struct Entry {
 
 impl Entry {
     /// A request hyper could not parse and answered with `status`, whose request line began
-    /// with `line` (see [`request_line_of`]; empty if unknown).
+    /// with `line` (see [`LineRecorder`]; empty if unknown).
     pub fn unparsed(client: Client, status: u16, line: Box<[u8]>) -> Entry {
         Entry {
             client,
@@ -243,15 +243,38 @@ impl Entry {
     }
 }
 
-/// The request line at the start of `head` (up to its first CR or LF), at most [`MAX_FIELD`]
-/// bytes of it.
-pub fn request_line_of(head: &[u8]) -> Box<[u8]> {
-    let end = head
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .unwrap_or(head.len())
-        .min(MAX_FIELD);
-    head[..end].into()
+/// The request line of a request being received, kept in case hyper rejects the request
+/// before the service sees it ([`Entry::unparsed`]): the bytes up to the first CR or LF, at
+/// most [`MAX_FIELD`] of them. Empty lines before it are skipped, as RFC 9112 section 2.2 lets
+/// a server do (hyper does).
+#[derive(Debug, Default)]
+pub struct LineRecorder {
+    line: Vec<u8>,
+    done: bool,
+}
+
+impl LineRecorder {
+    /// Takes the next bytes received; true once the line is complete (or cut).
+    pub fn push(&mut self, mut input: &[u8]) -> bool {
+        if self.done {
+            return true;
+        }
+        if self.line.is_empty() {
+            let start = input.iter().position(|&b| b != b'\r' && b != b'\n');
+            input = &input[start.unwrap_or(input.len())..];
+        }
+        let end = input.iter().position(|&b| b == b'\r' || b == b'\n');
+        let room = MAX_FIELD - self.line.len();
+        self.line
+            .extend_from_slice(&input[..end.unwrap_or(input.len()).min(room)]);
+        self.done = end.is_some() || self.line.len() == MAX_FIELD;
+        self.done
+    }
+
+    /// The line so far.
+    pub fn take(&mut self) -> Box<[u8]> {
+        std::mem::take(&mut self.line).into()
+    }
 }
 
 /// A request being answered: logged when dropped, i.e. once the response is finished or
@@ -786,7 +809,7 @@ mod tests {
     #[test]
     fn a_request_hyper_could_not_parse_is_logged_as_received() {
         let client = Client::Tcp("127.0.0.1:5555".parse().unwrap());
-        let line = request_line_of(b"BAD\x01 /\"x\" HTTP/1.1\r\nHost: a\r\n\r\n");
+        let line = line_of(&[b"BAD\x01 /\"x\" HTTP/1.1\r\nHost: a\r\n\r\n"]);
         assert_eq!(&*line, b"BAD\x01 /\"x\" HTTP/1.1");
         let e = Entry::unparsed(client, 400, line);
         let mut text = String::new();
@@ -808,22 +831,47 @@ mod tests {
         assert!(datagram.contains("\nBATON_STATUS=400\n"));
         assert!(!datagram.contains("BATON_METHOD"), "{datagram}");
         // No request line at all: nginx's "-".
-        let e = Entry::unparsed(client, 400, request_line_of(b"\r\n"));
+        let e = Entry::unparsed(client, 400, line_of(&[b"\r\n"]));
         let mut text = String::new();
         combined(&e, &mut text);
         assert!(text.ends_with(r#"] "-" 400 0 "-" "-""#), "{text}");
     }
 
+    /// What a recorder makes of `reads`, one after the other.
+    fn line_of(reads: &[&[u8]]) -> Box<[u8]> {
+        let mut recorder = LineRecorder::default();
+        for read in reads {
+            recorder.push(read);
+        }
+        recorder.take()
+    }
+
     #[test]
     fn a_request_line_ends_at_cr_or_lf_and_is_cut_to_the_field_limit() {
+        assert_eq!(&*line_of(&[b"GET / HTTP/1.1\nHost: a"]), b"GET / HTTP/1.1");
+        assert_eq!(&*line_of(&[b"GET / HT"]), b"GET / HT");
+        assert_eq!(&*line_of(&[b""]), b"");
+        // Over several reads, and nothing after the line's end.
         assert_eq!(
-            &*request_line_of(b"GET / HTTP/1.1\nHost: a"),
+            &*line_of(&[b"GE", b"T / HTTP/1.1", b"\r\nHost: a", b"x"]),
             b"GET / HTTP/1.1"
         );
-        assert_eq!(&*request_line_of(b"GET / HT"), b"GET / HT");
-        assert_eq!(&*request_line_of(b""), b"");
+        // Empty lines before a request are skipped, as hyper skips them.
+        assert_eq!(
+            &*line_of(&[b"\r\n\r", b"\nGET / HTTP/1.1\r\n"]),
+            b"GET / HTTP/1.1"
+        );
+        // Cut at the limit, in one read or in several.
         let long = [b'a'; MAX_FIELD + 10];
-        assert_eq!(request_line_of(&long).len(), MAX_FIELD);
+        assert_eq!(line_of(&[&long]).len(), MAX_FIELD);
+        assert_eq!(
+            line_of(&[&long[..MAX_FIELD - 1], b"bb", b"c"]).len(),
+            MAX_FIELD
+        );
+        let mut recorder = LineRecorder::default();
+        assert!(!recorder.push(b"GET /"));
+        assert!(recorder.push(b" HTTP/1.1\r"));
+        assert!(recorder.push(b"more"));
     }
 
     #[test]

@@ -745,6 +745,10 @@ struct ConnState {
     pass_failed: AtomicBool,
     /// hyper has handed a request of this connection to the service.
     hyper_called: AtomicBool,
+    /// With an access log, from when hyper takes the connection until its first call: the
+    /// request line it is receiving, for [`note_rejected`]. Reads add to it while `recording`.
+    first_line: Mutex<access_log::LineRecorder>,
+    recording: AtomicBool,
     /// The socket, for `ioctl`s; valid while the connection's task runs.
     fd: RawFd,
     /// What the connection's listener answers.
@@ -757,6 +761,28 @@ struct ConnState {
 }
 
 impl ConnState {
+    /// hyper takes the connection, `prefix` read already: with an access log, the request line
+    /// it receives is recorded until its first call.
+    fn record_line(&self, logging: bool, prefix: &[u8]) {
+        if !logging || self.hyper_called.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut recorder = self.first_line.lock().unwrap_or_else(|e| e.into_inner());
+        *recorder = access_log::LineRecorder::default();
+        self.recording
+            .store(!recorder.push(prefix), Ordering::Relaxed);
+    }
+
+    /// The line [`ConnState::record_line`] recorded; empty if hyper has called the service
+    /// since (the line of a later request is not known).
+    fn recorded_line(&self) -> Box<[u8]> {
+        if self.hyper_called.load(Ordering::Relaxed) {
+            return Box::default();
+        }
+        let mut recorder = self.first_line.lock().unwrap_or_else(|e| e.into_inner());
+        recorder.take()
+    }
+
     /// Between requests: nothing in flight, nothing being written, nothing read.
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) == 0
@@ -928,6 +954,7 @@ async fn serve_connection<I>(
     };
     // The admin listener serves no file.
     let fast = I::FAST_PATH && shared.app.files().is_some() && role != Role::Admin;
+    let logging = shared.settings.access_log.is_some();
     let mut phase = match versions {
         _ if fast => Phase::Fast(Box::pin(fast::serve(
             io,
@@ -936,11 +963,12 @@ async fn serve_connection<I>(
             unanswered,
         ))),
         Versions::Http1OrPrior => Phase::Sniff(Box::pin(sniff(io, unanswered))),
-        _ => Phase::Hyper(hyper_conn(io, unanswered)),
+        _ => {
+            state.record_line(logging, &unanswered);
+            Phase::Hyper(hyper_conn(io, unanswered))
+        }
     };
 
-    // The request line hyper was handed first, for the access log if it rejects that request.
-    let mut handed_line: Box<[u8]> = Box::default();
     let mut watch = Watch::new(&shared, &state);
     watch.http2 = matches!(phase, Phase::Hyper(HyperConn::Http2(_)));
     let sleep = tokio::time::sleep(Duration::ZERO);
@@ -978,7 +1006,7 @@ async fn serve_connection<I>(
         };
         match event {
             Event::ToHyper(io, prefix) => {
-                handed_line = access_log::request_line_of(&prefix);
+                state.record_line(logging, &prefix);
                 let conn = hyper_conn(io, prefix);
                 watch.http2 = matches!(conn, HyperConn::Http2(_));
                 phase = Phase::Hyper(conn);
@@ -987,12 +1015,7 @@ async fn serve_connection<I>(
             Event::HyperEnded(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended with an error: {e}");
                 if let Some(status) = rejected_status(&e) {
-                    // Known only if it is the first request hyper saw.
-                    let line = match state.hyper_called.load(Ordering::Relaxed) {
-                        false => std::mem::take(&mut handed_line),
-                        true => Box::default(),
-                    };
-                    note_rejected(&shared, &state, status, line);
+                    note_rejected(&shared, &state, status);
                 }
                 break;
             }
@@ -1044,10 +1067,10 @@ fn rejected_status(e: &hyper::Error) -> Option<u16> {
 
 /// Counts a request hyper rejected (see [`rejected_status`]) and logs it: nginx logs its own
 /// 400s too, and they are what a scanner or a broken client leaves.
-fn note_rejected(shared: &Shared, state: &ConnState, status: u16, line: Box<[u8]>) {
+fn note_rejected(shared: &Shared, state: &ConnState, status: u16) {
     shared.metrics.record_status(status);
     if let Some(log) = &shared.settings.access_log {
-        let entry = access_log::Entry::unparsed(state.client, status, line);
+        let entry = access_log::Entry::unparsed(state.client, status, state.recorded_line());
         drop(access_log::Pending::new(log.clone(), entry));
     }
 }
@@ -1076,6 +1099,8 @@ fn register_connection(
         close_after: AtomicBool::new(false),
         pass_failed: AtomicBool::new(false),
         hyper_called: AtomicBool::new(false),
+        first_line: Mutex::default(),
+        recording: AtomicBool::new(false),
         fd,
         role,
         client,
@@ -1304,6 +1329,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.state.input_since_call.store(true, Ordering::SeqCst);
+            if self.state.recording.load(Ordering::Relaxed) {
+                let mut recorder = self
+                    .state
+                    .first_line
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let done = recorder.push(&buf.filled()[before..]);
+                self.state.recording.store(!done, Ordering::Relaxed);
+            }
         }
         if buf.filled().len() > before
             && self.state.in_flight.load(Ordering::SeqCst) == 0
@@ -1442,6 +1476,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.state.in_flight.fetch_add(1, Ordering::SeqCst);
         self.state.hyper_called.store(true, Ordering::Relaxed);
+        self.state.recording.store(false, Ordering::Relaxed);
         self.state.awaiting_head_since.store(0, Ordering::SeqCst);
         self.state.input_since_call.store(false, Ordering::SeqCst);
         let shared = self.shared.clone();
@@ -1571,6 +1606,85 @@ mod tests {
 
     const REFUSED: &str = "HTTP needs a TCP or unix stream listener (IP:PORT, [IPv6]:PORT or \
                            unix:/path), not a UDP one";
+
+    /// What hyper's HTTP/1 server writes for `input` (then the end of the input, if `end`),
+    /// and how its connection ends.
+    async fn hyper_on(input: Vec<u8>, end: bool) -> (Option<u16>, hyper::Result<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(server), service);
+        let writer = async move {
+            client.write_all(&input).await.unwrap();
+            if end {
+                client.shutdown().await.unwrap();
+            }
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            out
+        };
+        let (ended, out) = tokio::join!(conn, writer);
+        let status = out
+            .strip_prefix(b"HTTP/1.1 ")
+            .and_then(|rest| std::str::from_utf8(rest.get(..3)?).ok()?.parse().ok());
+        (status, ended)
+    }
+
+    /// `rejected_status` says what hyper answers a request it cannot parse with, for every
+    /// kind of such request, and `None` where hyper answers nothing.
+    #[tokio::test]
+    async fn rejected_status_is_what_hyper_writes() {
+        let many_headers: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        let cases: Vec<(&str, Vec<u8>, Option<u16>)> = vec![
+            (
+                "bad method",
+                b"BA\x01D / HTTP/1.1\r\n\r\n".to_vec(),
+                Some(400),
+            ),
+            (
+                "bad header",
+                b"GET / HTTP/1.1\r\nNo Colon\r\n\r\n".to_vec(),
+                Some(400),
+            ),
+            ("bad version", b"GET / HTTP/9.9\r\n\r\n".to_vec(), Some(400)),
+            (
+                "bad content-length",
+                b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n".to_vec(),
+                Some(400),
+            ),
+            (
+                "URI too long",
+                format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+                Some(414),
+            ),
+            (
+                "head too large",
+                format!("GET / HTTP/1.1\r\nX: {}", "b".repeat(500_000)).into_bytes(),
+                Some(431),
+            ),
+            (
+                "too many headers",
+                format!("GET / HTTP/1.1\r\n{many_headers}\r\n").into_bytes(),
+                Some(431),
+            ),
+            ("HTTP/2 preface", H2_PREFACE.to_vec(), None),
+            ("cut short", b"GET / HT".to_vec(), None),
+        ];
+        for (what, input, want) in cases {
+            let (written, ended) = hyper_on(input, true).await;
+            assert_eq!(written, want, "{what}: hyper wrote {written:?}");
+            let e = ended.expect_err(what);
+            assert_eq!(rejected_status(&e), want, "{what}: {e}");
+        }
+        // A request hyper parses is no error.
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let (written, ended) = hyper_on(request.to_vec(), false).await;
+        assert_eq!(written, Some(200));
+        assert!(ended.is_ok());
+    }
 
     #[test]
     fn the_configuration_refuses_a_udp_listener() {

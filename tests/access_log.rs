@@ -269,6 +269,7 @@ fn requests_hyper_rejects_are_logged_with_their_request_line() {
     let _ = conn.write_raw(big.as_bytes());
     let lines = wait_lines(&log, &baton, |l| l.len() >= 3);
     // On a connection hyper has served already, the bad request's line is not known: "-".
+    // (The fast path serves files only: `/-/` always takes hyper's path.)
     let mut conn = Conn::tcp(addr).unwrap();
     assert_eq!(conn.get("/-/healthy").unwrap().status, 200);
     conn.write_raw(b"GET /a.txt HTTP/1.1\r\nHost: x\r\nNo Colon\r\n\r\n")

@@ -3,7 +3,8 @@
 //! `baton check` and by a reload (the old generation serving on), a key from
 //! `$CREDENTIALS_DIRECTORY`, and a certificate swapped on disk then reloaded under HTTPS load:
 //! the new one served (its serial checked), no request failed; clients that stall in the
-//! handshake (silent, half a record, a byte at a time) cut at the header timeout; and a plain
+//! handshake (silent, half a record, a byte at a time) cut at the header timeout; a request
+//! hyper rejects over TLS in the access log with its request line; and a plain
 //! keep-alive connection passed on by an upgrade that gives its listener TLS stays plain.
 
 mod common;
@@ -303,6 +304,39 @@ fn https_get_ranges_and_alpn() {
     assert_eq!(served_serial(addr), "serial=01");
     // Plain HTTP on a TLS listener is no request.
     assert!(common::http::get(addr, "/a.txt").is_err());
+}
+
+/// A request hyper rejects over TLS, where hyper reads every byte of the connection itself (no
+/// fast path), is logged with its request line as received.
+#[test]
+fn a_request_rejected_over_tls_is_logged_with_its_line() {
+    let setup = Setup::new("tls-rejected");
+    let config = setup.good_config();
+    let log = setup.path("access.log");
+    let (baton, addr) = start_generation(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    // A target over hyper's 65534 bytes: 414.
+    let target = format!("/a.txt?{}", "q".repeat(70_000));
+    let (version, status, _) = setup.curl(addr, &["--http1.1"], &target);
+    assert_eq!((version.as_str(), status), ("1.1", 414));
+    let want = format!(r#" "GET {}" 414 0 "-" "-""#, &target[..2048 - "GET ".len()]);
+    let mut text = String::new();
+    let logged = common::wait_until(Duration::from_secs(20), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().any(|line| line.ends_with(&want))
+    });
+    assert!(
+        logged,
+        "the access log has {text:?}; stderr:\n{}",
+        baton.stderr.text()
+    );
 }
 
 #[test]

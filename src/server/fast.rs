@@ -255,8 +255,8 @@ where
     }
 }
 
-/// How often, and how long apart, passing a connection on is tried while the next generation's
-/// queue is full.
+/// How often passing a connection on is tried again while the next generation's queue is full
+/// (so at most 21 sends in all), and how long apart.
 const PASS_ON_TRIES: u32 = 20;
 const PASS_ON_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -927,11 +927,9 @@ const WARM_FOR_MS: u64 = 100;
 /// ([`in_page_cache`]), unless `file` is one a cache entry keeps and a probe found it in the
 /// page cache less than [`WARM_FOR_MS`] ago.
 fn may_be_cold(file: &SentFile, offset: u64) -> bool {
+    let warm_at = file.warm_at_ms();
     let now = crate::http::monotonic_ms();
-    if file
-        .warm_at_ms()
-        .is_some_and(|at| now.saturating_sub(at) < WARM_FOR_MS)
-    {
+    if warm_at.is_some_and(|at| still_warm(at, now)) {
         return false;
     }
     let warm = in_page_cache(&file.file, offset);
@@ -939,6 +937,12 @@ fn may_be_cold(file: &SentFile, offset: u64) -> bool {
         file.found_warm(now);
     }
     !warm
+}
+
+/// Whether a file found in the page cache at `warm_at` is taken to be there still at `now`
+/// (monotonic milliseconds): for less than [`WARM_FOR_MS`].
+fn still_warm(warm_at: u64, now: u64) -> bool {
+    now.saturating_sub(warm_at) < WARM_FOR_MS
 }
 
 /// Whether the page at `offset` of `file` is in the page cache (a read would not wait for the
@@ -1178,6 +1182,16 @@ mod tests {
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_warm_window_is_a_hundred_milliseconds() {
+        assert!(still_warm(1000, 1000));
+        assert!(still_warm(1000, 1000 + WARM_FOR_MS - 1));
+        assert!(!still_warm(1000, 1000 + WARM_FOR_MS));
+        assert!(!still_warm(1000, 60_000));
+        // Noted by another thread after this one read the clock.
+        assert!(still_warm(1001, 1000));
     }
 
     #[test]
