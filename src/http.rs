@@ -1083,6 +1083,11 @@ impl SentFile {
         }
     }
 
+    /// Whether a cache entry keeps this file open (else it was opened for one request).
+    pub(crate) fn kept(&self) -> bool {
+        self.warm_at_ms.is_some()
+    }
+
     /// When a probe last found this kept file in the page cache, if it is one and one did.
     pub(crate) fn warm_at_ms(&self) -> Option<u64> {
         self.warm_at_ms

@@ -12,7 +12,8 @@
 #   BATON_SKIP_FRESH=1       skip tests/fresh/readme.sh (the README's commands on a fresh system)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-say() { printf '\n==> %s\n' "$*"; }
+# Each step's line gives the time since the start: the whole must stay under 30 minutes.
+say() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 die() { echo "tests/run-all.sh: $*" >&2; exit 1; }
 
 if [ "$(id -u)" != 0 ]; then

@@ -927,9 +927,11 @@ const WARM_FOR_MS: u64 = 100;
 /// ([`in_page_cache`]), unless `file` is one a cache entry keeps and a probe found it in the
 /// page cache less than [`WARM_FOR_MS`] ago.
 fn may_be_cold(file: &SentFile, offset: u64) -> bool {
-    let warm_at = file.warm_at_ms();
+    if !file.kept() {
+        return !in_page_cache(&file.file, offset);
+    }
     let now = crate::http::monotonic_ms();
-    if warm_at.is_some_and(|at| still_warm(at, now)) {
+    if file.warm_at_ms().is_some_and(|at| still_warm(at, now)) {
         return false;
     }
     let warm = in_page_cache(&file.file, offset);
