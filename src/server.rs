@@ -764,7 +764,10 @@ impl ConnState {
     /// hyper takes the connection, `prefix` read already: with an access log, the request line
     /// it receives is recorded until its first call.
     fn record_line(&self, logging: bool, prefix: &[u8]) {
-        if !logging || self.hyper_called.load(Ordering::Relaxed) {
+        // hyper takes a connection once, at its start or at the one switch from the fast path
+        // or the sniffer: it has not called the service yet.
+        debug_assert!(!self.hyper_called.load(Ordering::Relaxed));
+        if !logging {
             return;
         }
         let mut recorder = self.first_line.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,38 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::http::{self, Conn};
-use common::{run_baton, tcp_listener, wait_until, Baton, Spawn, TempDir};
+use common::{run_baton, start, wait_lines, wait_until, Baton, Spawn, TempDir};
 use nix::sys::signal::Signal;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// baton on a handed-over loopback listener, ready.
-fn start(args: &[&str]) -> (Baton, SocketAddr) {
-    let (listener, addr) = tcp_listener();
-    let mut baton = Spawn::serve(args).fd(listener, None).start();
-    baton.wait_ready();
-    (baton, addr)
-}
-
-/// The lines of `path` once `ready` says they are complete (polled with a deadline).
-fn wait_lines(path: &Path, baton: &Baton, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let mut lines = Vec::new();
-    let ok = wait_until(DEADLINE, || {
-        lines = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        ready(&lines)
-    });
-    assert!(
-        ok,
-        "the access log {} has {lines:?}; stderr:\n{}",
-        path.display(),
-        baton.stderr.text()
-    );
-    lines
-}
 
 fn root_with_files(dir: &TempDir) -> PathBuf {
     let root = dir.join("www");

@@ -402,6 +402,28 @@ pub fn start(args: &[&str]) -> (Baton, std::net::SocketAddr) {
     (baton, addr)
 }
 
+/// The complete lines of the file at `path` (a line still being written is left out) once
+/// `ready` says they are all there, within 20 s; on a timeout the test fails with the lines there
+/// are and baton's stderr.
+pub fn wait_lines(path: &Path, baton: &Baton, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        lines = text[..text.rfind('\n').map_or(0, |end| end + 1)]
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        ready(&lines)
+    });
+    assert!(
+        ok,
+        "{} has {lines:?}; stderr:\n{}",
+        path.display(),
+        baton.stderr.text()
+    );
+    lines
+}
+
 /// Waits until `f` returns true, polling; false on timeout.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
