@@ -103,7 +103,7 @@ say "the package on a system without systemd: tests/package/no-systemd.sh"
 bash tests/package/no-systemd.sh "$debs"
 
 if [ -z "${BATON_SKIP_FRESH:-}" ]; then
-  say "the README's commands on a fresh Debian 12, as root and as a sudo user: tests/fresh/readme.sh"
+  say "the README's commands on a fresh Debian 12, as a sudo user (and the toolchain as root): tests/fresh/readme.sh"
   bash tests/fresh/readme.sh
 fi
 

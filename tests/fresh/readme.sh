@@ -1,6 +1,6 @@
 #!/bin/bash
 # tests/fresh/readme.sh - the README's two commands on a fresh Debian 12 with no cargo installed
-# beforehand, as a sudo user and as root. Needs root (mount, chroot) and the network (Debian's
+# beforehand: both as a sudo user, and the toolchain install as root. Needs root (mount, chroot) and the network (Debian's
 # archive and crates.io). Prints PASS/FAIL lines and `N passed, M failed`; exits 1 on a failure.
 #
 # The "fresh machines" are chroots of a copy-on-write overlay of this machine's / (as in
@@ -11,8 +11,8 @@
 #   * no apt lists (/var/lib/apt/lists is emptied), so an `apt-get install` without
 #     `apt-get update` first fails;
 #   * the source is a copy of this checkout's tracked and untracked files at /src/baton, without
-#     target/; CARGO_HOME's registry cache is the host's (copy-on-write), the network reaches
-#     crates.io anyway.
+#     target/; root's CARGO_HOME registry cache is the host's (copy-on-write); the sudo user's
+#     ~/.cargo starts empty, and cargo downloads from crates.io.
 #   * the chroots share the host's network (apt and cargo download), so baton serves on a free
 #     port given in the chroot's /etc/baton/baton.toml (which baton reads when it exists), not on
 #     the embedded 127.0.0.1:8080 that may be busy on the host.
@@ -25,10 +25,12 @@
 # four of Debian's Rust packages with apt directly (the path the first command takes as root too,
 # through the same tools/with-rust.sh). The rest of the suite runs on the host anyway.
 #
-# Two builds from scratch with Debian's rustc (a release build and clippy's), not more: each takes
-# four to five minutes on 2 cores, and the whole suite must stay under 30 minutes. A build as root
-# in a second chroot would not reuse the first (cargo's fingerprints hold the registry's path,
-# which is under each user's home), and it would test nothing the user's build does not.
+# Root does not run the first command to its end (a release build and /-/healthy): that is the
+# sudo user's build again. Two builds of baton from scratch with Debian's rustc (the user's release
+# build and root's clippy), plus root's `cargo install` of cargo-deb and systemfd, not more: each
+# build takes four to five minutes on 2 cores, and the whole suite must stay under 30 minutes. A
+# build as root in a second chroot would not reuse the first (cargo's fingerprints hold the
+# registry's path, which is under each user's home). About 11 minutes on 2 cores (10m40s alone).
 # BATON_FRESH_TIMEOUT (seconds, default 1500) bounds each command run in a chroot; the whole
 # test, three times that plus 5 min.
 set -uo pipefail
@@ -187,11 +189,18 @@ if r=$(fresh root) && no_rust "$r" "root"; then
   t0=$SECONDS
   if timeout --kill-after=10 "$limit" chroot "$r" "${rootenv[@]}" BATON_TESTS_UNTIL=toolchain \
        sh -c "cd /src/baton && $test_cmd" >"$work/root-test.log" 2>&1 \
-     && grep -q 'stopping once the toolchain is there' "$work/root-test.log" \
-     && chroot "$r" "${rootenv[@]}" sh -c 'cd /src/baton && sh tools/with-rust.sh cargo --version' >>"$work/root-test.log" 2>&1; then
-    ok "root: the README's second command installs its tools, and its first command finds that cargo (BATON_TESTS_UNTIL=toolchain, $((SECONDS - t0)) s)"
+     && grep -q 'stopping once the toolchain is there' "$work/root-test.log"; then
+    ok "root: the README's second command installs its tools (BATON_TESTS_UNTIL=toolchain, $((SECONDS - t0)) s)"
   else
-    bad "root: the README's second command installs its tools, and its first command finds that cargo (BATON_TESTS_UNTIL=toolchain, $((SECONDS - t0)) s)" "$work/root-test.log"
+    bad "root: the README's second command installs its tools (BATON_TESTS_UNTIL=toolchain, $((SECONDS - t0)) s)" "$work/root-test.log"
+  fi
+  # the first command's tools/with-rust.sh, as it would start the build: that cargo, nothing installed
+  if timeout --kill-after=10 "$limit" chroot "$r" "${rootenv[@]}" sh -c 'cd /src/baton && sh tools/with-rust.sh cargo --version' >"$work/root-serve.log" 2>&1 \
+     && grep -q '^with-rust: using /usr/bin/cargo ' "$work/root-serve.log" \
+     && ! grep -q -e 'installing' -e 'apt-get' "$work/root-serve.log"; then
+    ok "root: the README's first command takes Debian's cargo that the second installed, and installs nothing"
+  else
+    bad "root: the README's first command takes Debian's cargo that the second installed, and installs nothing" "$work/root-serve.log"
   fi
   if grep -q 'apt-get install cargo-web rustc-web rustfmt-web rust-web-clippy' "$work/root-test.log"; then
     ok "root: Debian's cargo-web, rustc-web, rustfmt-web and rust-web-clippy were installed with apt, without sudo"

@@ -34,6 +34,15 @@ else
   exit 1
 fi
 deb=$(ls "$work"/target/debian/baton_*.deb)
+# The binary is the clone's, not one left in the seeded target dir by another build (such as
+# tests/package/build-debs.sh's, stamped with the next version).
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$work/src/Cargo.toml" | head -n 1)
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/baton > "$work/baton" && chmod 755 "$work/baton"
+if [ "$("$work/baton" --version)" = "baton $version" ]; then
+  pass "the package's baton is version $version, as Cargo.toml says"
+else
+  fail "the package's baton is version $version, as Cargo.toml says (it says: $("$work/baton" --version 2>&1))"
+fi
 contents=$(dpkg-deb -c "$deb")
 for path in ./usr/bin/baton ./usr/share/man/man8/baton.8.gz ./usr/share/bash-completion/completions/baton \
             ./usr/share/zsh/vendor-completions/_baton ./usr/share/fish/vendor_completions.d/baton.fish; do
