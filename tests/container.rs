@@ -168,6 +168,8 @@ fn pid1_keeper_upgrades_ten_times_under_load_and_stops_cleanly() {
         .wait_exit(TIMEOUT)
         .expect("the container did not end");
     assert_eq!(status.code(), Some(0), "{}", unshare.stderr.text());
+    // Every process of the namespace has ended: every line is in once the pipe is closed.
+    unshare.stderr.wait_closed(TIMEOUT);
     let text = unshare.stderr.text();
     assert!(text.contains("event=\"drained\""), "{text}");
     assert!(text.contains("event=\"keeper-stopped\""), "{text}");

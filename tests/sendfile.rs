@@ -1128,8 +1128,14 @@ fn a_connection_the_new_generation_cannot_take_any_more_drains_in_the_old_one() 
     assert!(r.body == small, "a wrong body");
     assert!(r.closes(), "{:?}", r.headers);
     download.expect_close().unwrap();
-    let log = baton.stderr.text();
-    assert!(log.contains("upgrade to generation 2 rolled back"), "{log}");
+    assert!(
+        baton
+            .stderr
+            .wait_for("upgrade to generation 2 rolled back", EXIT_TIMEOUT)
+            .is_some(),
+        "{}",
+        baton.stderr.text()
+    );
     common::stop_and_wait_exit(old, EXIT_TIMEOUT);
     drop(baton);
 }
@@ -1216,12 +1222,19 @@ fn an_upgrade_passes_keep_alive_connections_on_without_a_reconnect() {
     );
     let status = reaper::wait_exit(old, EXIT_TIMEOUT).expect("the old generation did not exit");
     assert!(status.success(), "{status:?}");
+    // The old generation's last lines may still be on their way through the pipe that the
+    // new generation shares.
+    for line in [
+        "drained 10 connection(s) in ",
+        "9 passed on to the next generation, 0 closed at the deadline",
+    ] {
+        assert!(
+            baton.stderr.wait_for(line, EXIT_TIMEOUT).is_some(),
+            "no {line:?} in: {}",
+            baton.stderr.text()
+        );
+    }
     let log = baton.stderr.text();
-    assert!(log.contains("drained 10 connection(s) in "), "{log}");
-    assert!(
-        log.contains("9 passed on to the next generation, 0 closed at the deadline"),
-        "{log}"
-    );
     // The drain lasted the idle grace (1 s) of the connection hyper serves, not the drain's
     // timeout.
     let took = log
@@ -1308,10 +1321,15 @@ fn a_connection_on_a_listener_the_new_configuration_drops_is_passed_on() {
 
     write_config(&[("http", web), ("admin", admin)]);
     let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
-    let log = baton.stderr.text();
+    // The old generation's last lines may still be on their way through the pipe that the
+    // new generation shares: waited for, not read at once.
     assert!(
-        log.contains("1 passed on to the next generation"),
-        "the connection was not passed on: {log}"
+        baton
+            .stderr
+            .wait_for("1 passed on to the next generation", EXIT_TIMEOUT)
+            .is_some(),
+        "the connection was not passed on: {}",
+        baton.stderr.text()
     );
 
     assert!(

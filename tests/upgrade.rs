@@ -403,12 +403,12 @@ fn sigterm_during_an_upgrade_stops_cleanly() {
     let new_pid = spawned_pid(&baton);
     baton.signal(Signal::SIGTERM);
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
-    let log = baton.stderr.text();
+    let aborted =
+        "upgrade aborted (called off: the process is stopping); the new process was killed";
     assert!(
-        log.contains(
-            "upgrade aborted (called off: the process is stopping); the new process was killed"
-        ),
-        "{log}"
+        baton.stderr.wait_for(aborted, EXIT_TIMEOUT).is_some(),
+        "{}",
+        baton.stderr.text()
     );
     // No leftover process: the would-be successor was killed and reaped.
     wait_gone(new_pid);
@@ -898,6 +898,8 @@ fn a_stop_during_the_probation_stops_both_generations() {
     // The old process waited for the new one, which drained and exited on its word (and was
     // reaped by its intermediate, the old process's child).
     wait_gone(new);
+    // Both have exited: every line is in once the pipe is closed.
+    baton.stderr.wait_closed(EXIT_TIMEOUT);
     let log = baton.stderr.text();
     assert!(
         log.contains(&format!("stopping generation 2 (pid {new}) too")),
