@@ -1128,14 +1128,9 @@ fn a_connection_the_new_generation_cannot_take_any_more_drains_in_the_old_one() 
     assert!(r.body == small, "a wrong body");
     assert!(r.closes(), "{:?}", r.headers);
     download.expect_close().unwrap();
-    assert!(
-        baton
-            .stderr
-            .wait_for("upgrade to generation 2 rolled back", EXIT_TIMEOUT)
-            .is_some(),
-        "{}",
-        baton.stderr.text()
-    );
+    baton
+        .stderr
+        .expect_line("upgrade to generation 2 rolled back", EXIT_TIMEOUT);
     common::stop_and_wait_exit(old, EXIT_TIMEOUT);
     drop(baton);
 }
@@ -1228,11 +1223,7 @@ fn an_upgrade_passes_keep_alive_connections_on_without_a_reconnect() {
         "drained 10 connection(s) in ",
         "9 passed on to the next generation, 0 closed at the deadline",
     ] {
-        assert!(
-            baton.stderr.wait_for(line, EXIT_TIMEOUT).is_some(),
-            "no {line:?} in: {}",
-            baton.stderr.text()
-        );
+        baton.stderr.expect_line(line, EXIT_TIMEOUT);
     }
     let log = baton.stderr.text();
     // The drain lasted the idle grace (1 s) of the connection hyper serves, not the drain's
@@ -1323,14 +1314,9 @@ fn a_connection_on_a_listener_the_new_configuration_drops_is_passed_on() {
     let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
     // The old generation's last lines may still be on their way through the pipe that the
     // new generation shares: waited for, not read at once.
-    assert!(
-        baton
-            .stderr
-            .wait_for("1 passed on to the next generation", EXIT_TIMEOUT)
-            .is_some(),
-        "the connection was not passed on: {}",
-        baton.stderr.text()
-    );
+    baton
+        .stderr
+        .expect_line("1 passed on to the next generation", EXIT_TIMEOUT);
 
     assert!(
         conn.get("/small.bin")

@@ -522,14 +522,9 @@ fn a_connection_passed_on_stays_plain_when_its_listener_gains_tls() {
     let new = common::reload_and_wait_exit(old, EXIT_TIMEOUT);
     // The old generation's last lines may still be on their way through the pipe that the
     // new generation shares: waited for, not read at once.
-    assert!(
-        baton
-            .stderr
-            .wait_for("1 passed on to the next generation", EXIT_TIMEOUT)
-            .is_some(),
-        "the connection was not passed on: {}",
-        baton.stderr.text()
-    );
+    baton
+        .stderr
+        .expect_line("1 passed on to the next generation", EXIT_TIMEOUT);
 
     // The same connection, in plain HTTP, now answered by the new generation.
     let again = conn.get("/a.txt").expect("the passed-on connection broke");

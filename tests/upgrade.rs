@@ -405,11 +405,7 @@ fn sigterm_during_an_upgrade_stops_cleanly() {
     assert!(baton.wait_exit(EXIT_TIMEOUT).unwrap().success());
     let aborted =
         "upgrade aborted (called off: the process is stopping); the new process was killed";
-    assert!(
-        baton.stderr.wait_for(aborted, EXIT_TIMEOUT).is_some(),
-        "{}",
-        baton.stderr.text()
-    );
+    baton.stderr.expect_line(aborted, EXIT_TIMEOUT);
     // No leftover process: the would-be successor was killed and reaped.
     wait_gone(new_pid);
     let (code, _, err) = reloading.join().unwrap();

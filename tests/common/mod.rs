@@ -87,6 +87,17 @@ impl Lines {
         self.all().join("\n")
     }
 
+    /// The first line that contains `needle`, waited for up to `timeout`; fails the test with
+    /// every line there is otherwise.
+    pub fn expect_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for(needle, timeout).unwrap_or_else(|| {
+            panic!(
+                "no line contains {needle:?} within {timeout:?}:\n{}",
+                self.text()
+            )
+        })
+    }
+
     /// Waits until a line contains `needle`; returns it.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
         let (lock, cv) = &*self.0;
